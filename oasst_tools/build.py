@@ -1,0 +1,269 @@
+"""Threads -> a dataset folder that `datasets.load_dataset` opens: one file per split, a card and a report.
+
+Every row: `text` (Guanaco format), `messages` (chat format), `message_tree_id`, `lang`, `num_turns`.
+Writes go to a temporary folder beside the output, renamed at the end, so a failed build leaves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from oasst_tools.errors import NotContiguousError, OasstError
+from oasst_tools.filters import Selection, select_threads
+from oasst_tools.read import OnError, Progress, ReadReport, read_trees
+from oasst_tools.schema import Tree
+from oasst_tools.walk import Thread
+
+try:
+    import orjson
+
+    def _dumps(row: dict[str, Any]) -> bytes:
+        return orjson.dumps(row)
+except ImportError:  # pragma: no cover - orjson is a core dependency
+    import json
+
+    def _dumps(row: dict[str, Any]) -> bytes:
+        return json.dumps(row, ensure_ascii=False).encode()
+
+
+DEFAULT_HUB_ID = "OpenAssistant/oasst1"
+HUMAN, ASSISTANT = "### Human: ", "### Assistant: "
+Format = Literal["jsonl", "parquet"]
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything `oasst build` needs, resolved once."""
+
+    inputs: tuple[str, ...] = field(default=(DEFAULT_HUB_ID,), metadata={"help": "Files, folders or hub ids."})
+    out: Path = field(default=Path("data"), metadata={"help": "Output folder."})
+    selection: Selection = field(default_factory=Selection)
+    test_size: float | None = field(default=None, metadata={"help": "Fraction of trees for a test split "
+                                    "(by a hash of message_tree_id), instead of the input's own splits."})
+    seed: int = field(default=0, metadata={"help": "Seed of the tree hash used by --test-size."})
+    format: Format = field(default="jsonl", metadata={"help": "Output file format."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+    on_error: OnError = field(default="fail", metadata={"help": "fail: stop at the first bad record; "
+                              "skip: skip bad records and trees, counting them by reason."})
+
+
+@dataclass
+class BuildReport:
+    """What a build read, dropped, skipped and wrote (written as `build_report.json`)."""
+
+    inputs: list[str]
+    read: ReadReport = field(default_factory=ReadReport)
+    dropped: Counter[str] = field(default_factory=Counter)
+    rows: Counter[str] = field(default_factory=Counter)
+    rows_by_lang: dict[str, Counter[str]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "inputs": self.inputs,
+            "trees_read": self.read.trees,
+            "messages_read": self.read.messages,
+            "orphaned_messages": self.read.orphaned,
+            "orphaned_first": self.read.orphaned_first,
+            "dropped": dict(sorted(self.dropped.items())),
+            "skipped": dict(sorted(self.read.skipped.items())),
+            "skipped_first": dict(sorted(self.read.skipped_first.items())),
+            "rows": dict(self.rows),
+            "rows_by_lang": {split: dict(sorted(c.items())) for split, c in self.rows_by_lang.items()},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def guanaco_text(thread: Thread) -> str:
+    """`### Human: ...### Assistant: ...`, turns concatenated with no separator, as Guanaco has it."""
+    return "".join((HUMAN if m.role == "prompter" else ASSISTANT) + m.text for m in thread)
+
+
+def thread_row(tree: Tree, thread: Thread) -> dict[str, Any]:
+    """One output row for a thread of `tree`."""
+    return {
+        "text": guanaco_text(thread),
+        "messages": [{"role": "user" if m.role == "prompter" else "assistant", "content": m.text} for m in thread],
+        "message_tree_id": tree.message_tree_id,
+        "lang": tree.prompt.lang,
+        "num_turns": len(thread),
+    }
+
+
+def hash_split(tree_id: str, test_size: float, seed: int) -> str:
+    """'test' for a deterministic `test_size` fraction of tree ids, else 'train'."""
+    digest = hashlib.sha256(f"{seed}:{tree_id}".encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_size else "train"
+
+
+def tree_split(tree: Tree, cfg: BuildConfig, input_splits: bool) -> str:
+    """Which output split a tree goes to: --test-size by hash, else the input's split, else train."""
+    if cfg.test_size is not None:
+        return hash_split(tree.message_tree_id, cfg.test_size, cfg.seed)
+    if input_splits and tree.split in ("validation", "test"):
+        return "test"
+    return "train"
+
+
+def iter_rows(
+    cfg: BuildConfig, report: BuildReport, progress: Progress | None = None, buffered: bool = False
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(split, row) for every selected thread of every input."""
+    from oasst_tools.read import split_of
+
+    # Input splits are kept only when the inputs carry more than one (train + validation, as OASST1 does).
+    named = {split_of(src) for src in cfg.inputs}
+    input_splits = len(named - {None}) > 1 or any(not Path(src).exists() for src in cfg.inputs)
+    for source in cfg.inputs:
+        for tree in read_trees(source, on_error=cfg.on_error, report=report.read, progress=progress,
+                               buffered=buffered):
+            split = tree_split(tree, cfg, input_splits)
+            for thread in select_threads(tree, cfg.selection, report.dropped):
+                yield split, thread_row(tree, thread)
+
+
+def build_dataset(cfg: BuildConfig, progress: Progress | None = None) -> BuildReport:
+    """Read, select and write one dataset folder; returns the report (also written beside the data)."""
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise OasstError(f"{out}: output folder exists; pass --overwrite to replace it")
+    for attempt in range(2):
+        report = BuildReport(inputs=list(cfg.inputs))
+        started = time.perf_counter()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            try:
+                _write(cfg, report, tmp, progress, buffered=attempt == 1)
+            except NotContiguousError:
+                if attempt:
+                    raise
+                continue  # an interleaved flat input discovered late: start again, grouped in memory
+            report.seconds = time.perf_counter() - started
+            _write_json(tmp / "build_report.json", report.to_dict())
+            (tmp / "README.md").write_text(dataset_card(cfg, report), encoding="utf-8")
+            _replace_folder(tmp, out)
+            return report
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _write(cfg: BuildConfig, report: BuildReport, folder: Path, progress: Progress | None, buffered: bool) -> None:
+    if cfg.format == "jsonl":
+        handles: dict[str, Any] = {}
+        try:
+            for split, row in iter_rows(cfg, report, progress, buffered):
+                fh = handles.get(split)
+                if fh is None:
+                    fh = handles[split] = open(folder / f"{split}.jsonl", "wb", buffering=1 << 20)
+                fh.write(_dumps(row) + b"\n")
+                _count(report, split, row)
+        finally:
+            for fh in handles.values():
+                fh.close()
+    else:
+        import polars as pl  # late: only parquet output needs it
+
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for split, row in iter_rows(cfg, report, progress, buffered):
+            rows.setdefault(split, []).append(row)
+            _count(report, split, row)
+        for split, items in rows.items():
+            pl.DataFrame(items).write_parquet(folder / f"{split}.parquet")
+    if not report.rows:
+        raise OasstError("no rows selected: every tree was filtered out (see the filters in the command); "
+                         "nothing written")
+
+
+def _count(report: BuildReport, split: str, row: dict[str, Any]) -> None:
+    report.rows[split] += 1
+    report.rows_by_lang.setdefault(split, Counter())[row["lang"] or "unknown"] += 1
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an old one is removed only after the new one is complete."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def dataset_card(cfg: BuildConfig, report: BuildReport) -> str:
+    """A Hugging Face dataset card: YAML header with data_files, source, filters, counts, license."""
+    ext = cfg.format
+    splits = sorted(report.rows, key=lambda s: (s != "train", s))
+    files = "\n".join(f"  - split: {s}\n    path: {s}.{ext}" for s in splits)
+    sel = cfg.selection
+    filters = {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in asdict(sel).items()}
+    counts = "\n".join(
+        f"| {split} | {lang} | {n} |" for split in splits for lang, n in sorted(report.rows_by_lang[split].items())
+    )
+    dropped = "\n".join(f"| {k} | {v} |" for k, v in sorted(report.dropped.items())) or "| (none) | 0 |"
+    return f"""---
+license: apache-2.0
+configs:
+- config_name: default
+  data_files:
+{files}
+---
+# Guanaco-style conversations built by `oasst build`
+
+Built from: {", ".join(f"`{i}`" for i in cfg.inputs)} (OpenAssistant Conversations, Apache-2.0).
+Selection: `{sel.mode}`{f" (k={sel.top_k})" if sel.mode == "top-k" else ""}, following the rules in the
+oasst-tools documentation (deleted and spam messages dropped with their subtrees; best-ranked reply first:
+ranked before unranked, then rank, then oldest).
+
+Filters: `{filters}`
+Splits: {"hash of message_tree_id, test_size=" + str(cfg.test_size) + ", seed=" + str(cfg.seed)
+         if cfg.test_size is not None else "the input's own splits (validation -> test), else all train"}.
+
+Columns: `text` (`### Human: ...### Assistant: ...`), `messages` (`role`/`content`), `message_tree_id`, `lang`,
+`num_turns` (messages in the thread).
+
+| split | lang | rows |
+|---|---|---|
+{counts}
+
+Trees read: {report.read.trees}; messages read: {report.read.messages}; messages whose parent was missing
+(dropped with their subtrees): {report.read.orphaned}; bad records skipped: {sum(report.read.skipped.values())}.
+
+| dropped | count |
+|---|---|
+{dropped}
+
+License: Apache-2.0, as OpenAssistant Conversations (OASST1/OASST2).
+"""
+
+
+def parse_label_limits(items: Sequence[str], flag: str) -> dict[str, float]:
+    """`["toxicity=0.5", ...]` -> `{"toxicity": 0.5}`; a malformed item raises one clear error."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise OasstError(f"{flag} {item!r}: expected NAME=NUMBER, e.g. {flag} toxicity=0.5") from None
+    return out
+

@@ -1,0 +1,138 @@
+"""`oasst build`: OASST trees -> a Guanaco-style dataset folder."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from collections.abc import Iterator
+from dataclasses import fields, replace
+from pathlib import Path
+
+import click
+
+from oasst_tools.build import BuildConfig, BuildReport, build_dataset, parse_label_limits
+from oasst_tools.filters import Selection
+from oasst_tools.read import Progress, input_size
+
+
+def _help(cls: type, name: str) -> str:
+    """The help text a config field documents, so the flag and the dataclass never disagree."""
+    return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+
+@click.command()
+@click.option("--input", "inputs", multiple=True, metavar="PATH_OR_HUB_ID", help=_help(BuildConfig, "inputs")
+              + " Flat (.jsonl, .jsonl.gz, .parquet, save_to_disk folder) or nested (.trees.jsonl[.gz]); "
+              "default: OpenAssistant/oasst1 from the hub.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help=_help(BuildConfig, "out"))
+@click.option("--lang", "langs", multiple=True, metavar="CODES", help="Comma-separated languages of the root "
+              "prompt to keep, e.g. en,de (default: all). 'pt' also matches 'pt-BR'.")
+@click.option("--lang-exact", is_flag=True, help=_help(Selection, "lang_exact"))
+@click.option("--top-rank", "mode", flag_value="top-rank", default=True, help="One thread per tree: the best-"
+              "ranked reply at every step (Guanaco). The default.")
+@click.option("--all-threads", "mode", flag_value="all-threads", help="Every root-to-leaf thread.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, metavar="N", help=_help(Selection, "top_k"))
+@click.option("--tree-state", "tree_states", multiple=True, default=("ready_for_export",), show_default=True,
+              help="Tree states to keep; 'any' keeps all (OASST2 has more states).")
+@click.option("--label-max", multiple=True, metavar="NAME=X", help=_help(Selection, "label_max")
+              + " E.g. toxicity=0.5. A message without the label passes.")
+@click.option("--label-min", multiple=True, metavar="NAME=X", help=_help(Selection, "label_min")
+              + " E.g. quality=0.6.")
+@click.option("--no-synthetic", is_flag=True, help=_help(Selection, "drop_synthetic"))
+@click.option("--end-with-assistant", is_flag=True, help=_help(Selection, "end_with_assistant"))
+@click.option("--min-turns", type=click.IntRange(min=1), default=1, show_default=True,
+              help=_help(Selection, "min_turns"))
+@click.option("--max-turns", type=click.IntRange(min=1), default=None, help=_help(Selection, "max_turns"))
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help=_help(BuildConfig, "test_size"))
+@click.option("--seed", type=int, default=0, show_default=True, help=_help(BuildConfig, "seed"))
+@click.option("--format", "format_", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
+              help=_help(BuildConfig, "format"))
+@click.option("--overwrite", is_flag=True, help=_help(BuildConfig, "overwrite"))
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help=_help(BuildConfig, "on_error"))
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
+def build(inputs: tuple[str, ...], out: Path, langs: tuple[str, ...], lang_exact: bool, mode: str,
+          top_k: int | None, tree_states: tuple[str, ...], label_max: tuple[str, ...], label_min: tuple[str, ...],
+          no_synthetic: bool, end_with_assistant: bool, min_turns: int, max_turns: int | None,
+          test_size: float | None, seed: int, format_: str, overwrite: bool, on_error: str, quiet: bool) -> None:
+    """Build a Guanaco-style dataset from OpenAssistant conversation trees.
+
+    \b
+        oasst build --input ../shared/data/oasst1/validation-en.messages.jsonl \\
+                    --lang en --top-rank --test-size 0.1 --out data/guanaco-en
+        oasst build --input oasst1-train.jsonl.gz --input oasst1-valid.jsonl.gz --out guanaco
+        oasst build --input 2023-04-12_oasst_ready.trees.jsonl.gz --all-threads \\
+                    --label-max toxicity=0.5 --end-with-assistant --out sft
+    """
+    selection = Selection(
+        mode="top-k" if top_k is not None else mode,  # type: ignore[arg-type]
+        top_k=top_k or 1,
+        langs=frozenset(code.strip() for item in langs for code in item.split(",") if code.strip()),
+        lang_exact=lang_exact,
+        tree_states=frozenset() if "any" in tree_states else frozenset(tree_states),
+        label_max=parse_label_limits(label_max, "--label-max"),
+        label_min=parse_label_limits(label_min, "--label-min"),
+        drop_synthetic=no_synthetic,
+        end_with_assistant=end_with_assistant,
+        min_turns=min_turns,
+        max_turns=max_turns,
+    )
+    cfg = replace(BuildConfig(), out=out, selection=selection, test_size=test_size, seed=seed,
+                  format=format_, overwrite=overwrite, on_error=on_error)  # type: ignore[arg-type]
+    if inputs:
+        cfg = replace(cfg, inputs=tuple(inputs))
+    with _progress(cfg.inputs, quiet) as advance:
+        report = build_dataset(cfg, advance)
+    _warn(report)
+    if not quiet:
+        show_summary(report, cfg.out)
+
+
+@contextmanager
+def _progress(inputs: tuple[str, ...], quiet: bool) -> Iterator[Progress | None]:
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TimeElapsedColumn, TransferSpeedColumn
+
+    from oasst_tools.cli.console import stderr
+
+    total = sum(input_size(i) for i in inputs) or None
+    with Bar("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+             TimeElapsedColumn(), console=stderr, transient=True) as bar:
+        task = bar.add_task("reading", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _warn(report: BuildReport) -> None:
+    read = report.read
+    if read.orphaned:
+        click.echo(f"warning: {read.orphaned} messages whose parent is not in the input were dropped with their "
+                   f"subtrees (first: {read.orphaned_first})", err=True)
+    for reason, count in sorted(read.skipped.items()):
+        click.echo(f"warning: skipped {count} bad {reason} record(s) (first: {read.skipped_first[reason]})",
+                   err=True)
+
+
+def show_summary(report: BuildReport, out: Path) -> None:
+    """A rich table of what was read, dropped, skipped and written."""
+    from rich.table import Table
+
+    from oasst_tools.cli.console import stdout
+
+    table = Table(title=f"oasst build -> {out}", show_header=True, header_style="bold")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("trees read", f"{report.read.trees:,}")
+    table.add_row("messages read", f"{report.read.messages:,}")
+    if report.read.orphaned:
+        table.add_row("orphaned messages dropped", f"{report.read.orphaned:,}")
+    for reason, count in sorted(report.read.skipped.items()):
+        table.add_row(f"skipped: {reason}", f"{count:,}")
+    for reason, count in sorted(report.dropped.items()):
+        table.add_row(f"dropped: {reason}", f"{count:,}")
+    for split in sorted(report.rows, key=lambda s: (s != "train", s)):
+        langs = ", ".join(f"{k} {v}" for k, v in report.rows_by_lang[split].most_common(5))
+        table.add_row(f"rows {split} ({langs})", f"{report.rows[split]:,}", style="bold green")
+    table.caption = f"{report.seconds:.2f} s"
+    stdout.print(table)

@@ -1,0 +1,167 @@
+"""The selection rules of `../shared/docs/guanaco.md`: prune trees, then pick and shape threads.
+
+1. deleted messages and spam (`review_result == false`) go with their subtrees; label filters and
+   `drop_synthetic` act the same way (a message without the label passes);
+2. a tree is kept when its state is selected, its root survived and its root's language is selected;
+3. threads: best-ranked (`top-rank`), every leaf thread (`all-threads`) or the k best replies at each step (`top-k`);
+4. then cut to `max_turns`, trim a trailing prompter turn (`end_with_assistant`) and drop threads under `min_turns`.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from oasst_tools.schema import Message, Tree
+from oasst_tools.walk import Thread, best_thread, leaf_threads, top_k_threads
+
+Mode = Literal["top-rank", "all-threads", "top-k"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which trees, messages and threads to keep."""
+
+    mode: Mode = field(default="top-rank", metadata={"help": "top-rank: the best-ranked thread of each tree; "
+                       "all-threads: every root-to-leaf thread; top-k: threads through the k best replies."})
+    top_k: int = field(default=1, metadata={"help": "k for --top-k: follow the k best-ranked replies at each step."})
+    langs: frozenset[str] = field(default=frozenset(), metadata={"help": "Languages of the root prompt to keep "
+                                  "(empty: all). 'pt' also matches 'pt-BR' unless lang_exact."})
+    lang_exact: bool = field(default=False, metadata={"help": "Match language codes exactly ('pt' not 'pt-BR')."})
+    tree_states: frozenset[str] = field(default=frozenset({"ready_for_export"}),
+                                        metadata={"help": "Tree states to keep (empty: any)."})
+    label_max: Mapping[str, float] = field(default_factory=dict,
+                                           metadata={"help": "Drop a message (and its subtree) whose label is above."})
+    label_min: Mapping[str, float] = field(default_factory=dict,
+                                           metadata={"help": "Drop a message (and its subtree) whose label is below."})
+    drop_synthetic: bool = field(default=False, metadata={"help": "Drop synthetic messages with their subtrees."})
+    end_with_assistant: bool = field(default=False, metadata={"help": "Trim a trailing prompter turn."})
+    min_turns: int = field(default=1, metadata={"help": "Drop threads with fewer messages than this."})
+    max_turns: int | None = field(default=None, metadata={"help": "Cut threads after this many messages."})
+
+
+def lang_matches(lang: str | None, langs: frozenset[str], exact: bool = False) -> bool:
+    """True when `lang` is selected: empty `langs` selects all; 'pt' selects 'pt-BR' unless `exact`."""
+    if not langs:
+        return True
+    if lang is None:
+        return False
+    lang = lang.lower()
+    for want in langs:
+        want = want.lower()
+        if lang == want or (not exact and lang.startswith(want + "-")):
+            return True
+    return False
+
+
+def drop_reason(message: Message, sel: Selection) -> str | None:
+    """Why rule 1 or 6 drops `message` (with its subtree), or None when it stays."""
+    if message.deleted:
+        return "deleted"
+    if message.review_result is False:
+        return "spam"
+    if sel.drop_synthetic and message.synthetic:
+        return "synthetic"
+    labels = message.labels
+    if labels:
+        for name, limit in sel.label_max.items():
+            value = labels.get(name)
+            if value is not None and value > limit:
+                return f"label_max:{name}"
+        for name, limit in sel.label_min.items():
+            value = labels.get(name)
+            if value is not None and value < limit:
+                return f"label_min:{name}"
+    return None
+
+
+def prune(root: Message, sel: Selection, dropped: Counter[str] | None = None) -> Message | None:
+    """The tree without dropped messages and their subtrees (None when the root goes); counts by reason."""
+    reason = drop_reason(root, sel)
+    if reason is not None:
+        if dropped is not None:
+            dropped[reason] += _size(root)
+        return None
+    # Post-order rebuild that copies only the messages whose replies changed.
+    order: list[Message] = []
+    stack = [root]
+    while stack:
+        message = stack.pop()
+        order.append(message)
+        for reply in message.replies:
+            why = drop_reason(reply, sel)
+            if why is None:
+                stack.append(reply)
+            elif dropped is not None:
+                dropped[why] += _size(reply)
+    kept: dict[int, Message] = {}
+    for message in reversed(order):
+        replies = tuple(kept[id(r)] for r in message.replies if id(r) in kept)
+        same = len(replies) == len(message.replies) and all(a is b for a, b in zip(replies, message.replies))
+        kept[id(message)] = message if same else replace(message, replies=replies)
+    return kept[id(root)]
+
+
+def _size(message: Message) -> int:
+    count = 0
+    stack = [message]
+    while stack:
+        node = stack.pop()
+        count += 1
+        stack.extend(node.replies)
+    return count
+
+
+def tree_drop_reason(tree: Tree, sel: Selection) -> str | None:
+    """Why rule 2 drops a whole tree (state or language), or None."""
+    if sel.tree_states and tree.tree_state is not None and tree.tree_state not in sel.tree_states:
+        return f"tree_state:{tree.tree_state}"
+    if not lang_matches(tree.prompt.lang, sel.langs, sel.lang_exact):
+        return "lang"
+    return None
+
+
+def shape_thread(thread: Thread, sel: Selection) -> Thread | None:
+    """Apply max_turns, end_with_assistant and min_turns to one thread (None when it is dropped)."""
+    if sel.max_turns is not None:
+        thread = thread[: sel.max_turns]
+    if sel.end_with_assistant and thread and thread[-1].role == "prompter":
+        thread = thread[:-1]
+    if len(thread) < max(sel.min_turns, 1):
+        return None
+    return thread
+
+
+def select_threads(tree: Tree, sel: Selection, dropped: Counter[str] | None = None) -> Iterator[Thread]:
+    """The threads of one tree under every rule, in depth-first order, without duplicates."""
+    why = tree_drop_reason(tree, sel)
+    if why is not None:
+        if dropped is not None:
+            dropped[f"tree:{why}"] += 1
+        return
+    root = prune(tree.prompt, sel, dropped)
+    if root is None:
+        if dropped is not None:
+            dropped["tree:root_dropped"] += 1
+        return
+    if sel.mode == "top-rank":
+        candidates: Iterator[Thread] = iter((best_thread(root),))
+    elif sel.mode == "top-k":
+        candidates = top_k_threads(root, sel.top_k)
+    else:
+        candidates = leaf_threads(root)
+    seen: set[tuple[str, ...]] = set()
+    for thread in candidates:
+        shaped = shape_thread(thread, sel)
+        if shaped is None:
+            if dropped is not None:
+                dropped["thread:too_short"] += 1
+            continue
+        key = tuple(m.message_id for m in shaped)
+        if key not in seen:  # cutting turns can make two leaf threads the same
+            seen.add(key)
+            yield shaped

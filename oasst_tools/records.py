@@ -1,0 +1,156 @@
+"""Turn one raw input record (a JSON object or a table row) into validated message fields.
+
+Shared by every reader, so flat files, tree exports, parquet and `datasets` folders accept and reject
+exactly the same things. Standard library only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from oasst_tools.errors import OasstInputError
+from oasst_tools.schema import ROLES, Message
+
+# Fields that `Message` interprets; anything else in a record lands in `Message.extra`.
+MESSAGE_FIELDS = frozenset(
+    (
+        "message_id", "parent_id", "role", "text", "lang", "rank", "deleted", "review_result", "synthetic",
+        "created_date", "model_name", "review_count", "labels", "emojis", "replies",
+        # Tree-level fields that flat exports repeat on every message.
+        "message_tree_id", "tree_state",
+    )
+)
+
+_TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer"}
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _wrong_type(path: str, line: int | None, name: str, want: str, value: Any) -> OasstInputError:
+    return OasstInputError(
+        path, line, f"field '{name}' must be {want}, got {_describe(value)}", reason="wrong_type"
+    )
+
+
+def optional_str(record: Mapping[str, Any], name: str, path: str, line: int | None) -> str | None:
+    """`record[name]` as a string or None; raises on any other type."""
+    value = record.get(name)
+    if value is None or type(value) is str:
+        return value
+    if hasattr(value, "isoformat"):  # parquet and datasets give timestamps as datetime objects
+        return value.isoformat()
+    raise _wrong_type(path, line, name, "a string or null", value)
+
+
+def required_str(record: Mapping[str, Any], name: str, path: str, line: int | None) -> str:
+    """`record[name]` as a non-empty string; raises when missing, null, empty or of another type."""
+    if name not in record:
+        raise OasstInputError(path, line, f"missing required field '{name}'", reason="missing_field")
+    value = record[name]
+    if type(value) is not str:
+        raise _wrong_type(path, line, name, "a string", value)
+    if not value and name != "text":
+        raise OasstInputError(path, line, f"field '{name}' is empty", reason="missing_field")
+    return value
+
+
+def _flag(record: Mapping[str, Any], name: str, path: str, line: int | None) -> bool | None:
+    value = record.get(name)
+    if value is None or type(value) is bool:
+        return value
+    raise _wrong_type(path, line, name, "true, false or null", value)
+
+
+def _rank(record: Mapping[str, Any], path: str, line: int | None) -> int | None:
+    value = record.get("rank")
+    if value is None or type(value) is int:
+        return value
+    # Parquet copies of OASST store the nullable rank as float64 (0.0, 1.0, NaN).
+    if type(value) is float:
+        if value != value:
+            return None
+        if value.is_integer() and value >= 0:
+            return int(value)
+    raise _wrong_type(path, line, "rank", "a non-negative integer or null", value)
+
+
+def normalize_labels(value: Any, path: str, line: int | None) -> dict[str, float]:
+    """Labels as {name: value} from the columnar HF form or the export's {name: {value, count}} form."""
+    if not value:
+        return {}
+    if type(value) is not dict:
+        raise _wrong_type(path, line, "labels", "an object", value)
+    names = value.get("name")
+    if type(names) is list:
+        values = value.get("value")
+        if type(values) is not list or len(values) != len(names):
+            raise OasstInputError(
+                path, line, "field 'labels' has 'name' and 'value' lists of different lengths", reason="wrong_type"
+            )
+        return dict(zip(names, values))
+    out = {}
+    for name, item in value.items():
+        if type(item) is dict:
+            out[name] = item.get("value")
+        elif isinstance(item, (int, float)):
+            out[name] = item
+        else:
+            raise _wrong_type(path, line, f"labels.{name}", "an object with a 'value'", item)
+    return out
+
+
+def normalize_emojis(value: Any, path: str, line: int | None) -> dict[str, int]:
+    """Emojis as {name: count} from the columnar HF form or the export's {name: count} form."""
+    if not value:
+        return {}
+    if type(value) is not dict:
+        raise _wrong_type(path, line, "emojis", "an object", value)
+    names = value.get("name")
+    if type(names) is list:
+        return dict(zip(names, value.get("count") or ()))
+    return dict(value)
+
+
+def make_message(
+    record: Mapping[str, Any],
+    path: str,
+    line: int | None,
+    replies: tuple[Message, ...] = (),
+    parent_id: str | None = None,
+) -> Message:
+    """A validated `Message` from one record; raises `OasstInputError` naming the field that is wrong."""
+    message_id = required_str(record, "message_id", path, line)
+    role = required_str(record, "role", path, line)
+    if role not in ROLES:
+        raise OasstInputError(
+            path, line, f"message {message_id} has unknown role '{role}' (expected 'prompter' or 'assistant')",
+            reason="unknown_role",
+        )
+    text = required_str(record, "text", path, line)
+    review_count = record.get("review_count")
+    if review_count is not None and type(review_count) is not int:
+        raise _wrong_type(path, line, "review_count", "an integer or null", review_count)
+    extra = {k: v for k, v in record.items() if k not in MESSAGE_FIELDS} if len(record) > 8 else {}
+    return Message(
+        message_id=message_id,
+        role=role,  # type: ignore[arg-type]  # checked against ROLES above
+        text=text,
+        parent_id=parent_id if parent_id is not None else optional_str(record, "parent_id", path, line),
+        lang=optional_str(record, "lang", path, line),
+        rank=_rank(record, path, line),
+        deleted=bool(_flag(record, "deleted", path, line)),
+        review_result=_flag(record, "review_result", path, line),
+        synthetic=bool(_flag(record, "synthetic", path, line)),
+        created_date=optional_str(record, "created_date", path, line),
+        model_name=optional_str(record, "model_name", path, line),
+        review_count=review_count,
+        labels=normalize_labels(record.get("labels"), path, line),
+        emojis=normalize_emojis(record.get("emojis"), path, line),
+        extra=extra,
+        replies=replies,
+        line=line,
+    )
