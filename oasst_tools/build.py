@@ -77,6 +77,7 @@ class BuildReport:
             "dropped": dict(sorted(self.dropped.items())),
             "skipped": dict(sorted(self.read.skipped.items())),
             "skipped_first": dict(sorted(self.read.skipped_first.items())),
+            "skipped_messages": self.read.skipped_messages,
             "rows": dict(self.rows),
             "rows_by_lang": {split: dict(sorted(c.items())) for split, c in self.rows_by_lang.items()},
             "seconds": round(self.seconds, 3),

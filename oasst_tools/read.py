@@ -52,16 +52,19 @@ class ReadReport:
 
     trees: int = 0
     messages: int = 0
-    # Bad records or trees skipped with on_error="skip", by reason (records, then messages of skipped trees).
+    # Bad records or trees skipped with on_error="skip": one count per record or tree, by reason. A bad field
+    # found while assembling a tree skips that whole tree; `skipped_messages` counts every message lost.
     skipped: Counter[str] = field(default_factory=Counter)
     skipped_first: dict[str, str] = field(default_factory=dict)
+    skipped_messages: int = 0
     # Messages whose parent is not in the input, dropped with their subtrees (not an error).
     orphaned: int = 0
     orphaned_first: str | None = None
 
-    def skip(self, exc: OasstInputError, count: int = 1) -> None:
-        """Count a skipped record or tree under the error's reason."""
-        self.skipped[exc.reason] += count
+    def skip(self, exc: OasstInputError, messages: int = 1) -> None:
+        """Count one skipped record or tree (of `messages` messages) under the error's reason."""
+        self.skipped[exc.reason] += 1
+        self.skipped_messages += messages
         self.skipped_first.setdefault(exc.reason, str(exc))
 
 
@@ -366,7 +369,7 @@ def _build(root_id: str, by_id: dict, children: dict, path: str) -> tuple[Messag
 
 def _alternation_error(path: str, reply: Message, parent: Message) -> OasstInputError:
     return OasstInputError(
-        path, reply.line, f"message {reply.message_id} is a {reply.role} reply to {parent.role} message "
+        path, reply.line, f"message {reply.message_id} is {_a(reply.role)} reply to {_a(parent.role)} message "
         f"{parent.message_id}; roles must alternate", reason="role_alternation")
 
 
@@ -406,7 +409,7 @@ def _read_nested(path: Path, on_error: OnError, report: ReadReport, progress: Pr
             except OasstInputError as err:
                 if on_error == "fail":
                     raise
-                report.skip(err)
+                report.skip(err, messages=0)  # the messages of a broken nested tree cannot be counted reliably
                 continue
             if tree is not None:
                 report.trees += 1
@@ -504,3 +507,7 @@ def input_size(source: str | Path) -> int:
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return 0
 
+
+
+def _a(role: str) -> str:
+    return ("an " if role[0] in "aeiou" else "a ") + role

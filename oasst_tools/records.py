@@ -134,7 +134,8 @@ def make_message(
     review_count = record.get("review_count")
     if review_count is not None and type(review_count) is not int:
         raise _wrong_type(path, line, "review_count", "an integer or null", review_count)
-    extra = {k: v for k, v in record.items() if k not in MESSAGE_FIELDS} if len(record) > 8 else {}
+    unknown = record.keys() - MESSAGE_FIELDS
+    extra = {k: record[k] for k in unknown} if unknown else {}
     return Message(
         message_id=message_id,
         role=role,  # type: ignore[arg-type]  # checked against ROLES above

@@ -90,12 +90,12 @@ def build(inputs: tuple[str, ...], out: Path, langs: tuple[str, ...], lang_exact
 
 @contextmanager
 def _progress(inputs: tuple[str, ...], quiet: bool) -> Iterator[Progress | None]:
-    if quiet:
+    from oasst_tools.cli.console import stderr
+
+    if quiet or not stderr.is_terminal:  # a bar in a log file is noise
         yield None
         return
     from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TimeElapsedColumn, TransferSpeedColumn
-
-    from oasst_tools.cli.console import stderr
 
     total = sum(input_size(i) for i in inputs) or None
     with Bar("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
