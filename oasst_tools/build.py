@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from oasst_tools.errors import NotContiguousError, OasstError
-from oasst_tools.filters import Selection, select_threads
-from oasst_tools.read import OnError, Progress, ReadReport, read_trees
+from oasst_tools.filters import Selection, best_raw_thread, select_threads
+from oasst_tools.read import OnError, Progress, ReadReport, iter_raw_trees
 from oasst_tools.schema import Tree
 from oasst_tools.walk import Thread
 
@@ -86,17 +86,23 @@ class BuildReport:
 
 def guanaco_text(thread: Thread) -> str:
     """`### Human: ...### Assistant: ...`, turns concatenated with no separator, as Guanaco has it."""
-    return "".join((HUMAN if m.role == "prompter" else ASSISTANT) + m.text for m in thread)
+    return make_row("", None, [(m.role, m.text) for m in thread])["text"]
 
 
 def thread_row(tree: Tree, thread: Thread) -> dict[str, Any]:
     """One output row for a thread of `tree`."""
+    return make_row(tree.message_tree_id, tree.prompt.lang, [(m.role, m.text) for m in thread])
+
+
+def make_row(tree_id: str, lang: str | None, turns: list[tuple[str, str]]) -> dict[str, Any]:
+    """The output row for one thread given as (role, text) turns."""
     return {
-        "text": guanaco_text(thread),
-        "messages": [{"role": "user" if m.role == "prompter" else "assistant", "content": m.text} for m in thread],
-        "message_tree_id": tree.message_tree_id,
-        "lang": tree.prompt.lang,
-        "num_turns": len(thread),
+        "text": "".join((HUMAN if role == "prompter" else ASSISTANT) + text for role, text in turns),
+        "messages": [{"role": "user" if role == "prompter" else "assistant", "content": text}
+                     for role, text in turns],
+        "message_tree_id": tree_id,
+        "lang": lang,
+        "num_turns": len(turns),
     }
 
 
@@ -106,11 +112,11 @@ def hash_split(tree_id: str, test_size: float, seed: int) -> str:
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_size else "train"
 
 
-def tree_split(tree: Tree, cfg: BuildConfig, input_splits: bool) -> str:
+def tree_split(tree_id: str, input_split: str | None, cfg: BuildConfig, input_splits: bool) -> str:
     """Which output split a tree goes to: --test-size by hash, else the input's split, else train."""
     if cfg.test_size is not None:
-        return hash_split(tree.message_tree_id, cfg.test_size, cfg.seed)
-    if input_splits and tree.split in ("validation", "test"):
+        return hash_split(tree_id, cfg.test_size, cfg.seed)
+    if input_splits and input_split in ("validation", "test"):
         return "test"
     return "train"
 
@@ -124,11 +130,21 @@ def iter_rows(
     # Input splits are kept only when the inputs carry more than one (train + validation, as OASST1 does).
     named = {split_of(src) for src in cfg.inputs}
     input_splits = len(named - {None}) > 1 or any(not Path(src).exists() for src in cfg.inputs)
+    sel = cfg.selection
+    fast = sel.mode == "top-rank"
     for source in cfg.inputs:
-        for tree in read_trees(source, on_error=cfg.on_error, report=report.read, progress=progress,
-                               buffered=buffered):
-            split = tree_split(tree, cfg, input_splits)
-            for thread in select_threads(tree, cfg.selection, report.dropped):
+        for raw in iter_raw_trees(source, on_error=cfg.on_error, report=report.read, progress=progress,
+                                  buffered=buffered):
+            split = tree_split(raw.tree_id, raw.split, cfg, input_splits)
+            if fast and raw.plain:
+                # The common case on raw records: the same rules as `select_threads`, tested to agree.
+                thread = best_raw_thread(raw, sel, report.dropped)
+                if thread is not None:
+                    yield split, make_row(raw.tree_id, thread[0].get("lang"),
+                                          [(r["role"], r["text"]) for r in thread])
+                continue
+            tree = raw.to_tree()
+            for thread in select_threads(tree, sel, report.dropped):
                 yield split, thread_row(tree, thread)
 
 

@@ -12,12 +12,16 @@ Standard library only.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from oasst_tools.records import normalize_labels
 from oasst_tools.schema import Message, Tree
 from oasst_tools.walk import Thread, best_thread, leaf_threads, top_k_threads
+
+if TYPE_CHECKING:
+    from oasst_tools.read import RawTree
 
 Mode = Literal["top-rank", "all-threads", "top-k"]
 
@@ -60,14 +64,26 @@ def lang_matches(lang: str | None, langs: frozenset[str], exact: bool = False) -
 
 def drop_reason(message: Message, sel: Selection) -> str | None:
     """Why rule 1 or 6 drops `message` (with its subtree), or None when it stays."""
-    if message.deleted:
+    return _drop_reason(message.deleted, message.review_result, message.synthetic, message.labels, sel)
+
+
+def record_drop_reason(record: Mapping[str, Any], sel: Selection) -> str | None:
+    """`drop_reason` for a raw, validated input record (the build's fast path)."""
+    labels = record.get("labels")
+    if labels and (sel.label_max or sel.label_min):
+        labels = normalize_labels(labels, "", None)
+    return _drop_reason(record.get("deleted"), record.get("review_result"), record.get("synthetic"), labels, sel)
+
+
+def _drop_reason(deleted: bool | None, review_result: bool | None, synthetic: bool | None,
+                 labels: Mapping[str, float] | None, sel: Selection) -> str | None:
+    if deleted:
         return "deleted"
-    if message.review_result is False:
+    if review_result is False:
         return "spam"
-    if sel.drop_synthetic and message.synthetic:
+    if sel.drop_synthetic and synthetic:
         return "synthetic"
-    labels = message.labels
-    if labels:
+    if labels and (sel.label_max or sel.label_min):
         for name, limit in sel.label_max.items():
             value = labels.get(name)
             if value is not None and value > limit:
@@ -118,22 +134,95 @@ def _size(message: Message) -> int:
 
 def tree_drop_reason(tree: Tree, sel: Selection) -> str | None:
     """Why rule 2 drops a whole tree (state or language), or None."""
-    if sel.tree_states and tree.tree_state is not None and tree.tree_state not in sel.tree_states:
-        return f"tree_state:{tree.tree_state}"
-    if not lang_matches(tree.prompt.lang, sel.langs, sel.lang_exact):
+    return state_lang_reason(tree.tree_state, tree.prompt.lang, sel)
+
+
+def state_lang_reason(state: str | None, lang: str | None, sel: Selection) -> str | None:
+    """Rule 2 on a tree's state and its root prompt's language."""
+    if sel.tree_states and state is not None and state not in sel.tree_states:
+        return f"tree_state:{state}"
+    if not lang_matches(lang, sel.langs, sel.lang_exact):
         return "lang"
     return None
 
 
 def shape_thread(thread: Thread, sel: Selection) -> Thread | None:
     """Apply max_turns, end_with_assistant and min_turns to one thread (None when it is dropped)."""
-    if sel.max_turns is not None:
-        thread = thread[: sel.max_turns]
-    if sel.end_with_assistant and thread and thread[-1].role == "prompter":
-        thread = thread[:-1]
-    if len(thread) < max(sel.min_turns, 1):
+    keep = kept_turns([m.role for m in thread], sel)
+    return None if keep is None else thread[:keep]
+
+
+def kept_turns(roles: Sequence[str], sel: Selection) -> int | None:
+    """How many leading messages of a thread with these roles survive the turn rules (None: drop it)."""
+    keep = len(roles) if sel.max_turns is None else min(len(roles), sel.max_turns)
+    if sel.end_with_assistant and keep and roles[keep - 1] == "prompter":
+        keep -= 1
+    return keep if keep >= max(sel.min_turns, 1) else None
+
+
+def best_raw_thread(raw: RawTree, sel: Selection, dropped: Counter[str] | None = None) -> list[dict] | None:
+    """`select_threads` in top-rank mode on raw records: the same rules without building `Message`s."""
+    records, children = raw.records, raw.children
+    root = records[raw.root][1]
+    why = state_lang_reason(raw.state, root.get("lang"), sel)
+    if why is None and (head := record_drop_reason(root, sel)) is not None:
+        if dropped is not None:
+            dropped[head] += len(records)
+        why = "root_dropped"
+    if why is not None:
+        if dropped is not None:
+            dropped[f"tree:{why}"] += 1
         return None
-    return thread
+    # Prune (counting whole dropped subtrees, as `prune` does), then walk the survivors.
+    only_flags = not (sel.drop_synthetic or sel.label_max or sel.label_min)
+    alive: dict[str, list[dict]] = {}
+    stack = [raw.root]
+    while stack:
+        node = stack.pop()
+        kids = children.get(node)
+        if not kids:
+            continue
+        keep = []
+        for kid in kids:
+            record = records[kid][1]
+            # Inlined rule 1 for the default selection: this loop visits every message of the input.
+            if only_flags and not record.get("deleted") and record.get("review_result") is not False:
+                reason = None
+            else:
+                reason = record_drop_reason(record, sel)
+            if reason is None:
+                keep.append(record)
+                stack.append(kid)
+            elif dropped is not None:
+                dropped[reason] += _raw_size(kid, children)
+        if keep:
+            alive[node] = keep
+    thread = [root]
+    while (kids := alive.get(thread[-1]["message_id"])) is not None:
+        thread.append(min(kids, key=_raw_rank_key))
+    keep = kept_turns([r["role"] for r in thread], sel)
+    if keep is None:
+        if dropped is not None:
+            dropped["thread:too_short"] += 1
+        return None
+    return thread[:keep]
+
+
+def _raw_rank_key(record: dict) -> tuple[bool, int, str, str]:
+    rank = record.get("rank")
+    return (rank is None, rank or 0, record.get("created_date") or "", record["message_id"])
+
+
+def _raw_size(head: str, children: Mapping[str, list[str]]) -> int:
+    count = 0
+    stack = [head]
+    while stack:
+        node = stack.pop()
+        count += 1
+        kids = children.get(node)
+        if kids:
+            stack.extend(kids)
+    return count
 
 
 def select_threads(tree: Tree, sel: Selection, dropped: Counter[str] | None = None) -> Iterator[Thread]:

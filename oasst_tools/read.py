@@ -35,13 +35,13 @@ except ImportError:  # orjson is a core dependency, but the walker must work wit
 
 from oasst_tools.errors import NotContiguousError, OasstError, OasstInputError
 from oasst_tools.records import make_message, optional_str, required_str
-from oasst_tools.schema import Message, Tree
+from oasst_tools.schema import ROLES, Message, Tree
 
 OnError = Literal["fail", "skip"]
 Shape = Literal["flat", "nested", "parquet", "disk", "hub"]
 Progress = Callable[[int], None]
 
-_CHUNK = 1 << 23
+_CHUNK = 1 << 20
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SPLIT_WORDS = (("validation", "validation"), ("valid", "validation"), ("test", "test"), ("train", "train"))
 
@@ -107,17 +107,8 @@ def read_trees(
     buffered: bool = False,
 ) -> Iterator[Tree]:
     """Every tree of one input (file, folder or hub id), validated; bad input raises `OasstInputError`."""
-    report = report if report is not None else ReadReport()
-    shape = detect_shape(source)
-    if shape == "nested":
-        return _read_nested(Path(source), on_error, report, progress)
-    if shape == "flat":
-        records = _json_records(Path(source), on_error, report, progress)
-        return _group_flat(records, str(source), split_of(str(source)), on_error, report, buffered)
-    if shape == "parquet":
-        return _group_flat(_parquet_records(Path(source), progress), str(source), split_of(str(source)),
-                           on_error, report, buffered)
-    return _read_datasets(str(source), shape, on_error, report, buffered)
+    raws = iter_raw_trees(source, on_error=on_error, report=report, progress=progress, buffered=buffered)
+    return (raw.to_tree() for raw in raws)
 
 
 @contextmanager
@@ -137,41 +128,48 @@ def gc_paused() -> Iterator[None]:
 
 def _lines(path: Path, progress: Progress | None = None) -> Iterator[tuple[int, bytes]]:
     """(line number, raw bytes) for every line, gunzipping `.gz` files; a cut gzip raises at its last line."""
-    gz = path.suffix == ".gz"
-    decomp = zlib.decompressobj(31) if gz else None
+    if path.suffix == ".gz":
+        yield from _gzip_lines(path, progress)
+        return
+    reported = 0
+    with open(path, "rb", buffering=_CHUNK) as fh:
+        for number, line in enumerate(fh, 1):  # C-level line splitting over a large buffer
+            if progress is not None and not number & 4095:
+                position = fh.tell()
+                progress(position - reported)
+                reported = position
+            yield number, line
+        if progress is not None:
+            progress(fh.tell() - reported)
+
+
+def _gzip_lines(path: Path, progress: Progress | None) -> Iterator[tuple[int, bytes]]:
+    # Own decompression loop rather than gzip.open: a cut stream must be reported at the line it cuts.
+    decomp = zlib.decompressobj(31)
     pending = b""
     number = 0
     with open(path, "rb") as fh:
-        while True:
-            block = fh.read(_CHUNK)
-            if progress is not None and block:
+        while block := fh.read(_CHUNK):
+            if progress is not None:
                 progress(len(block))
-            if decomp is not None:
-                if not block:
-                    if not decomp.eof:
-                        raise OasstInputError(
-                            path, number + 1, "gzip file is truncated: the stream ends inside this line",
-                            reason="truncated_gzip")
-                    data = b""
-                else:
-                    try:
-                        data = decomp.decompress(block)
-                        while decomp.eof and decomp.unused_data:  # concatenated gzip members
-                            rest = decomp.unused_data
-                            decomp = zlib.decompressobj(31)
-                            data += decomp.decompress(rest)
-                    except zlib.error as exc:
-                        raise OasstInputError(path, number + 1, f"gzip data is corrupt ({exc})",
-                                              reason="corrupt_gzip") from None
-            else:
-                data = block
-            if not data and not block:
-                break
-            parts = (pending + data).split(b"\n")
-            pending = parts.pop()
-            for raw in parts:
+            try:
+                data = decomp.decompress(block)
+                while decomp.eof and decomp.unused_data:  # concatenated gzip members
+                    rest = decomp.unused_data
+                    decomp = zlib.decompressobj(31)
+                    data += decomp.decompress(rest)
+            except zlib.error as exc:
+                raise OasstInputError(path, number + 1, f"gzip data is corrupt ({exc})",
+                                      reason="corrupt_gzip") from None
+            lines = data.split(b"\n")
+            lines[0] = pending + lines[0]
+            pending = lines.pop()
+            for line in lines:
                 number += 1
-                yield number, raw
+                yield number, line
+    if not decomp.eof:
+        raise OasstInputError(path, number + 1, "gzip file is truncated: the stream ends inside this line",
+                              reason="truncated_gzip")
     if pending.strip():
         yield number + 1, pending
 
@@ -187,6 +185,10 @@ def _json_records(
         except _JSONError as exc:
             if not raw.strip():
                 continue
+            try:  # parse again without the line end, so the message points into the line itself
+                _loads(raw.rstrip(b"\r\n"))
+            except _JSONError as bare:
+                exc = bare
             err = OasstInputError(spath, number, f"invalid JSON ({_short(exc)})", reason="invalid_json")
             if on_error == "fail":
                 raise err from None
@@ -224,13 +226,97 @@ def _parquet_records(path: Path, progress: Progress | None) -> Iterator[tuple[in
 
 
 @dataclass(slots=True)
+class RawTree:
+    """One validated tree as its raw records: what `read_trees` turns into `Message`s, and what the
+    build's fast path selects from directly (constructing 90k frozen messages costs more than parsing them)."""
+
+    tree_id: str
+    state: str | None
+    split: str | None
+    source: str
+    root: str
+    # message_id -> (line, record), parents before children; only the root's subtree (orphans removed).
+    records: dict[str, tuple[int | None, dict[str, Any]]]
+    # message_id -> reply ids in input order (messages without replies are absent).
+    children: dict[str, list[str]]
+    extra: dict[str, Any] = field(default_factory=dict)
+    # True when every record has exactly the JSON types (no float ranks or datetime dates from a table),
+    # so the raw records can be compared and selected as they are.
+    plain: bool = True
+
+    def to_tree(self) -> Tree:
+        """The frozen `Tree`, built children first."""
+        records, children, path = self.records, self.children, self.source
+        built: dict[str, Message] = {}
+        for node in reversed(records):
+            line, record = records[node]
+            kids = children.get(node)
+            replies = tuple(built.pop(kid) for kid in kids) if kids else ()
+            built[node] = make_message(record, path, line, replies)
+        return Tree(message_tree_id=self.tree_id, prompt=built[self.root], tree_state=self.state, split=self.split,
+                    source=path, extra=self.extra)
+
+
+def check_record(record: dict[str, Any], path: str, line: int | None) -> bool:
+    """Raise the `OasstInputError` that `make_message` would raise for `record`, cheaply when it is valid.
+
+    Returns True for a record with plain JSON types, False for one that is valid only after conversion."""
+    g = record.get
+    rank = g("rank")
+    labels = g("labels")
+    # One boolean expression, no calls: this runs for every message and dominates the build otherwise.
+    if (
+        type(g("message_id")) is str and g("role") in ROLES and type(g("text")) is str
+        and type(g("lang")) in _STR and type(g("created_date")) in _STR and type(g("model_name")) in _STR
+        and (rank is None or (type(rank) is int and rank >= 0)) and type(g("review_count")) in _INT
+        and type(g("deleted")) in _BOOL and type(g("review_result")) in _BOOL and type(g("synthetic")) in _BOOL
+        and type(g("emojis")) in _DICT and record["message_id"]
+        and (labels is None or (type(labels) is dict and (
+            (type(names := labels.get("name")) is list and type(values := labels.get("value")) is list
+             and len(names) == len(values)) or ("name" not in labels and _labels_ok(labels)))))
+    ):
+        return True
+    make_message(record, path, line)  # raises the precise error; returns for odd-but-valid values
+    return False
+
+
+_NONE = type(None)
+_STR, _INT, _BOOL, _DICT = ({kind, _NONE} for kind in (str, int, bool, dict))
+
+
+def _labels_ok(labels: dict[str, Any]) -> bool:
+    return all(type(v) is dict for v in labels.values())
+
+
+def iter_raw_trees(
+    source: str | Path,
+    *,
+    on_error: OnError = "fail",
+    report: ReadReport | None = None,
+    progress: Progress | None = None,
+    buffered: bool = False,
+) -> Iterator[RawTree]:
+    """Like `read_trees`, but yields validated `RawTree`s (records, not `Message`s)."""
+    report = report if report is not None else ReadReport()
+    shape = detect_shape(source)
+    if shape == "nested":
+        return _read_nested(Path(source), on_error, report, progress)
+    if shape == "flat":
+        records = _json_records(Path(source), on_error, report, progress)
+        return _group_flat(records, str(source), split_of(str(source)), on_error, report, buffered)
+    if shape == "parquet":
+        return _group_flat(_parquet_records(Path(source), progress), str(source), split_of(str(source)),
+                           on_error, report, buffered)
+    return _read_datasets(str(source), shape, on_error, report, buffered)
+
+
+@dataclass(slots=True)
 class _Pending:
     """The records of one tree while it is being read from a flat input."""
 
     tree_id: str
     state: str | None
     records: list[tuple[int | None, str | None, dict[str, Any]]] = field(default_factory=list)
-    broken: OasstInputError | None = None
 
 
 def _group_flat(
@@ -240,7 +326,7 @@ def _group_flat(
     on_error: OnError,
     report: ReadReport,
     buffered: bool,
-) -> Iterator[Tree]:
+) -> Iterator[RawTree]:
     """Group flat records by `message_tree_id` and assemble each group into a tree."""
     done: set[str] = set()
     pending: dict[str, _Pending] = {}
@@ -249,17 +335,20 @@ def _group_flat(
     with gc_paused():
         for line, record in records:
             seen_any = True
-            try:
-                tree_id = required_str(record, "message_tree_id", path, line)
-                if "parent_id" not in record:
-                    raise OasstInputError(path, line, "missing required field 'parent_id'", reason="missing_field")
-                parent = optional_str(record, "parent_id", path, line)
-                state = optional_str(record, "tree_state", path, line)
-            except OasstInputError as err:
-                if on_error == "fail":
-                    raise
-                report.skip(err)
-                continue
+            tree_id = record.get("message_tree_id")
+            parent = record.get("parent_id", 0)
+            if type(tree_id) is not str or not tree_id or not (parent is None or type(parent) is str):
+                try:
+                    required_str(record, "message_tree_id", path, line)
+                    if parent == 0:
+                        raise OasstInputError(path, line, "missing required field 'parent_id'",
+                                              reason="missing_field")
+                    optional_str(record, "parent_id", path, line)
+                except OasstInputError as err:
+                    if on_error == "fail":
+                        raise
+                    report.skip(err)
+                    continue
             if current is None or current.tree_id != tree_id:
                 if tree_id in done:
                     raise NotContiguousError(
@@ -272,7 +361,8 @@ def _group_flat(
                     del pending[current.tree_id]
                 current = pending.get(tree_id)
                 if current is None:
-                    current = pending[tree_id] = _Pending(tree_id, state)
+                    state = record.get("tree_state")
+                    current = pending[tree_id] = _Pending(tree_id, state if type(state) is str else None)
             current.records.append((line, parent, record))
         for group in pending.values():
             yield from _finish_flat(group, path, split, on_error, report)
@@ -281,7 +371,7 @@ def _group_flat(
 
 
 def _finish_flat(group: _Pending, path: str, split: str | None, on_error: OnError,
-                 report: ReadReport) -> Iterator[Tree]:
+                 report: ReadReport) -> Iterator[RawTree]:
     try:
         tree = _assemble(group, path, split, report)
     except OasstInputError as err:
@@ -294,94 +384,91 @@ def _finish_flat(group: _Pending, path: str, split: str | None, on_error: OnErro
         yield tree
 
 
-def _assemble(group: _Pending, path: str, split: str | None, report: ReadReport) -> Tree | None:
-    """Link one tree's records parent to child; validate ids, roots, cycles and role alternation."""
+def _assemble(group: _Pending, path: str, split: str | None, report: ReadReport) -> RawTree | None:
+    """Link one tree's records parent to child; validate fields, ids, roots, cycles and role alternation."""
     by_id: dict[str, tuple[int | None, str | None, dict[str, Any]]] = {}
     children: dict[str | None, list[str]] = {}
+    plain = True
     for item in group.records:
         line, parent, record = item
-        message_id = required_str(record, "message_id", path, line)
+        if not check_record(record, path, line):
+            plain = False
+        message_id = record["message_id"]
         if message_id in by_id:
             raise OasstInputError(
                 path, line, f"duplicate message_id {message_id} (first at line {by_id[message_id][0]})",
                 reason="duplicate_id")
         by_id[message_id] = item
-        children.setdefault(parent, []).append(message_id)
-    roots = children.get(None, [])
+        kids = children.get(parent)
+        if kids is None:
+            children[parent] = [message_id]
+        else:
+            kids.append(message_id)
+    roots = children.pop(None, [])
     if len(roots) > 1:
         line = by_id[roots[1]][0]
         raise OasstInputError(path, line, f"tree {group.tree_id} has a second root message {roots[1]} "
                               f"(first root: {roots[0]})", reason="multiple_roots")
     reached = 0
     # Messages whose parent is missing head orphaned subtrees: dropped and counted, not an error.
-    for parent, kids in children.items():
-        if parent is not None and parent not in by_id:
-            size = _subtree_size(kids, children)
-            reached += size
-            report.orphaned += size
-            if report.orphaned_first is None:
-                report.orphaned_first = f"{path}:{by_id[kids[0]][0]}"
-    root = None
-    if roots:
-        root, size = _build(roots[0], by_id, children, path)
+    orphan_heads = [kid for parent, kids in children.items() if parent not in by_id for kid in kids]
+    if orphan_heads:
+        size = len(_subtree(orphan_heads, children))
         reached += size
+        report.orphaned += size
+        if report.orphaned_first is None:
+            report.orphaned_first = f"{path}:{by_id[orphan_heads[0]][0]}"
+    order = _subtree(roots, children)
+    reached += len(order)
     if reached < len(by_id):
-        raise _cycle_error(by_id, children, roots, path)
+        raise _cycle_error(by_id, children, roots + orphan_heads, path)
     report.messages += len(by_id)
-    if root is None:
+    if not roots:
         return None
-    return Tree(message_tree_id=group.tree_id, prompt=root, tree_state=group.state, split=split, source=path)
+    records = {}
+    for node in order:
+        line, _, record = by_id[node]
+        records[node] = (line, record)
+    _check_roles(records, children, path)
+    return RawTree(group.tree_id, group.state, split, path, roots[0], records, children, plain=plain)
 
 
-def _subtree_size(heads: list[str], children: dict[str | None, list[str]]) -> int:
-    stack = list(heads)
-    count = 0
-    while stack:
-        node = stack.pop()
-        count += 1
-        stack.extend(children.get(node, ()))
-    return count
-
-
-def _build(root_id: str, by_id: dict, children: dict, path: str) -> tuple[Message, int]:
-    """Construct the frozen messages bottom-up (children first), checking role alternation."""
+def _subtree(heads: list[str], children: dict[Any, list[str]]) -> list[str]:
+    """Ids of the subtrees under `heads`, depth first, parents before children."""
     order: list[str] = []
-    stack = [root_id]
+    stack = list(reversed(heads))
     while stack:
         node = stack.pop()
         order.append(node)
-        stack.extend(children.get(node, ()))
-    built: dict[str, Message] = {}
-    for node in reversed(order):
-        line, parent, record = by_id[node]
-        replies = tuple(built.pop(kid) for kid in children.get(node, ()))
-        message = make_message(record, path, line, replies)
-        for reply in replies:
-            if reply.role == message.role:
-                raise _alternation_error(path, reply, message)
-        built[node] = message
-    root = built[root_id]
-    if root.role != "prompter":
-        raise OasstInputError(path, root.line, f"root message {root.message_id} has role '{root.role}'; "
+        kids = children.get(node)
+        if kids:
+            stack.extend(reversed(kids))
+    return order
+
+
+def _check_roles(records: dict[str, tuple[int | None, dict[str, Any]]], children: dict[Any, list[str]],
+                 path: str) -> None:
+    """Roles alternate from a prompter root down."""
+    root_id = next(iter(records))
+    line, root = records[root_id]
+    if root["role"] != "prompter":
+        raise OasstInputError(path, line, f"root message {root_id} has role '{root['role']}'; "
                               "a tree starts with a prompter message", reason="role_alternation")
-    return root, len(order)
+    for node, (_, record) in records.items():
+        kids = children.get(node)
+        if kids:
+            role = record["role"]
+            for kid in kids:
+                kid_line, kid_record = records[kid]
+                if kid_record["role"] == role:
+                    raise OasstInputError(
+                        path, kid_line, f"message {kid} is {_a(role)} reply to {_a(role)} message {node}; "
+                        "roles must alternate", reason="role_alternation")
 
 
-def _alternation_error(path: str, reply: Message, parent: Message) -> OasstInputError:
-    return OasstInputError(
-        path, reply.line, f"message {reply.message_id} is {_a(reply.role)} reply to {_a(parent.role)} message "
-        f"{parent.message_id}; roles must alternate", reason="role_alternation")
-
-
-def _cycle_error(by_id: dict, children: dict, roots: list[str], path: str) -> OasstInputError:
+def _cycle_error(by_id: dict, children: dict, heads: list[str], path: str) -> OasstInputError:
     """Name the cycle that kept some messages from being reached from a root or an orphan head."""
-    reachable = set()
-    heads = [r for r in roots] + [k for p, ks in children.items() if p is not None and p not in by_id for k in ks]
-    stack = list(heads)
-    while stack:
-        node = stack.pop()
-        reachable.add(node)
-        stack.extend(children.get(node, ()))
+    reachable = set(_subtree(heads, children))
     start = next(m for m in by_id if m not in reachable)
     chain = [start]
     while True:
@@ -397,7 +484,8 @@ def _cycle_error(by_id: dict, children: dict, roots: list[str], path: str) -> Oa
 # -------------------------------------------------------------------------------------- nested -> trees
 
 
-def _read_nested(path: Path, on_error: OnError, report: ReadReport, progress: Progress | None) -> Iterator[Tree]:
+def _read_nested(path: Path, on_error: OnError, report: ReadReport,
+                 progress: Progress | None) -> Iterator[RawTree]:
     spath = str(path)
     split = split_of(spath)
     seen_any = False
@@ -419,7 +507,7 @@ def _read_nested(path: Path, on_error: OnError, report: ReadReport, progress: Pr
 
 
 def _nested_tree(record: dict[str, Any], path: str, line: int, split: str | None,
-                 report: ReadReport) -> Tree | None:
+                 report: ReadReport) -> RawTree | None:
     tree_id = required_str(record, "message_tree_id", path, line)
     state = optional_str(record, "tree_state", path, line)
     prompt = record.get("prompt")
@@ -430,51 +518,43 @@ def _nested_tree(record: dict[str, Any], path: str, line: int, split: str | None
     if type(prompt) is not dict:
         raise OasstInputError(path, line, f"field 'prompt' must be an object, got {type(prompt).__name__}",
                               reason="wrong_type")
-    # Depth-first order with parents first; messages are then built children first.
-    order: list[tuple[dict[str, Any], str | None]] = []
+    records: dict[str, tuple[int | None, dict[str, Any]]] = {}
+    children: dict[str, list[str]] = {}
     stack: list[tuple[dict[str, Any], str | None]] = [(prompt, None)]
-    seen: set[str] = set()
+    plain = True
     while stack:
-        item = stack.pop()
-        node, parent = item
-        order.append(item)
-        message_id = required_str(node, "message_id", path, line)
-        if message_id in seen:
+        node, parent = stack.pop()
+        if not check_record(node, path, line):
+            plain = False
+        message_id = node["message_id"]
+        if message_id in records:
             raise OasstInputError(path, line, f"duplicate message_id {message_id} in tree {tree_id}",
                                   reason="duplicate_id")
-        seen.add(message_id)
         declared = node.get("parent_id")
-        if declared is not None and declared != parent:
-            raise OasstInputError(path, line, f"message {message_id} has parent_id {declared} but is a reply "
-                                  f"of {parent}", reason="parent_mismatch")
+        if declared != parent:
+            if declared is not None or "parent_id" in node and parent is None:
+                raise OasstInputError(path, line, f"message {message_id} has parent_id {declared} but is a "
+                                      f"reply of {parent}", reason="parent_mismatch")
+            node = {**node, "parent_id": parent}  # exports omit parent_id on the root only, but be lenient
+        records[message_id] = (line, node)
         replies = node.get("replies")
         if replies:
             if type(replies) is not list or any(type(r) is not dict for r in replies):
                 raise OasstInputError(path, line, f"field 'replies' of message {message_id} must be a list of "
                                       "objects", reason="wrong_type")
+            children[message_id] = [r.get("message_id") for r in replies]
             stack.extend((reply, message_id) for reply in reversed(replies))
-    built: dict[str, Message] = {}
-    for node, parent in reversed(order):
-        kids = tuple(built.pop(r["message_id"]) for r in node.get("replies") or ())
-        message = make_message(node, path, line, kids, parent_id=parent)
-        for reply in kids:
-            if reply.role == message.role:
-                raise _alternation_error(path, reply, message)
-        built[message.message_id] = message
-    root = built[prompt["message_id"]]
-    if root.role != "prompter":
-        raise OasstInputError(path, line, f"root message {root.message_id} has role '{root.role}'; "
-                              "a tree starts with a prompter message", reason="role_alternation")
-    report.messages += len(order)
+    _check_roles(records, children, path)
+    report.messages += len(records)
     extra = {k: v for k, v in record.items() if k not in ("message_tree_id", "tree_state", "prompt")}
-    return Tree(message_tree_id=tree_id, prompt=root, tree_state=state, split=split, source=path, extra=extra)
+    return RawTree(tree_id, state, split, path, prompt["message_id"], records, children, extra, plain)
 
 
 # ---------------------------------------------------------------------------- datasets folders and hub ids
 
 
 def _read_datasets(source: str, shape: Shape, on_error: OnError, report: ReadReport,
-                   buffered: bool) -> Iterator[Tree]:
+                   buffered: bool) -> Iterator[RawTree]:
     try:
         import datasets
     except ImportError:

@@ -105,8 +105,8 @@ BROKEN_CASES = {
     "duplicate-id.jsonl": "7: duplicate message_id 384ad8e0-8fc2-4dfd-bf48-0c417f6c5f0f (first at line 3)",
     "cycle.jsonl": "2: parent cycle: 7d05acb7-9360-458c-8a1d-c0b6492b8f8a -> 384ad8e0-8fc2-4dfd-bf48-0c417f6c5f0f "
                    "-> 7d05acb7-9360-458c-8a1d-c0b6492b8f8a",
-    "alternation.jsonl": "4: message c8dc7c16-e493-4078-bdc7-368b24476ca9 is an assistant reply to an assistant "
-                         "message 384ad8e0-8fc2-4dfd-bf48-0c417f6c5f0f; roles must alternate",
+    "alternation.jsonl": "3: message 384ad8e0-8fc2-4dfd-bf48-0c417f6c5f0f is an assistant reply to an assistant "
+                         "message 7d05acb7-9360-458c-8a1d-c0b6492b8f8a; roles must alternate",
     "unknown-role.jsonl": "5: message 63b876e6-1fcf-4f9f-bf68-17a6b600936d has unknown role 'system' "
                           "(expected 'prompter' or 'assistant')",
     "empty.jsonl": " input has no messages",
