@@ -33,9 +33,9 @@ def stats(source: str, json_: bool, on_error: str) -> None:
 
     from oasst_tools.cli.console import stdout
 
-    def table(title: str, rows: list[tuple[str, int]]) -> Table:
+    def table(title: str, key: str, rows: list[tuple[str, int]]) -> Table:
         t = Table(title=title, header_style="bold")
-        t.add_column(title.split(" ")[0])
+        t.add_column(key)
         t.add_column("count", justify="right")
         for key, value in rows:
             t.add_row(str(key), f"{value:,}")
@@ -44,11 +44,11 @@ def stats(source: str, json_: bool, on_error: str) -> None:
     overview = [("trees", result.trees), ("messages", result.messages), ("leaves", result.leaves),
                 *sorted(result.roles.items()), *sorted(result.flags.items())]
     stdout.print(Columns([
-        table("overview", overview),
-        table("states", result.states.most_common()),
-        table("languages (root prompt)", result.tree_langs.most_common(12)),
-        table("depth (messages)", sorted(result.depths.items())),
-        table("branching (replies)", sorted(result.branching.items())),
+        table("overview", "what", overview),
+        table("tree states", "state", result.states.most_common()),
+        table("languages", "root prompt", result.tree_langs.most_common(12)),
+        table("depth", "messages", sorted(result.depths.items())),
+        table("branching", "replies", sorted(result.branching.items())),
     ]))
 
 
