@@ -1,0 +1,286 @@
+"""HellaSwag items/s on a Falcon-7B-architecture model (random weights): `oasst eval` vs plain lm-eval.
+
+Random weights: no trained Falcon exists offline, and speed and memory do not depend on weight values
+(scores do: they are meaningless here and not reported). Every configuration runs in its own process so
+GPU memory starts empty; each scores the first `--limit` HellaSwag items (4 requests each) zero-shot.
+Timed span, the same for all: lm-eval's `simple_evaluate` on already-built tasks and an already-loaded model,
+so it includes request building, the batch-size search of `auto`, scoring and metrics, not imports or loading.
+
+    # on the GPU machine, from the repo root (wheels unpacked into .gpu/site, see docs/gpu.md):
+    PYTHONPATH=.:train:eval:.gpu/site python bench/eval_falcon_speed.py prepare     # ~2 min, 14 GB on disk
+    PYTHONPATH=.:train:eval:.gpu/site python bench/eval_falcon_speed.py run --limit 2000
+
+Configurations (`run --only a,b` picks some; results merge into the same JSON):
+    lm_eval_bs64        plain lm-eval, bf16, batch 64 (its best setting measured so far: 164 items/s)
+    lm_eval_auto        plain lm-eval, bf16, --batch_size auto (capped at 64)
+    oasst_bf16_adapter  oasst eval --adapter (LoRA r64 on Falcon's 4 linears), bf16, default batch size
+    oasst_nf4_adapter   the same with --load-in-4bit (NF4, Falcon fix: 128 Linear4bit layers expected)
+    lm_eval_bs1         plain lm-eval's default batch size 1 (slow: ~5 min for 2,000 items; not run by default)
+    oasst_bf16_base     oasst eval without adapter, bf16 (not run by default)
+
+Writes bench/results/eval_falcon_speed.json (or --results) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS_DIR = REPO / "eval" / "oasst_eval" / "tasks"
+MODEL_DIR = REPO / "bench" / "data" / "falcon7b-random"
+ADAPTER_DIR = REPO / "bench" / "data" / "falcon7b-random-lora"
+RESULTS = REPO / "bench" / "results" / "eval_falcon_speed.json"
+DEFAULT_CONFIGS = ("lm_eval_bs64", "lm_eval_auto", "oasst_bf16_adapter", "oasst_nf4_adapter")
+ALL_CONFIGS = DEFAULT_CONFIGS + ("lm_eval_bs1", "oasst_bf16_base")
+LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def tokenizer_dir() -> Path:
+    """The Falcon-7B config + tokenizer folder: carried into bench/data, else ../shared/models."""
+    local = REPO / "bench" / "data" / "falcon-7b-tokenizer"
+    return local if local.is_dir() else REPO.parent / "shared" / "models" / "falcon-7b-tokenizer"
+
+
+def data_dir() -> Path:
+    """bench/data when the HellaSwag file was carried there, else ../shared/data."""
+    local = REPO / "bench" / "data"
+    return local if (local / "hellaswag").is_dir() else REPO.parent / "shared" / "data"
+
+
+def prepare(tiny: bool = False) -> None:
+    """Save a random bf16 Falcon-7B (config and tokenizer of falcon-7b-tokenizer) and a random LoRA adapter.
+
+    `tiny` shrinks it to 2 layers of width 64: a CPU smoke test of this script, not a measurement.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, FalconForCausalLM
+
+    src = tokenizer_dir()
+    tmp = MODEL_DIR.with_name(MODEL_DIR.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config_json = json.loads((src / "config.json").read_text())
+    # A remote-code auto_map must go (models/README.md): drop the key, a saved null breaks AutoConfig on 5.17.
+    config_json.pop("auto_map", None)
+    if tiny:
+        config_json.update(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+    (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
+    for item in src.iterdir():
+        if item.name != "config.json" and item.is_file():
+            shutil.copy2(item, tmp / item.name)
+    config = AutoConfig.from_pretrained(tmp)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = FalconForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(tmp, max_shard_size="4GB")
+    if MODEL_DIR.exists():
+        shutil.rmtree(MODEL_DIR)
+    tmp.rename(MODEL_DIR)
+    model.config._name_or_path = model.name_or_path = str(MODEL_DIR)  # peft records it in adapter_config.json
+    print(f"saved {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B-parameter random Falcon to {MODEL_DIR} "
+          f"in {time.perf_counter() - t0:.0f} s")
+
+    # The classic Falcon QLoRA adapter shape (r 64, alpha 16), with B non-zero so the adapter is not a no-op.
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=LORA_TARGETS,
+                                             task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1e-3)
+    tmp = ADAPTER_DIR.with_name(ADAPTER_DIR.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if ADAPTER_DIR.exists():
+        shutil.rmtree(ADAPTER_DIR)
+    tmp.rename(ADAPTER_DIR)
+    print(f"saved LoRA r64 adapter ({', '.join(LORA_TARGETS)}) to {ADAPTER_DIR}")
+
+
+def plain_lm_eval(batch_size: str, limit: int) -> None:
+    """One plain lm-eval measurement (the CLI's code path: HFLM from a model path); prints a JSON line."""
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    t0 = time.perf_counter()
+    lm = HFLM.create_from_arg_string(f"pretrained={MODEL_DIR},dtype=bfloat16",
+                                     {"batch_size": batch_size, "max_batch_size": 64,
+                                      "device": "cuda" if torch.cuda.is_available() else "cpu"})
+    load = time.perf_counter() - t0
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(data_dir())})
+    tasks = list(manager.load(["hellaswag"])["tasks"].values())
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit)
+    seconds = time.perf_counter() - t0
+    print("RESULT " + json.dumps({
+        "items": results["n-samples"]["hellaswag"]["effective"], "seconds": seconds, "load_seconds": load,
+        "batch_sizes": results["config"].get("batch_sizes") or batch_size,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "linear4bit_layers": 0,
+    }))
+
+
+def run_oasst(argv: list[str]) -> None:
+    """`oasst ARGV` with the eval plug-in registered by hand: the GPU machine has the repo, not an install."""
+    import oasst_tools.cli as core_cli
+
+    core_cli.DISCOVER_ENTRY_POINTS = False
+    core_cli.EXTRA_COMMANDS["eval"] = "oasst_eval.cli:eval_command"
+    core_cli.main(argv)
+
+
+def measure(name: str, limit: int, work: Path) -> dict[str, object]:
+    """Run one configuration in a fresh process and return its numbers."""
+    env = os.environ | OFFLINE
+    log = work / f"{name}.log"
+    if name.startswith("lm_eval_"):
+        batch = {"lm_eval_bs64": "64", "lm_eval_auto": "auto", "lm_eval_bs1": "1"}[name]
+        cmd = [sys.executable, __file__, "_plain", batch, str(limit)]
+    else:
+        out = work / name
+        cmd = [sys.executable, __file__, "_oasst", "eval", "--model", str(MODEL_DIR), "--tasks", "hellaswag",
+               "--limit", str(limit), "--data-dir", str(data_dir()), "--out", str(out)]
+        if "adapter" in name:
+            cmd += ["--adapter", str(ADAPTER_DIR)]
+        if "nf4" in name:
+            cmd += ["--load-in-4bit"]
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    wall = time.perf_counter() - t0
+    text = log.read_text()
+    if proc.returncode != 0:
+        return {"error": text[-2000:], "wall_seconds": round(wall, 1)}
+    if name.startswith("lm_eval_"):
+        row = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
+    else:
+        settings = json.loads((out / "eval_summary.json").read_text())["settings"]
+        label = "adapter" if "adapter" in name else "base"
+        row = {"items": settings["items_scored"][label], "seconds": settings["seconds"][label],
+               "load_seconds": settings["load_seconds"], "batch_sizes": settings["batch_size_used"][label],
+               "peak_gpu_memory_gib": settings["peak_gpu_memory_gib"],
+               "linear4bit_layers": settings["linear4bit_layers"]}
+    row["items_per_second"] = row["items"] / row["seconds"]
+    row["wall_seconds"] = round(wall, 1)
+    return row
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers."""
+    found = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "lm_eval", "peft", "datasets", "accelerate", "bitsandbytes"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            try:
+                found[name] = str(__import__(name).__version__)
+            except Exception:
+                continue
+    return found
+
+
+def machine() -> dict[str, object]:
+    """GPU, CPU count and host, for reading the times later."""
+    import torch
+
+    info: dict[str, object] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def run(limit: int, configs: list[str], results_file: Path) -> None:
+    """Measure the configurations, merge them into the results file, print the table."""
+    if not (MODEL_DIR / "config.json").is_file() or not (ADAPTER_DIR / "adapter_config.json").is_file():
+        sys.exit(f"{MODEL_DIR} or {ADAPTER_DIR} missing: run `python {Path(__file__).name} prepare` first")
+    work = Path(tempfile.mkdtemp(prefix="bench-falcon-"))
+    previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    runs = previous.get("runs", {}) if previous.get("limit") == limit else {}
+    for name in configs:
+        print(f"measuring {name} ...", flush=True)
+        runs[name] = measure(name, limit, work) | {"date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    result = {
+        "benchmark": "HellaSwag zero-shot items/s, Falcon-7B architecture with random weights (scores meaningless)",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(),
+        "limit": limit,
+        "timed": "simple_evaluate on pre-built tasks and a loaded model (request building, batch-size search, scoring)",
+        "reference_items_per_second_2026_11_29": {"lm_eval_bs1": 7.2, "lm_eval_auto": 134, "lm_eval_bs64": 164,
+                                                  "plain_nf4_with_falcon_fix": 124},
+        "runs": runs,
+    }
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = results_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(results_file)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    gpu = result["machine"].get("gpu", "cpu")
+    table = Table(title=f"HellaSwag items/s, Falcon-7B random weights, first {limit} items ({gpu})")
+    for col in ("configuration", "batch", "items/s", "scoring s", "load s", "peak GiB", "Linear4bit"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    for name, row in runs.items():
+        if "error" in row:
+            table.add_row(name, "failed", "-", "-", "-", "-", "-")
+            continue
+        table.add_row(name, str(row["batch_sizes"]), f"{row['items_per_second']:.1f}", f"{row['seconds']:.1f}",
+                      f"{row['load_seconds']:.1f}", f"{row['peak_gpu_memory_gib'] or 0:.1f}",
+                      str(row["linear4bit_layers"]))
+    Console(width=120).print(table)
+    print(f"wrote {results_file}")
+
+
+def main() -> None:
+    """`prepare` or `run` (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_prep = sub.add_parser("prepare", help="save the random Falcon-7B and its LoRA adapter under bench/data")
+    p_prep.add_argument("--tiny", action="store_true", help="2 layers of width 64: a CPU smoke test only")
+    p_run = sub.add_parser("run", help="measure items/s")
+    p_run.add_argument("--limit", type=int, default=2000)
+    p_run.add_argument("--results", type=Path, default=RESULTS,
+                       help="JSON file; runs of the same --limit already in it are kept (merge across calls)")
+    p_run.add_argument("--only", default=",".join(DEFAULT_CONFIGS),
+                       help=f"comma-separated, from {', '.join(ALL_CONFIGS)}")
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(tiny=args.tiny)
+        return
+    configs = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = sorted(set(configs) - set(ALL_CONFIGS))
+    if unknown:
+        sys.exit(f"unknown configurations {', '.join(unknown)}; known: {', '.join(ALL_CONFIGS)}")
+    run(args.limit, configs, args.results)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_plain":
+        plain_lm_eval(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_oasst":
+        run_oasst(sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,107 @@
+"""`EvalConfig`: every setting of `oasst eval`, resolved once (defaults, then a YAML file, then flags).
+
+Standard library only: the CLI builds its options from these fields before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oasst_tools.errors import OasstError
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses.field's vocabulary
+    """A dataclass field whose help text is also its command-line option's help."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `oasst eval` scores, on which data, and how."""
+
+    # What to score
+    model: str = _f("", "Base model: a folder, a Hub name, or a .gguf file (its folder or the GGUF holds the "
+                        "tokenizer).")
+    adapter: str | None = _f(None, "LoRA adapter folder written by `oasst train` (adapter_config.json inside).")
+    compare_base: bool = _f(False, "Also score the base model without the adapter, on the same items, and show "
+                                   "the difference.")
+    tasks: tuple[str, ...] = _f(("hellaswag",), "Comma-separated lm-eval task names; hellaswag and guanaco_test "
+                                                "run offline.")
+
+    # Data
+    data_dir: str | None = _f(None, "Folder with one sub-folder per task holding split files, e.g. "
+                                    "DIR/hellaswag/validation.jsonl[.gz]. Default: $OASST_EVAL_DATA, else the "
+                                    "fixture subset.")
+    data: str | None = _f(None, "Output folder of `oasst build` (its test.jsonl) for the guanaco_test task.")
+
+    # Scoring
+    num_fewshot: int | None = _f(None, "Few-shot examples per item (default: the task's own, 0 for hellaswag).")
+    limit: int | None = _f(None, "Score only the first N items of each task (for quick checks).")
+    batch_size: str = _f("default", "auto, or a number. default: auto on GPU (lm-eval's batch-size search, the "
+                                    "fast setting), 8 on CPU.")
+    max_batch_size: int = _f(64, "Upper bound of the auto batch-size search.")
+
+    # Model loading (shared with `oasst train`)
+    load_in_4bit: bool = _f(False, "Load the base model in 4-bit NF4 with bitsandbytes (Falcon included), as "
+                                   "QLoRA training does.")
+    dtype: str = _f("auto", "Weights dtype (the compute dtype in 4-bit): auto is bfloat16 on GPU, float32 on CPU.")
+    device: str | None = _f(None, "cuda, cuda:N or cpu (default: cuda when available).")
+
+    # Output
+    out: str = _f("out/eval", "Folder for results_<label>.json, eval_summary.json and eval.png.")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values (written to eval_summary.json)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def help_for(name: str) -> str:
+    """The `help` text of one field, reused by the Click option of the same name."""
+    return next(f.metadata["help"] for f in dataclasses.fields(EvalConfig) if f.name == name)
+
+
+def parse_tasks(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """`hellaswag,arc_easy` (or a YAML list) -> ("hellaswag", "arc_easy"), in order, without repeats."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(dict.fromkeys(str(t).strip() for t in items if str(t).strip()))
+    if not names:
+        raise OasstError("--tasks is empty: name at least one task, e.g. --tasks hellaswag")
+    return names
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Keys of a YAML config file; all unknown keys are reported in one error."""
+    import yaml  # a core dependency, kept out of `oasst --help`
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise OasstError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise OasstError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise OasstError(f"{path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    if "tasks" in raw:
+        raw["tasks"] = parse_tasks(raw["tasks"])
+    return raw
+
+
+def resolve_config(file: Path | None, flags: dict[str, Any]) -> EvalConfig:
+    """Defaults, then the config file, then the flags that were given (None = not given)."""
+    cfg = EvalConfig()
+    if file is not None:
+        cfg = dataclasses.replace(cfg, **load_config_file(file))
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    if not cfg.model:
+        raise OasstError("--model is required (a model folder, a Hub name or a .gguf file)")
+    if cfg.compare_base and not cfg.adapter:
+        raise OasstError("--compare-base needs --adapter: it compares the base model with base + adapter")
+    if cfg.batch_size not in ("default", "auto") and not (cfg.batch_size.isdigit() and int(cfg.batch_size) > 0):
+        raise OasstError(f"--batch-size must be auto or a positive number, not {cfg.batch_size!r}")
+    return cfg

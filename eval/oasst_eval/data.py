@@ -1,0 +1,174 @@
+"""Local data for the shipped lm-eval tasks: where it lives and how lm-eval loads it.
+
+The task YAMLs in `oasst_eval/tasks/` name the functions below (`custom_dataset`, `process_results`,
+aggregations). lm-eval calls `custom_dataset` with the task's metadata as keyword arguments, so the
+data location reaches it the same way from `oasst eval` and from the plain `lm_eval` CLI:
+
+    lm_eval --include_path eval/oasst_eval/tasks --tasks hellaswag --metadata '{"data_dir": "../shared/data"}' ...
+    OASST_EVAL_DATA=../shared/data lm_eval --include_path eval/oasst_eval/tasks --tasks hellaswag ...
+
+Only the standard library is imported at the top: `oasst eval` checks paths before torch loads.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from oasst_tools.errors import OasstError
+
+DATA_ENV = "OASST_EVAL_DATA"
+GUANACO_ENV = "OASST_EVAL_GUANACO"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+# Only a source checkout has fixtures/; an installed wheel falls back to the Hub (see `hellaswag_dataset`).
+FIXTURE_DIR = Path(__file__).resolve().parents[2] / "fixtures"
+
+# Task -> (split read for scoring, optional splits read when present). One folder per task under a data dir.
+LOCAL_SPLITS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "hellaswag": ("validation", ("train",)),
+}
+# The same task on the Hub, used only when no local data dir can be found at all.
+HUB_FALLBACK: dict[str, str] = {"hellaswag": "Rowan/hellaswag"}
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> tuple[Path | None, str]:
+    """The data dir and where it came from: `--data-dir`, then $OASST_EVAL_DATA, then the fixture subset."""
+    if data_dir:
+        return Path(data_dir), "--data-dir"
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]), DATA_ENV
+    if (FIXTURE_DIR / "hellaswag").is_dir():
+        return FIXTURE_DIR, "fixture subset"
+    return None, "hub"
+
+
+def split_file(data_dir: Path, task: str, split: str) -> Path | None:
+    """`DIR/TASK/SPLIT.jsonl`, else `.jsonl.gz`, else None."""
+    for suffix in (".jsonl", ".jsonl.gz"):
+        path = data_dir / task / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def require_split(data_dir: Path, task: str, split: str, source: str) -> Path:
+    """The split file, or one error line that names the layout a data dir must have."""
+    path = split_file(data_dir, task, split)
+    if path is None:
+        raise OasstError(
+            f"{data_dir} (from {source}) has no {task}/{split}.jsonl or {task}/{split}.jsonl.gz; "
+            f"a data dir holds one folder per task with the original dataset's split files"
+        )
+    return path
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a `.jsonl` or `.jsonl.gz` file; a broken line is one error naming `path:line`."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise OasstError(f"{path}:{lineno}: not a JSON object ({exc.msg})") from None
+
+
+def hellaswag_dataset(*, data_dir: str | None = None, **_: Any) -> Any:
+    """lm-eval `custom_dataset` for `hellaswag`: local split files in the original schema, else the Hub copy."""
+    import datasets
+
+    root, source = resolve_data_dir(data_dir)
+    if root is None:
+        # No checkout and nothing configured: the same source lm-eval's own task reads.
+        return datasets.load_dataset(HUB_FALLBACK["hellaswag"])
+    main_split, optional = LOCAL_SPLITS["hellaswag"]
+    main_file = require_split(root, "hellaswag", main_split, source)
+    splits = {main_split: datasets.Dataset.from_list(list(read_jsonl(main_file)))}
+    for split in optional:
+        path = split_file(root, "hellaswag", split)
+        # An empty split keeps lm-eval's few-shot sampler happy at zero shots; the CLI refuses k > 0 without it.
+        splits[split] = datasets.Dataset.from_list(list(read_jsonl(path)) if path else [])
+    return datasets.DatasetDict(splits)
+
+
+def register_tokenizer(name: str, tokenizer: Any) -> None:
+    """Let `guanaco_test` count tokens with an already-loaded tokenizer instead of loading `name` again."""
+    _TOKENIZERS[name] = tokenizer
+
+
+@cache
+def _load_tokenizer(name: str, gguf_file: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(name, **kwargs)
+
+
+def guanaco_file(data: str | Path | None) -> Path:
+    """`test.jsonl` of an `oasst build` output folder (`--data`, else $OASST_EVAL_GUANACO)."""
+    data = data or os.environ.get(GUANACO_ENV)
+    if not data:
+        raise OasstError("task guanaco_test needs --data DIR: the output folder of `oasst build` (with test.jsonl)")
+    path = Path(data)
+    path = path if path.is_file() else path / "test.jsonl"
+    if not path.is_file():
+        raise OasstError(f"{path} not found: --data must be an `oasst build` output folder with test.jsonl")
+    return path
+
+
+def guanaco_test_dataset(
+    *, data: str | None = None, tokenizer: str | None = None, pretrained: Any = None,
+    gguf_file: str | None = None, **_: Any,
+) -> Any:
+    """lm-eval `custom_dataset` for `guanaco_test`: the held-out split of `oasst build`, with token counts."""
+    import datasets
+
+    name = tokenizer or (pretrained if isinstance(pretrained, str) else None)
+    if name is None:
+        raise OasstError("task guanaco_test needs the tokenizer to count tokens: "
+                         """pass --metadata '{"tokenizer": NAME}'""")
+    tok = _TOKENIZERS.get(name) or _load_tokenizer(name, gguf_file)
+    rows = []
+    for row in read_jsonl(guanaco_file(data)):
+        # lm-eval's rolling loglikelihood scores every token of tok_encode(text): the same count, so
+        # loss is per scored token (HFLM's default add_special_tokens).
+        rows.append({
+            "text": row["text"],
+            "message_tree_id": row.get("message_tree_id", ""),
+            "num_tokens": len(tok.encode(row["text"])),
+        })
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def guanaco_text(doc: dict[str, Any]) -> str:
+    """The string lm-eval scores: the whole formatted conversation, untouched by Jinja."""
+    return doc["text"]
+
+
+def guanaco_process_results(doc: dict[str, Any], results: Sequence[float]) -> dict[str, tuple[float, int]]:
+    """Per-document (loglikelihood, weight) pairs for token, word and byte level scores."""
+    (loglikelihood,) = results
+    text = doc["text"]
+    return {
+        "token_loss": (loglikelihood, doc["num_tokens"]),
+        "token_perplexity": (loglikelihood, doc["num_tokens"]),
+        "word_perplexity": (loglikelihood, len(re.split(r"\s+", text))),
+        "bits_per_byte": (loglikelihood, len(text.encode("utf-8"))),
+    }
+
+
+def token_loss(items: Sequence[tuple[float, int]]) -> float:
+    """Mean negative log-likelihood per token (nats), pooled over documents."""
+    total_ll = sum(ll for ll, _ in items)
+    total_tokens = sum(n for _, n in items)
+    return -total_ll / total_tokens

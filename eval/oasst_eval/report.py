@@ -1,0 +1,243 @@
+"""Results of `oasst eval`: eval_summary.json, the paired difference, the rich table and eval.png.
+
+Standard error of a difference: both models score the same items, so it is the paired one,
+sd(adapter_i - base_i) / sqrt(n), far smaller than the two standard errors combined. For per-token scores
+(pairs of loglikelihood and token count) the difference of pooled losses is sum(d_i) / sum(tokens_i)
+with d_i the per-document difference in negative loglikelihood, and its standard error treats the token
+counts as fixed (they are the same for both models).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+PACKAGES = ("oasst-tools", "lm_eval", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes", "gguf")
+
+
+def metrics_of(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """lm-eval's `{"acc,none": x, "acc_stderr,none": s}` -> `{"acc": x, "acc_stderr": s, "n": items}` per task."""
+    out: dict[str, dict[str, Any]] = {}
+    for task, values in results["results"].items():
+        metrics: dict[str, Any] = {}
+        for key, value in values.items():
+            if "," not in key:
+                continue  # name, alias, sample_len
+            metric, _, filt = key.partition(",")
+            name = metric if filt == "none" else f"{metric},{filt}"
+            metrics[name] = None if value == "N/A" else value
+        n = results.get("n-samples", {}).get(task, {}).get("effective")
+        if n is not None:
+            metrics["n"] = n
+        out[task] = metrics
+    return out
+
+
+def headline_metrics(results: dict[str, Any], task: str) -> list[str]:
+    """The task's metrics in its own metric_list order (no stderr entries)."""
+    values = results["results"].get(task, {})
+    return [k.partition(",")[0] for k in values if "," in k and "_stderr" not in k]
+
+
+def paired_difference(base: Sequence[Any], adapter: Sequence[Any]) -> tuple[float, float | None]:
+    """(adapter - base, its standard error) over the same items; items are floats or (loglik, tokens) pairs."""
+    if len(base) != len(adapter) or not base:
+        raise ValueError("paired difference needs the same non-empty items for both models")
+    if isinstance(base[0], (tuple, list)):
+        tokens = [b[1] for b in base]
+        # Loss is -loglik / tokens: the adapter's lower loss is a negative difference.
+        d = [-(a[0] - b[0]) for a, b in zip(adapter, base)]
+        mean_tokens = sum(tokens) / len(tokens)
+        diff = sum(d) / sum(tokens)
+        if len(d) < 2:
+            return diff, None
+        return diff, _sd(d) / (math.sqrt(len(d)) * mean_tokens)
+    d = [float(a) - float(b) for a, b in zip(adapter, base)]
+    diff = sum(d) / len(d)
+    return diff, (_sd(d) / math.sqrt(len(d)) if len(d) > 1 else None)
+
+
+def _sd(xs: Sequence[float]) -> float:
+    mean = sum(xs) / len(xs)
+    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def per_item(samples: Iterable[dict[str, Any]], metric: str) -> list[Any]:
+    """One metric's per-item values, ordered by document id so two runs line up."""
+    rows = sorted(samples, key=lambda s: s["doc_id"])
+    return [s[metric] for s in rows if metric in s]
+
+
+# Per-token metrics whose difference is in loss units; perplexities only get the model columns.
+DIFFERENCE_OK = {"token_loss", "bits_per_byte"}
+
+
+def differences(runs: Sequence[Any]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """`{task: {metric: {"diff": d, "stderr": s}}}` for adapter minus base, when both were scored."""
+    by_label = {r.label: r for r in runs}
+    if not {"base", "adapter"} <= set(by_label):
+        return {}
+    base, adapter = by_label["base"], by_label["adapter"]
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for task, samples in base.samples.items():
+        for metric in headline_metrics(base.results, task):
+            b, a = per_item(samples, metric), per_item(adapter.samples.get(task, []), metric)
+            if not b or len(a) != len(b):
+                continue
+            if isinstance(b[0], (tuple, list)) and metric != "token_loss":
+                if metric != "bits_per_byte":
+                    continue
+                # bits per byte = loss per byte / ln 2: same pairing with bytes as the weights.
+                diff, se = paired_difference(b, a)
+                diff, se = diff / math.log(2), (se / math.log(2) if se is not None else None)
+            else:
+                diff, se = paired_difference(b, a)
+            out.setdefault(task, {})[metric] = {"diff": diff, "stderr": se}
+    return out
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages that decide the numbers."""
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            found["gpu"] = torch.cuda.get_device_name(0)
+            found["cuda"] = str(torch.version.cuda)
+    except ImportError:
+        pass
+    return found
+
+
+def summary(runs: Sequence[Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """The eval_summary.json document: label -> task -> metrics, plus differences, settings, versions."""
+    doc: dict[str, Any] = {run.label: metrics_of(run.results) for run in runs}
+    diffs = differences(runs)
+    if diffs:
+        doc["difference"] = diffs
+    doc["settings"] = settings
+    doc["versions"] = versions()
+    return doc
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write next to the target, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(out: Path, runs: Sequence[Any], doc: dict[str, Any]) -> dict[str, Path]:
+    """lm-eval's results JSON per label, eval_summary.json and eval.png; returns what was written."""
+    from lm_eval.utils import handle_non_serializable
+
+    written = {}
+    for run in runs:
+        path = out / f"results_{run.label}.json"
+        text = json.dumps(run.results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        write_atomic(path, text.encode())
+        written[f"results_{run.label}"] = path
+    path = out / "eval_summary.json"
+    write_atomic(path, json.dumps(doc, indent=2, default=str).encode())
+    written["summary"] = path
+    chart = plot(doc, out / "eval.png")
+    if chart is not None:
+        written["chart"] = chart
+    return written
+
+
+def _fmt(value: Any, stderr: Any = None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    # Perplexities run to millions: keep four significant digits there instead of four decimals.
+    spec = ".4g" if abs(value) >= 1000 else ".4f"
+    text = format(value, ("+" if signed else "") + spec)
+    return f"{text} ± {stderr:.4f}" if isinstance(stderr, (int, float)) else text
+
+
+def table(doc: dict[str, Any]) -> Table:
+    """Tasks × metrics, one column per model label, plus adapter - base when both were scored."""
+    labels = [k for k in ("base", "adapter") if k in doc]
+    diffs = doc.get("difference", {})
+    out = Table(title="oasst eval", title_justify="left")
+    out.add_column("task")
+    out.add_column("metric")
+    for label in labels:
+        out.add_column(label, justify="right")
+    if diffs:
+        out.add_column("adapter - base", justify="right")
+    out.add_column("n", justify="right")
+    first = doc[labels[0]]
+    for task, metrics in first.items():
+        for metric in [m for m in metrics if not m.endswith("_stderr") and "_stderr," not in m and m != "n"]:
+            cells = [_fmt(doc[label][task].get(metric), doc[label][task].get(f"{metric}_stderr")) for label in labels]
+            if diffs:
+                d = diffs.get(task, {}).get(metric)
+                cells.append(_fmt(d["diff"], d["stderr"], signed=True) if d else "")
+            out.add_row(task, metric, *cells, str(metrics.get("n", "")))
+    return out
+
+
+def show(doc: dict[str, Any], written: dict[str, Path], console: Console | None = None) -> None:
+    """Print the result table and where the files went."""
+    console = console or Console()
+    console.print(table(doc))
+    seconds = doc["settings"].get("seconds", {})
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+    console.print(f"scored in {timing}; wrote {', '.join(str(p) for p in written.values())}", soft_wrap=True)
+
+
+def plot(doc: dict[str, Any], path: Path) -> Path | None:
+    """One bar group per (task, metric): each model's value with its standard error (None without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        # The GPU machine has no matplotlib; the numbers matter more than the picture there.
+        warnings.warn("matplotlib is not installed: eval.png not written", stacklevel=2)
+        return None
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    labels = [k for k in ("base", "adapter") if k in doc]
+    panels = [(task, m) for task, metrics in doc[labels[0]].items() for m in metrics
+              if not m.endswith("_stderr") and m != "n" and "perplexity" not in m]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(2.6 * max(len(panels), 1) + 1, 3.2), squeeze=False)
+    colors = {"base": "#8c8c8c", "adapter": "#1f77b4"}
+    for ax, (task, metric) in zip(axes[0], panels):
+        values = [doc[label][task].get(metric) or 0.0 for label in labels]
+        errors = [doc[label][task].get(f"{metric}_stderr") or 0.0 for label in labels]
+        ax.bar(labels, values, yerr=errors, capsize=4, color=[colors[label] for label in labels])
+        ax.set_title(f"{task}\n{metric}", fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    # savefig picks the format from the suffix, so the temporary name keeps .png at the end.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,219 @@
+"""Score a base model and/or base + adapter with lm-eval, on the same items, from one loaded model.
+
+The model is loaded once with `oasst_train.model` (the loader `oasst train` uses: 4-bit with the Falcon fix,
+GGUF, adapters) and handed to lm-eval as an object (`HFLM(pretrained=model)`), which is what lets 4-bit
+Falcon and adapters run at all under transformers 5. With `--compare-base` the base model is the same
+object with the adapter switched off (`PeftModel.disable_adapter()`), so nothing is loaded twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oasst_tools.errors import OasstError
+from oasst_eval.config import EvalConfig
+from oasst_eval.data import register_tokenizer
+from oasst_eval.taskset import check_local_data, load_tasks, task_manager
+
+CPU_BATCH_SIZE = 8
+
+
+@dataclass
+class ModelRun:
+    """lm-eval's results for one model label, plus its per-item samples and timing."""
+
+    label: str
+    results: dict[str, Any]
+    samples: dict[str, list[dict[str, Any]]]
+    seconds: float
+    items: int = field(default=0)
+
+
+def split_model(model: str) -> tuple[str, str | None]:
+    """`dir/x.gguf` -> (`dir`, `x.gguf`); anything else is passed through unchanged."""
+    if model.endswith(".gguf"):
+        path = Path(model)
+        if not path.is_file():
+            raise OasstError(f"model file {model} does not exist")
+        return str(path.parent), path.name
+    return model, None
+
+
+def check_adapter(adapter: str) -> dict[str, Any]:
+    """The adapter's adapter_config.json, or one line saying why the folder is not an adapter."""
+    path = Path(adapter)
+    # Same wording as oasst_train.model.load_adapter, checked here before a large model loads for nothing.
+    if not path.is_dir():
+        raise OasstError(f"adapter folder {adapter} does not exist")
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        raise OasstError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json")
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise OasstError(f"{config}: not valid JSON ({exc.msg})") from None
+
+
+def pick_device(device: str | None) -> str:
+    """The requested device, else cuda when present, else cpu."""
+    import torch
+
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise OasstError(f"--device {device} asked for, but torch sees no CUDA device")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_batch_size(batch_size: str, device: str) -> str | int:
+    """`default` means lm-eval's auto search on GPU (fast) and a fixed small batch on CPU.
+
+    On CPU an out-of-memory ends the process instead of raising, so lm-eval's search cannot back off there.
+    """
+    if batch_size == "default":
+        return "auto" if device.startswith("cuda") else CPU_BATCH_SIZE
+    return "auto" if batch_size == "auto" else int(batch_size)
+
+
+def load(cfg: EvalConfig, device: str, adapter_config: dict[str, Any] | None) -> tuple[Any, Any]:
+    """Base model (+ adapter) and tokenizer through the shared loader of `oasst train`."""
+    import torch
+
+    try:
+        from oasst_train.model import load_model
+    except ImportError as exc:
+        raise OasstError(f"`oasst eval` loads models with oasst_train.model, which is missing ({exc})") from None
+
+    name, gguf_file = split_model(cfg.model)
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    model, tokenizer = load_model(
+        name,
+        load_in_4bit=cfg.load_in_4bit,
+        compute_dtype=dtype,
+        gguf_file=gguf_file,
+        device_map={"": device} if device.startswith("cuda") else None,
+    )
+    if not cfg.load_in_4bit and next(model.parameters()).device.type != torch.device(device).type:
+        model = model.to(device)
+    if cfg.adapter:
+        model = _attach(model, cfg, adapter_config or {})
+    model.eval()
+    return model, tokenizer
+
+
+def _attach(model: Any, cfg: EvalConfig, adapter_config: dict[str, Any]) -> Any:
+    from oasst_train.model import load_adapter
+
+    trained_on = adapter_config.get("base_model_name_or_path") or "an unnamed model"
+    try:
+        return load_adapter(model, cfg.adapter)
+    except OasstError:
+        raise
+    except (RuntimeError, ValueError, KeyError) as exc:
+        # Shapes or module names that do not fit mean the adapter belongs to another base model.
+        raise OasstError(
+            f"adapter {cfg.adapter} was trained on {trained_on}, not on {cfg.model}: {_misfit(str(exc))}"
+        ) from None
+
+
+def _misfit(message: str) -> str:
+    """peft's multi-line load error, shortened to its first concrete mismatch."""
+    size = re.search(r"size mismatch for (?:base_model\.model\.)?(\S+?)(?:\.default)?\.weight: copying a param "
+                     r"with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape in current model is "
+                     r"torch\.Size\(\[([\d, ]*)\]\)", message)
+    if size:
+        return f"{size.group(1)} is [{size.group(2)}] in the adapter but [{size.group(3)}] in the model"
+    first = message.strip().splitlines()[0] if message.strip() else "its weights do not load"
+    return first[:300]
+
+
+def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[list[ModelRun], dict[str, Any]]:
+    """Score every requested label; returns the runs and the settings actually used."""
+    adapter_config = check_adapter(cfg.adapter) if cfg.adapter else None
+    metadata = check_local_data(cfg.tasks, cfg.data_dir, cfg.data, cfg.num_fewshot)
+    name, gguf_file = split_model(cfg.model)
+    if "guanaco_test" in cfg.tasks:
+        metadata["tokenizer"] = name
+        if gguf_file:
+            metadata["gguf_file"] = gguf_file
+    manager = task_manager(cfg.tasks, metadata)
+    _quiet_libraries()
+    tasks = load_tasks(manager, cfg.tasks)
+
+    device = pick_device(cfg.device)
+    batch_size = pick_batch_size(cfg.batch_size, device)
+    # Printed only once the inputs are known to be good, so a bad input is the only line of output.
+    log(f"oasst eval {cfg.as_dict()} device={device} batch_size={batch_size}")
+    t0 = time.perf_counter()
+    model, tokenizer = load(cfg, device, adapter_config)
+    load_seconds = time.perf_counter() - t0
+    if "guanaco_test" in cfg.tasks:
+        register_tokenizer(name, tokenizer)
+    from oasst_train.model import count_linear4bit
+
+    linear4bit = count_linear4bit(model)
+
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=cfg.max_batch_size)
+    labels = (["base", "adapter"] if cfg.compare_base else ["adapter"]) if cfg.adapter else ["base"]
+    runs = []
+    for label in labels:
+        log(f"scoring {label} on {', '.join(cfg.tasks)} ({device}, batch size {batch_size})")
+        if label == "base" and cfg.adapter:
+            with model.disable_adapter():
+                runs.append(_score(lm, tasks, manager, cfg, label))
+        else:
+            runs.append(_score(lm, tasks, manager, cfg, label))
+    settings = cfg.as_dict() | {
+        "device": device,
+        "batch_size_used": {run.label: run.results["config"].get("batch_sizes") or batch_size for run in runs},
+        "data_used": {k: v for k, v in metadata.items() if k in ("data_dir", "data")},
+        "load_seconds": round(load_seconds, 2),
+        "linear4bit_layers": linear4bit,
+        "seconds": {run.label: round(run.seconds, 2) for run in runs},
+        "items_scored": {run.label: run.items for run in runs},
+        "adapter_trained_on": (adapter_config or {}).get("base_model_name_or_path"),
+        "peak_gpu_memory_gib": _peak_gpu_gib(device),
+    }
+    return runs, settings
+
+
+def _score(lm: Any, tasks: list[Any], manager: Any, cfg: EvalConfig, label: str) -> ModelRun:
+    from lm_eval import simple_evaluate
+
+    t0 = time.perf_counter()
+    results = simple_evaluate(
+        model=lm, tasks=tasks, task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+        log_samples=True,  # per-item scores: the paired standard error of the difference needs them
+    )
+    seconds = time.perf_counter() - t0
+    samples = results.pop("samples")
+    items = sum(v["effective"] for v in results.get("n-samples", {}).values())
+    return ModelRun(label=label, results=results, samples=samples, seconds=seconds, items=items)
+
+
+def _peak_gpu_gib(device: str) -> float | None:
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    return round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**30, 2)
+
+
+def _quiet_libraries() -> None:
+    """lm-eval warns about things `oasst eval` does on purpose (a model object, custom datasets)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    for name in ("lm_eval", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,72 @@
+"""TrainConfig: defaults < YAML recipe < flags, unknown keys reported together, shipped recipes valid."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.train.conftest import RECIPES, error_line
+
+from oasst_train.config import TrainConfig, resolve_config
+
+
+def test_flags_override_recipe_which_overrides_defaults(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: m\ndata: d\nout: o\nlora_r: 8\nlearning_rate: 1.0e-3\ntarget_modules: [q, v]\n")
+    cfg = resolve_config(recipe, {"lora_r": 4, "max_steps": None, "load_in_4bit": False})
+    assert (cfg.lora_r, cfg.learning_rate, cfg.target_modules, cfg.load_in_4bit) == (4, 1e-3, ("q", "v"), False)
+    assert cfg.lora_alpha == TrainConfig().lora_alpha  # untouched field keeps its default
+    with pytest.raises(AttributeError):
+        cfg.lora_r = 2  # type: ignore[misc]  # frozen: resolved once, never mutated
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipe_is_valid_and_starts_with_its_command(recipe: Path) -> None:
+    if recipe.name.startswith("accelerate"):
+        pytest.skip("accelerate's own config, not a TrainConfig")
+    first = recipe.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# ") and ("oasst train" in first or "accelerate launch" in first)
+    cfg = resolve_config(recipe, {"data": "d", "out": "o"})
+    assert cfg.model
+
+
+def test_unknown_config_keys_are_all_listed_in_one_error(oasst, tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model: m\nlora_rank: 8\nlr: 0.1\nmax_seq_length: 512\n")
+    result = oasst("train", "--config", recipe, "--data", "d", "--out", "o")
+    assert error_line(result) == (f"error: {recipe}: unknown config keys: lora_rank, lr, max_seq_length "
+                                  "(see `oasst train --help` for the known ones)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_wrong_value_type_names_the_key(oasst, tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model: m\nlora_r: eight\n")
+    assert error_line(oasst("train", "--config", recipe)) == f"error: {recipe}: lora_r must be int, not 'eight'"
+
+
+def test_missing_required_values_are_named(oasst) -> None:
+    assert error_line(oasst("train", "--model", "m")) == (
+        "error: missing data, out: give --data --out or set them in --config")
+
+
+def test_written_config_round_trips(tmp_path: Path) -> None:
+    from oasst_train.config import to_dict
+
+    cfg = resolve_config(RECIPES / "tiny-cpu.yaml", {"data": "d", "out": "o", "target_modules": "q_proj,v_proj"})
+    saved = tmp_path / "c.yaml"
+    saved.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert resolve_config(saved, {}) == cfg
+
+
+def test_help_lists_commands_without_importing_torch() -> None:
+    code = ("import sys; from oasst_tools.cli import main\n"
+            "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--no-4bit" in out and "--resume" in out and "--max-steps" in out
+    assert out.strip().endswith("HEAVY []")

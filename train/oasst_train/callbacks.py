@@ -1,0 +1,104 @@
+"""Trainer callbacks: a rich progress bar with loss and real tokens/s, and a checkpoint on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+class ProgressCallback(TrainerCallback):
+    """A rich progress bar (main process only) and the throughput of this session's training steps.
+
+    Time is summed from step begin to step end, so evaluation and checkpoint saving do not dilute tokens/s.
+    """
+
+    def __init__(self, console: Any = None, enabled: bool = True) -> None:
+        self.console = console
+        self.enabled = enabled
+        self.progress: Any = None
+        self.task: Any = None
+        self.train_seconds = 0.0
+        self.tokens_at_start: int | None = None
+        self.tokens = 0
+        self.loss: float | None = None
+        self._step_started = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Start the bar at the step the run starts (or resumes) from."""
+        if not (self.enabled and state.is_world_process_zero):
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                                           loss="-", tps="-")
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Remember when this optimizer step began (and the token count a resumed run starts from)."""
+        if self.tokens_at_start is None:
+            self.tokens_at_start = int(state.num_input_tokens_seen)
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Advance the bar and the throughput figures."""
+        self.train_seconds += time.perf_counter() - self._step_started
+        self.tokens = int(state.num_input_tokens_seen) - (self.tokens_at_start or 0)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step, tps=f"{self.tokens_per_second:,.0f}",
+                                 loss=f"{self.loss:.4f}" if self.loss is not None else "-")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+               **kwargs: Any) -> None:
+        """Show the latest training loss."""
+        if logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Leave the finished bar on screen."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Real (non-padding) tokens per second of training step time in this session, per process."""
+        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+class SaveOnSignal(TrainerCallback):
+    """On SIGTERM or SIGINT, finish the current step, save a checkpoint and stop; a second signal kills at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Catch SIGTERM and SIGINT (main thread only, as Python requires)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Give the signals back to whoever had them."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        # Restore the old handlers so that a second Ctrl-C does not wait for the step to finish.
+        self.uninstall()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Turn a received signal into save-and-stop at this step boundary."""
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True

@@ -1,0 +1,177 @@
+"""`oasst train`, `oasst merge`, `oasst generate`, `oasst chat`: thin Click commands over the oasst_train library.
+
+Only click, the standard library and oasst_tools are imported here; torch and friends load inside the commands,
+so `oasst --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from oasst_train.config import FIELDS, TrainConfig, field_choices, field_type
+
+# Flag names that differ from `--field-name`: the issue's `--no-4bit`, and `--lr` for brevity.
+FLAG_NAMES = {"load_in_4bit": "--4bit/--no-4bit", "learning_rate": "--lr"}
+# Given explicitly (with a metavar or a short help) instead of generated.
+HANDWRITTEN = {"model", "data", "out"}
+
+
+def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One option per TrainConfig field, default None so that only flags actually given override the recipe."""
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        if f.name in HANDWRITTEN:
+            continue
+        kind = field_type(f.name)
+        flag = FLAG_NAMES.get(f.name, f"--{f.name.replace('_', '-')}")
+        help_text = f.metadata["help"]
+        if kind is bool:
+            if "/" not in flag:
+                flag = f"{flag}/--no-{flag[2:]}"
+            fn = click.option(flag, f.name, default=None, help=help_text)(fn)
+        elif field_choices(f.name):
+            fn = click.option(flag, f.name, type=click.Choice(field_choices(f.name)), default=None, help=help_text)(fn)
+        elif kind is tuple:
+            fn = click.option(flag, f.name, default=None, metavar="A,B,...", help=help_text)(fn)
+        else:
+            fn = click.option(flag, f.name, type=kind, default=None, help=help_text)(fn)
+    return fn
+
+
+@click.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="YAML recipe (train/recipes/*.yaml); flags override its values.")
+@click.option("--model", default=None, metavar="PATH_OR_HUB_ID", help=FIELDS["model"].metadata["help"])
+@click.option("--data", default=None, metavar="PATH_OR_HUB_ID", help=FIELDS["data"].metadata["help"])
+@click.option("--out", default=None, metavar="DIR", help=FIELDS["out"].metadata["help"])
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last complete checkpoint.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, config or summary table.")
+@_config_options
+def train(config_file: Path | None, resume: bool, quiet: bool, **flags: Any) -> None:
+    """Train a QLoRA adapter on a Guanaco-style dataset.
+
+    \b
+        oasst train --config train/recipes/tiny-cpu.yaml --data fixtures/guanaco-en --out runs/tiny
+        oasst train --config train/recipes/tiny-cpu.yaml --data fixtures/guanaco-en --out runs/tiny --resume
+        oasst train --model ../shared/models/stories260K --data fixtures/guanaco-en --no-4bit \\
+                    --max-steps 60 --out runs/stories
+        accelerate launch --config_file train/recipes/accelerate-2gpu.yaml -m oasst_tools train \\
+                    --config train/recipes/falcon-7b-guanaco.yaml --out runs/falcon
+
+    Writes the adapter (safetensors), tokenizer, train_config.yaml, train_summary.json and loss.png to --out,
+    and resumable checkpoints to --out/checkpoints (also on SIGTERM/Ctrl-C).
+    """
+    from rich.console import Console
+
+    from oasst_train.config import resolve_config, to_dict
+
+    cfg = resolve_config(config_file, flags)
+    console = Console(stderr=True, quiet=quiet)
+    console.print(f"[bold]oasst train[/] {'--resume ' if resume else ''}config:", to_dict(cfg))
+    _quiet_libraries()
+    from oasst_train.report import summary_table
+    from oasst_train.trainer import run_training
+
+    summary = run_training(cfg, resume=resume, console=console, progress=not quiet)
+    if not quiet:
+        Console().print(summary_table(summary, f"oasst train -> {cfg.out}"))
+
+
+@click.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the merged model.")
+@click.option("--model", default=None, help="Base model (default: the one in the adapter's train_config.yaml).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True, help="dtype of the merged model.")
+@click.option("--tolerance", type=float, default=None, help="Max allowed |merged - (base + adapter)| logit "
+              "difference (default: bf16 tolerance scaled to the logits).")
+def merge(adapter: Path, out: Path, model: str | None, dtype: str, tolerance: float | None) -> None:
+    """Merge a LoRA adapter into a 16-bit copy of its base model, and check the merged logits.
+
+    The base is dequantized exactly as it was during training (when trained in 4-bit), so the merged model is
+    the one the adapter learned against.
+
+    \b
+        oasst merge runs/stories --out runs/stories-merged
+    """
+    from rich.console import Console
+
+    _quiet_libraries()
+    from oasst_train.merge import merge_adapter
+
+    result = merge_adapter(adapter, out, base=model, dtype=dtype, tolerance=tolerance)
+    Console().print(f"merged {adapter} into {out} ({result['dtype']}, {result['parameters']:,} parameters); "
+                    f"max logit difference vs base + adapter: {result['max_logit_diff']:.2e} "
+                    f"(tolerance {result['tolerance']:.2e}); after rounding to {dtype}: "
+                    f"{result['max_logit_diff_saved']:.2e}")
+
+
+@click.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="The human turn; wrapped as `### Human: PROMPT### Assistant:`.")
+@click.option("--model", default=None, help="Base model (default: the one in the adapter's train_config.yaml).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0: greedy decoding.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def generate(adapter: Path, prompt: str, model: str | None, max_new_tokens: int, temperature: float,
+             seed: int) -> None:
+    """Answer one prompt with a trained adapter, streaming tokens; stops at EOS or the next `### Human:`.
+
+    \b
+        oasst generate runs/stories --prompt "Tell me a story about a cat."
+    """
+    _quiet_libraries()
+    from oasst_train.generate import Chatbot
+
+    bot = Chatbot.load(adapter, base=model, seed=seed)
+    answer = bot.reply(prompt, max_new_tokens=max_new_tokens, temperature=temperature, stream=click.echo)
+    click.echo(f"[stopped: {answer.stop}, {answer.new_tokens} tokens]", err=True)
+
+
+@click.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="Base model (default: the one in the adapter's train_config.yaml).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def chat(adapter: Path, model: str | None, max_new_tokens: int, temperature: float, seed: int) -> None:
+    """Chat with a trained adapter in the Guanaco format; the conversation so far is the context.
+
+    An empty line or Ctrl-D ends the chat.
+
+    \b
+        oasst chat runs/stories
+    """
+    _quiet_libraries()
+    from oasst_train.generate import Chatbot
+
+    bot = Chatbot.load(adapter, base=model, seed=seed)
+    while True:
+        try:
+            prompt = click.prompt(click.style("you", bold=True), default="", show_default=False)
+        except (EOFError, click.Abort):
+            break
+        if not prompt.strip():
+            break
+        click.echo(click.style("bot", bold=True) + ":", nl=False)
+        bot.reply(prompt, max_new_tokens=max_new_tokens, temperature=temperature, stream=click.echo, keep=True)
+
+
+def _quiet_libraries() -> None:
+    """Silence per-file loading bars and info logs of transformers/datasets/bitsandbytes (before they import)."""
+    import logging
+    import os
+
+    for name, value in (("TOKENIZERS_PARALLELISM", "false"), ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(name, value)
+    # bitsandbytes 0.50 warns on import that an optional CPU kernel package is missing; it works without it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # peft/trl still call the pre-5.24 name; nothing for a user to act on. Drop with transformers v6.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -1,0 +1,196 @@
+"""`TrainConfig`: every knob of a QLoRA run, resolved once from defaults, a YAML recipe and command-line flags.
+
+    cfg = resolve_config(Path("train/recipes/tiny-cpu.yaml"), {"max_steps": 20})
+
+Standard library and PyYAML only: the CLI builds its flags from these fields without importing torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from oasst_tools.errors import OasstError
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses.field's vocabulary
+    """A dataclass field whose help text is also its command-line flag's help."""
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One QLoRA training run. Field order is the order of `--help` and of the saved `train_config.yaml`."""
+
+    # What goes in and out
+    model: str = _f("", "Base model: a local folder, a hub id, or a .gguf file.")
+    data: str = _f("", "Dataset: an `oasst build` folder (train.jsonl, test.jsonl), a datasets folder or hub id "
+                       "with a `text` or `messages` column.")
+    out: str = _f("", "Output folder: the adapter, tokenizer, train_summary.json, loss.png, checkpoints/.")
+    trust_remote_code: bool = _f(False, "Run the model repository's own Python code (off unless you trust it).")
+    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager, flash_attention_2.")
+
+    # 4-bit quantization (QLoRA)
+    load_in_4bit: bool = _f(True, "Quantize the base model's linear layers to 4 bits with bitsandbytes.")
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type: nf4 (QLoRA) or fp4.")
+    double_quant: bool = _f(True, "Quantize the quantization constants too (QLoRA's double quantization).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = _f(
+        "bfloat16", "dtype of the dequantized weights in matmuls and of the unquantized layers.")
+
+    # LoRA
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    target_modules: tuple[str, ...] = _f((), "Layers that get LoRA (comma-separated); empty: every linear layer "
+                                             "but the output head, as QLoRA did.")
+
+    # Data
+    max_length: int = _f(512, "Tokens per example; longer ones are cut (and then end without EOS).")
+    loss_on: Literal["assistant", "all"] = _f(
+        "assistant", "Loss on assistant replies only (human turns masked) or on the whole conversation.")
+    packing: bool = _f(False, "Pack examples into max_length rows (position ids reset per example; needs "
+                              "transformers >= 5.24 for Falcon).")
+    eval_rows: int = _f(0, "Evaluate on at most this many test rows (0: all).")
+
+    # Optimization
+    batch_size: int = _f(4, "Examples per device per forward pass.")
+    grad_accum: int = _f(4, "Forward passes per optimizer step.")
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    lr_scheduler: str = _f("constant", "Learning-rate schedule: constant, cosine, linear, constant_with_warmup.")
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(0.3, "Gradient clipping norm (QLoRA used 0.3).")
+    optim: str = _f("adamw_torch", "Optimizer name as transformers knows it (adamw_torch, adamw_torch_fused, "
+                                   "paged_adamw_32bit, ...).")
+    max_steps: int = _f(-1, "Optimizer steps to run; -1: run `epochs` epochs.")
+    epochs: float = _f(1.0, "Epochs when max_steps is -1.")
+    precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Mixed precision of the training step.")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward: less memory, about 30% slower.")
+    group_by_length: bool = _f(False, "Batch examples of similar length together (less padding).")
+    pad_to_multiple_of: int = _f(0, "Pad batch lengths to a multiple of this (0: off); 64 avoids re-planning "
+                                    "attention kernels for every new length on GPUs.")
+    seed: int = _f(42, "Seed for initialization, dropout and data order.")
+
+    # Checkpoints and logging
+    save_steps: int = _f(100, "Save a resumable checkpoint every N optimizer steps.")
+    save_total_limit: int = _f(2, "Checkpoints kept (oldest deleted first).")
+    eval_steps: int = _f(0, "Evaluate every N steps (0: at the start and the end only).")
+    logging_steps: int = _f(10, "Log the training loss every N steps.")
+    report_to: Literal["none", "tensorboard", "wandb"] = _f("none", "Where to send metrics besides the "
+                                                                    "progress bar and loss.png.")
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
+REQUIRED = ("model", "data", "out")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML recipe, with every unknown key reported in one error."""
+    import yaml
+
+    if not path.is_file():
+        raise OasstError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise OasstError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise OasstError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    unknown = sorted(k for k in raw if k not in FIELDS)
+    if unknown:
+        raise OasstError(f"{path}: unknown config keys: {', '.join(map(str, unknown))} "
+                         f"(see `oasst train --help` for the known ones)")
+    return {k: coerce(k, v, str(path)) for k, v in raw.items()}
+
+
+def coerce(name: str, value: Any, origin: str) -> Any:
+    """`value` converted to the type of field `name`, or a one-line error naming where it came from."""
+    kind = field_type(name)
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value or ())
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        choices = field_choices(name)
+        if choices and value not in choices:
+            raise OasstError(f"{origin}: {name} must be one of {', '.join(choices)}, not {value!r}")
+        return str(value) if value is not None else value
+    except (TypeError, ValueError):
+        raise OasstError(f"{origin}: {name} must be {kind.__name__}, not {value!r}") from None
+
+
+def resolve_config(config_file: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the YAML recipe, then flags (only those given); checked once, then frozen."""
+    values = load_yaml(config_file) if config_file is not None else {}
+    values.update({k: coerce(k, v, f"--{k.replace('_', '-')}") for k, v in overrides.items() if v is not None})
+    cfg = replace(TrainConfig(), **values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """One clear line for the first value that cannot work."""
+    missing = [name for name in REQUIRED if not getattr(cfg, name)]
+    if missing:
+        raise OasstError(f"missing {', '.join(missing)}: give --{' --'.join(missing)} or set them in --config")
+    positive = ("lora_r", "lora_alpha", "max_length", "batch_size", "grad_accum", "save_steps", "logging_steps")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise OasstError(f"{name} must be at least 1, not {getattr(cfg, name)}")
+    for name in ("eval_steps", "eval_rows", "warmup_steps", "pad_to_multiple_of", "save_total_limit"):
+        if getattr(cfg, name) < 0:
+            raise OasstError(f"{name} must not be negative, not {getattr(cfg, name)}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise OasstError(f"max_steps must be -1 (use epochs) or at least 1, not {cfg.max_steps}")
+    if cfg.max_steps == -1 and cfg.epochs <= 0:
+        raise OasstError(f"epochs must be positive, not {cfg.epochs}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise OasstError(f"lora_dropout must be in [0, 1), not {cfg.lora_dropout}")
+    if cfg.learning_rate <= 0:
+        raise OasstError(f"learning_rate must be positive, not {cfg.learning_rate}")
+    if cfg.precision == "fp16" and cfg.compute_dtype == "bfloat16":
+        raise OasstError("precision fp16 with compute_dtype bfloat16 mixes two 16-bit formats; "
+                         "use precision bf16, or compute_dtype float16")
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain YAML-able values (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def field_type(name: str) -> type:
+    """The runtime type of a field: bool, int, float, tuple or str (Literals count as str)."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    origin = typing.get_origin(hint)
+    if origin in (tuple, typing.Tuple):  # noqa: UP006 - get_origin returns either spelling
+        return tuple
+    if origin is Literal or origin in (typing.Union, types.UnionType):
+        return str
+    return hint
+
+
+def field_choices(name: str) -> tuple[str, ...]:
+    """The allowed values of a Literal field (empty for free-form fields)."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()

@@ -1,0 +1,91 @@
+"""`oasst merge`: fold a LoRA adapter into a 16-bit base model, checked against base + adapter.
+
+    result = merge_adapter(Path("runs/stories"), Path("runs/stories-merged"))
+
+An adapter trained on a 4-bit base learned to correct the *dequantized* 4-bit weights, not the original ones,
+so the merge starts from those: each Linear4bit is dequantized into the 16-bit copy before the LoRA update is
+added. The merged logits are then compared with the 4-bit base + adapter on a Guanaco prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from oasst_tools.errors import OasstError
+from oasst_train.data import guanaco_prompt
+
+CHECK_PROMPT = guanaco_prompt("Write two sentences about a friendly dog and explain why dogs wag their tails.")
+
+
+def merge_adapter(adapter: Path, out: Path, *, base: str | None = None, dtype: str = "bfloat16",
+                  tolerance: float | None = None) -> dict[str, Any]:
+    """Write the merged model (+ tokenizer) to `out`; returns dtype, parameters and the logit check."""
+    import torch
+
+    from oasst_train.generate import base_settings, load_for_inference
+    from oasst_train.model import load_adapter, load_model
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OasstError(f"--out {out} already exists and is not empty; choose another folder")
+    settings = base_settings(adapter, base)
+    # The check runs in float32 so that it can be tight: the reference dequantizes the same 4-bit weights whatever
+    # the compute dtype, and a float32 merge differs from it only by summation order.
+    reference, tokenizer, _ = load_for_inference(adapter, base, compute_dtype="float32")
+    plain, _ = load_model(settings["model"], compute_dtype="float32",
+                          trust_remote_code=settings.get("trust_remote_code", False))
+    if settings["load_in_4bit"]:
+        _copy_dequantized(reference, plain)
+    merged = load_adapter(plain, str(adapter)).merge_and_unload()
+    device = next(reference.parameters()).device
+    merged = merged.to(device=device).eval()
+
+    ids = tokenizer(CHECK_PROMPT, return_tensors="pt").input_ids.to(device)
+    with torch.inference_mode():
+        want = reference(input_ids=ids).logits.float()
+        got = merged(input_ids=ids).logits.float()
+        diff = float((want - got).abs().max())
+        if tolerance is None:
+            tolerance = 1e-3 * max(1.0, float(want.abs().max()))
+        if not diff <= tolerance:
+            raise OasstError(f"merged logits differ from base + adapter by {diff:.3g} (tolerance {tolerance:.3g}); "
+                             "the merged model was not written")
+        merged = merged.to(getattr(torch, dtype))
+        rounded = float((want - merged(input_ids=ids).logits.float()).abs().max())
+
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()  # checked empty above
+    os.replace(tmp, out)
+    return {"dtype": dtype, "parameters": sum(p.numel() for p in merged.parameters()), "max_logit_diff": diff,
+            "tolerance": tolerance, "max_logit_diff_saved": rounded, "from_4bit": bool(settings["load_in_4bit"])}
+
+
+def _copy_dequantized(quantized: Any, plain: Any) -> None:
+    """Overwrite each linear weight of `plain` with the dequantized 4-bit weight the adapter was trained on."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    plain_modules = dict(plain.named_modules())
+    base = quantized.get_base_model()
+    copied = 0
+    for name, module in base.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        # peft wraps the quantized layer as `<name>.base_layer`; the plain model has it at `<name>`.
+        target_name = name.removesuffix(".base_layer")
+        weight = dequantize_4bit(module.weight.data, module.weight.quant_state)
+        with torch.no_grad():
+            plain_modules[target_name].weight.copy_(weight.to(dtype=torch.float32, device="cpu").reshape(
+                plain_modules[target_name].weight.shape))
+        copied += 1
+    if copied == 0:
+        raise OasstError("the adapter was trained in 4-bit but the reloaded base has no 4-bit layers to dequantize")

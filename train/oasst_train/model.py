@@ -1,0 +1,319 @@
+"""Load a base model (+ tokenizer) the way QLoRA needs it, and attach LoRA adapters.
+
+Shared by `oasst train`, `oasst merge`, `oasst generate`, `oasst chat` and the `oasst eval` plug-in:
+
+    from oasst_train.model import load_model, load_adapter, count_linear4bit
+    model, tokenizer = load_model("../shared/models/stories260K")
+    model = load_adapter(model, "out/adapter")
+
+What this module guarantees that a bare `from_pretrained` does not:
+- a 4-bit request really quantizes (Falcon's `FalconLinear` included) and fails loudly when nothing was;
+- the tokenizer has a pad token distinct from EOS, so EOS stays a trained, generated token;
+- no remote code runs unless asked; a `.gguf` path is accepted as the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from oasst_tools.errors import OasstError
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def load_model(
+    model: str,
+    *,
+    load_in_4bit: bool = False,
+    compute_dtype: str = "bfloat16",
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    gguf_file: str | None = None,
+    device_map: Any = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Base model and tokenizer from a local folder, a hub id or a `.gguf` file, optionally in 4-bit."""
+    import torch
+
+    if compute_dtype not in DTYPES:
+        raise OasstError(f"compute dtype {compute_dtype!r} is not one of {', '.join(DTYPES)}")
+    if quant_type not in ("nf4", "fp4"):
+        raise OasstError(f"quant type {quant_type!r} is not one of nf4, fp4")
+    source, gguf_file = _resolve_source(model, gguf_file)
+    dtype = getattr(torch, compute_dtype)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if load_in_4bit:
+        kwargs["quantization_config"] = _bnb_config(compute_dtype, quant_type, double_quant)
+    # In 4-bit mode this is the dtype of what stays unquantized (norms, embeddings, head), as in QLoRA.
+    kwargs["dtype"] = dtype
+
+    config = _load_config(source, kwargs)
+    tokenizer = _load_tokenizer(source, gguf_file, trust_remote_code)
+    net = _from_pretrained(source, config, kwargs)
+    if load_in_4bit:
+        n = count_linear4bit(net)
+        if n == 0:
+            raise OasstError(
+                f"4-bit loading of {model} quantized 0 linear layers (bitsandbytes skipped them all); "
+                "refusing to train a full-precision model by accident: use --no-4bit to train without quantization"
+            )
+        _keep_cpu_weights_unpacked(net)
+        left = _unquantized_linears(net)
+        if left:
+            warnings.warn(f"{len(left)} linear layers stayed unquantized in 4-bit mode: {', '.join(left[:5])}",
+                          stacklevel=2)
+    set_pad_token(tokenizer, net)
+    return net, tokenizer
+
+
+def count_linear4bit(model: Any) -> int:
+    """Number of `bitsandbytes.nn.Linear4bit` modules in `model` (0 when bitsandbytes is absent)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def load_adapter(model: Any, adapter_dir: str, *, is_trainable: bool = False) -> Any:
+    """`model` wrapped as a `PeftModel` with the LoRA adapter in `adapter_dir`, checked to fit it first."""
+    from peft import PeftModel
+
+    folder = Path(adapter_dir)
+    config_file = folder / "adapter_config.json"
+    if not folder.is_dir():
+        raise OasstError(f"adapter folder {adapter_dir} does not exist")
+    if not config_file.is_file():
+        raise OasstError(f"{adapter_dir} is not a LoRA adapter: it has no adapter_config.json")
+    try:
+        adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise OasstError(f"{config_file}: not valid JSON ({exc.msg})") from None
+    _check_adapter_fits(model, folder, adapter_config)
+    with warnings.catch_warnings():
+        # peft warns when the stored base name differs from the loaded path; the shape check above is the real test.
+        warnings.simplefilter("ignore", UserWarning)
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+
+
+def lora_target_modules(model: Any) -> list[str]:
+    """Names (last path part) of every linear layer but the output head: QLoRA's choice, per architecture."""
+    import torch
+
+    head = model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and module is not head}
+    head_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
+    return sorted(names - head_names)
+
+
+def check_source(model: str, gguf_file: str | None = None) -> None:
+    """Fail fast, before importing torch, when `model` names a local path that is not a model."""
+    _resolve_source(model, gguf_file)
+
+
+def set_pad_token(tokenizer: Any, model: Any | None = None) -> None:
+    """Give the tokenizer a pad token that is not EOS, reusing an existing special token when there is one.
+
+    With pad == EOS, collators that mask padding also mask every EOS, and the model never learns to stop.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise OasstError(f"tokenizer of {tokenizer.name_or_path} has no EOS token; cannot teach the model to stop")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == eos:
+        tokenizer.pad_token = _pick_pad_token(tokenizer)
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def model_name(model: Any) -> str:
+    """The name or path a model was loaded from (for messages and summaries)."""
+    return str(getattr(model.config, "_name_or_path", "") or model.__class__.__name__)
+
+
+def _pick_pad_token(tokenizer: Any) -> str:
+    """An existing non-EOS, non-BOS special token (unk first), else a new `<pad>` added to the vocabulary."""
+    taken = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    candidates = [tokenizer.unk_token] if tokenizer.unk_token else []
+    candidates += [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special]
+    for token in candidates:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id not in taken and token_id < len(tokenizer):
+            return token
+    # Only reached by tokenizers without any spare special token; the id lands past the embedding matrix,
+    # so the caller must resize embeddings. No model shipped here needs it.
+    raise OasstError(f"tokenizer of {tokenizer.name_or_path} has no special token to pad with besides EOS; "
+                     "add a pad token to the tokenizer first")
+
+
+def _resolve_source(model: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name) from what the user typed; missing local paths fail here."""
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise OasstError(f"model file {model} does not exist")
+        return str(path.parent), path.name
+    looks_local = path.is_absolute() or model.startswith((".", "~")) or path.exists() or model.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise OasstError(f"model folder {model} does not exist")
+        if gguf_file is None and not (path / "config.json").is_file():
+            raise OasstError(f"model folder {model} has no config.json")
+    return model, gguf_file
+
+
+def _bnb_config(compute_dtype: str, quant_type: str, double_quant: bool) -> Any:
+    """A 4-bit `BitsAndBytesConfig`, or a clear error when bitsandbytes is not installed."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401 - only checking that it is there
+    except ImportError:
+        raise OasstError("4-bit loading needs bitsandbytes, which is not installed: "
+                         "pip install bitsandbytes, or pass --no-4bit") from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+    )
+
+
+def _load_config(source: str, kwargs: dict[str, Any]) -> Any:
+    """The model config, with `auto_map` dropped unless remote code was asked for."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=kwargs["trust_remote_code"],
+                                            **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
+    except (OSError, ValueError) as exc:
+        raise OasstError(f"cannot load the config of {source}: {_first_line(exc)}") from None
+    if not kwargs["trust_remote_code"] and hasattr(config, "auto_map"):
+        # A stale auto_map (Falcon's points at remote code) must not be saved with adapters or merged models.
+        del config.auto_map
+    return config
+
+
+def _load_tokenizer(source: str, gguf_file: str | None, trust_remote_code: bool) -> Any:
+    """The model's tokenizer (from the GGUF file when there is one)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                             **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError, TypeError) as exc:
+        raise OasstError(f"cannot load the tokenizer of {source}: {_first_line(exc)}") from None
+
+
+def _from_pretrained(source: str, config: Any, kwargs: dict[str, Any]) -> Any:
+    """`AutoModelForCausalLM.from_pretrained` with Falcon's linear layers made quantizable."""
+    from transformers import AutoModelForCausalLM
+
+    quantize = "quantization_config" in kwargs
+    with _plain_falcon_linear(enabled=quantize and config.model_type == "falcon"):
+        try:
+            return AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise OasstError(f"cannot load model {source}: {_first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def _plain_falcon_linear(enabled: bool) -> Iterator[None]:
+    """Build Falcon with plain `nn.Linear` layers so bitsandbytes replaces them.
+
+    transformers 5.x (checked 5.17 and 5.24) replaces only `type(module) is nn.Linear`; Falcon's `FalconLinear`
+    subclass (same weights, forward = x @ W.T + b) is skipped and the model silently stays in 16 bits. Delete this
+    when `replace_with_bnb_linear` accepts `nn.Linear` subclasses.
+    """
+    if not enabled:
+        yield
+        return
+    import torch
+    from transformers.models.falcon import modeling_falcon
+
+    original = modeling_falcon.FalconLinear
+    modeling_falcon.FalconLinear = torch.nn.Linear
+    try:
+        yield
+    finally:
+        modeling_falcon.FalconLinear = original
+
+
+def _keep_cpu_weights_unpacked(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    bitsandbytes 0.50.2 repacks a Linear4bit's weight in place on the first no-grad CPU forward (on CPUs with
+    AVX512-BF16) and asserts out_features % 32 == 0 there (stories260K's 172-wide MLP fails); the repacked weight
+    also no longer dequantizes with `dequantize_4bit`, which `oasst merge` needs. Delete when that is fixed.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _unquantized_linears(model: Any) -> list[str]:
+    """Names of linear layers (other than the head) that a 4-bit load left in full precision."""
+    import bitsandbytes as bnb
+    import torch
+
+    head = model.get_output_embeddings()
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit) and m is not head]
+
+
+def _check_adapter_fits(model: Any, folder: Path, adapter_config: dict[str, Any]) -> None:
+    """Raise a one-line OasstError when the adapter's LoRA matrices do not match `model`'s layers."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    trained_on = adapter_config.get("base_model_name_or_path") or "an unnamed model"
+    base = model_name(model)
+    if not weights.is_file():
+        raise OasstError(f"{folder} has no adapter_model.safetensors")
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key:
+                continue
+            module_path = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+            module = modules.get(module_path)
+            if module is None:
+                raise OasstError(f"adapter {folder} was trained on {trained_on}, not on {base}: "
+                                 f"{base} has no layer {module_path}")
+            rows, cols = f.get_slice(key).get_shape()
+            in_features = getattr(module, "in_features", None)
+            if in_features is not None and in_features != cols:
+                raise OasstError(f"adapter {folder} was trained on {trained_on}, not on {base}: layer "
+                                 f"{module_path} takes {in_features} inputs, the adapter expects {cols}")
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            out_features = getattr(module, "out_features", None)
+            if out_features is not None and b_key in f.keys() and f.get_slice(b_key).get_shape()[0] != out_features:
+                raise OasstError(f"adapter {folder} was trained on {trained_on}, not on {base}: layer "
+                                 f"{module_path} has {out_features} outputs, the adapter "
+                                 f"{f.get_slice(b_key).get_shape()[0]}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception message (library errors can span screens)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else exc.__class__.__name__

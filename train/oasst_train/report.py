@@ -1,0 +1,97 @@
+"""What a training run leaves beside its adapter: `train_summary.json`, `loss.png`, and the final rich table."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "oasst-tools")
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the libraries a run depends on (absent ones as "-")."""
+    found = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "-"
+    return found
+
+
+def device_name() -> str:
+    """The accelerator the run used, in words."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory allocated by torch, or the process's peak resident memory on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def losses(log_history: Sequence[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one logged metric, in step order, one per step (the last logged wins)."""
+    by_step = {int(entry["step"]): float(entry[key]) for entry in log_history if key in entry and "step" in entry}
+    return sorted(by_step.items())
+
+
+def plot_losses(log_history: Sequence[dict[str, Any]], path: Path) -> None:
+    """Training and eval loss against optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, label, style in (("loss", "train", "-"), ("eval_loss", "eval", "o-")):
+        points = losses(log_history, key)
+        if points:
+            ax.plot([s for s, _ in points], [v for _, v in points], style, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def summary_table(summary: dict[str, Any], title: str) -> Any:
+    """The run's key figures as a rich table."""
+    from rich.table import Table
+
+    def num(value: Any, fmt: str) -> str:
+        return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [
+        ("steps", num(summary["global_step"], ",d")),
+        ("train loss first -> last", f"{num(summary['train_loss_first'], '.4f')} -> "
+                                     f"{num(summary['train_loss_last'], '.4f')}"),
+        ("eval loss first -> last", f"{num(summary['eval_loss_first'], '.4f')} -> "
+                                    f"{num(summary['eval_loss'], '.4f')}"),
+        ("real tokens/s", num(summary["real_tokens_per_second"], ",.0f")),
+        ("tokens seen", num(summary["tokens_seen"], ",d")),
+        ("4-bit layers", num(summary["linear4bit_layers"], ",d")),
+        ("trainable parameters", num(summary["trainable_parameters"], ",d")),
+        ("peak memory", f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB"),
+        ("device", summary["device"]),
+    ]
+    for what, value in rows:
+        table.add_row(what, value)
+    return table

@@ -1,0 +1,291 @@
+"""`oasst train`: setup -> train -> save, on trl's SFTTrainer with transformers' checkpointing.
+
+    summary = run_training(resolve_config(Path("train/recipes/tiny-cpu.yaml"), {}), resume=False)
+
+Multi-GPU and multi-node through accelerate, nothing home-made:
+
+    accelerate launch --config_file train/recipes/accelerate-2gpu.yaml -m oasst_tools train --config ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from oasst_tools.errors import OasstError
+from oasst_train.checkpoints import CHECKPOINTS, require_checkpoint
+from oasst_train.config import TrainConfig, to_dict
+
+CONFIG_NAME = "train_config.yaml"
+SUMMARY_NAME = "train_summary.json"
+BASELINE_NAME = "eval_baseline.json"
+# Knobs that may change between a run and its --resume without breaking the data order or the optimizer state.
+RESUMABLE_CHANGES = {"max_steps", "epochs", "save_steps", "save_total_limit", "eval_steps", "logging_steps",
+                     "report_to", "eval_rows"}
+# transformers 5.17 lets packed Falcon sequences attend to each other (0.31 max logit difference); 5.24 does not.
+PACKING_MIN_TRANSFORMERS = "5.24.0"
+
+
+def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite an earlier run."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise OasstError(f"--out {out} is a file, not a folder")
+    if resume:
+        checkpoint = require_checkpoint(out)
+        _check_same_run(cfg, out)
+        return checkpoint
+    if out.is_dir() and any((out / name).exists() for name in (CHECKPOINTS, SUMMARY_NAME, "adapter_config.json")):
+        raise OasstError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
+    return None
+
+
+def check_packing(model: Any) -> None:
+    """Refuse packing where it is known to leak attention across packed examples."""
+    import transformers
+    from packaging.version import Version
+
+    if model.config.model_type == "falcon" and Version(transformers.__version__) < Version(PACKING_MIN_TRANSFORMERS):
+        raise OasstError(f"packing Falcon on transformers {transformers.__version__} lets packed examples attend to "
+                         f"each other; upgrade to transformers>={PACKING_MIN_TRANSFORMERS} or drop --packing")
+
+
+def disable_kv_cache(model: Any) -> None:
+    """Train without a KV cache: with one, transformers (5.24 included) ignores the packed-sequence position ids
+    and lets packed examples attend to each other (checked by the packing leak test)."""
+    model.config.use_cache = False
+
+
+def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None, progress: bool = True) -> dict:
+    """Train a LoRA adapter as `cfg` says; returns the summary also written to `out/train_summary.json`."""
+    from oasst_train.data import read_rows
+    from oasst_train.model import check_source
+
+    # Cheap checks first: a typo should not cost the ten seconds of importing torch and transformers.
+    checkpoint = check_out(cfg, resume)
+    check_source(cfg.model)
+    rows = read_rows(cfg.data, cfg.eval_rows)
+    out = Path(cfg.out)
+
+    import torch
+
+    from oasst_train.callbacks import ProgressCallback, SaveOnSignal
+    from oasst_train.data import build_dataset
+    from oasst_train.model import count_linear4bit, load_model, lora_target_modules
+    from oasst_train.report import device_name, peak_memory_bytes, versions
+
+    started = time.perf_counter()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = torch.cuda.is_available()
+    model, tokenizer = load_model(
+        cfg.model, load_in_4bit=cfg.load_in_4bit, compute_dtype=cfg.compute_dtype, quant_type=cfg.quant_type,
+        double_quant=cfg.double_quant, device_map={"": local_rank} if on_gpu else None,
+        attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+    )
+    load_seconds = time.perf_counter() - started
+    disable_kv_cache(model)
+    if cfg.packing:
+        check_packing(model)
+    linear4bit = count_linear4bit(model)
+    assistant_only = cfg.loss_on == "assistant"
+    train_set = build_dataset(tokenizer, rows["train"], assistant_only)
+    eval_set = build_dataset(tokenizer, rows["test"], assistant_only) if rows.get("test") else None
+    targets = list(cfg.target_modules) or lora_target_modules(model)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_config(cfg, out / CONFIG_NAME, targets)
+    trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, targets)
+    bar = ProgressCallback(console=console, enabled=progress)
+    stopper = SaveOnSignal()
+    trainer.add_callback(bar)
+    trainer.add_callback(stopper)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+
+    baseline_file = out / BASELINE_NAME
+    if eval_set is not None and checkpoint is None:
+        # The step-0 eval loss, the baseline the final one is compared with. Trainer.train() starts a fresh
+        # log history, so it is kept in a file that a --resume reads back.
+        baseline = {"eval_loss": trainer.evaluate()["eval_loss"], "step": 0}
+        baseline_file.write_text(json.dumps(baseline) + "\n", encoding="utf-8")
+    stopper.install()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        stopper.uninstall()
+    state = trainer.state
+    if stopper.received is not None:
+        raise OasstError(f"stopped by signal {stopper.received} at step {state.global_step}; checkpoint saved in "
+                         f"{out / CHECKPOINTS}; continue with the same command and --resume")
+    if eval_set is not None and (not state.log_history or "eval_loss" not in state.log_history[-1]):
+        trainer.evaluate()
+
+    if baseline_file.is_file():
+        trainer.state.log_history.insert(0, json.loads(baseline_file.read_text(encoding="utf-8")))
+    summary = _summary(cfg, trainer, bar, linear4bit, load_seconds, checkpoint)
+    summary.update(peak_memory_bytes=peak_memory_bytes(), versions=versions(), device=device_name())
+    if trainer.is_world_process_zero():
+        _save_outputs(trainer, tokenizer, cfg, targets, summary, out)
+    return summary
+
+
+def _build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, train_set: Any, eval_set: Any,
+                   targets: list[str]) -> Any:
+    """An SFTTrainer over pre-tokenized rows with a LoRA adapter on `targets`."""
+    import torch
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    eval_steps = cfg.eval_steps or None
+    args = SFTConfig(
+        output_dir=str(Path(cfg.out) / CHECKPOINTS),
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        bf16=cfg.precision == "bf16",
+        fp16=cfg.precision == "fp16",
+        pad_to_multiple_of=cfg.pad_to_multiple_of or None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        packing_strategy="bfd",
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit or None,
+        eval_strategy="steps" if eval_set is not None and eval_steps else "no",
+        eval_steps=eval_steps,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        **_sampler_args(SFTConfig, cfg.group_by_length),
+        **_checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
+    )
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                         processing_class=tokenizer, peft_config=lora)
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress bar shows the loss
+    if cfg.precision != "bf16":
+        # trl 1.16 casts a quantized model's LoRA weights to bf16; fp16's gradient scaler then fails at the first
+        # optimizer step ("_amp_foreach_non_finite_check_and_unscale_cuda not implemented for 'BFloat16'") and
+        # fp32 training would silently run in bf16. Keep trainable weights in fp32 (what peft does unquantized).
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
+
+
+def _sampler_args(config_class: type, group_by_length: bool) -> dict[str, Any]:
+    """The length-grouped sampler under its current name (`train_sampling_strategy` replaced `group_by_length`)."""
+    if not group_by_length:
+        return {}
+    names = {f.name for f in dataclasses.fields(config_class)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
+def _checkpointing_args(config_class: type, enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing under its current name (5.24 renamed `gradient_checkpointing`, which it mirrors)."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    args: dict[str, Any] = {prefix: enabled}
+    if enabled:
+        args[f"{prefix}_kwargs"] = {"use_reentrant": False}
+    return args
+
+
+def _summary(cfg: TrainConfig, trainer: Any, bar: Any, linear4bit: int, load_seconds: float,
+             checkpoint: Path | None) -> dict[str, Any]:
+    """The figures `train_summary.json` records."""
+    from oasst_train.report import losses
+
+    history = trainer.state.log_history
+    train_losses = [v for _, v in losses(history, "loss")]
+    eval_losses = [v for _, v in losses(history, "eval_loss")]
+    world = trainer.args.world_size
+    return {
+        "global_step": trainer.state.global_step,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "real_tokens_per_second": bar.tokens_per_second * world,
+        "train_seconds": bar.train_seconds,
+        "load_seconds": load_seconds,
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "eval_loss_first": eval_losses[0] if eval_losses else None,
+        "eval_loss": eval_losses[-1] if eval_losses else None,
+        "linear4bit_layers": linear4bit,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "lora_target_modules": sorted(trainer.model.peft_config["default"].target_modules),
+        "resumed_from": checkpoint.name if checkpoint else None,
+        "world_size": world,
+        "log_history": history,
+    }
+
+
+def _save_outputs(trainer: Any, tokenizer: Any, cfg: TrainConfig, targets: list[str], summary: dict[str, Any],
+                  out: Path) -> None:
+    """Adapter, tokenizer, config, loss.png and summary, written to a temp folder and renamed into `out`."""
+    from oasst_train.report import plot_losses
+
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainer.model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _write_config(cfg, tmp / CONFIG_NAME, targets)
+    plot_losses(trainer.state.log_history, tmp / "loss.png")
+    (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    # The summary goes last: its presence says every other file of the run is in place.
+    names = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == SUMMARY_NAME)
+    for name in names:
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+
+
+def _write_config(cfg: TrainConfig, path: Path, targets: list[str]) -> None:
+    """The resolved config as YAML, with the LoRA targets actually used."""
+    import yaml
+
+    values = to_dict(dataclasses.replace(cfg, target_modules=tuple(targets)))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("# resolved by oasst train; rerun with: oasst train --config " + path.name + "\n"
+                   + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_same_run(cfg: TrainConfig, out: Path) -> None:
+    """Refuse a --resume whose config would change the data order or the optimizer's meaning."""
+    import yaml
+
+    saved_file = out / CONFIG_NAME
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    now = to_dict(cfg)
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+               if k in saved and k not in RESUMABLE_CHANGES and k != "target_modules" and saved[k] != now[k]]
+    if cfg.target_modules and sorted(saved.get("target_modules", [])) != sorted(cfg.target_modules):
+        changed.append(f"target_modules {saved.get('target_modules')!r} -> {list(cfg.target_modules)!r}")
+    if changed:
+        raise OasstError(f"--resume: the config differs from the run in {out}: {'; '.join(changed)}")
