@@ -8,6 +8,7 @@ never imports torch.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -22,6 +23,15 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "build": "oasst_tools.cli.build:build",
     "stats": "oasst_tools.cli.inspect:stats",
     "show": "oasst_tools.cli.inspect:show",
+}
+
+# What pyproject.toml declares, for runs without installed metadata (a checkout on PYTHONPATH).
+FIRST_PARTY: dict[str, str] = {
+    "train": "oasst_train.cli:train",
+    "merge": "oasst_train.cli:merge",
+    "generate": "oasst_train.cli:generate",
+    "chat": "oasst_train.cli:chat",
+    "eval": "oasst_eval.cli:eval_command",
 }
 
 # Set by tests to register plug-ins in-process and ignore whatever happens to be installed.
@@ -40,8 +50,13 @@ def plugin_commands() -> dict[str, str | click.Command]:
     """Command name -> `module:attr` (or command) from built-ins, entry points and test registrations."""
     found: dict[str, str | click.Command] = dict(BUILTIN_COMMANDS)
     if DISCOVER_ENTRY_POINTS:
-        for ep in entry_points(group="oasst"):
+        declared = entry_points(group="oasst")
+        for ep in declared:
             found.setdefault(ep.name, ep.value)
+        if not declared:  # run from a source checkout on PYTHONPATH (no installed metadata): first-party plug-ins
+            for name, target in FIRST_PARTY.items():
+                if importlib.util.find_spec(target.partition(".")[0]) is not None:
+                    found.setdefault(name, target)
     found.update(EXTRA_COMMANDS)
     return found
 

@@ -227,7 +227,8 @@ def _summary(cfg: TrainConfig, trainer: Any, bar: Any, linear4bit: int, load_sec
     return {
         "global_step": trainer.state.global_step,
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "real_tokens_per_second": bar.tokens_per_second * world,
+        # num_input_tokens_seen is already summed over processes by transformers: no factor of world size.
+        "real_tokens_per_second": bar.tokens_per_second,
         "train_seconds": bar.train_seconds,
         "load_seconds": load_seconds,
         "train_loss_first": train_losses[0] if train_losses else None,
