@@ -68,7 +68,8 @@ class LazyGroup(click.Group):
         return sorted(plugin_commands())
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = plugin_commands().get(name)
+        # Built-ins first: scanning installed entry points costs ~0.1 s of start-up.
+        target = EXTRA_COMMANDS.get(name) or BUILTIN_COMMANDS.get(name) or plugin_commands().get(name)
         if target is None:
             return None
         try:

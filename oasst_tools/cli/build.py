@@ -90,9 +90,12 @@ def build(inputs: tuple[str, ...], out: Path, langs: tuple[str, ...], lang_exact
 
 @contextmanager
 def _progress(inputs: tuple[str, ...], quiet: bool) -> Iterator[Progress | None]:
+    if quiet:  # before importing rich: start-up time counts on small inputs
+        yield None
+        return
     from oasst_tools.cli.console import stderr
 
-    if quiet or not stderr.is_terminal:  # a bar in a log file is noise
+    if not stderr.is_terminal:  # a bar in a log file is noise
         yield None
         return
     from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TimeElapsedColumn, TransferSpeedColumn
