@@ -26,15 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
+
+from _common import machine, versions  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "eval" / "oasst_eval" / "tasks"
@@ -184,32 +184,6 @@ def measure(name: str, limit: int, work: Path) -> dict[str, object]:
     return row
 
 
-def versions() -> dict[str, str]:
-    """Versions of the packages that decide the numbers."""
-    found = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "lm_eval", "peft", "datasets", "accelerate", "bitsandbytes"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            try:
-                found[name] = str(__import__(name).__version__)
-            except Exception:
-                continue
-    return found
-
-
-def machine() -> dict[str, object]:
-    """GPU, CPU count and host, for reading the times later."""
-    import torch
-
-    info: dict[str, object] = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 def run(limit: int, configs: list[str], results_file: Path) -> None:
     """Measure the configurations, merge them into the results file, print the table."""
     if not (MODEL_DIR / "config.json").is_file() or not (ADAPTER_DIR / "adapter_config.json").is_file():
@@ -224,7 +198,7 @@ def run(limit: int, configs: list[str], results_file: Path) -> None:
         "benchmark": "HellaSwag zero-shot items/s, Falcon-7B architecture with random weights (scores meaningless)",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "versions": versions(),
+        "versions": versions(("torch", "transformers", "lm_eval", "peft", "datasets", "accelerate", "bitsandbytes")),
         "limit": limit,
         "timed": "simple_evaluate on pre-built tasks and a loaded model (request building, batch-size search, scoring)",
         "reference_items_per_second_2026_11_29": {"lm_eval_bs1": 7.2, "lm_eval_auto": 134, "lm_eval_bs64": 164,

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
+
+from _common import machine, versions  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "eval" / "oasst_eval" / "tasks"
@@ -53,33 +53,6 @@ def default_data_dir() -> Path:
     """bench/data when the HellaSwag file was carried there, else ../shared/data."""
     local = REPO / "bench" / "data"
     return local if (local / "hellaswag").is_dir() else REPO.parent / "shared" / "data"
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that decide the numbers."""
-    found = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "lm_eval", "peft", "datasets", "accelerate", "gguf", "bitsandbytes"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            # Carried wheels unpacked with --target have no installed metadata; ask the module instead.
-            try:
-                found[name] = str(__import__(name).__version__)
-            except Exception:
-                continue
-    return found
-
-
-def machine() -> dict[str, object]:
-    """GPU, CPU count and host, for reading the times later."""
-    import torch
-
-    info: dict[str, object] = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def main() -> None:
@@ -127,7 +100,7 @@ def main() -> None:
                      "oasst eval vs lm_eval CLI",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "versions": versions(),
+        "versions": versions(("torch", "transformers", "lm_eval", "peft", "datasets", "accelerate", "gguf", "bitsandbytes")),
         "settings": {"dtype": args.dtype, "batch_size": args.batch_size, "limit": args.limit, "items": n,
                      "data": str(data_dir), "gguf": gguf.name},
         "oasst_eval": {"acc": ours["acc"], "acc_stderr": ours["acc_stderr"], "acc_norm": ours["acc_norm"],

@@ -1,0 +1,35 @@
+"""What every benchmark records beside its numbers: package versions and the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Iterable
+from importlib import metadata
+
+
+def versions(names: Iterable[str]) -> dict[str, str]:
+    """Versions of the packages that decide the numbers."""
+    found = {"python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            # Carried wheels unpacked with --target have no installed metadata; ask the module instead.
+            try:
+                found[name] = str(__import__(name).__version__)
+            except Exception:  # a missing or broken optional package: leave it out
+                continue
+    return found
+
+
+def machine() -> dict[str, object]:
+    """GPU, CPU count and host, for reading the times later."""
+    import torch
+
+    info: dict[str, object] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
