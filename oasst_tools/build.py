@@ -86,7 +86,11 @@ class BuildReport:
 
 def guanaco_text(thread: Thread) -> str:
     """`### Human: ...### Assistant: ...`, turns concatenated with no separator, as Guanaco has it."""
-    return make_row("", None, [(m.role, m.text) for m in thread])["text"]
+    return _text([(m.role, m.text) for m in thread])
+
+
+def _text(turns: list[tuple[str, str]]) -> str:
+    return "".join((HUMAN if role == "prompter" else ASSISTANT) + text for role, text in turns)
 
 
 def thread_row(tree: Tree, thread: Thread) -> dict[str, Any]:
@@ -97,7 +101,7 @@ def thread_row(tree: Tree, thread: Thread) -> dict[str, Any]:
 def make_row(tree_id: str, lang: str | None, turns: list[tuple[str, str]]) -> dict[str, Any]:
     """The output row for one thread given as (role, text) turns."""
     return {
-        "text": "".join((HUMAN if role == "prompter" else ASSISTANT) + text for role, text in turns),
+        "text": _text(turns),
         "messages": [{"role": "user" if role == "prompter" else "assistant", "content": text}
                      for role, text in turns],
         "message_tree_id": tree_id,

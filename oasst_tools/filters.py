@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from oasst_tools.records import normalize_labels
+from oasst_tools.read import subtree_ids
 from oasst_tools.schema import Message, Tree
 from oasst_tools.walk import Thread, best_thread, leaf_threads, top_k_threads
 
@@ -194,7 +195,7 @@ def best_raw_thread(raw: RawTree, sel: Selection, dropped: Counter[str] | None =
                 keep.append(record)
                 stack.append(kid)
             elif dropped is not None:
-                dropped[reason] += _raw_size(kid, children)
+                dropped[reason] += len(subtree_ids([kid], children))
         if keep:
             alive[node] = keep
     thread = [root]
@@ -211,18 +212,6 @@ def best_raw_thread(raw: RawTree, sel: Selection, dropped: Counter[str] | None =
 def _raw_rank_key(record: dict) -> tuple[bool, int, str, str]:
     rank = record.get("rank")
     return (rank is None, rank or 0, record.get("created_date") or "", record["message_id"])
-
-
-def _raw_size(head: str, children: Mapping[str, list[str]]) -> int:
-    count = 0
-    stack = [head]
-    while stack:
-        node = stack.pop()
-        count += 1
-        kids = children.get(node)
-        if kids:
-            stack.extend(kids)
-    return count
 
 
 def select_threads(tree: Tree, sel: Selection, dropped: Counter[str] | None = None) -> Iterator[Thread]:

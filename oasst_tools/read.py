@@ -16,7 +16,7 @@ import gc
 import re
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,12 +417,12 @@ def _assemble(group: _Pending, path: str, split: str | None, report: ReadReport)
     # Messages whose parent is missing head orphaned subtrees: dropped and counted, not an error.
     orphan_heads = [kid for parent, kids in children.items() if parent not in by_id for kid in kids]
     if orphan_heads:
-        size = len(_subtree(orphan_heads, children))
+        size = len(subtree_ids(orphan_heads, children))
         reached += size
         report.orphaned += size
         if report.orphaned_first is None:
             report.orphaned_first = f"{path}:{by_id[orphan_heads[0]][0]}"
-    order = _subtree(roots, children)
+    order = subtree_ids(roots, children)
     reached += len(order)
     if reached < len(by_id):
         raise _cycle_error(by_id, children, roots + orphan_heads, path)
@@ -437,7 +437,7 @@ def _assemble(group: _Pending, path: str, split: str | None, report: ReadReport)
     return RawTree(group.tree_id, group.state, split, path, roots[0], records, children, plain=plain)
 
 
-def _subtree(heads: list[str], children: dict[Any, list[str]]) -> list[str]:
+def subtree_ids(heads: list[str], children: Mapping[Any, list[str]]) -> list[str]:
     """Ids of the subtrees under `heads`, depth first, parents before children."""
     order: list[str] = []
     stack = list(reversed(heads))
@@ -472,7 +472,7 @@ def _check_roles(records: dict[str, tuple[int | None, dict[str, Any]]], children
 
 def _cycle_error(by_id: dict, children: dict, heads: list[str], path: str) -> OasstInputError:
     """Name the cycle that kept some messages from being reached from a root or an orphan head."""
-    reachable = set(_subtree(heads, children))
+    reachable = set(subtree_ids(heads, children))
     start = next(m for m in by_id if m not in reachable)
     chain = [start]
     while True:
