@@ -41,4 +41,8 @@ def test_two_ranks_split_the_data_and_count_tokens_once(tmp_path: Path):
     # 1 rank reads in 8 steps. Had both ranks read the same batches, the summed token count would differ.
     assert two["tokens_seen"] == one["tokens_seen"]
     assert two["real_tokens_per_second"] > 0
+    # Both replicas end with the same adapter (DDP averaged every gradient); a digest of nothing would match too,
+    # so it must also differ from the single-process run, which took other steps.
+    assert len(two["replica_checksums"]) == 2 and len(set(two["replica_checksums"])) == 1
+    assert one["replica_checksums"] != two["replica_checksums"][:1]
     assert (tmp_path / "two" / "adapter_model.safetensors").exists()

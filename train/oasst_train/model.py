@@ -40,8 +40,13 @@ def load_model(
     device_map: Any = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    fused_attention: bool = True,
 ) -> tuple[Any, Any]:
-    """Base model and tokenizer from a local folder, a hub id or a `.gguf` file, optionally in 4-bit."""
+    """Base model and tokenizer from a local folder, a hub id or a `.gguf` file, optionally in 4-bit.
+
+    `fused_attention` switches Falcon's multi-query attention to sdpa's fused kernels (oasst_train.attention);
+    it does nothing for other models or when another attention implementation is asked for.
+    """
     import torch
 
     if compute_dtype not in DTYPES:
@@ -78,6 +83,10 @@ def load_model(
             warnings.warn(f"{len(left)} linear layers stayed unquantized in 4-bit mode: {', '.join(left[:5])}",
                           stacklevel=2)
     set_pad_token(tokenizer, net)
+    if fused_attention and getattr(net.config, "_attn_implementation", None) == "sdpa":
+        from oasst_train.attention import use_fused_attention
+
+        use_fused_attention(net)
     return net, tokenizer
 
 
@@ -228,11 +237,49 @@ def _from_pretrained(source: str, config: Any, kwargs: dict[str, Any]) -> Any:
     from transformers import AutoModelForCausalLM
 
     quantize = "quantization_config" in kwargs
+    if quantize and "gguf_file" in kwargs:
+        return _gguf_in_4bit(source, config, kwargs)
     with _plain_falcon_linear(enabled=quantize and config.model_type == "falcon"):
         try:
             return AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
         except (OSError, ValueError) as exc:
             raise OasstError(f"cannot load model {source}: {_first_line(exc)}") from None
+
+
+def _gguf_in_4bit(source: str, config: Any, kwargs: dict[str, Any]) -> Any:
+    """A GGUF model quantized to 4 bits: dequantized to a float32 folder first, since transformers refuses to
+    quantize a GGUF load ("You cannot combine Quantization and loading a model from a GGUF file", 5.17 and 5.24).
+
+    The folder lives only for the load; the model keeps the GGUF path as its name (adapters record it).
+    """
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf_file = kwargs["gguf_file"]
+    plain = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(source, config=config, **(plain | {"dtype": torch.float32}))
+    except (OSError, ValueError) as exc:
+        raise OasstError(f"cannot load model {source}/{gguf_file}: {_first_line(exc)}") from None
+    # The weights are plain floats now, but transformers still marks the model GGUF-quantized and will not save
+    # it; a model built from the same config without the mark takes the same state dict.
+    float_config = loaded.config
+    if hasattr(float_config, "quantization_config"):
+        del float_config.quantization_config
+    rebuilt = AutoModelForCausalLM.from_config(float_config, dtype=torch.float32)
+    rebuilt.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+    with tempfile.TemporaryDirectory(prefix="oasst-gguf-") as folder:
+        rebuilt.save_pretrained(folder)
+        del rebuilt
+        rest = {k: v for k, v in kwargs.items() if k != "gguf_file"}
+        with _plain_falcon_linear(enabled=float_config.model_type == "falcon"):
+            net = AutoModelForCausalLM.from_pretrained(folder, **rest)
+    name = str(Path(source) / gguf_file)
+    net.config._name_or_path = net.name_or_path = name
+    return net
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ from oasst_train.config import TrainConfig, to_dict
 
 CONFIG_NAME = "train_config.yaml"
 SUMMARY_NAME = "train_summary.json"
-BASELINE_NAME = "eval_baseline.json"
 # Knobs that may change between a run and its --resume without breaking the data order or the optimizer state.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "save_steps", "save_total_limit", "eval_steps", "logging_steps",
                      "report_to", "eval_rows"}
@@ -50,6 +49,10 @@ def check_packing(model: Any) -> None:
     import transformers
     from packaging.version import Version
 
+    from oasst_train.attention import fused_attention_layers
+
+    if fused_attention_layers(model):
+        return  # the fused path builds its own block mask from the position ids (tests/train/test_attention.py)
     if model.config.model_type == "falcon" and Version(transformers.__version__) < Version(PACKING_MIN_TRANSFORMERS):
         raise OasstError(f"packing Falcon on transformers {transformers.__version__} lets packed examples attend to "
                          f"each other; upgrade to transformers>={PACKING_MIN_TRANSFORMERS} or drop --packing")
@@ -76,8 +79,11 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
 
     from oasst_train.callbacks import ProgressCallback, SaveOnSignal
     from oasst_train.data import build_dataset
+    from oasst_train.attention import fused_attention_layers
+    from oasst_train.casts import cast_norm_outputs
     from oasst_train.model import count_linear4bit, load_model, lora_target_modules
     from oasst_train.report import device_name, peak_memory_bytes, versions
+    from oasst_train.timing import StepClock
 
     started = time.perf_counter()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -86,12 +92,16 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
         cfg.model, load_in_4bit=cfg.load_in_4bit, compute_dtype=cfg.compute_dtype, quant_type=cfg.quant_type,
         double_quant=cfg.double_quant, device_map={"": local_rank} if on_gpu else None,
         attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+        fused_attention=cfg.fused_attention,
     )
     load_seconds = time.perf_counter() - started
     disable_kv_cache(model)
     if cfg.packing:
         check_packing(model)
+    if cfg.cast_norm_outputs and cfg.precision in ("bf16", "fp16"):
+        cast_norm_outputs(model)
     linear4bit = count_linear4bit(model)
+    fused_layers = fused_attention_layers(model)
     assistant_only = cfg.loss_on == "assistant"
     train_set = build_dataset(tokenizer, rows["train"], assistant_only)
     eval_set = build_dataset(tokenizer, rows["test"], assistant_only) if rows.get("test") else None
@@ -99,20 +109,16 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
 
     out.mkdir(parents=True, exist_ok=True)
     _write_config(cfg, out / CONFIG_NAME, targets)
-    trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, targets)
+    trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, targets, fresh=checkpoint is None)
     bar = ProgressCallback(console=console, enabled=progress)
     stopper = SaveOnSignal()
+    clock = StepClock()
     trainer.add_callback(bar)
+    trainer.add_callback(clock)
     trainer.add_callback(stopper)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
 
-    baseline_file = out / BASELINE_NAME
-    if eval_set is not None and checkpoint is None:
-        # The step-0 eval loss, the baseline the final one is compared with. Trainer.train() starts a fresh
-        # log history, so it is kept in a file that a --resume reads back.
-        baseline = {"eval_loss": trainer.evaluate()["eval_loss"], "step": 0}
-        baseline_file.write_text(json.dumps(baseline) + "\n", encoding="utf-8")
     stopper.install()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -122,21 +128,53 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     if stopper.received is not None:
         raise OasstError(f"stopped by signal {stopper.received} at step {state.global_step}; checkpoint saved in "
                          f"{out / CHECKPOINTS}; continue with the same command and --resume")
-    if eval_set is not None and (not state.log_history or "eval_loss" not in state.log_history[-1]):
+    evaluated_last = any("eval_loss" in e and e.get("step") == state.global_step for e in state.log_history)
+    if eval_set is not None and not evaluated_last:
         trainer.evaluate()
 
-    if baseline_file.is_file():
-        trainer.state.log_history.insert(0, json.loads(baseline_file.read_text(encoding="utf-8")))
     summary = _summary(cfg, trainer, bar, linear4bit, load_seconds, checkpoint)
-    summary.update(peak_memory_bytes=peak_memory_bytes(), versions=versions(), device=device_name())
+    summary.update(steady_tokens_per_second=clock.steady_tokens_per_second, warmup_steps=clock.warmup_steps(),
+                   step_seconds=[round(s, 4) for s in clock.seconds], steady_window=clock.steady_window(),
+                   fused_attention_layers=fused_layers)
+    summary.update(peak_memory_bytes=peak_memory_bytes(), versions=versions(), device=device_name(),
+                   replica_checksums=replica_checksums(trainer.model))
     if trainer.is_world_process_zero():
         _save_outputs(trainer, tokenizer, cfg, targets, summary, out)
     return summary
 
 
+def replica_checksums(model: Any) -> list[str]:
+    """A digest of the trainable weights from every process, rank order: data-parallel replicas must agree.
+
+    A collective under torch.distributed: every rank calls it (run_training does, before rank 0 writes).
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    mine = digest.hexdigest()[:16]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, mine)
+        return [str(g) for g in gathered]
+    return [mine]
+
+
 def _build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, train_set: Any, eval_set: Any,
-                   targets: list[str]) -> Any:
-    """An SFTTrainer over pre-tokenized rows with a LoRA adapter on `targets`."""
+                   targets: list[str], fresh: bool = True) -> Any:
+    """An SFTTrainer over pre-tokenized rows with a LoRA adapter on `targets`.
+
+    A fresh run evaluates once before its first step (the baseline the final eval loss is compared with) through
+    `eval_on_start`, inside train(): an evaluate() before train() marks the model as prepared for inference and
+    accelerate then skips the DistributedDataParallel wrap, so every rank trained its own replica (caught by the
+    replica checksums of tests/train/test_distributed.py). The entry lands in the checkpointed log history, so a
+    --resume keeps it.
+    """
     import torch
     from peft import LoraConfig
     from transformers import PrinterCallback
@@ -168,6 +206,7 @@ def _build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, train_set: Any,
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit or None,
         eval_strategy="steps" if eval_set is not None and eval_steps else "no",
+        eval_on_start=eval_set is not None and fresh,
         eval_steps=eval_steps,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
@@ -177,6 +216,7 @@ def _build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, train_set: Any,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        activation_offloading=cfg.activation_offloading,
         **_sampler_args(SFTConfig, cfg.group_by_length),
         **_checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
     )

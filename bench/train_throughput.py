@@ -1,0 +1,327 @@
+"""QLoRA training throughput on one GPU: the classic notebook configuration, the Colab-class recipe, the fast one.
+
+Falcon-7B architecture with RANDOM weights (no trained Falcon exists offline; speed and memory do not depend on
+weight values), the real Falcon-7B tokenizer, Guanaco-style threads of the English OASST1 validation trees.
+Every configuration is its own `oasst train` process (GPU memory starts empty, nvidia-smi sees only it) for
+--steps optimizer steps; numbers come from its train_summary.json:
+
+- real tokens/s: non-padding tokens over the steps after warm-up (the first fifth, at least 2, are left out:
+  cuDNN plan building and allocator growth), and over all steps;
+- MFU: real tokens/s x 4 x 6.9 GFLOP (forward + input-gradient backward through the frozen 4-bit base; LoRA and
+  attention not counted; recomputation under gradient checkpointing not counted) / 790 TFLOP/s measured bf16;
+- peak memory: torch's allocated peak, and the largest `memory.used` nvidia-smi showed during the run;
+- GPU busy %: mean nvidia-smi utilization over the steady steps;
+- training loss at equal samples: mean logged loss over the last quarter of the samples every run has seen.
+
+    # on the GPU machine, from the repo root (wheels unpacked into .gpu/site, see ../shared/docs/gpu.md):
+    python bench/eval_falcon_speed.py prepare          # writes bench/data/falcon7b-random (~2 min)
+    python bench/train_throughput.py --model bench/data/falcon7b-random --data bench/data/guanaco-all --steps 24
+    python bench/train_throughput.py --only attention  # the attention microbenchmark alone (seconds)
+
+`--only` picks configurations (comma-separated); results merge into --results across calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, versions  # noqa: E402 - bench/ is not a package
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "train" / "recipes"
+RESULTS = REPO / "bench" / "results" / f"train_throughput-{datetime.now(timezone.utc).date()}.json"
+BF16_TFLOPS = 790.0  # measured bf16 dense matmul ceiling of the H200 (../shared/docs/gpu.md)
+FLOPS_PER_TOKEN = 4 * 6.9e9
+
+# The notebook's settings (r 64, alpha 16, dropout 0.1, Falcon's four linears, batch 4 x accumulation 4,
+# max length 512, fp16, paged AdamW 32-bit, group_by_length, gradient checkpointing, NF4 without double quant,
+# transformers' own attention), with the one fix it needs to run on trl 1.16 (trainable weights kept in fp32).
+CLASSIC = {
+    "load_in_4bit": True, "quant_type": "nf4", "double_quant": False, "compute_dtype": "float16",
+    "precision": "fp16", "lora_r": 64, "lora_alpha": 16, "lora_dropout": 0.1,
+    "target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], "max_length": 512,
+    "loss_on": "all", "batch_size": 4, "grad_accum": 4, "learning_rate": 2.0e-4, "lr_scheduler": "constant",
+    "max_grad_norm": 0.3, "optim": "paged_adamw_32bit", "gradient_checkpointing": True, "group_by_length": True,
+    "fused_attention": False, "pad_to_multiple_of": 0, "seed": 42,
+}
+COLAB = RECIPES / "falcon-7b-guanaco.yaml"
+FAST = RECIPES / "falcon-7b-guanaco-fast.yaml"
+# name -> (base: CLASSIC or a recipe file, overrides). Variants measure one lever each against their base.
+CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "classic": (CLASSIC, {}),
+    "classic-bf16-fused": (CLASSIC, {"precision": "bf16", "compute_dtype": "bfloat16", "fused_attention": True}),
+    "colab": (COLAB, {}),
+    "colab-unfused": (COLAB, {"fused_attention": False}),
+    "colab-8x2": (COLAB, {"batch_size": 8, "grad_accum": 2}),
+    "colab-adam8bit": (COLAB, {"optim": "paged_adamw_8bit"}),
+    "colab-offload": (COLAB, {"activation_offloading": True}),
+    "fast": (FAST, {}),
+    "fast-16": (FAST, {"batch_size": 16}),
+    "fast-packed": (FAST, {"packing": True}),
+}
+DEFAULT = ("classic", "colab", "fast")
+
+
+def recipe_values(base: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The full key/value mapping of one configuration."""
+    import yaml
+
+    values = dict(base) if isinstance(base, dict) else yaml.safe_load(Path(base).read_text())
+    values.pop("model", None)
+    values.update(overrides)
+    return values
+
+
+class SmiSampler:
+    """nvidia-smi utilization and memory every 200 ms, stamped with the epoch time they arrived."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float, float]] = []
+        self.proc: subprocess.Popen | None = None
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> SmiSampler:
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                 "-lms", "200", "-i", "0"], stdout=subprocess.PIPE, text=True)
+        except FileNotFoundError:
+            return self
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                util, mem = (float(x) for x in line.split(","))
+            except ValueError:
+                continue
+            self.samples.append((time.time(), util, mem))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+    def busy(self, window: list[float] | None) -> float | None:
+        """Mean utilization % inside `window` (epoch seconds)."""
+        if not window:
+            return None
+        inside = [u for t, u, _ in self.samples if window[0] <= t <= window[1]]
+        return sum(inside) / len(inside) if inside else None
+
+    def peak_mib(self) -> float | None:
+        """Largest memory.used seen (MiB)."""
+        return max((m for _, _, m in self.samples), default=None)
+
+
+def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One `oasst train` process; its summary plus nvidia-smi figures."""
+    import yaml
+
+    base, overrides = CONFIGS[name]
+    config = work / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(recipe_values(base, overrides), sort_keys=False))
+    out = work / name
+    launcher = "import oasst_tools.cli as c; c.EXTRA_COMMANDS['train'] = 'oasst_train.cli:train'; c.main()"
+    cmd = [sys.executable, "-c", launcher, "train", "--config", str(config), "--model", args.model,
+           "--data", args.data, "--out", str(out), "--max-steps", str(args.steps), "--save-steps", "100000",
+           "--eval-rows", "32", "--logging-steps", "1", "-q"]
+    print(f"running {name} ...", flush=True)
+    started = time.perf_counter()
+    with SmiSampler() as smi:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()
+        print("\n".join(tail[-30:]))
+        return {"error": tail[-1] if tail else "failed", "wall_seconds": round(wall, 1)}
+    summary = json.loads((out / "train_summary.json").read_text())
+    history = summary.pop("log_history", [])
+    values = recipe_values(base, overrides)
+    per_step = values["batch_size"] * values.get("grad_accum", 1)
+    losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry and "step" in entry]
+    steady = summary["steady_tokens_per_second"]
+    return {
+        "settings": {k: values[k] for k in ("precision", "batch_size", "grad_accum", "gradient_checkpointing",
+                                             "optim", "fused_attention", "packing", "activation_offloading",
+                                             "group_by_length", "pad_to_multiple_of", "loss_on", "lora_alpha")
+                     if k in values},
+        "rows_per_step": per_step,
+        "steps": summary["global_step"],
+        "steady_tokens_per_second": steady,
+        "all_steps_tokens_per_second": summary["real_tokens_per_second"],
+        "mfu": steady * FLOPS_PER_TOKEN / (BF16_TFLOPS * 1e12),
+        "peak_allocated_gib": summary["peak_memory_bytes"] / 2**30 if summary.get("peak_memory_bytes") else None,
+        "peak_nvidia_smi_gib": (smi.peak_mib() or 0) / 1024 or None,
+        "gpu_busy_percent": smi.busy(summary.get("steady_window")),
+        "linear4bit_layers": summary["linear4bit_layers"],
+        "fused_attention_layers": summary.get("fused_attention_layers"),
+        "trainable_parameters": summary["trainable_parameters"],
+        "load_seconds": summary["load_seconds"],
+        "train_loss_first": summary["train_loss_first"],
+        "train_loss_last": summary["train_loss_last"],
+        "loss_by_step": losses,
+        "step_seconds": summary.get("step_seconds"),
+        "wall_seconds": round(wall, 1),
+        "versions": summary.get("versions"),
+    }
+
+
+def loss_at_equal_samples(runs: dict[str, dict[str, Any]]) -> None:
+    """Add `loss_at_samples`: each run's mean loss over the last quarter of the samples all runs have seen."""
+    done = {n: r for n, r in runs.items() if "loss_by_step" in r and r["loss_by_step"]}
+    if not done:
+        return
+    common = min(r["rows_per_step"] * r["steps"] for r in done.values())
+    for run in done.values():
+        window = [loss for step, loss in run["loss_by_step"]
+                  if 0.75 * common < step * run["rows_per_step"] <= common]
+        run["loss_at_samples"] = {"samples": common, "mean_loss": sum(window) / len(window) if window else None}
+
+
+def attention_microbench() -> dict[str, Any]:
+    """One Falcon-7B attention layer (bf16, random weights), 16 x 512, forward + backward: each path's time and memory."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.falcon.modeling_falcon import FalconAttention, FalconRotaryEmbedding
+
+    from oasst_train import attention
+
+    tokenizer_dir = REPO / "bench" / "data" / "falcon-7b-tokenizer"
+    config = AutoConfig.from_pretrained(tokenizer_dir if tokenizer_dir.is_dir()
+                                        else REPO.parent / "shared" / "models" / "falcon-7b-tokenizer")
+    config._attn_implementation = "sdpa"
+    batch, length = 16, 512
+    layer = FalconAttention(config, layer_idx=0).cuda().to(torch.bfloat16)
+    rotary = FalconRotaryEmbedding(config).cuda()
+    x = torch.randn(batch, length, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(length, device="cuda")[None].expand(batch, -1)
+    cos_sin = tuple(t.to(torch.bfloat16) for t in rotary(x, positions))
+    causal = torch.full((length, length), float("-inf"), device="cuda").triu(1).to(torch.bfloat16)
+    mask = causal[None, None].expand(batch, 1, length, length)
+    results: dict[str, Any] = {"shape": [batch, length]}
+    plan = attention._Plan()
+    original = layer.forward
+
+    def step(forward: Any) -> None:
+        out, _ = forward(x, None, mask, position_embeddings=cos_sin)
+        out.float().sum().backward()
+
+    for label, mode, kv in (("transformers", None, None), ("fused_expand_causal", "causal", "expand"),
+                            ("fused_gqa_causal", "causal", "gqa"), ("fused_expand_mask", "given", "expand")):
+        if mode is None:
+            forward = original
+        else:
+            layer._oasst_plan, layer._oasst_original = plan, original
+            plan.mode, plan.mask = mode, None
+            attention.KV_MODE = kv
+            forward = lambda *a, **k: attention._fused_forward(layer, *a, **k)  # noqa: E731
+        try:
+            for _ in range(3):
+                step(forward)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                step(forward)
+            torch.cuda.synchronize()
+            results[label] = {"ms": (time.perf_counter() - t0) * 100,
+                              "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+        except RuntimeError as exc:
+            results[label] = {"error": str(exc).splitlines()[0][:200]}
+    attention.KV_MODE = "expand"
+    return results
+
+
+def table(result: dict[str, Any]) -> None:
+    """The short table printed last."""
+    runs = result["runs"]
+    base = runs.get("classic", {}).get("steady_tokens_per_second")
+    print(f"\n{'config':20s} {'tok/s':>7s} {'x classic':>9s} {'MFU':>6s} {'alloc GiB':>9s} {'smi GiB':>8s} "
+          f"{'busy %':>6s} {'4bit':>4s} {'loss@equal':>10s}")
+    for name, r in runs.items():
+        if "error" in r:
+            print(f"{name:20s} ERROR {r['error'][:90]}")
+            continue
+        tps = r["steady_tokens_per_second"]
+        loss = (r.get("loss_at_samples") or {}).get("mean_loss")
+        print(f"{name:20s} {tps:7.0f} {tps / base if base else 0:9.2f} {r['mfu']:6.1%} "
+              f"{r['peak_allocated_gib'] or 0:9.1f} {r['peak_nvidia_smi_gib'] or 0:8.1f} "
+              f"{r['gpu_busy_percent'] or 0:6.0f} {r['linear4bit_layers']:4d} "
+              f"{loss if loss is not None else float('nan'):10.4f}")
+    micro = result.get("attention_microbench")
+    if micro:
+        print("\nattention layer 16x512 fwd+bwd: " + ", ".join(
+            f"{k} {v['ms']:.2f} ms / {v['peak_extra_gib']:.2f} GiB" if "ms" in v else f"{k} {v.get('error')}"
+            for k, v in micro.items() if isinstance(v, dict)))
+
+
+def main() -> None:
+    """Run the chosen configurations, merge into the results file, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REPO / "bench" / "data" / "falcon7b-random"))
+    parser.add_argument("--data", default=str(REPO / "bench" / "data" / "guanaco-all"))
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--only", default=",".join(DEFAULT), help=f"from attention, {', '.join(CONFIGS)}")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(CONFIGS) - {"attention"})
+    if unknown:
+        sys.exit(f"unknown configurations: {', '.join(unknown)}")
+    previous = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    result = {
+        "benchmark": "QLoRA real tokens/s, Falcon-7B architecture with random weights, real tokenizer, English "
+                     "OASST1 validation threads",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")),
+        "flops_per_token": FLOPS_PER_TOKEN,
+        "bf16_ceiling_tflops": BF16_TFLOPS,
+        "steps": args.steps,
+        "runs": previous.get("runs", {}),
+    }
+    if "attention_microbench" in previous:
+        result["attention_microbench"] = previous["attention_microbench"]
+    if "attention" in names:
+        result["attention_microbench"] = attention_microbench()
+    work = Path(tempfile.mkdtemp(prefix="train-throughput-"))
+    for name in names:
+        if name == "attention":
+            continue
+        result["runs"][name] = run_config(name, args, work) | {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        loss_at_equal_samples(result["runs"])
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(args.results)  # after every run: a call cut short keeps what it measured
+    loss_at_equal_samples(result["runs"])
+    tmp = args.results.with_suffix(".tmp")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(args.results)
+    table(result)
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+    main()

@@ -1,0 +1,133 @@
+"""The fused Falcon attention option computes what transformers' own attention computes, and packs without leaks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from oasst_train import attention
+from oasst_train.attention import block_causal_mask, fused_attention_layers, use_fused_attention
+
+TOL = 1e-5
+
+
+def _pair(tiny_falcon: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The tiny Falcon twice, in fp32: as transformers builds it, and with the fused attention switched on."""
+    from transformers import FalconForCausalLM
+
+    plain = FalconForCausalLM.from_pretrained(tiny_falcon, dtype=torch.float32).eval()
+    fused = FalconForCausalLM.from_pretrained(tiny_falcon, dtype=torch.float32).eval()
+    assert use_fused_attention(fused) == 2 == fused_attention_layers(fused)
+    assert fused_attention_layers(plain) == 0
+    return plain, fused
+
+
+def _ids(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
+    """Random token sequences of the given lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, 60000, (n,), generator=generator) for n in lengths]
+
+
+@pytest.mark.parametrize("kv_mode", ["expand", "gqa"])
+def test_unpadded_batch_gives_the_same_logits(tiny_falcon: Path, kv_mode: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "KV_MODE", kv_mode)
+    plain, fused = _pair(tiny_falcon)
+    ids = torch.stack(_ids([24, 24]))
+    with torch.no_grad():
+        assert (plain(ids).logits - fused(ids).logits).abs().max() < TOL
+
+
+def test_right_padded_batch_gives_the_same_logits_on_every_real_token(tiny_falcon: Path) -> None:
+    plain, fused = _pair(tiny_falcon)
+    seqs = _ids([30, 17, 9])
+    ids = torch.zeros(3, 30, dtype=torch.long)
+    mask = torch.zeros(3, 30, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    with torch.no_grad():
+        a = plain(ids, attention_mask=mask).logits
+        b = fused(ids, attention_mask=mask).logits
+    assert fused.transformer._oasst_plan.mode == "causal"  # the mask-free fused path really ran
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max() < TOL
+
+
+def test_left_padded_batch_uses_the_given_mask_and_matches(tiny_falcon: Path) -> None:
+    plain, fused = _pair(tiny_falcon)
+    ids = torch.stack(_ids([20, 20]))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        a = plain(ids, attention_mask=mask).logits
+        b = fused(ids, attention_mask=mask).logits
+    assert fused.transformer._oasst_plan.mode == "given"
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max() < TOL
+
+
+def test_packed_row_gives_each_example_the_logits_it_has_alone(tiny_falcon: Path) -> None:
+    _, fused = _pair(tiny_falcon)
+    seqs = _ids([11, 23, 7])
+    row = torch.cat(seqs)[None]
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    with torch.no_grad():
+        packed = fused(row, position_ids=positions).logits[0]
+        assert fused.transformer._oasst_plan.mode == "block"
+        start = 0
+        for seq in seqs:
+            alone = fused(seq[None]).logits[0]
+            assert (packed[start:start + len(seq)] - alone).abs().max() < TOL
+            start += len(seq)
+
+
+def test_packed_training_gradients_equal_the_sum_over_examples_alone(tiny_falcon: Path) -> None:
+    """A leak would show in the gradients too: the packed loss's gradient must be the per-example sum."""
+    _, fused = _pair(tiny_falcon)
+    fused.train()
+    seqs = _ids([13, 19])
+    row = torch.cat(seqs)[None]
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+
+    def loss_of(ids: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        logits = fused(ids, position_ids=pos).logits[0]
+        targets = ids[0].clone()
+        if pos is not None:  # no target across the boundary between two packed examples
+            targets[1:][pos[0, 1:] == 0] = -100
+        return torch.nn.functional.cross_entropy(logits[:-1], targets[1:], ignore_index=-100, reduction="sum")
+
+    weight = fused.transformer.h[0].self_attention.query_key_value.weight
+    fused.zero_grad()
+    loss_of(row, positions).backward()
+    packed_grad = weight.grad.clone()
+    fused.zero_grad()
+    for seq in seqs:
+        loss_of(seq[None], None).backward()
+    assert (packed_grad - weight.grad).abs().max() < 1e-4 * weight.grad.abs().max()
+
+
+def test_generation_with_a_kv_cache_is_unchanged(tiny_falcon: Path) -> None:
+    plain, fused = _pair(tiny_falcon)
+    prompt = torch.stack(_ids([12]))
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        assert torch.equal(plain.generate(prompt, **kwargs), fused.generate(prompt, **kwargs))
+
+
+def test_block_mask_hides_other_examples_and_padding_but_never_empties_a_row() -> None:
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    mask = block_causal_mask(positions)[0, 0]
+    assert mask.tolist()[4] == [False, False, False, True, True, False]
+    padded = block_causal_mask(positions, torch.tensor([[1, 1, 1, 1, 1, 0]]))[0, 0]
+    assert padded[5].tolist() == [False] * 5 + [True]
+    assert padded.any(dim=-1).all()
+
+
+def test_models_other_than_falcon_are_left_alone(stories: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(stories)
+    assert use_fused_attention(model) == 0
