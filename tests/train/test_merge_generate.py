@@ -1,7 +1,9 @@
-"""`oasst merge`, `oasst generate`, `oasst chat` on a real 4-bit-trained stories260K adapter."""
+"""`oasst merge`, `oasst generate`, `oasst chat` on a real 4-bit-trained stories260K adapter, and the two stop
+conditions of `oasst generate` on a tiny Falcon whose greedy output is forced to run past them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -64,8 +66,6 @@ def greeter(stories: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     stories260K was pretrained without EOS (llama2.c separates stories with BOS), so in a few LoRA steps it learns
     the `### Human:` turn marker that ends a reply long before it learns EOS; either ends generation.
     """
-    import json
-
     from tests.train.conftest import RECIPES, invoke
 
     data = tmp_path_factory.mktemp("greetings")
@@ -87,8 +87,8 @@ def test_generate_streams_an_answer_in_the_guanaco_format(oasst, greeter: Path) 
     stop = result.stderr.strip().splitlines()[-1]
     assert answer.startswith("Hello") and "### Human:" not in answer
     # stories260K does not reliably learn to stop within a CPU test's budget (it confuses the byte tokens of
-    # "#" and "$", and its EOS embedding was never pretrained); the stop logic itself is checked by the
-    # streamer test below. Here: the reason is reported and the budget is respected.
+    # "#" and "$", and its EOS embedding was never pretrained); the stop logic itself is checked on the forced
+    # models below. Here: a trained adapter answers, the reason is reported and the budget is respected.
     reason, count = stop.removeprefix("[stopped: ").removesuffix(" tokens]").split(", ")
     assert reason in ("eos", "human_turn", "max_new_tokens") and 0 < int(count) <= 100
 
@@ -117,3 +117,106 @@ def test_chat_answers_each_line_until_an_empty_one(oasst, stories_run: Path) -> 
     assert result.stdout.count("bot:") == 2
     replies = [part.split("you", 1)[0].strip() for part in result.stdout.split("bot:")[1:]]
     assert all(len(reply) > 0 for reply in replies)
+
+
+# What the forced models say after `### Assistant:` when nothing stops them (greedy, token for token).
+FORCED = {
+    # Ends its reply with the next human turn, then answers again: ":" is followed by " Hello" each time.
+    "human_turn": " Hello Lisa.### Human: Hello Lisa.",
+    # Ends its reply with EOS, then keeps talking.
+    "eos": " Bye.<|endoftext|> Again Again",
+}
+
+
+def _forced_adapter(folder: Path, script: str) -> Path:
+    """A 1-layer Falcon (real tokenizer) whose greedy continuation of any text ending in `:` is `script`, with an
+    identity LoRA adapter on top, saved as `oasst train` saves one.
+
+    Attention and MLP output projections are zero, so the residual stream is the current token's embedding and
+    the model is a bigram table: each scripted token gets its own embedding axis, and the untied head maps that
+    axis to the token that follows it in the script.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, FalconConfig, FalconForCausalLM
+
+    from tests.train.conftest import FALCON_TOKENIZER
+
+    tokenizer = AutoTokenizer.from_pretrained(FALCON_TOKENIZER)
+    config = json.loads((FALCON_TOKENIZER / "config.json").read_text(encoding="utf-8"))
+    config.pop("auto_map")
+    config.update(hidden_size=16, num_attention_heads=4, num_hidden_layers=1, tie_word_embeddings=False)
+    model = FalconForCausalLM(FalconConfig(**config))
+    chain = tokenizer(":" + script, add_special_tokens=False).input_ids
+    following: dict[int, int] = {}
+    for token, after in zip(chain, chain[1:]):
+        assert following.setdefault(token, after) == after, "a bigram table cannot follow one token two ways"
+    axis = {token: i for i, token in enumerate(dict.fromkeys(chain))}
+    assert len(axis) <= config["hidden_size"]
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+        for token, i in axis.items():
+            model.transformer.word_embeddings.weight[token, i] = 1.0
+        for token, after in following.items():
+            model.lm_head.weight[after, axis[token]] = 1.0
+    model.save_pretrained(folder / "base")
+    tokenizer.save_pretrained(folder / "base")
+    adapter = folder / "adapter"
+    get_peft_model(model, LoraConfig(r=2, target_modules=["query_key_value"])).save_pretrained(adapter)
+    (adapter / "train_config.yaml").write_text(f"model: {folder / 'base'}\nload_in_4bit: false\n"
+                                               "compute_dtype: float32\n", encoding="utf-8")
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def forced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One forced adapter per stop condition, keyed like FORCED."""
+    from tests.train.conftest import FALCON_TOKENIZER
+
+    if not FALCON_TOKENIZER.is_dir():
+        pytest.skip(f"{FALCON_TOKENIZER} not present")
+    return {name: _forced_adapter(tmp_path_factory.mktemp(name), script) for name, script in FORCED.items()}
+
+
+@pytest.mark.parametrize(("stop", "pieces", "new_tokens"), [
+    ("human_turn", [" Hello", " Lisa", "."], 6),  # " Hello", " Lisa", ".", "###", " Human", ":"
+    ("eos", [" Bye", "."], 3),  # " Bye", ".", "<|endoftext|>"
+])
+def test_reply_stops_exactly_at_the_next_human_turn_or_eos_and_streams_the_same_text(
+        forced: dict[str, Path], stop: str, pieces: list[str], new_tokens: int) -> None:
+    import torch
+
+    from oasst_train.data import guanaco_prompt
+    from oasst_train.generate import Chatbot
+
+    bot = Chatbot.load(forced[stop])
+    # Unstopped greedy decoding really runs past the stop: the cut below is the stop logic's doing.
+    ids = bot.tokenizer(guanaco_prompt("Please greet Lisa."), return_tensors="pt").input_ids
+    prompt_length = ids.shape[1]
+    with torch.no_grad():
+        for _ in bot.tokenizer(FORCED[stop], add_special_tokens=False).input_ids:
+            ids = torch.cat([ids, bot.model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert bot.tokenizer.decode(ids[0, prompt_length:]) == FORCED[stop]
+
+    streamed: list[tuple[str, bool]] = []
+    reply = bot.reply("Please greet Lisa.", max_new_tokens=50, stream=lambda text, nl=True: streamed.append((text, nl)))
+    assert (reply.stop, reply.new_tokens, reply.text) == (stop, new_tokens, "".join(pieces))
+    # Token by token, never a character of `### Human:`, then the end of the line.
+    assert streamed == [(piece, False) for piece in pieces] + [("", True)]
+
+
+@pytest.mark.parametrize(("stop", "max_new_tokens", "stdout", "reason"), [
+    ("human_turn", 50, " Hello Lisa.\n", "[stopped: human_turn, 6 tokens]"),
+    ("eos", 50, " Bye.\n", "[stopped: eos, 3 tokens]"),
+    ("human_turn", 2, " Hello Lisa\n", "[stopped: max_new_tokens, 2 tokens]"),
+])
+def test_generate_command_prints_the_answer_up_to_the_stop_and_says_why_it_stopped(
+        oasst, forced: dict[str, Path], stop: str, max_new_tokens: int, stdout: str, reason: str) -> None:
+    result = oasst("generate", forced[stop], "--prompt", "Please greet Lisa.", "--max-new-tokens", max_new_tokens)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == stdout
+    assert result.stderr.strip().splitlines()[-1] == reason

@@ -64,20 +64,24 @@ def train(config_file: Path | None, resume: bool, quiet: bool, **flags: Any) -> 
                     --config train/recipes/falcon-7b-guanaco.yaml --out runs/falcon
 
     Writes the adapter (safetensors), tokenizer, train_config.yaml, train_summary.json and loss.png to --out,
-    and resumable checkpoints to --out/checkpoints (also on SIGTERM/Ctrl-C).
+    and resumable checkpoints to --out/checkpoints. SIGTERM or Ctrl-C saves a checkpoint at the end of the current
+    step and exits 1; the same command with --resume continues from it. --report-to tensorboard writes its event
+    files to --out/runs (tensorboard --logdir runs/tiny/runs).
     """
     from rich.console import Console
 
     from oasst_train.config import resolve_config, to_dict
+    from oasst_train.report import check_report_to, summary_table, tensorboard_dir
 
     cfg = resolve_config(config_file, flags)
+    check_report_to(cfg.report_to)
     console = Console(stderr=True, quiet=quiet)
     console.print(f"[bold]oasst train[/] {'--resume ' if resume else ''}config:", to_dict(cfg))
     _quiet_libraries()
-    from oasst_train.report import summary_table
     from oasst_train.trainer import run_training
 
-    summary = run_training(cfg, resume=resume, console=console, progress=not quiet)
+    with tensorboard_dir(Path(cfg.out) / "runs"):
+        summary = run_training(cfg, resume=resume, console=console, progress=not quiet)
     if not quiet:
         Console().print(summary_table(summary, f"oasst train -> {cfg.out}"))
 

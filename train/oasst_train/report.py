@@ -1,13 +1,20 @@
-"""What a training run leaves beside its adapter: `train_summary.json`, `loss.png`, and the final rich table."""
+"""What a training run reports: `train_summary.json`, `loss.png`, the final rich table, and the report_to check."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import importlib.util
+import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from oasst_tools.errors import OasstError
+
+# report_to value -> the packages transformers can write it with (any one will do).
+REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "oasst-tools")
 
 
@@ -20,6 +27,37 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = "-"
     return found
+
+
+def check_report_to(report_to: str) -> None:
+    """Fail before loading anything when `report_to` names a logger that is not installed.
+
+    transformers would otherwise raise a RuntimeError with a traceback after the model has loaded.
+    """
+    packages = REPORTERS.get(report_to, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise OasstError(f"--report-to {report_to} needs the {packages[0]} package, which is not installed: "
+                         f"pip install {packages[0]}, or pass --report-to none")
+
+
+@contextlib.contextmanager
+def tensorboard_dir(folder: Path) -> Iterator[None]:
+    """Send transformers' TensorBoard events to `folder` during one run (unless TENSORBOARD_LOGGING_DIR is set).
+
+    transformers 5.24 opens its writer at the first log call and only learns output_dir in on_train_begin; the
+    step-0 evaluation logs before train(), so without this the whole run's events land in ./runs of the working
+    directory. A --resume appends to the same folder, so TensorBoard shows one continuous curve. Delete when a
+    transformers release opens the writer under output_dir on the first log call.
+    """
+    name = "TENSORBOARD_LOGGING_DIR"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = str(folder)
+    try:
+        yield
+    finally:
+        del os.environ[name]
 
 
 def device_name() -> str:
