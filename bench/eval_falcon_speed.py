@@ -11,12 +11,23 @@ so it includes request building, the batch-size search of `auto`, scoring and me
     PYTHONPATH=.:train:eval:.gpu/site python bench/eval_falcon_speed.py run --limit 2000
 
 Configurations (`run --only a,b` picks some; results merge into the same JSON):
-    lm_eval_bs64        plain lm-eval, bf16, batch 64 (its best setting measured so far: 164 items/s)
-    lm_eval_auto        plain lm-eval, bf16, --batch_size auto (capped at 64)
-    oasst_bf16_adapter  oasst eval --adapter (LoRA r64 on Falcon's 4 linears), bf16, default batch size
-    oasst_nf4_adapter   the same with --load-in-4bit (NF4, Falcon fix: 128 Linear4bit layers expected)
-    lm_eval_bs1         plain lm-eval's default batch size 1 (slow: ~5 min for 2,000 items; not run by default)
-    oasst_bf16_base     oasst eval without adapter, bf16 (not run by default)
+    lm_eval_bs64                 plain lm-eval, bf16, batch 64 (its best setting measured so far: 164 items/s)
+    lm_eval_auto                 plain lm-eval, bf16, --batch_size auto (capped at 64)
+    oasst_bf16_adapter           oasst eval --adapter (LoRA r64 on Falcon's 4 linears), bf16, defaults: adapter
+                                 merged, token-budget batches
+    oasst_bf16_adapter_unmerged  the same with --no-merge-adapter (the merge's effect)
+    oasst_bf16_adapter_bs64      the same with --batch-size 64 (the token budget's effect: lm-eval's batch, our
+                                 head-only logits and batched reads)
+    oasst_nf4_adapter            --load-in-4bit (NF4, Falcon fix: 128 Linear4bit layers expected), adapter unmerged
+    lm_eval_bs1                  plain lm-eval's default batch size 1 (slow: ~5 min for 2,000 items; not by default)
+    oasst_bf16_base              oasst eval without adapter, bf16 (not run by default)
+    oasst_bf16_adapter_tok4k     merged, token budget capped at 4,096 instead of 16,384 (not run by default)
+    oasst_bf16_adapter_tok64k    merged, token budget capped at 65,536 (more rows, more padding; not by default)
+
+The hardware floor printed first: the exact tokens the run feeds through the model (lm-eval's own tokenization
+of the first `--limit` items with the Falcon tokenizer, context + continuation minus its last token, each
+distinct input once), x 2 x 6.9 GFLOP per token forward, over the H200's measured 790 TFLOP/s bf16 ceiling.
+No padding is counted: it is the time below which no implementation can go.
 
 Writes bench/results/eval_falcon_speed.json (or --results) and prints a table last.
 """
@@ -40,9 +51,21 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "eval" / "oasst_eval" / "tasks"
 MODEL_DIR = REPO / "bench" / "data" / "falcon7b-random"
 ADAPTER_DIR = REPO / "bench" / "data" / "falcon7b-random-lora"
-RESULTS = REPO / "bench" / "results" / "eval_falcon_speed.json"
-DEFAULT_CONFIGS = ("lm_eval_bs64", "lm_eval_auto", "oasst_bf16_adapter", "oasst_nf4_adapter")
-ALL_CONFIGS = DEFAULT_CONFIGS + ("lm_eval_bs1", "oasst_bf16_base")
+RESULTS = REPO / "bench" / "results" / f"eval_falcon_speed-{datetime.now(timezone.utc).date()}.json"
+DEFAULT_CONFIGS = ("lm_eval_bs64", "lm_eval_auto", "oasst_bf16_adapter", "oasst_bf16_adapter_unmerged",
+                   "oasst_bf16_adapter_bs64", "oasst_nf4_adapter")
+ALL_CONFIGS = DEFAULT_CONFIGS + ("lm_eval_bs1", "oasst_bf16_base", "oasst_bf16_adapter_tok4k",
+                                 "oasst_bf16_adapter_tok64k")
+# Extra `oasst eval` flags per configuration, beyond --adapter / --load-in-4bit read from the name.
+OASST_FLAGS = {
+    "oasst_bf16_adapter_unmerged": ["--no-merge-adapter"],
+    "oasst_bf16_adapter_bs64": ["--batch-size", "64"],
+    "oasst_bf16_adapter_tok4k": ["--max-batch-tokens", "4096"],
+    "oasst_bf16_adapter_tok64k": ["--max-batch-tokens", "65536"],
+}
+FORWARD_FLOP_PER_TOKEN = 2 * 6.9e9  # 2 x parameters (Falcon-7B: 6.9B) per token, forward only
+BF16_CEILING = 790e12  # dense bf16 matrix product on the H200, measured (docs/gpu.md)
+FALCON_MAX_LENGTH = 2048  # what HFLM resolves for this config: lm-eval left-truncates inputs to it
 LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -163,6 +186,7 @@ def measure(name: str, limit: int, work: Path) -> dict[str, object]:
             cmd += ["--adapter", str(ADAPTER_DIR)]
         if "nf4" in name:
             cmd += ["--load-in-4bit"]
+        cmd += OASST_FLAGS.get(name, [])
     t0 = time.perf_counter()
     with log.open("w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -178,16 +202,55 @@ def measure(name: str, limit: int, work: Path) -> dict[str, object]:
         row = {"items": settings["items_scored"][label], "seconds": settings["seconds"][label],
                "load_seconds": settings["load_seconds"], "batch_sizes": settings["batch_size_used"][label],
                "peak_gpu_memory_gib": settings["peak_gpu_memory_gib"],
-               "linear4bit_layers": settings["linear4bit_layers"]}
+               "linear4bit_layers": settings["linear4bit_layers"],
+               "batch_tokens": settings.get("batch_tokens"), "adapter_merged": settings.get("adapter_merged")}
     row["items_per_second"] = row["items"] / row["seconds"]
     row["wall_seconds"] = round(wall, 1)
     return row
+
+
+def hardware_floor(limit: int) -> dict[str, float | int]:
+    """Exact tokens of the first `limit` HellaSwag items through lm-eval's tokenization, and the time they need."""
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos_text = tokenizer.decode(prefix)
+
+    class Encoder:
+        """What `TemplateLM._encode_pair` needs from HFLM: its `tok_encode` (add_bos_token unset)."""
+
+        backend = "causal"
+
+        def tok_encode(self, string: str) -> list[int]:
+            return tokenizer.encode(string, **({"add_special_tokens": False} if string.startswith(bos_text) else {}))
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(data_dir())})
+    task = manager.load(["hellaswag"])["tasks"]["hellaswag"]
+    task.build_all_requests(limit=limit)
+    inputs = set()
+    for instance in task.instances:
+        context, continuation = TemplateLM._encode_pair(Encoder(), *instance.args)
+        # HFLM's model input; requests with the same input share one row (lm-eval's context grouping).
+        inputs.add(tuple((context + continuation)[-(FALCON_MAX_LENGTH + 1):][:-1]))
+    tokens = sum(len(x) for x in inputs)
+    seconds = tokens * FORWARD_FLOP_PER_TOKEN / BF16_CEILING
+    items = len(task.eval_docs) if limit is None else min(limit, len(task.eval_docs))
+    return {"items": items, "requests": len(task.instances), "model_inputs": len(inputs), "tokens": tokens,
+            "flop": tokens * FORWARD_FLOP_PER_TOKEN, "seconds": seconds, "items_per_second": items / seconds}
 
 
 def run(limit: int, configs: list[str], results_file: Path) -> None:
     """Measure the configurations, merge them into the results file, print the table."""
     if not (MODEL_DIR / "config.json").is_file() or not (ADAPTER_DIR / "adapter_config.json").is_file():
         sys.exit(f"{MODEL_DIR} or {ADAPTER_DIR} missing: run `python {Path(__file__).name} prepare` first")
+    floor = hardware_floor(limit)
+    print(f"hardware floor: {floor['tokens']:,} tokens in {floor['model_inputs']:,} model inputs "
+          f"({floor['requests']:,} requests, {floor['items']:,} items) x {FORWARD_FLOP_PER_TOKEN / 1e9:.1f} GFLOP "
+          f"= {floor['flop'] / 1e15:.2f} PFLOP; at {BF16_CEILING / 1e12:.0f} TFLOP/s {floor['seconds']:.2f} s, "
+          f"{floor['items_per_second']:.0f} items/s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-falcon-"))
     previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
     runs = previous.get("runs", {}) if previous.get("limit") == limit else {}
@@ -203,6 +266,8 @@ def run(limit: int, configs: list[str], results_file: Path) -> None:
         "timed": "simple_evaluate on pre-built tasks and a loaded model (request building, batch-size search, scoring)",
         "reference_items_per_second_2026_11_29": {"lm_eval_bs1": 7.2, "lm_eval_auto": 134, "lm_eval_bs64": 164,
                                                   "plain_nf4_with_falcon_fix": 124},
+        "hardware_floor": floor | {"flop_per_token": FORWARD_FLOP_PER_TOKEN, "ceiling_flop_per_second": BF16_CEILING,
+                                   "note": "unpadded tokens x 2 x 6.9e9 FLOP / 790e12 FLOP/s; forward only"},
         "runs": runs,
     }
     results_file.parent.mkdir(parents=True, exist_ok=True)
@@ -215,13 +280,15 @@ def run(limit: int, configs: list[str], results_file: Path) -> None:
 
     gpu = result["machine"].get("gpu", "cpu")
     table = Table(title=f"HellaSwag items/s, Falcon-7B random weights, first {limit} items ({gpu})")
-    for col in ("configuration", "batch", "items/s", "scoring s", "load s", "peak GiB", "Linear4bit"):
+    for col in ("configuration", "batch", "items/s", "x floor", "scoring s", "load s", "peak GiB", "Linear4bit"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
     for name, row in runs.items():
         if "error" in row:
-            table.add_row(name, "failed", "-", "-", "-", "-", "-")
+            table.add_row(name, "failed", "-", "-", "-", "-", "-", "-")
             continue
-        table.add_row(name, str(row["batch_sizes"]), f"{row['items_per_second']:.1f}", f"{row['seconds']:.1f}",
+        batch = f"{row['batch_tokens']} tok" if row.get("batch_tokens") else str(row["batch_sizes"])
+        table.add_row(name, batch, f"{row['items_per_second']:.1f}",
+                      f"{row['seconds'] / floor['seconds']:.1f}", f"{row['seconds']:.1f}",
                       f"{row['load_seconds']:.1f}", f"{row['peak_gpu_memory_gib'] or 0:.1f}",
                       str(row["linear4bit_layers"]))
     Console(width=120).print(table)

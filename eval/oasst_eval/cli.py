@@ -22,6 +22,8 @@ from oasst_eval.config import help_for, parse_tasks, resolve_config
 @click.option("--limit", type=click.IntRange(min=1), default=None, help=help_for("limit"))
 @click.option("--batch-size", default=None, help=help_for("batch_size"))
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=None, help=help_for("max_batch_size"))
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None, help=help_for("max_batch_tokens"))
+@click.option("--merge-adapter/--no-merge-adapter", "merge_adapter", default=None, help=help_for("merge_adapter"))
 @click.option("--load-in-4bit/--no-load-in-4bit", "load_in_4bit", default=None, help=help_for("load_in_4bit"))
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default=None,
               help=help_for("dtype"))

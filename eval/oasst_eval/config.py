@@ -40,9 +40,13 @@ class EvalConfig:
     # Scoring
     num_fewshot: int | None = _f(None, "Few-shot examples per item (default: the task's own, 0 for hellaswag).")
     limit: int | None = _f(None, "Score only the first N items of each task (for quick checks).")
-    batch_size: str = _f("default", "auto, or a number. default: auto on GPU (lm-eval's batch-size search, the "
-                                    "fast setting), 8 on CPU.")
-    max_batch_size: int = _f(64, "Upper bound of the auto batch-size search.")
+    batch_size: str = _f("default", "auto, or a number of rows. default: auto on GPU (a token budget per batch "
+                                    "measured from free GPU memory, the fast setting), 8 on CPU.")
+    max_batch_size: int | None = _f(None, "Upper bound on rows per batch with auto (default: none, the token "
+                                          "budget decides).")
+    max_batch_tokens: int = _f(16384, "Upper bound of the auto token budget (rows x padded length per batch).")
+    merge_adapter: bool = _f(True, "Merge a 16/32-bit adapter into the weights in memory before scoring it, so it "
+                                   "costs nothing per token (4-bit models keep it unmerged).")
 
     # Model loading (shared with `oasst train`)
     load_in_4bit: bool = _f(False, "Load the base model in 4-bit NF4 with bitsandbytes (Falcon included), as "

@@ -37,6 +37,7 @@ LOCAL_SPLITS: dict[str, tuple[str, tuple[str, ...]]] = {
 HUB_FALLBACK: dict[str, str] = {"hellaswag": "Rowan/hellaswag"}
 
 _TOKENIZERS: dict[str, Any] = {}
+_PROCESSED: dict[Any, Any] = {}  # dataset fingerprint -> processed documents
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> tuple[Path | None, str]:
@@ -99,6 +100,22 @@ def hellaswag_dataset(*, data_dir: str | None = None, **_: Any) -> Any:
         # An empty split keeps lm-eval's few-shot sampler happy at zero shots; the CLI refuses k > 0 without it.
         splits[split] = datasets.Dataset.from_list(list(read_jsonl(path)) if path else [])
     return datasets.DatasetDict(splits)
+
+
+def hellaswag_process_docs(dataset: Any) -> Any:
+    """lm-eval's own hellaswag `process_docs`, run once per dataset instead of at every read of the documents.
+
+    lm-eval 0.4.13 re-runs `process_docs` (a `datasets.map` over all 10,042 rows) each time a task reads its
+    evaluation documents, three times per run, even with `--limit`. Delete when lm-eval caches processed docs.
+    """
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    key = getattr(dataset, "_fingerprint", None) or id(dataset)
+    if key not in _PROCESSED:
+        if len(_PROCESSED) >= 8:  # a long-lived process loading many datasets keeps only the latest few
+            _PROCESSED.pop(next(iter(_PROCESSED)))
+        _PROCESSED[key] = process_docs(dataset)
+    return _PROCESSED[key]
 
 
 def register_tokenizer(name: str, tokenizer: Any) -> None:

@@ -4,6 +4,10 @@ The model is loaded once with `oasst_train.model` (the loader `oasst train` uses
 GGUF, adapters) and handed to lm-eval as an object (`HFLM(pretrained=model)`), which is what lets 4-bit
 Falcon and adapters run at all under transformers 5. With `--compare-base` the base model is the same
 object with the adapter switched off (`PeftModel.disable_adapter()`), so nothing is loaded twice.
+
+Speed: lm-eval gets a `FastHFLM` (oasst_eval.fastlm: logits only where lm-eval reads them, a measured token
+budget per batch on GPU), a 16/32-bit adapter is merged into the weights before it is scored (after the base
+model's run, which needs the weights untouched), and lm-eval's prompt templates are compiled once.
 """
 
 from __future__ import annotations
@@ -162,21 +166,41 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
 
     linear4bit = count_linear4bit(model)
 
-    from lm_eval.models.huggingface import HFLM
+    from oasst_eval.fastlm import FastHFLM, cache_jinja_templates
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=cfg.max_batch_size)
+    # max_batch_size also bounds lm-eval's own search, which loglikelihood_rolling (guanaco_test) still uses.
+    lm = FastHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  max_batch_size=cfg.max_batch_size or 64, max_rows=cfg.max_batch_size,
+                  max_batch_tokens=cfg.max_batch_tokens)
+    merge = bool(cfg.adapter and cfg.merge_adapter and not cfg.load_in_4bit)
+    if cfg.adapter and cfg.merge_adapter and cfg.load_in_4bit:
+        log("adapter kept unmerged: merging into 4-bit weights would re-quantize them")
     labels = (["base", "adapter"] if cfg.compare_base else ["adapter"]) if cfg.adapter else ["base"]
     runs = []
-    for label in labels:
-        log(f"scoring {label} on {', '.join(cfg.tasks)} ({device}, batch size {batch_size})")
-        if label == "base" and cfg.adapter:
-            with model.disable_adapter():
-                runs.append(_score(lm, tasks, manager, cfg, label))
-        else:
+    merge_seconds = None
+    undo = cache_jinja_templates()
+    try:
+        for label in labels:
+            log(f"scoring {label} on {', '.join(cfg.tasks)} ({device}, batch size {batch_size})")
+            if label == "base" and cfg.adapter:
+                with model.disable_adapter():
+                    runs.append(_score(lm, tasks, manager, cfg, label))
+                continue
+            if label == "adapter" and merge:
+                t0 = time.perf_counter()
+                # In place: the LoRA product is added to each wrapped layer's weight, and the wrappers go.
+                model = lm._model = model.merge_and_unload()
+                merge_seconds = round(time.perf_counter() - t0, 2)
+                log(f"adapter merged into the weights in {merge_seconds} s")
             runs.append(_score(lm, tasks, manager, cfg, label))
+    finally:
+        undo()
     settings = cfg.as_dict() | {
         "device": device,
         "batch_size_used": {run.label: run.results["config"].get("batch_sizes") or batch_size for run in runs},
+        "batch_tokens": lm.batch_tokens,
+        "adapter_merged": merge,
+        "merge_seconds": merge_seconds,
         "data_used": {k: v for k, v in metadata.items() if k in ("data_dir", "data")},
         "load_seconds": round(load_seconds, 2),
         "linear4bit_layers": linear4bit,

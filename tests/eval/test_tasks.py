@@ -23,9 +23,12 @@ def test_shipped_hellaswag_is_lm_evals_own_config_but_the_data_source(lm_eval_ta
     differing = {k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k)}
     assert differing <= data_keys | {"process_docs"}, differing
     # lm-eval re-executes its task modules when it loads their YAML, so compare the function, not the object.
-    for fn in (ours["process_docs"], theirs["process_docs"]):
-        assert (fn.__module__, fn.__qualname__) == ("lm_eval.tasks.hellaswag.utils", "process_docs")
-        assert fn.__code__.co_code == upstream.process_docs.__code__.co_code
+    fn = theirs["process_docs"]
+    assert (fn.__module__, fn.__qualname__) == ("lm_eval.tasks.hellaswag.utils", "process_docs")
+    assert fn.__code__.co_code == upstream.process_docs.__code__.co_code
+    # Ours runs that same function once per dataset (test_fastlm checks the documents are identical).
+    assert (ours["process_docs"].__module__, ours["process_docs"].__qualname__) == ("oasst_eval.data",
+                                                                                    "hellaswag_process_docs")
 
 
 def test_fixture_is_the_first_100_rows_of_the_full_validation_set() -> None:

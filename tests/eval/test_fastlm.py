@@ -1,0 +1,89 @@
+"""`FastHFLM` gives lm-eval's own loglikelihoods, and the lm-eval speed-ups change no text or document."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Two continuations of one context share context + continuation[:-1]: lm-eval scores them from one row
+# (its one-token logits cache), the path where it expands logits per request.
+PAIRS = [
+    ("Once upon a time, there was a", " little girl"),
+    ("Once upon a time, there was a", " dog"),
+    ("Once upon a time, there was a", " cat"),
+    ("Lily liked to play ", "outside with her ball."),
+    ("The sun", " was big and yellow and warm."),
+    ("", "Tom went to the park."),
+]
+
+
+def _instances(pairs: list[tuple[str, str]]) -> list[object]:
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=0) for p in pairs]
+
+
+@pytest.fixture(scope="module")
+def stories_model(stories: Path) -> tuple[object, object]:
+    from oasst_train.model import load_model
+
+    return load_model(str(stories), compute_dtype="float32")
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, "auto"])
+def test_fast_loglikelihoods_equal_hflm(stories_model: tuple[object, object], batch_size: int | str) -> None:
+    from lm_eval.models.huggingface import HFLM
+
+    from oasst_eval.fastlm import FastHFLM
+
+    model, tokenizer = stories_model
+    requests = _instances(PAIRS * 3)
+    theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4).loglikelihood(requests)
+    lm = FastHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=64)
+    ours = lm.loglikelihood(requests)
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    # Same positions, same tokens; only the head's matrix shape differs, so fp32 rounding at most.
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], rel=1e-5, abs=1e-5)
+
+
+def test_batched_tokenization_equals_encode_pair(stories_model: tuple[object, object]) -> None:
+    from lm_eval.models.huggingface import HFLM
+
+    from oasst_eval.fastlm import FastHFLM
+
+    model, tokenizer = stories_model
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
+    expected = [reference._encode_pair(c, k) for c, k in PAIRS if c]
+    lm = FastHFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
+    seen: list[tuple[list[int], list[int]]] = []
+    lm._loglikelihood_tokens = lambda reqs, **_: seen.extend((c, k) for _, c, k in reqs) or [(0.0, False)] * len(reqs)
+    lm.loglikelihood(_instances([p for p in PAIRS if p[0]]))
+    assert seen == expected
+
+
+def test_cached_templates_render_the_same_text() -> None:
+    from lm_eval import utils
+
+    from oasst_eval.fastlm import cache_jinja_templates
+
+    doc = {"query": "A man is sitting on a roof. He", "label": 3}
+    before = [utils.apply_template(t, doc) for t in ("{{query}}", "{{label}}")]
+    undo = cache_jinja_templates()
+    try:
+        assert [utils.apply_template(t, doc) for t in ("{{query}}", "{{label}}", "{{query}}")] == before + before[:1]
+    finally:
+        undo()
+
+
+def test_hellaswag_docs_processed_once_and_identical() -> None:
+    import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    from oasst_eval.data import hellaswag_process_docs, read_jsonl
+
+    rows = list(read_jsonl(Path(__file__).resolve().parents[2] / "fixtures" / "hellaswag" / "validation.jsonl"))
+    dataset = datasets.Dataset.from_list(rows)
+    first = hellaswag_process_docs(dataset)
+    assert hellaswag_process_docs(dataset) is first
+    assert first.to_list() == process_docs(dataset).to_list()
