@@ -1,5 +1,8 @@
 """The classic Falcon-7B QLoRA notebook configuration against `train/recipes/falcon-7b-guanaco.yaml`, same run.
 
+Superseded by bench/train_throughput.py (more configurations, steady-state figures); kept because
+bench/results/train_falcon_recipes-2026-11-29.json came from it, with the recipe as it was then.
+
 Falcon-7B architecture with RANDOM weights (no trained Falcon is available offline; speed and memory do not
 depend on weight values), the real Falcon tokenizer, the Guanaco-style threads of the English OASST1
 validation trees. Each configuration runs as its own `oasst train` process for --steps optimizer steps; the

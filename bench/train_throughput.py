@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ CLASSIC = {
     "target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], "max_length": 512,
     "loss_on": "all", "batch_size": 4, "grad_accum": 4, "learning_rate": 2.0e-4, "lr_scheduler": "constant",
     "max_grad_norm": 0.3, "optim": "paged_adamw_32bit", "gradient_checkpointing": True, "group_by_length": True,
-    "fused_attention": False, "pad_to_multiple_of": 0, "seed": 42,
+    "fused_attention": False, "cast_norm_outputs": False, "pad_to_multiple_of": 0, "seed": 42,
 }
 COLAB = RECIPES / "falcon-7b-guanaco.yaml"
 FAST = RECIPES / "falcon-7b-guanaco-fast.yaml"
@@ -66,9 +67,16 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "colab-8x2": (COLAB, {"batch_size": 8, "grad_accum": 2}),
     "colab-adam8bit": (COLAB, {"optim": "paged_adamw_8bit"}),
     "colab-offload": (COLAB, {"activation_offloading": True}),
+    "colab-offload-adam8bit": (COLAB, {"activation_offloading": True, "optim": "paged_adamw_8bit"}),
+    "colab-8x2-offload": (COLAB, {"batch_size": 8, "grad_accum": 2, "activation_offloading": True}),
+    "colab-nodropout": (COLAB, {"lora_dropout": 0.0}),
     "fast": (FAST, {}),
     "fast-16": (FAST, {"batch_size": 16}),
+    "fast-nocast": (FAST, {"cast_norm_outputs": False}),
+    "colab-nocast": (COLAB, {"cast_norm_outputs": False}),
     "fast-packed": (FAST, {"packing": True}),
+    "fast-nodropout": (FAST, {"lora_dropout": 0.0}),
+    "fast-unfused-16": (FAST, {"fused_attention": False, "batch_size": 16}),
 }
 DEFAULT = ("classic", "colab", "fast")
 
@@ -84,37 +92,39 @@ def recipe_values(base: Any, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 class SmiSampler:
-    """nvidia-smi utilization and memory every 200 ms, stamped with the epoch time they arrived."""
+    """nvidia-smi utilization and memory every 200 ms, stamped with the epoch time they were read.
+
+    One `nvidia-smi --query-gpu` call per sample: its looping mode (-lms) block-buffers when piped, so a short
+    run ended before any sample reached us (2026-11-29, second and third calls).
+    """
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, float, float]] = []
-        self.proc: subprocess.Popen | None = None
+        self._stop = threading.Event()
         self.thread: threading.Thread | None = None
 
     def __enter__(self) -> SmiSampler:
-        try:
-            self.proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                 "-lms", "200", "-i", "0"], stdout=subprocess.PIPE, text=True)
-        except FileNotFoundError:
-            return self
-        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
         return self
 
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
+    def _poll(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-i", "0"]
+        while not self._stop.is_set():
             try:
-                util, mem = (float(x) for x in line.split(","))
-            except ValueError:
-                continue
-            self.samples.append((time.time(), util, mem))
+                line = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
+                util, mem = (float(x) for x in line.strip().split(","))
+            except (FileNotFoundError, subprocess.TimeoutExpired, ValueError):
+                if not shutil.which("nvidia-smi"):
+                    return
+            else:
+                self.samples.append((time.time(), util, mem))
+            self._stop.wait(0.2)
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait()
+        self._stop.set()
+        if self.thread is not None:
+            self.thread.join()
 
     def busy(self, window: list[float] | None) -> float | None:
         """Mean utilization % inside `window` (epoch seconds)."""
@@ -137,19 +147,25 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     config.write_text(yaml.safe_dump(recipe_values(base, overrides), sort_keys=False))
     out = work / name
     launcher = "import oasst_tools.cli as c; c.EXTRA_COMMANDS['train'] = 'oasst_train.cli:train'; c.main()"
+    if args.profile:
+        launcher = f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import _profile_hook; " + launcher
     cmd = [sys.executable, "-c", launcher, "train", "--config", str(config), "--model", args.model,
            "--data", args.data, "--out", str(out), "--max-steps", str(args.steps), "--save-steps", "100000",
            "--eval-rows", "32", "--logging-steps", "1", "-q"]
     print(f"running {name} ...", flush=True)
     started = time.perf_counter()
     with SmiSampler() as smi:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        env = os.environ | ({"OASST_PROFILE_OUT": str(work / f"{name}.profile.txt")} if args.profile else {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()
         print("\n".join(tail[-30:]))
         return {"error": tail[-1] if tail else "failed", "wall_seconds": round(wall, 1)}
     summary = json.loads((out / "train_summary.json").read_text())
+    profile = work / f"{name}.profile.txt"
+    if profile.is_file():
+        print(profile.read_text())
     history = summary.pop("log_history", [])
     values = recipe_values(base, overrides)
     per_step = values["batch_size"] * values.get("grad_accum", 1)
@@ -157,7 +173,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     steady = summary["steady_tokens_per_second"]
     return {
         "settings": {k: values[k] for k in ("precision", "batch_size", "grad_accum", "gradient_checkpointing",
-                                             "optim", "fused_attention", "packing", "activation_offloading",
+                                             "optim", "fused_attention", "cast_norm_outputs", "packing", "activation_offloading",
                                              "group_by_length", "pad_to_multiple_of", "loss_on", "lora_alpha")
                      if k in values},
         "rows_per_step": per_step,
@@ -182,7 +198,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
 
 
 def loss_at_equal_samples(runs: dict[str, dict[str, Any]]) -> None:
-    """Add `loss_at_samples`: each run's mean loss over the last quarter of the samples all runs have seen."""
+    """Add `loss_at_samples`: each run's mean loss over the last quarter of the samples all runs of a call saw."""
     done = {n: r for n, r in runs.items() if "loss_by_step" in r and r["loss_by_step"]}
     if not done:
         return
@@ -248,75 +264,81 @@ def attention_microbench() -> dict[str, Any]:
     return results
 
 
-def table(result: dict[str, Any]) -> None:
-    """The short table printed last."""
-    runs = result["runs"]
+def table(call: dict[str, Any]) -> None:
+    """The short table printed last: one call's runs, ratios against that call's classic run."""
+    runs = call["runs"]
     base = runs.get("classic", {}).get("steady_tokens_per_second")
-    print(f"\n{'config':20s} {'tok/s':>7s} {'x classic':>9s} {'MFU':>6s} {'alloc GiB':>9s} {'smi GiB':>8s} "
+    print(f"\n{'config':24s} {'tok/s':>7s} {'x classic':>9s} {'MFU':>6s} {'alloc GiB':>9s} {'smi GiB':>8s} "
           f"{'busy %':>6s} {'4bit':>4s} {'loss@equal':>10s}")
     for name, r in runs.items():
         if "error" in r:
-            print(f"{name:20s} ERROR {r['error'][:90]}")
+            print(f"{name:24s} ERROR {r['error'][:90]}")
             continue
         tps = r["steady_tokens_per_second"]
         loss = (r.get("loss_at_samples") or {}).get("mean_loss")
-        print(f"{name:20s} {tps:7.0f} {tps / base if base else 0:9.2f} {r['mfu']:6.1%} "
+        print(f"{name:24s} {tps:7.0f} {tps / base if base else float('nan'):9.2f} {r['mfu']:6.1%} "
               f"{r['peak_allocated_gib'] or 0:9.1f} {r['peak_nvidia_smi_gib'] or 0:8.1f} "
               f"{r['gpu_busy_percent'] or 0:6.0f} {r['linear4bit_layers']:4d} "
               f"{loss if loss is not None else float('nan'):10.4f}")
-    micro = result.get("attention_microbench")
+    micro = call.get("attention_microbench")
     if micro:
         print("\nattention layer 16x512 fwd+bwd: " + ", ".join(
             f"{k} {v['ms']:.2f} ms / {v['peak_extra_gib']:.2f} GiB" if "ms" in v else f"{k} {v.get('error')}"
             for k, v in micro.items() if isinstance(v, dict)))
 
 
+def save(result: dict[str, Any], path: Path) -> None:
+    """Write the results file through a temp file (a call cut short keeps what it measured)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def main() -> None:
-    """Run the chosen configurations, merge into the results file, print the table."""
+    """Run the chosen configurations as one call appended to the results file; print its table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "bench" / "data" / "falcon7b-random"))
     parser.add_argument("--data", default=str(REPO / "bench" / "data" / "guanaco-all"))
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--only", default=",".join(DEFAULT), help=f"from attention, {', '.join(CONFIGS)}")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--note", default="", help="what this call's code had that earlier calls did not")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile 3 steady steps of each run with torch.profiler; print the top CUDA kernels")
     args = parser.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(CONFIGS) - {"attention"})
     if unknown:
         sys.exit(f"unknown configurations: {', '.join(unknown)}")
-    previous = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    result = {
+    result = json.loads(args.results.read_text()) if args.results.is_file() else {
         "benchmark": "QLoRA real tokens/s, Falcon-7B architecture with random weights, real tokenizer, English "
-                     "OASST1 validation threads",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions(("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")),
+                     "OASST1 validation threads; every call is its own machine: compare runs within a call",
         "flops_per_token": FLOPS_PER_TOKEN,
         "bf16_ceiling_tflops": BF16_TFLOPS,
-        "steps": args.steps,
-        "runs": previous.get("runs", {}),
+        "calls": [],
     }
-    if "attention_microbench" in previous:
-        result["attention_microbench"] = previous["attention_microbench"]
+    call: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "note": args.note,
+        "machine": machine(),
+        "versions": versions(("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")),
+        "steps": args.steps,
+        "runs": {},
+    }
+    result["calls"].append(call)
     if "attention" in names:
-        result["attention_microbench"] = attention_microbench()
+        call["attention_microbench"] = attention_microbench()
     work = Path(tempfile.mkdtemp(prefix="train-throughput-"))
     for name in names:
         if name == "attention":
             continue
-        result["runs"][name] = run_config(name, args, work) | {
+        call["runs"][name] = run_config(name, args, work) | {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        loss_at_equal_samples(result["runs"])
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.results.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(args.results)  # after every run: a call cut short keeps what it measured
-    loss_at_equal_samples(result["runs"])
-    tmp = args.results.with_suffix(".tmp")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.results)
-    table(result)
+        loss_at_equal_samples(call["runs"])
+        save(result, args.results)
+    save(result, args.results)
+    table(call)
     print(f"wrote {args.results}")
 
 

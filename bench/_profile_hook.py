@@ -1,0 +1,56 @@
+"""Imported by bench/train_throughput.py --profile: a torch.profiler over three steady steps of `oasst train`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import TrainerCallback
+
+import oasst_train.trainer as trainer_module
+
+START_STEP, STEPS = 6, 3
+
+
+class ProfileSteps(TrainerCallback):
+    """Profile optimizer steps START_STEP .. START_STEP + STEPS - 1; write the top kernels to OASST_PROFILE_OUT."""
+
+    def __init__(self) -> None:
+        self.prof: Any = None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Start profiling at the first profiled step."""
+        if state.global_step == START_STEP and self.prof is None:
+            import torch
+
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                           torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Stop after the last profiled step and write the tables."""
+        if self.prof is not None and state.global_step == START_STEP + STEPS:
+            import torch
+
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            averages = self.prof.key_averages()
+            text = averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+            total_cuda = sum(e.self_device_time_total for e in averages) / 1e3 / STEPS
+            counts = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA) // STEPS
+            header = f"profile of steps {START_STEP}-{START_STEP + STEPS - 1}: {total_cuda:.0f} ms GPU time per step\n"
+            with open(os.environ["OASST_PROFILE_OUT"], "w") as fh:
+                fh.write(header + f"{counts} kernels per step\n" + text)
+            self.prof = None
+
+
+_original = trainer_module._build_trainer
+
+
+def _with_profiler(*args: Any, **kwargs: Any) -> Any:
+    trainer = _original(*args, **kwargs)
+    trainer.add_callback(ProfileSteps())
+    return trainer
+
+
+trainer_module._build_trainer = _with_profiler
