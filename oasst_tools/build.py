@@ -27,11 +27,17 @@ try:
 
     def _dumps(row: dict[str, Any]) -> bytes:
         return orjson.dumps(row)
+
+    def _dumps_line(row: dict[str, Any]) -> bytes:
+        return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
 except ImportError:  # pragma: no cover - orjson is a core dependency
     import json
 
     def _dumps(row: dict[str, Any]) -> bytes:
         return json.dumps(row, ensure_ascii=False).encode()
+
+    def _dumps_line(row: dict[str, Any]) -> bytes:
+        return _dumps(row) + b"\n"
 
 
 DEFAULT_HUB_ID = "OpenAssistant/oasst1"
@@ -90,7 +96,7 @@ def guanaco_text(thread: Thread) -> str:
 
 
 def _text(turns: list[tuple[str, str]]) -> str:
-    return "".join((HUMAN if role == "prompter" else ASSISTANT) + text for role, text in turns)
+    return "".join([(HUMAN if role == "prompter" else ASSISTANT) + text for role, text in turns])
 
 
 def thread_row(tree: Tree, thread: Thread) -> dict[str, Any]:
@@ -187,7 +193,7 @@ def _write(cfg: BuildConfig, report: BuildReport, folder: Path, progress: Progre
                 fh = handles.get(split)
                 if fh is None:
                     fh = handles[split] = open(folder / f"{split}.jsonl", "wb", buffering=1 << 20)
-                fh.write(_dumps(row) + b"\n")
+                fh.write(_dumps_line(row))
                 _count(report, split, row)
         finally:
             for fh in handles.values():
@@ -208,7 +214,10 @@ def _write(cfg: BuildConfig, report: BuildReport, folder: Path, progress: Progre
 
 def _count(report: BuildReport, split: str, row: dict[str, Any]) -> None:
     report.rows[split] += 1
-    report.rows_by_lang.setdefault(split, Counter())[row["lang"] or "unknown"] += 1
+    by_lang = report.rows_by_lang.get(split)
+    if by_lang is None:  # not setdefault(split, Counter()): that builds a Counter for every row
+        by_lang = report.rows_by_lang[split] = Counter()
+    by_lang[row["lang"] or "unknown"] += 1
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

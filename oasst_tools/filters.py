@@ -163,19 +163,100 @@ def kept_turns(roles: Sequence[str], sel: Selection) -> int | None:
 
 def best_raw_thread(raw: RawTree, sel: Selection, dropped: Counter[str] | None = None) -> list[dict] | None:
     """`select_threads` in top-rank mode on raw records: the same rules without building `Message`s."""
-    records, children = raw.records, raw.children
-    root = records[raw.root][1]
+    root = raw.prompt if raw.prompt is not None else raw.linked()[0][raw.root][1]
     why = state_lang_reason(raw.state, root.get("lang"), sel)
     if why is None and (head := record_drop_reason(root, sel)) is not None:
         if dropped is not None:
-            dropped[head] += len(records)
+            dropped[head] += len(raw.linked()[0])
         why = "root_dropped"
     if why is not None:
         if dropped is not None:
             dropped[f"tree:{why}"] += 1
         return None
-    # Prune (counting whole dropped subtrees, as `prune` does), then walk the survivors.
     only_flags = not (sel.drop_synthetic or sel.label_max or sel.label_min)
+    if only_flags and raw.prompt is not None:
+        thread = _best_nested_path(raw, sel, dropped)
+    elif only_flags and raw.flagged is not None:
+        thread = _best_unflagged_path(raw, sel, dropped)
+    else:
+        thread = _best_pruned_path(raw, sel, dropped, only_flags)
+    keep = kept_turns([r["role"] for r in thread], sel)
+    if keep is None:
+        if dropped is not None:
+            dropped["thread:too_short"] += 1
+        return None
+    return thread[:keep]
+
+
+def _best_nested_path(raw: RawTree, sel: Selection, dropped: Counter[str] | None) -> list[dict]:
+    """`_best_unflagged_path` on a tree read from a nested export, walking its `replies` (no index built):
+    `raw.flagged` holds the deleted and spam records themselves, parents first."""
+    dead = raw.flagged
+    if dead and dropped is not None:
+        gone: set[str] = set()
+        for record in dead:
+            if record["message_id"] not in gone:
+                lost = _nested_ids(record)
+                gone.update(lost)
+                dropped[record_drop_reason(record, sel)] += len(lost)  # type: ignore[index]
+    node = raw.prompt
+    assert node is not None
+    thread = [node]
+    while replies := node.get("replies"):
+        if dead:  # rule 1, as the reader flagged them
+            replies = [r for r in replies if not r.get("deleted") and r.get("review_result") is not False]
+            if not replies:
+                break
+        node = replies[0] if len(replies) == 1 else min(replies, key=_raw_rank_key)
+        thread.append(node)
+    return thread
+
+
+def _nested_ids(record: dict) -> list[str]:
+    """Ids of `record` and every reply under it."""
+    ids = []
+    stack = [record]
+    while stack:
+        node = stack.pop()
+        ids.append(node["message_id"])
+        stack.extend(node.get("replies") or ())
+    return ids
+
+
+def _best_unflagged_path(raw: RawTree, sel: Selection, dropped: Counter[str] | None) -> list[dict]:
+    """The best path when only rule 1 drops messages and the reader listed them (`raw.flagged`): count the
+    dropped subtrees from that list and visit only the path's replies, not every message."""
+    records, children = raw.linked()
+    dead = raw.flagged
+    if dead and dropped is not None:
+        gone: set[str] = set()
+        for node in dead:  # parents first, so a dropped ancestor comes before anything under it
+            if node not in gone:
+                lost = subtree_ids([node], children)
+                gone.update(lost)
+                dropped[record_drop_reason(records[node][1], sel)] += len(lost)  # type: ignore[index]
+    dead_ids = set(dead) if dead else None
+    node = raw.root  # alive: best_raw_thread returned before when the root is dropped
+    thread = [records[node][1]]
+    while kids := children.get(node):
+        if dead_ids:
+            kids = [kid for kid in kids if kid not in dead_ids]
+            if not kids:
+                break
+        if len(kids) == 1:
+            node = kids[0]
+            thread.append(records[node][1])
+        else:
+            best = min([records[kid][1] for kid in kids], key=_raw_rank_key)
+            node = best["message_id"]
+            thread.append(best)
+    return thread
+
+
+def _best_pruned_path(raw: RawTree, sel: Selection, dropped: Counter[str] | None, only_flags: bool) -> list[dict]:
+    """The best path after pruning the whole tree (counting whole dropped subtrees, as `prune` does)."""
+    records, children = raw.linked()
+    root = records[raw.root][1]
     alive: dict[str, list[dict]] = {}
     stack = [raw.root]
     while stack:
@@ -201,12 +282,7 @@ def best_raw_thread(raw: RawTree, sel: Selection, dropped: Counter[str] | None =
     thread = [root]
     while (kids := alive.get(thread[-1]["message_id"])) is not None:
         thread.append(min(kids, key=_raw_rank_key))
-    keep = kept_turns([r["role"] for r in thread], sel)
-    if keep is None:
-        if dropped is not None:
-            dropped["thread:too_short"] += 1
-        return None
-    return thread[:keep]
+    return thread
 
 
 def _raw_rank_key(record: dict) -> tuple[bool, int, str, str]:

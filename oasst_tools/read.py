@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -236,17 +237,32 @@ class RawTree:
     source: str
     root: str
     # message_id -> (line, record), parents before children; only the root's subtree (orphans removed).
-    records: dict[str, tuple[int | None, dict[str, Any]]]
-    # message_id -> reply ids in input order (messages without replies are absent).
-    children: dict[str, list[str]]
+    # None for a nested tree until `linked()` builds it: the top-rank selection walks `prompt` instead.
+    records: dict[str, tuple[int | None, dict[str, Any]]] | None
+    # message_id -> reply ids in input order (messages without replies are absent); None with `records`.
+    children: dict[str, list[str]] | None
     extra: dict[str, Any] = field(default_factory=dict)
     # True when every record has exactly the JSON types (no float ranks or datetime dates from a table),
     # so the raw records can be compared and selected as they are.
     plain: bool = True
+    # Ids of the deleted and spam messages (rule 1 of the selection), parents before their replies, found while
+    # the records were validated, so the top-rank selection need not visit every message again. None: not collected.
+    # For a tree read lazily from a nested export (`prompt` set, `records` None): the flagged records themselves.
+    flagged: list[Any] | None = None
+    # The root record of a nested export with its `replies`, already validated, and the tree's line.
+    prompt: dict[str, Any] | None = None
+    line: int | None = None
+
+    def linked(self) -> tuple[dict[str, tuple[int | None, dict[str, Any]]], dict[str, list[str]]]:
+        """(records, children), built on first use for a tree read from a nested export."""
+        if self.records is None or self.children is None:
+            assert self.prompt is not None and self.line is not None
+            self.records, self.children, _, _ = _nested_records(self.prompt, self.tree_id, self.source, self.line)
+        return self.records, self.children
 
     def to_tree(self) -> Tree:
         """The frozen `Tree`, built children first."""
-        records, children, path = self.records, self.children, self.source
+        (records, children), path = self.linked(), self.source
         built: dict[str, Message] = {}
         for node in reversed(records):
             line, record = records[node]
@@ -264,7 +280,9 @@ def check_record(record: dict[str, Any], path: str, line: int | None) -> bool:
     g = record.get
     rank = g("rank")
     labels = g("labels")
-    # One boolean expression, no calls: this runs for every message and dominates the build otherwise.
+    # One boolean expression, no Python calls: this runs for every message and dominates the build otherwise
+    # (a per-field tuple of types checked against a set of allowed tuples measured slower). map(type, ...) on
+    # the label values stays in C; a generator there cost 0.7 s per OASST1-sized nested export.
     if (
         type(g("message_id")) is str and g("role") in ROLES and type(g("text")) is str
         and type(g("lang")) in _STR and type(g("created_date")) in _STR and type(g("model_name")) in _STR
@@ -273,7 +291,8 @@ def check_record(record: dict[str, Any], path: str, line: int | None) -> bool:
         and type(g("emojis")) in _DICT and record["message_id"]
         and (labels is None or (type(labels) is dict and (
             (type(names := labels.get("name")) is list and type(values := labels.get("value")) is list
-             and len(names) == len(values)) or ("name" not in labels and _labels_ok(labels)))))
+             and len(names) == len(values))
+            or ("name" not in labels and _DICT_ONLY.issuperset(map(type, labels.values()))))))
     ):
         return True
     make_message(record, path, line)  # raises the precise error; returns for odd-but-valid values
@@ -285,11 +304,6 @@ _STR, _INT, _BOOL, _DICT = ({kind, _NONE} for kind in (str, int, bool, dict))
 
 
 _DICT_ONLY = frozenset((dict,))
-
-
-def _labels_ok(labels: dict[str, Any]) -> bool:
-    # map(type, ...) stays in C; a generator here cost 0.7 s per OASST1-sized nested export.
-    return _DICT_ONLY.issuperset(map(type, labels.values()))
 
 
 def iter_raw_trees(
@@ -392,7 +406,11 @@ def _assemble(group: _Pending, path: str, split: str | None, report: ReadReport)
     """Link one tree's records parent to child; validate fields, ids, roots, cycles and role alternation."""
     by_id: dict[str, tuple[int | None, str | None, dict[str, Any]]] = {}
     children: dict[str | None, list[str]] = {}
-    plain = True
+    # Exports are written parents first. While every reply follows its parent, the same loop builds what
+    # the depth-first walk below would (records, flagged ids) and checks the role alternation.
+    records: dict[str, tuple[int | None, dict[str, Any]]] = {}
+    flagged: list[str] = []
+    plain = ordered = alternates = True
     for item in group.records:
         line, parent, record = item
         if not check_record(record, path, line):
@@ -402,7 +420,18 @@ def _assemble(group: _Pending, path: str, split: str | None, report: ReadReport)
             raise OasstInputError(
                 path, line, f"duplicate message_id {message_id} (first at line {by_id[message_id][0]})",
                 reason="duplicate_id")
+        role = record["role"]
+        if parent is None:
+            if role != "prompter":
+                alternates = False
+        elif (up := by_id.get(parent)) is None:  # looked up before this record is added: a self-parent is caught
+            ordered = False
+        elif up[2]["role"] == role:
+            alternates = False
+        if record.get("deleted") or record.get("review_result") is False:
+            flagged.append(message_id)
         by_id[message_id] = item
+        records[message_id] = (line, record)
         kids = children.get(parent)
         if kids is None:
             children[parent] = [message_id]
@@ -413,6 +442,13 @@ def _assemble(group: _Pending, path: str, split: str | None, report: ReadReport)
         line = by_id[roots[1]][0]
         raise OasstInputError(path, line, f"tree {group.tree_id} has a second root message {roots[1]} "
                               f"(first root: {roots[0]})", reason="multiple_roots")
+    if ordered and alternates and roots:
+        # Every message came after its parent and there is one root, so the root reaches every message (no
+        # orphans, no cycles) and the input order is a parents-first order. Anything else takes the walk,
+        # which also finds the first role break in its own order for the error.
+        report.messages += len(by_id)
+        return RawTree(group.tree_id, group.state, split, path, roots[0], records, children, plain=plain,
+                       flagged=flagged)
     reached = 0
     # Messages whose parent is missing head orphaned subtrees: dropped and counted, not an error.
     orphan_heads = [kid for parent, kids in children.items() if parent not in by_id for kid in kids]
@@ -422,19 +458,33 @@ def _assemble(group: _Pending, path: str, split: str | None, report: ReadReport)
         report.orphaned += size
         if report.orphaned_first is None:
             report.orphaned_first = f"{path}:{by_id[orphan_heads[0]][0]}"
-    order = subtree_ids(roots, children)
-    reached += len(order)
+    # The root's subtree, depth first (as `subtree_ids` walks it), in the same pass: the expected role of each
+    # message (alternating from a prompter root) and the messages that rule 1 drops.
+    records = {}
+    flagged = []
+    alternates = True
+    stack = [(roots[0], "prompter")] if roots else []
+    while stack:
+        node, role = stack.pop()
+        line, _, record = by_id[node]
+        records[node] = (line, record)
+        if record["role"] != role:
+            alternates = False
+        if record.get("deleted") or record.get("review_result") is False:
+            flagged.append(node)
+        kids = children.get(node)
+        if kids:
+            stack.extend(zip(reversed(kids), repeat(_OTHER_ROLE[role])))
+    reached += len(records)
     if reached < len(by_id):
         raise _cycle_error(by_id, children, roots + orphan_heads, path)
     report.messages += len(by_id)
     if not roots:
         return None
-    records = {}
-    for node in order:
-        line, _, record = by_id[node]
-        records[node] = (line, record)
-    _check_roles(records, children, path)
-    return RawTree(group.tree_id, group.state, split, path, roots[0], records, children, plain=plain)
+    if not alternates:
+        _check_roles(records, children, path)  # raises the error for the first break, in its own order
+    return RawTree(group.tree_id, group.state, split, path, roots[0], records, children, plain=plain,
+                   flagged=flagged)
 
 
 def subtree_ids(heads: list[str], children: Mapping[Any, list[str]]) -> list[str]:
@@ -450,9 +500,13 @@ def subtree_ids(heads: list[str], children: Mapping[Any, list[str]]) -> list[str
     return order
 
 
+_OTHER_ROLE = {"prompter": "assistant", "assistant": "prompter"}
+
+
 def _check_roles(records: dict[str, tuple[int | None, dict[str, Any]]], children: dict[Any, list[str]],
                  path: str) -> None:
-    """Roles alternate from a prompter root down."""
+    """Roles alternate from a prompter root down: raise for the first message (in `records` order, then reply
+    order) that breaks it. The readers call it only once their walk has seen a message off the alternation."""
     root_id = next(iter(records))
     line, root = records[root_id]
     if root["role"] != "prompter":
@@ -522,12 +576,30 @@ def _nested_tree(record: dict[str, Any], path: str, line: int, split: str | None
     if type(prompt) is not dict:
         raise OasstInputError(path, line, f"field 'prompt' must be an object, got {type(prompt).__name__}",
                               reason="wrong_type")
+    extra = {k: v for k, v in record.items() if k not in ("message_tree_id", "tree_state", "prompt")}
+    scanned = _scan_nested(prompt)
+    if scanned is not None:
+        count, flagged = scanned
+        report.messages += count
+        return RawTree(tree_id, state, split, path, prompt["message_id"], None, None, extra, True, flagged,
+                       prompt, line)
+    records, children, flagged_ids, plain = _nested_records(prompt, tree_id, path, line)
+    report.messages += len(records)
+    return RawTree(tree_id, state, split, path, prompt["message_id"], records, children, extra, plain, flagged_ids)
+
+
+def _nested_records(prompt: dict[str, Any], tree_id: str, path: str, line: int) -> tuple[
+        dict[str, tuple[int | None, dict[str, Any]]], dict[str, list[str]], list[str], bool]:
+    """Validate one nested tree message by message, raising the first error in depth-first order; returns
+    (records, children, flagged ids, plain) as `RawTree` holds them."""
     records: dict[str, tuple[int | None, dict[str, Any]]] = {}
     children: dict[str, list[str]] = {}
-    stack: list[tuple[dict[str, Any], str | None]] = [(prompt, None)]
-    plain = True
+    flagged: list[str] = []
+    # (message, its parent's id, the role alternation expects of it)
+    stack: list[tuple[dict[str, Any], str | None, str]] = [(prompt, None, "prompter")]
+    plain = alternates = True
     while stack:
-        node, parent = stack.pop()
+        node, parent, role = stack.pop()
         if not check_record(node, path, line):
             plain = False
         message_id = node["message_id"]
@@ -541,17 +613,62 @@ def _nested_tree(record: dict[str, Any], path: str, line: int, split: str | None
                                       f"reply of {parent}", reason="parent_mismatch")
             node = {**node, "parent_id": parent}  # exports omit parent_id on the root only, but be lenient
         records[message_id] = (line, node)
+        if node["role"] != role:
+            alternates = False
+        if node.get("deleted") or node.get("review_result") is False:
+            flagged.append(message_id)
         replies = node.get("replies")
         if replies:
-            if type(replies) is not list or any(type(r) is not dict for r in replies):
+            # map(type, ...) and map(dict.get, ...) stay in C: this loop visits every message of the input.
+            if type(replies) is not list or not _DICT_ONLY.issuperset(map(type, replies)):
                 raise OasstInputError(path, line, f"field 'replies' of message {message_id} must be a list of "
                                       "objects", reason="wrong_type")
-            children[message_id] = [r.get("message_id") for r in replies]
-            stack.extend((reply, message_id) for reply in reversed(replies))
-    _check_roles(records, children, path)
-    report.messages += len(records)
-    extra = {k: v for k, v in record.items() if k not in ("message_tree_id", "tree_state", "prompt")}
-    return RawTree(tree_id, state, split, path, prompt["message_id"], records, children, extra, plain)
+            children[message_id] = list(map(dict.get, replies, repeat("message_id")))
+            stack.extend(zip(reversed(replies), repeat(message_id), repeat(_OTHER_ROLE[role])))
+    if not alternates:
+        _check_roles(records, children, path)  # raises the error for the first break, in its own order
+    return records, children, flagged, plain
+
+
+def _scan_nested(prompt: dict[str, Any]) -> tuple[int, list[dict[str, Any]]] | None:
+    """The walk of `_nested_records` without building its index: (messages, flagged records parents first)
+    when every message is plain and valid, else None, and `_nested_records` then raises the first error in its
+    own order (or keeps the odd-but-valid values)."""
+    seen: set[str] = set()
+    flagged: list[dict[str, Any]] = []
+    stack: list[tuple[dict[str, Any], str | None, str]] = [(prompt, None, "prompter")]
+    while stack:
+        node, parent, role = stack.pop()
+        g = node.get
+        message_id = g("message_id")
+        rank = g("rank")
+        labels = g("labels")
+        deleted = g("deleted")
+        review = g("review_result")
+        # `check_record`'s test inlined, with the walk's own checks (unique id, parent_id, alternating role,
+        # which also puts the role in ROLES) sharing its lookups: this loop visits every message of the input.
+        if not (
+            type(message_id) is str and message_id and message_id not in seen and g("parent_id") == parent
+            and g("role") == role and type(g("text")) is str
+            and type(g("lang")) in _STR and type(g("created_date")) in _STR and type(g("model_name")) in _STR
+            and (rank is None or (type(rank) is int and rank >= 0)) and type(g("review_count")) in _INT
+            and type(deleted) in _BOOL and type(review) in _BOOL and type(g("synthetic")) in _BOOL
+            and type(g("emojis")) in _DICT
+            and (labels is None or (type(labels) is dict and (
+                (type(names := labels.get("name")) is list and type(values := labels.get("value")) is list
+                 and len(names) == len(values))
+                or ("name" not in labels and _DICT_ONLY.issuperset(map(type, labels.values()))))))
+        ):
+            return None
+        seen.add(message_id)
+        if deleted or review is False:
+            flagged.append(node)
+        replies = g("replies")
+        if replies:
+            if type(replies) is not list or not _DICT_ONLY.issuperset(map(type, replies)):
+                return None
+            stack.extend(zip(reversed(replies), repeat(message_id), repeat(_OTHER_ROLE[role])))
+    return len(seen), flagged
 
 
 # ---------------------------------------------------------------------------- datasets folders and hub ids

@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
 from typing import Any
 
 import click
@@ -50,6 +49,8 @@ def plugin_commands() -> dict[str, str | click.Command]:
     """Command name -> `module:attr` (or command) from built-ins, entry points and test registrations."""
     found: dict[str, str | click.Command] = dict(BUILTIN_COMMANDS)
     if DISCOVER_ENTRY_POINTS:
+        from importlib.metadata import entry_points  # 60 ms: only when plug-ins are looked up
+
         declared = entry_points(group="oasst")
         for ep in declared:
             found.setdefault(ep.name, ep.value)

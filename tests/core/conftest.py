@@ -48,3 +48,18 @@ def read_jsonl(path: Path) -> list[dict]:
 def raw_records(path: Path) -> dict[str, dict]:
     """message_id -> raw JSON record of a flat file (an independent view of the input for expectations)."""
     return {r["message_id"]: r for r in read_jsonl(path)}
+
+
+def assert_fast_path_agrees(raws: object, sel: object) -> None:
+    """The build's raw-record fast path picks the same thread and counts the same drops as `select_threads`."""
+    from collections import Counter
+
+    from oasst_tools.filters import best_raw_thread, select_threads
+
+    fast_dropped: Counter[str] = Counter()
+    slow_dropped: Counter[str] = Counter()
+    for raw in raws:  # type: ignore[attr-defined]
+        fast = best_raw_thread(raw, sel, fast_dropped)  # type: ignore[arg-type]
+        slow = list(select_threads(raw.to_tree(), sel, slow_dropped))  # type: ignore[arg-type]
+        assert [r["message_id"] for r in fast or ()] == [m.message_id for t in slow for m in t]
+    assert fast_dropped == slow_dropped

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from oasst_tools.filters import Selection, drop_reason, prune, select_threads
 from oasst_tools.read import read_trees
 from oasst_tools.walk import iter_messages, rank_key
+from tests.core.conftest import assert_fast_path_agrees
 from tests.core.test_read import as_messages
 
 
@@ -119,36 +120,19 @@ def test_every_all_threads_row_is_a_distinct_surviving_root_to_leaf_path(trees: 
     end_with_assistant=st.booleans(), min_turns=st.integers(1, 4), max_turns=st.none() | st.integers(1, 5),
 ))
 def test_the_build_fast_path_selects_exactly_what_the_library_selects(trees: list[dict], sel: Selection):
-    from collections import Counter
-
-    from oasst_tools.filters import best_raw_thread
     from oasst_tools.read import iter_raw_trees
 
     with tempfile.TemporaryDirectory() as tmp:
         flat, nested = write_both(trees, Path(tmp))
         for source in (flat, nested):
             for raw in iter_raw_trees(source):
-                fast_dropped: Counter[str] = Counter()
-                slow_dropped: Counter[str] = Counter()
-                fast = best_raw_thread(raw, sel, fast_dropped)
-                slow = list(select_threads(raw.to_tree(), sel, slow_dropped))
-                assert [r["message_id"] for r in fast or ()] == [m.message_id for t in slow for m in t]
-                assert fast_dropped == slow_dropped
+                assert_fast_path_agrees([raw], sel)
 
 
 def test_the_build_fast_path_agrees_with_the_library_on_the_real_validation_trees():
-    from collections import Counter
-
-    from oasst_tools.filters import best_raw_thread
     from oasst_tools.read import iter_raw_trees
     from tests.core.conftest import FLAT_FULL, NESTED_FULL
 
     for source in (FLAT_FULL, NESTED_FULL):
         for sel in (Selection(), Selection(end_with_assistant=True, label_max={"toxicity": 0.4})):
-            fast_dropped: Counter[str] = Counter()
-            slow_dropped: Counter[str] = Counter()
-            for raw in iter_raw_trees(source):
-                fast = best_raw_thread(raw, sel, fast_dropped)
-                slow = list(select_threads(raw.to_tree(), sel, slow_dropped))
-                assert [r["message_id"] for r in fast or ()] == [m.message_id for t in slow for m in t]
-            assert fast_dropped == slow_dropped
+            assert_fast_path_agrees(iter_raw_trees(source), sel)

@@ -1,0 +1,120 @@
+"""The nested reader's shortcut (`_scan_nested`, no index built): it accepts exactly the plain, valid trees that the
+message-by-message walk accepts, and leaves everything else to that walk, so errors and odd values stay as they were."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oasst_tools.errors import OasstInputError
+from oasst_tools.filters import Selection
+from oasst_tools.read import _nested_records, _scan_nested, iter_raw_trees
+from tests.core.conftest import NESTED, assert_fast_path_agrees
+
+
+def _tree() -> dict[str, Any]:
+    """The first fixture tree with a reply that has replies of its own (three levels)."""
+    with gzip.open(NESTED, "rt") as fh:
+        for line in fh:
+            tree = json.loads(line)
+            if any(reply.get("replies") for reply in tree["prompt"].get("replies") or ()):
+                return tree
+    raise AssertionError("no deep tree in the fixture")
+
+
+def _reply(prompt: dict) -> dict:
+    return next(reply for reply in prompt["replies"] if reply.get("replies"))
+
+
+def _set(field: str, value: Any, where: Callable[[dict], dict] = _reply) -> Callable[[dict], None]:
+    def mutate(prompt: dict) -> None:
+        where(prompt)[field] = value
+    return mutate
+
+
+def _drop(field: str, where: Callable[[dict], dict] = _reply) -> Callable[[dict], None]:
+    def mutate(prompt: dict) -> None:
+        del where(prompt)[field]
+    return mutate
+
+
+def _deep(prompt: dict) -> dict:
+    return _reply(prompt)["replies"][0]
+
+
+def _duplicate(prompt: dict) -> None:
+    _deep(prompt)["message_id"] = prompt["message_id"]
+
+
+MUTATIONS = {
+    "unchanged": lambda prompt: None,
+    "deleted reply": _set("deleted", True),
+    "spam reply": _set("review_result", False),
+    "reply without parent_id": _drop("parent_id", _deep),
+    "wrong parent_id": _set("parent_id", "elsewhere", _deep),
+    "root with a parent_id": _set("parent_id", "elsewhere", lambda prompt: prompt),
+    "duplicate id": _duplicate,
+    "duplicate id and a bad field after it": lambda prompt: (_duplicate(prompt), _set("lang", 3, _deep)(prompt)),
+    "roles do not alternate": _set("role", "prompter"),
+    "unknown role": _set("role", "bot", _deep),
+    "float rank": _set("rank", 1.0),
+    "negative rank": _set("rank", -1),
+    "columnar labels": _set("labels", {"name": ["toxicity"], "value": [0.1]}),
+    "empty list as labels": _set("labels", []),
+    "labels of numbers": _set("labels", {"toxicity": 0.1}),
+    "replies an empty object": _set("replies", {}, _deep),
+    "replies not objects": _set("replies", [1], _deep),
+    "no text": _drop("text", _deep),
+    "empty id": _set("message_id", "", _deep),
+    "lang a number": _set("lang", 3, _deep),
+}
+
+
+# Plain and valid: the scan must take these itself.
+ACCEPTED = ("unchanged", "deleted reply", "spam reply")
+
+
+def _walked(prompt: dict, tree_id: str = "tree", path: str = "in.trees.jsonl") -> tuple | str:
+    """What the message-by-message walk makes of a tree: (messages, flagged ids, plain), or its error."""
+    try:
+        records, _, flagged, plain = _nested_records(prompt, tree_id, path, 1)
+    except OasstInputError as err:
+        return str(err)
+    return len(records), flagged, plain
+
+
+@pytest.mark.parametrize("name", MUTATIONS)
+def test_the_nested_scan_accepts_only_what_the_walk_accepts_as_plain_and_agrees_on_it(name: str):
+    prompt = copy.deepcopy(_tree()["prompt"])
+    MUTATIONS[name](prompt)
+    walked = _walked(prompt)
+    scanned = _scan_nested(prompt)
+    if scanned is None:
+        assert name not in ACCEPTED
+    else:
+        count, flagged = scanned
+        assert walked == (count, [record["message_id"] for record in flagged], True)
+
+
+@pytest.mark.parametrize("name", MUTATIONS)
+def test_a_nested_file_reads_selects_and_fails_as_the_walk_does(tmp_path: Path, name: str):
+    tree = copy.deepcopy(_tree())
+    MUTATIONS[name](tree["prompt"])
+    path = tmp_path / "in.trees.jsonl"
+    path.write_text(json.dumps(tree) + "\n")
+    walked = _walked(copy.deepcopy(tree["prompt"]), tree["message_tree_id"], str(path))
+    if isinstance(walked, str):
+        with pytest.raises(OasstInputError) as err:
+            list(iter_raw_trees(path))
+        assert str(err.value) == walked
+        return
+    (raw,) = iter_raw_trees(path)
+    assert raw.plain == walked[2]
+    for sel in (Selection(), Selection(label_max={"toxicity": 0.05})):
+        assert_fast_path_agrees([raw], sel)
