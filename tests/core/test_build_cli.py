@@ -203,3 +203,17 @@ def test_show_draws_one_tree_with_ranks_and_flags(run):
         assert expected in result.stdout
     missing = run("show", FLAT, "nope")
     assert (missing.exit_code, missing.stderr) == (1, f"error: {FLAT}: no tree with message_tree_id nope\n")
+
+
+def test_corrupt_gzip_fails_with_one_line_whichever_inflater_runs(run, tmp_path: Path):
+    """isal (when installed) and zlib word the cause differently; the line, file and exit code are ours."""
+    import gzip
+
+    data = bytearray(gzip.compress(FLAT.read_bytes()))
+    data[2000:2010] = b"\xff" * 10  # inside the first deflate block
+    path = tmp_path / "corrupt.jsonl.gz"
+    path.write_bytes(bytes(data))
+    result = run("build", "--input", path, "--out", "out")
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: {path}:1: gzip data is corrupt (") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
