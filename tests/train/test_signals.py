@@ -48,7 +48,7 @@ def test_sigterm_saves_a_complete_checkpoint_exits_1_with_one_line_and_resume_fi
     step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
     assert 5 < step < 10, step  # between two --save-steps checkpoints: this one is the signal's
     assert proc.returncode == 1
-    assert stderr.splitlines() == [f"error: stopped by signal {int(signal.SIGTERM)} at step {step}; checkpoint "
+    assert stderr.splitlines() == [f"error: stopped by SIGTERM at step {step}; checkpoint "
                                    f"saved in {out / 'checkpoints'}; continue with the same command and --resume"]
     assert not (out / "train_summary.json").exists() and not (out / "adapter_config.json").exists()
     before = [e for e in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"] if "loss" in e]

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,9 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
         stopper.uninstall()
     state = trainer.state
     if stopper.received is not None:
-        raise OasstError(f"stopped by signal {stopper.received} at step {state.global_step}; checkpoint saved in "
-                         f"{out / CHECKPOINTS}; continue with the same command and --resume")
+        name = signal.Signals(stopper.received).name
+        raise OasstError(f"stopped by {name} at step {state.global_step}; checkpoint saved in {out / CHECKPOINTS}; "
+                         "continue with the same command and --resume")
     evaluated_last = any("eval_loss" in e and e.get("step") == state.global_step for e in state.log_history)
     if eval_set is not None and not evaluated_last:
         trainer.evaluate()
