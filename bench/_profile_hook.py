@@ -36,8 +36,10 @@ class ProfileSteps(TrainerCallback):
             self.prof.__exit__(None, None, None)
             averages = self.prof.key_averages()
             text = averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-            total_cuda = sum(e.self_device_time_total for e in averages) / 1e3 / STEPS
-            counts = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA) // STEPS
+            # Kernels only: the launching CPU ops report the same device time again as their own.
+            kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+            total_cuda = sum(e.self_device_time_total for e in kernels) / 1e3 / STEPS
+            counts = sum(e.count for e in kernels) // STEPS
             header = f"profile of steps {START_STEP}-{START_STEP + STEPS - 1}: {total_cuda:.0f} ms GPU time per step\n"
             with open(os.environ["OASST_PROFILE_OUT"], "w") as fh:
                 fh.write(header + f"{counts} kernels per step\n" + text)
