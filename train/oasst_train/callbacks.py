@@ -10,9 +10,11 @@ from transformers import TrainerCallback
 
 
 class ProgressCallback(TrainerCallback):
-    """A rich progress bar (main process only) and the throughput of this session's training steps.
+    """A rich progress bar (main process only) and the wall time and real tokens of every training step.
 
-    Time is summed from step begin to step end, so evaluation and checkpoint saving do not dilute tokens/s.
+    Time runs from step begin to step end, so evaluation and checkpoint saving do not dilute tokens/s. The first
+    steps of a GPU run pay for kernel autotuning, attention plan building and allocator growth;
+    `steady_tokens_per_second` leaves them out so short benchmark runs measure what a long run would see.
     """
 
     def __init__(self, console: Any = None, enabled: bool = True) -> None:
@@ -20,11 +22,12 @@ class ProgressCallback(TrainerCallback):
         self.enabled = enabled
         self.progress: Any = None
         self.task: Any = None
-        self.train_seconds = 0.0
-        self.tokens_at_start: int | None = None
-        self.tokens = 0
+        self.step_seconds: list[float] = []
+        self.step_tokens: list[int] = []  # real tokens of every process
+        self.step_began: list[float] = []  # epoch seconds, to line steps up with outside samplers (nvidia-smi)
         self.loss: float | None = None
         self._step_started = 0.0
+        self._tokens_before = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Start the bar at the step the run starts (or resumes) from."""
@@ -43,15 +46,15 @@ class ProgressCallback(TrainerCallback):
                                            loss="-", tps="-")
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Remember when this optimizer step began (and the token count a resumed run starts from)."""
-        if self.tokens_at_start is None:
-            self.tokens_at_start = int(state.num_input_tokens_seen)
+        """Remember when this optimizer step began and the token count before it."""
         self._step_started = time.perf_counter()
+        self.step_began.append(time.time())
+        self._tokens_before = int(state.num_input_tokens_seen)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Advance the bar and the throughput figures."""
-        self.train_seconds += time.perf_counter() - self._step_started
-        self.tokens = int(state.num_input_tokens_seen) - (self.tokens_at_start or 0)
+        """Record the step's time and tokens; advance the bar."""
+        self.step_seconds.append(time.perf_counter() - self._step_started)
+        self.step_tokens.append(int(state.num_input_tokens_seen) - self._tokens_before)
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step, tps=f"{self.tokens_per_second:,.0f}",
                                  loss=f"{self.loss:.4f}" if self.loss is not None else "-")
@@ -69,9 +72,34 @@ class ProgressCallback(TrainerCallback):
             self.progress = None
 
     @property
+    def train_seconds(self) -> float:
+        """Seconds spent in this session's training steps."""
+        return sum(self.step_seconds)
+
+    @property
     def tokens_per_second(self) -> float:
-        """Real (non-padding) tokens per second of training step time in this session, per process."""
-        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+        """Real (non-padding) tokens per second of training step time in this session, all processes."""
+        seconds = self.train_seconds
+        return sum(self.step_tokens) / seconds if seconds else 0.0
+
+    def warmup_steps(self) -> int:
+        """Steps left out of the steady figure: a fifth of the run, at least 2, never all of it."""
+        n = len(self.step_seconds)
+        return min(max(2, n // 5), max(n - 1, 0))
+
+    @property
+    def steady_tokens_per_second(self) -> float:
+        """Real tokens per second over the steps after warm-up (0.0 when nothing ran)."""
+        skip = self.warmup_steps()
+        seconds = sum(self.step_seconds[skip:])
+        return sum(self.step_tokens[skip:]) / seconds if seconds else 0.0
+
+    def steady_window(self) -> tuple[float, float] | None:
+        """(start, end) epoch seconds of the steps after warm-up, or None when nothing ran."""
+        skip = self.warmup_steps()
+        if len(self.step_began) <= skip:
+            return None
+        return self.step_began[skip], self.step_began[-1] + self.step_seconds[-1]
 
 
 class SaveOnSignal(TrainerCallback):

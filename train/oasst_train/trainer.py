@@ -84,7 +84,6 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     from oasst_train.casts import cast_norm_outputs
     from oasst_train.model import count_linear4bit, load_model, lora_target_modules
     from oasst_train.report import device_name, peak_memory_bytes, versions
-    from oasst_train.timing import StepClock
 
     started = time.perf_counter()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -113,9 +112,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, targets, fresh=checkpoint is None)
     bar = ProgressCallback(console=console, enabled=progress)
     stopper = SaveOnSignal()
-    clock = StepClock()
     trainer.add_callback(bar)
-    trainer.add_callback(clock)
     trainer.add_callback(stopper)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -135,8 +132,8 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
         trainer.evaluate()
 
     summary = _summary(cfg, trainer, bar, linear4bit, load_seconds, checkpoint)
-    summary.update(steady_tokens_per_second=clock.steady_tokens_per_second, warmup_steps=clock.warmup_steps(),
-                   step_seconds=[round(s, 4) for s in clock.seconds], steady_window=clock.steady_window(),
+    summary.update(steady_tokens_per_second=bar.steady_tokens_per_second, warmup_steps=bar.warmup_steps(),
+                   step_seconds=[round(s, 4) for s in bar.step_seconds], steady_window=bar.steady_window(),
                    fused_attention_layers=fused_layers)
     summary.update(peak_memory_bytes=peak_memory_bytes(), versions=versions(), device=device_name(),
                    replica_checksums=replica_checksums(trainer.model))
