@@ -2,9 +2,8 @@
 before (step 0) and after training, throughput, peak memory and the 4-bit layer count.
 
 Steps: (1) the GGUF file (joined from bench/data/smollm2/gguf.part-* into a temp dir when only the parts
-travelled) is dequantized to a float32 Hugging Face folder in the same temp dir, because transformers refuses a
-`quantization_config` together with `gguf_file` ("You cannot combine Quantization and loading a model from a GGUF
-file"); (2) the Guanaco rows
+travelled) is the model: `oasst_train.model.load_model` dequantizes it, then quantizes it to NF4 (transformers
+refuses GGUF + quantization in one load), and that time counts as load time; (2) the Guanaco rows
 are built with `oasst build --top-rank` (Guanaco's rule: one thread per tree, best-ranked reply at each step) from
 the English OASST1 validation messages, with a held-out test split by tree (--test-size 0.1 --seed 0); (3)
 `oasst train` runs through the library (`run_training`) on train/recipes/smollm2-135m-guanaco.yaml in NF4.
@@ -26,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,27 +78,6 @@ def find_gguf(path: Path, work: Path) -> Path | None:
     return joined
 
 
-def dequantize(gguf: Path, folder: Path) -> float:
-    """Write `gguf` as a float32 Hugging Face folder (model + tokenizer); returns the seconds it took."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    started = time.perf_counter()
-    tmp = folder.with_name(folder.name + ".tmp")
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are plain floats now, but transformers (5.17, 5.24) still marks the model as GGUF-quantized and
-    # refuses to save it; a model built from the same config without that mark takes the same state dict.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-    tmp.replace(folder)
-    return time.perf_counter() - started
-
-
 def build_rows(messages: Path, out: Path) -> list[str]:
     """`oasst build --top-rank` with a held-out test split into `out` unless it is there; returns the command."""
     cmd = [sys.executable, "-m", "oasst_tools", "build", "-q", "--input", str(messages), "--top-rank",
@@ -152,14 +129,12 @@ def main() -> None:
     results_dir = args.results_dir or (Path("/tmp") if args.cpu_smoke else REPO / "bench" / "results")
     work = Path(tempfile.mkdtemp(prefix="train-smollm2-"))
 
-    # Model: the GGUF, dequantized to a float32 folder that the 4-bit load then quantizes to NF4.
+    # Model: the GGUF itself; the trainer's loader dequantizes it, then quantizes it to NF4.
     gguf = None if args.model else find_gguf(args.gguf.resolve(), work)
-    dequantize_seconds = 0.0
     if args.model:
         model, model_note = args.model, f"{args.model} (given)"
     elif gguf is not None:
-        model = str(work / (gguf.stem + ".f32"))
-        dequantize_seconds = dequantize(gguf, Path(model))
+        model = str(gguf)
         model_note = f"{gguf.name} (sha256 {sha256(gguf)[:16]}...), dequantized to float32, then NF4"
     elif args.cpu_smoke:
         model, model_note = str(STORIES), "stories260K (SmolLM2 GGUF not found)"
@@ -215,10 +190,8 @@ def main() -> None:
         summary = run_training(cfg, progress=True)
     except OasstError as exc:
         sys.exit(f"error: {exc}")
-    if gguf is not None:  # 0.6 GB of float32 weights that only this run needed; the adapter stays in run_dir
-        shutil.rmtree(model, ignore_errors=True)
-        if gguf.parent == work:
-            gguf.unlink()
+    if gguf is not None and gguf.parent == work:  # the joined copy; the adapter stays in run_dir
+        gguf.unlink()
     wall = time.perf_counter() - started
     history = summary.pop("log_history")
     eval_curve = [[e["step"], round(e["eval_loss"], 4)] for e in history if "eval_loss" in e]
@@ -252,8 +225,7 @@ def main() -> None:
         "tokens_seen": summary["tokens_seen"],
         "real_tokens_per_second": summary["real_tokens_per_second"],
         "train_step_seconds": summary["train_seconds"],
-        "load_seconds": summary["load_seconds"],
-        "dequantize_seconds": dequantize_seconds,
+        "load_seconds": summary["load_seconds"],  # for a GGUF: dequantize + quantize to NF4
         "wall_seconds": wall,
         "peak_memory_bytes": summary["peak_memory_bytes"],
         "peak_memory_reserved_bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None,
@@ -294,8 +266,7 @@ def print_table(r: dict[str, Any], path: Path) -> None:
         ("peak memory allocated", f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"),
         ("4-bit layers", f(r["linear4bit_layers"], ",d")),
         ("trainable parameters", f(r["trainable_parameters"], ",d")),
-        ("load / dequantize / wall s", f"{r['load_seconds']:.1f} / {r['dequantize_seconds']:.1f} / "
-                                       f"{r['wall_seconds']:.1f}"),
+        ("load / wall s", f"{r['load_seconds']:.1f} / {r['wall_seconds']:.1f}"),
         ("device", str(r["device"])),
     ):
         table.add_row(what, value)
