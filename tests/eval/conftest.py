@@ -12,27 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import STORIES
+
 # datasets and huggingface_hub read these once, at import: set them before anything imports either.
 _HF_CACHE = tempfile.mkdtemp(prefix="oasst-eval-hf-")
 os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": _HF_CACHE})
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
-STORIES = SHARED / "models" / "stories260K"
 GUANACO = REPO / "fixtures" / "guanaco-en"
 HELLASWAG_FIXTURE = REPO / "fixtures" / "hellaswag" / "validation.jsonl"
 TASKS_DIR = REPO / "eval" / "oasst_eval" / "tasks"
 TRAIN_STEPS = 30
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-
-@pytest.fixture(scope="session")
-def stories() -> Path:
-    """The real, trained 260K-parameter Llama (vocab 512, no pad token)."""
-    if not STORIES.is_dir():
-        pytest.skip(f"{STORIES} not present")
-    return STORIES
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import STORIES  # noqa: F401 - re-exported for test modules
+
 # One thread: on a shared 2-core machine, two OpenMP threads wait on each other and every op costs ~10 ms.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -18,7 +20,6 @@ os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORM
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "models"
-STORIES = SHARED / "stories260K"
 FALCON_TOKENIZER = SHARED / "falcon-7b-tokenizer"
 GUANACO = REPO / "fixtures" / "guanaco-en"
 RECIPES = REPO / "train" / "recipes"
@@ -73,14 +74,6 @@ def error_line(result: Any) -> str:
 def read_summary(out: Path) -> dict[str, Any]:
     """train_summary.json of a finished run."""
     return json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="session")
-def stories() -> Path:
-    """The real, trained 260K-parameter Llama (vocab 512, no pad token)."""
-    if not STORIES.is_dir():
-        pytest.skip(f"{STORIES} not present")
-    return STORIES
 
 
 @pytest.fixture(scope="session")
