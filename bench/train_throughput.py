@@ -92,14 +92,17 @@ def recipe_values(base: Any, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 class SmiSampler:
-    """nvidia-smi utilization and memory every 200 ms, stamped with the epoch time they were read.
+    """GPU utilization and memory.used every 200 ms (what nvidia-smi shows), stamped with the epoch time read.
 
-    One `nvidia-smi --query-gpu` call per sample: its looping mode (-lms) block-buffers when piped, so a short
-    run ended before any sample reached us (2026-11-29, second and third calls).
+    NVML in-process (nvidia-ml-py, installed on the GPU machine) when it loads: one query costs microseconds, so
+    the sampler takes no CPU from a host-bound run. Else one `nvidia-smi --query-gpu` call per sample (its -lms
+    loop block-buffers when piped). The GPU is CUDA_VISIBLE_DEVICES' first entry (NVML counts physical GPUs).
     """
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, float, float]] = []
+        self.source = "none"
+        self.error: str | None = None
         self._stop = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -109,14 +112,40 @@ class SmiSampler:
         return self
 
     def _poll(self) -> None:
-        query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-i", "0"]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = (pynvml.nvmlDeviceGetHandleByUUID(visible) if not visible.isdigit()
+                      else pynvml.nvmlDeviceGetHandleByIndex(int(visible)))
+        except Exception as exc:  # no NVML binding or library: fall back to the nvidia-smi binary
+            self.error = f"nvml: {exc}"
+            self._poll_smi(visible)
+            return
+        self.source = "nvml"
+        while not self._stop.is_set():
+            try:
+                util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+                mem = pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+            except Exception as exc:
+                self.error = f"nvml: {exc}"
+            else:
+                self.samples.append((time.time(), float(util), mem))
+            self._stop.wait(0.2)
+
+    def _poll_smi(self, visible: str) -> None:
+        if not shutil.which("nvidia-smi"):
+            return
+        self.source = "nvidia-smi"
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                 "-i", visible]
         while not self._stop.is_set():
             try:
                 line = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
                 util, mem = (float(x) for x in line.strip().split(","))
-            except (FileNotFoundError, subprocess.TimeoutExpired, ValueError):
-                if not shutil.which("nvidia-smi"):
-                    return
+            except (subprocess.TimeoutExpired, ValueError) as exc:
+                self.error = f"nvidia-smi: {exc}"
             else:
                 self.samples.append((time.time(), util, mem))
             self._stop.wait(0.2)
@@ -154,9 +183,10 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
            "--eval-rows", "32", "--logging-steps", "1", "-q"]
     print(f"running {name} ...", flush=True)
     started = time.perf_counter()
+    env = os.environ | ({"OASST_PROFILE_OUT": str(work / f"{name}.profile.txt")} if args.profile else {})
+    # The run itself inside the sampler (until 2026-11-29's fourth call it ran after the sampler had stopped).
     with SmiSampler() as smi:
-        env = os.environ | ({"OASST_PROFILE_OUT": str(work / f"{name}.profile.txt")} if args.profile else {})
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()
@@ -184,6 +214,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         "peak_allocated_gib": summary["peak_memory_bytes"] / 2**30 if summary.get("peak_memory_bytes") else None,
         "peak_nvidia_smi_gib": (smi.peak_mib() or 0) / 1024 or None,
         "gpu_busy_percent": smi.busy(summary.get("steady_window")),
+        "gpu_sampler": {"source": smi.source, "samples": len(smi.samples), "error": smi.error},
         "linear4bit_layers": summary["linear4bit_layers"],
         "fused_attention_layers": summary.get("fused_attention_layers"),
         "trainable_parameters": summary["trainable_parameters"],
