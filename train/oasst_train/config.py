@@ -77,6 +77,9 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward: less memory, about 30% slower.")
     cast_norm_outputs: bool = _f(True, "Under bf16/fp16 autocast, hand LayerNorm outputs on in that dtype once instead "
                                        "of fp32 that every following layer casts again (fewer copies).")
+    fused_lora: bool = _f(True, "Add each LoRA update inside its matmul (one addmm that scales and adds) instead of "
+                                "peft's clone, scale and add over the layer output (fewer kernels). Off: peft's own "
+                                "LoRA forward.")
     activation_offloading: bool = _f(False, "Keep the activations saved for backward in CPU memory (trl's "
                                             "offloading): less GPU memory for larger batches, some transfer time.")
     group_by_length: bool = _f(False, "Batch examples of similar length together (less padding).")

@@ -82,6 +82,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     from oasst_train.data import build_dataset
     from oasst_train.attention import fused_attention_layers
     from oasst_train.casts import cast_norm_outputs
+    from oasst_train.lora_fused import fuse_lora_forward
     from oasst_train.model import count_linear4bit, load_model, lora_target_modules
     from oasst_train.report import device_name, peak_memory_bytes, versions
 
@@ -110,6 +111,8 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     out.mkdir(parents=True, exist_ok=True)
     _write_config(cfg, out / CONFIG_NAME, targets)
     trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, targets, fresh=checkpoint is None)
+    # SFTTrainer wraps the model in LoRA (get_peft_model from peft_config): the LoRA modules exist only from here on.
+    fused_lora = fuse_lora_forward(trainer.model) if cfg.fused_lora else 0
     bar = ProgressCallback(console=console, enabled=progress)
     stopper = SaveOnSignal()
     trainer.add_callback(bar)
@@ -134,7 +137,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     summary = _summary(cfg, trainer, bar, linear4bit, load_seconds, checkpoint)
     summary.update(steady_tokens_per_second=bar.steady_tokens_per_second, warmup_steps=bar.warmup_steps(),
                    step_seconds=[round(s, 4) for s in bar.step_seconds], steady_window=bar.steady_window(),
-                   fused_attention_layers=fused_layers)
+                   fused_attention_layers=fused_layers, fused_lora_modules=fused_lora)
     summary.update(peak_memory_bytes=peak_memory_bytes(), versions=versions(), device=device_name(),
                    replica_checksums=replica_checksums(trainer.model))
     if trainer.is_world_process_zero():
