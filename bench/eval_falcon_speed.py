@@ -18,7 +18,11 @@ Configurations (`run --only a,b` picks some; results merge into the same JSON):
     oasst_bf16_adapter_unmerged  the same with --no-merge-adapter (the merge's effect)
     oasst_bf16_adapter_bs64      the same with --batch-size 64 (the token budget's effect: lm-eval's batch, our
                                  head-only logits and batched reads)
-    oasst_nf4_adapter            --load-in-4bit (NF4, Falcon fix: 128 Linear4bit layers expected), adapter unmerged
+    oasst_nf4_adapter            --load-in-4bit (NF4, Falcon fix: 128 Linear4bit layers expected), adapter folded
+                                 into each layer's dequantized weight per forward (the default, oasst_eval.lora4bit)
+    oasst_nf4_adapter_peft       the same with --no-merge-adapter: peft's own unmerged adapter forward
+    oasst_nf4_adapter_tok32k     folded, token budget capped at 32,768 (not run by default)
+    oasst_nf4_adapter_tok64k     folded, token budget capped at 65,536 (not run by default)
     lm_eval_bs1                  plain lm-eval's default batch size 1 (slow: ~5 min for 2,000 items; not by default)
     oasst_bf16_base              oasst eval without adapter, bf16 (not run by default)
     oasst_bf16_adapter_tok4k     merged, token budget capped at 4,096 instead of 16,384 (not run by default)
@@ -53,15 +57,18 @@ MODEL_DIR = REPO / "bench" / "data" / "falcon7b-random"
 ADAPTER_DIR = REPO / "bench" / "data" / "falcon7b-random-lora"
 RESULTS = REPO / "bench" / "results" / f"eval_falcon_speed-{datetime.now(timezone.utc).date()}.json"
 DEFAULT_CONFIGS = ("lm_eval_bs64", "lm_eval_auto", "oasst_bf16_adapter", "oasst_bf16_adapter_unmerged",
-                   "oasst_bf16_adapter_bs64", "oasst_nf4_adapter")
+                   "oasst_bf16_adapter_bs64", "oasst_nf4_adapter", "oasst_nf4_adapter_peft")
 ALL_CONFIGS = DEFAULT_CONFIGS + ("lm_eval_bs1", "oasst_bf16_base", "oasst_bf16_adapter_tok4k",
-                                 "oasst_bf16_adapter_tok64k")
+                                 "oasst_bf16_adapter_tok64k", "oasst_nf4_adapter_tok32k", "oasst_nf4_adapter_tok64k")
 # Extra `oasst eval` flags per configuration, beyond --adapter / --load-in-4bit read from the name.
 OASST_FLAGS = {
     "oasst_bf16_adapter_unmerged": ["--no-merge-adapter"],
     "oasst_bf16_adapter_bs64": ["--batch-size", "64"],
     "oasst_bf16_adapter_tok4k": ["--max-batch-tokens", "4096"],
     "oasst_bf16_adapter_tok64k": ["--max-batch-tokens", "65536"],
+    "oasst_nf4_adapter_peft": ["--no-merge-adapter"],
+    "oasst_nf4_adapter_tok32k": ["--max-batch-tokens", "32768"],
+    "oasst_nf4_adapter_tok64k": ["--max-batch-tokens", "65536"],
 }
 FORWARD_FLOP_PER_TOKEN = 2 * 6.9e9  # 2 x parameters (Falcon-7B: 6.9B) per token, forward only
 BF16_CEILING = 790e12  # dense bf16 matrix product on the H200, measured (docs/gpu.md)
@@ -163,17 +170,50 @@ def plain_lm_eval(batch_size: str, limit: int) -> None:
 
 
 def run_oasst(argv: list[str]) -> None:
-    """`oasst ARGV` with the eval plug-in registered by hand: the GPU machine has the repo, not an install."""
+    """`oasst ARGV` with the eval plug-in registered by hand: the GPU machine has the repo, not an install.
+
+    With OASST_BENCH_PROFILE=FILE the scoring runs under cProfile and the functions with the most own time are
+    written to FILE: host work shows as own time, waits for the GPU as the own time of the reads that sync.
+    """
     import oasst_tools.cli as core_cli
 
     core_cli.DISCOVER_ENTRY_POINTS = False
     core_cli.EXTRA_COMMANDS["eval"] = "oasst_eval.cli:eval_command"
-    core_cli.main(argv)
+    profile_out = os.environ.get("OASST_BENCH_PROFILE")
+    if not profile_out:
+        core_cli.main(argv)
+        return
+    import cProfile
+    import io
+    import pstats
+
+    import oasst_eval.run as eval_run
+
+    profiler = cProfile.Profile()
+    score = eval_run._score
+
+    def profiled_score(*args: object, **kwargs: object) -> object:
+        profiler.enable()
+        try:
+            return score(*args, **kwargs)
+        finally:
+            profiler.disable()
+
+    eval_run._score = profiled_score
+    try:
+        core_cli.main(argv)  # exits through SystemExit; the profile is written on the way out
+    finally:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        Path(profile_out).write_text(text.getvalue())
 
 
-def measure(name: str, limit: int, work: Path) -> dict[str, object]:
-    """Run one configuration in a fresh process and return its numbers."""
+def measure(name: str, limit: int, work: Path, profile: bool = False) -> dict[str, object]:
+    """Run one configuration in a fresh process and return its numbers (and print its profile with `profile`)."""
     env = os.environ | OFFLINE
+    profile_file = work / f"{name}.profile.txt"
+    if profile and not name.startswith("lm_eval_"):
+        env["OASST_BENCH_PROFILE"] = str(profile_file)
     log = work / f"{name}.log"
     if name.startswith("lm_eval_"):
         batch = {"lm_eval_bs64": "64", "lm_eval_auto": "auto", "lm_eval_bs1": "1"}[name]
@@ -192,6 +232,10 @@ def measure(name: str, limit: int, work: Path) -> dict[str, object]:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     wall = time.perf_counter() - t0
     text = log.read_text()
+    if profile_file.is_file():
+        lines = profile_file.read_text().splitlines()
+        print(f"--- {name}: functions with the most own time while scoring ---")
+        print("\n".join(line[:150] for line in lines if line.strip())[:6000])
     if proc.returncode != 0:
         return {"error": text[-2000:], "wall_seconds": round(wall, 1)}
     if name.startswith("lm_eval_"):
@@ -242,7 +286,7 @@ def hardware_floor(limit: int) -> dict[str, float | int]:
             "flop": tokens * FORWARD_FLOP_PER_TOKEN, "seconds": seconds, "items_per_second": items / seconds}
 
 
-def run(limit: int, configs: list[str], results_file: Path) -> None:
+def run(limit: int, configs: list[str], results_file: Path, profile: bool = False) -> None:
     """Measure the configurations, merge them into the results file, print the table."""
     if not (MODEL_DIR / "config.json").is_file() or not (ADAPTER_DIR / "adapter_config.json").is_file():
         sys.exit(f"{MODEL_DIR} or {ADAPTER_DIR} missing: run `python {Path(__file__).name} prepare` first")
@@ -256,7 +300,7 @@ def run(limit: int, configs: list[str], results_file: Path) -> None:
     runs = previous.get("runs", {}) if previous.get("limit") == limit else {}
     for name in configs:
         print(f"measuring {name} ...", flush=True)
-        runs[name] = measure(name, limit, work) | {"date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        runs[name] = measure(name, limit, work, profile) | {"date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     result = {
         "benchmark": "HellaSwag zero-shot items/s, Falcon-7B architecture with random weights (scores meaningless)",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -307,6 +351,8 @@ def main() -> None:
                        help="JSON file; runs of the same --limit already in it are kept (merge across calls)")
     p_run.add_argument("--only", default=",".join(DEFAULT_CONFIGS),
                        help=f"comma-separated, from {', '.join(ALL_CONFIGS)}")
+    p_run.add_argument("--profile", action="store_true",
+                       help="run the oasst configurations under cProfile and print where the scoring time goes")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(tiny=args.tiny)
@@ -315,7 +361,7 @@ def main() -> None:
     unknown = sorted(set(configs) - set(ALL_CONFIGS))
     if unknown:
         sys.exit(f"unknown configurations {', '.join(unknown)}; known: {', '.join(ALL_CONFIGS)}")
-    run(args.limit, configs, args.results)
+    run(args.limit, configs, args.results, args.profile)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ CLASSIC = {
     "target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], "max_length": 512,
     "loss_on": "all", "batch_size": 4, "grad_accum": 4, "learning_rate": 2.0e-4, "lr_scheduler": "constant",
     "max_grad_norm": 0.3, "optim": "paged_adamw_32bit", "gradient_checkpointing": True, "group_by_length": True,
-    "fused_attention": False, "cast_norm_outputs": False, "pad_to_multiple_of": 0, "seed": 42,
+    "fused_attention": False, "cast_norm_outputs": False, "fused_lora": False, "pad_to_multiple_of": 0, "seed": 42,
 }
 COLAB = RECIPES / "falcon-7b-guanaco.yaml"
 FAST = RECIPES / "falcon-7b-guanaco-fast.yaml"
@@ -64,7 +64,8 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "classic-bf16-fused": (CLASSIC, {"precision": "bf16", "compute_dtype": "bfloat16", "fused_attention": True}),
     "colab": (COLAB, {}),
     "colab-unfused": (COLAB, {"fused_attention": False}),
-    "colab-8x2": (COLAB, {"batch_size": 8, "grad_accum": 2}),
+    "colab-16x1": (COLAB, {"batch_size": 16, "grad_accum": 1}),
+    "colab-unfusedlora": (COLAB, {"fused_lora": False}),
     "colab-adam8bit": (COLAB, {"optim": "paged_adamw_8bit"}),
     "colab-offload": (COLAB, {"activation_offloading": True}),
     "colab-offload-adam8bit": (COLAB, {"activation_offloading": True, "optim": "paged_adamw_8bit"}),
@@ -73,6 +74,7 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "fast": (FAST, {}),
     "fast-16": (FAST, {"batch_size": 16}),
     "fast-nocast": (FAST, {"cast_norm_outputs": False}),
+    "fast-unfusedlora": (FAST, {"fused_lora": False}),
     "colab-nocast": (COLAB, {"cast_norm_outputs": False}),
     "fast-packed": (FAST, {"packing": True}),
     "fast-nodropout": (FAST, {"lora_dropout": 0.0}),
@@ -203,7 +205,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     steady = summary["steady_tokens_per_second"]
     return {
         "settings": {k: values[k] for k in ("precision", "batch_size", "grad_accum", "gradient_checkpointing",
-                                             "optim", "fused_attention", "cast_norm_outputs", "packing", "activation_offloading",
+                                             "optim", "fused_attention", "cast_norm_outputs", "fused_lora", "packing",
+                                             "activation_offloading",
                                              "group_by_length", "pad_to_multiple_of", "loss_on", "lora_alpha")
                      if k in values},
         "rows_per_step": per_step,
@@ -217,6 +220,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         "gpu_sampler": {"source": smi.source, "samples": len(smi.samples), "error": smi.error},
         "linear4bit_layers": summary["linear4bit_layers"],
         "fused_attention_layers": summary.get("fused_attention_layers"),
+        "fused_lora_modules": summary.get("fused_lora_modules"),
         "trainable_parameters": summary["trainable_parameters"],
         "load_seconds": summary["load_seconds"],
         "train_loss_first": summary["train_loss_first"],

@@ -46,7 +46,9 @@ class EvalConfig:
                                           "budget decides).")
     max_batch_tokens: int = _f(16384, "Upper bound of the auto token budget (rows x padded length per batch).")
     merge_adapter: bool = _f(True, "Merge a 16/32-bit adapter into the weights in memory before scoring it, so it "
-                                   "costs nothing per token (4-bit models keep it unmerged).")
+                                   "costs nothing per token; on a 4-bit model fold it into each layer's dequantized "
+                                   "weight at every forward instead (the weights stay 4-bit). Off: peft's own "
+                                   "adapter forward.")
 
     # Model loading (shared with `oasst train`)
     load_in_4bit: bool = _f(False, "Load the base model in 4-bit NF4 with bitsandbytes (Falcon included), as "

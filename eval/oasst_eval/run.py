@@ -173,8 +173,8 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
                   max_batch_size=cfg.max_batch_size or 64, max_rows=cfg.max_batch_size,
                   max_batch_tokens=cfg.max_batch_tokens)
     merge = bool(cfg.adapter and cfg.merge_adapter and not cfg.load_in_4bit)
-    if cfg.adapter and cfg.merge_adapter and cfg.load_in_4bit:
-        log("adapter kept unmerged: merging into 4-bit weights would re-quantize them")
+    # 4-bit weights are not re-quantized with the adapter in them (another model): it folds in per forward.
+    fold = bool(cfg.adapter and cfg.merge_adapter and cfg.load_in_4bit)
     labels = (["base", "adapter"] if cfg.compare_base else ["adapter"]) if cfg.adapter else ["base"]
     runs = []
     merge_seconds = None
@@ -192,6 +192,13 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
                 model = lm._model = model.merge_and_unload()
                 merge_seconds = round(time.perf_counter() - t0, 2)
                 log(f"adapter merged into the weights in {merge_seconds} s")
+            if label == "adapter" and fold:
+                from oasst_eval.lora4bit import merged_4bit_lora
+
+                with merged_4bit_lora(model) as layers:
+                    log(f"adapter folded into the dequantized weights of {layers} 4-bit layers at each forward")
+                    runs.append(_score(lm, tasks, manager, cfg, label))
+                continue
             runs.append(_score(lm, tasks, manager, cfg, label))
     finally:
         undo()
@@ -199,7 +206,7 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
         "device": device,
         "batch_size_used": {run.label: run.results["config"].get("batch_sizes") or batch_size for run in runs},
         "batch_tokens": lm.batch_tokens,
-        "adapter_merged": merge,
+        "adapter_merged": "folded per forward (weights stay 4-bit)" if fold else merge,
         "merge_seconds": merge_seconds,
         "data_used": {k: v for k, v in metadata.items() if k in ("data_dir", "data")},
         "load_seconds": round(load_seconds, 2),
