@@ -10,7 +10,7 @@ so it includes request building, the batch-size search of `auto`, scoring and me
     PYTHONPATH=.:train:eval:.gpu/site python bench/eval_falcon_speed.py prepare     # ~2 min, 14 GB on disk
     PYTHONPATH=.:train:eval:.gpu/site python bench/eval_falcon_speed.py run --limit 2000
 
-Configurations (`run --only a,b` picks some; results merge into the same JSON):
+Configurations (`run --only a,b` picks some; `--merge` keeps earlier runs in the same JSON):
     lm_eval_bs64                 plain lm-eval, bf16, batch 64 (its best setting measured so far: 164 items/s)
     lm_eval_auto                 plain lm-eval, bf16, --batch_size auto (capped at 64)
     oasst_bf16_adapter           oasst eval --adapter (LoRA r64 on Falcon's 4 linears), bf16, defaults: adapter
@@ -286,7 +286,7 @@ def hardware_floor(limit: int) -> dict[str, float | int]:
             "flop": tokens * FORWARD_FLOP_PER_TOKEN, "seconds": seconds, "items_per_second": items / seconds}
 
 
-def run(limit: int, configs: list[str], results_file: Path, profile: bool = False) -> None:
+def run(limit: int, configs: list[str], results_file: Path, profile: bool = False, merge: bool = False) -> None:
     """Measure the configurations, merge them into the results file, print the table."""
     if not (MODEL_DIR / "config.json").is_file() or not (ADAPTER_DIR / "adapter_config.json").is_file():
         sys.exit(f"{MODEL_DIR} or {ADAPTER_DIR} missing: run `python {Path(__file__).name} prepare` first")
@@ -296,7 +296,7 @@ def run(limit: int, configs: list[str], results_file: Path, profile: bool = Fals
           f"= {floor['flop'] / 1e15:.2f} PFLOP; at {BF16_CEILING / 1e12:.0f} TFLOP/s {floor['seconds']:.2f} s, "
           f"{floor['items_per_second']:.0f} items/s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-falcon-"))
-    previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    previous = json.loads(results_file.read_text()) if merge and results_file.is_file() else {}
     runs = previous.get("runs", {}) if previous.get("limit") == limit else {}
     for name in configs:
         print(f"measuring {name} ...", flush=True)
@@ -347,8 +347,10 @@ def main() -> None:
     p_prep.add_argument("--tiny", action="store_true", help="2 layers of width 64: a CPU smoke test only")
     p_run = sub.add_parser("run", help="measure items/s")
     p_run.add_argument("--limit", type=int, default=2000)
-    p_run.add_argument("--results", type=Path, default=RESULTS,
-                       help="JSON file; runs of the same --limit already in it are kept (merge across calls)")
+    p_run.add_argument("--results", type=Path, default=RESULTS, help="JSON file written (replaced)")
+    p_run.add_argument("--merge", action="store_true",
+                       help="keep the runs of the same --limit already in --results (calls on other machines: "
+                            "compare with care)")
     p_run.add_argument("--only", default=",".join(DEFAULT_CONFIGS),
                        help=f"comma-separated, from {', '.join(ALL_CONFIGS)}")
     p_run.add_argument("--profile", action="store_true",
@@ -361,7 +363,7 @@ def main() -> None:
     unknown = sorted(set(configs) - set(ALL_CONFIGS))
     if unknown:
         sys.exit(f"unknown configurations {', '.join(unknown)}; known: {', '.join(ALL_CONFIGS)}")
-    run(args.limit, configs, args.results, args.profile)
+    run(args.limit, configs, args.results, args.profile, args.merge)
 
 
 if __name__ == "__main__":
