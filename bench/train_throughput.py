@@ -54,7 +54,8 @@ CLASSIC = {
     "target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], "max_length": 512,
     "loss_on": "all", "batch_size": 4, "grad_accum": 4, "learning_rate": 2.0e-4, "lr_scheduler": "constant",
     "max_grad_norm": 0.3, "optim": "paged_adamw_32bit", "gradient_checkpointing": True, "group_by_length": True,
-    "fused_attention": False, "cast_norm_outputs": False, "fused_lora": False, "pad_to_multiple_of": 0, "seed": 42,
+    "fused_attention": False, "cast_norm_outputs": False, "fused_lora": False,
+    "seeded_lora_dropout": False, "pad_to_multiple_of": 0, "seed": 42,
 }
 COLAB = RECIPES / "falcon-7b-guanaco.yaml"
 FAST = RECIPES / "falcon-7b-guanaco-fast.yaml"
@@ -66,6 +67,8 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "colab-unfused": (COLAB, {"fused_attention": False}),
     "colab-16x1": (COLAB, {"batch_size": 16, "grad_accum": 1}),
     "colab-unfusedlora": (COLAB, {"fused_lora": False}),
+    "colab-seeded": (COLAB, {"seeded_lora_dropout": True}),
+    "colab-16x1-seeded": (COLAB, {"batch_size": 16, "grad_accum": 1, "seeded_lora_dropout": True}),
     "colab-adam8bit": (COLAB, {"optim": "paged_adamw_8bit"}),
     "colab-offload": (COLAB, {"activation_offloading": True}),
     "colab-offload-adam8bit": (COLAB, {"activation_offloading": True, "optim": "paged_adamw_8bit"}),
@@ -75,6 +78,7 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "fast-16": (FAST, {"batch_size": 16}),
     "fast-nocast": (FAST, {"cast_norm_outputs": False}),
     "fast-unfusedlora": (FAST, {"fused_lora": False}),
+    "fast-unseeded": (FAST, {"seeded_lora_dropout": False}),
     "colab-nocast": (COLAB, {"cast_norm_outputs": False}),
     "fast-packed": (FAST, {"packing": True}),
     "fast-nodropout": (FAST, {"lora_dropout": 0.0}),
@@ -205,7 +209,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     steady = summary["steady_tokens_per_second"]
     return {
         "settings": {k: values[k] for k in ("precision", "batch_size", "grad_accum", "gradient_checkpointing",
-                                             "optim", "fused_attention", "cast_norm_outputs", "fused_lora", "packing",
+                                             "optim", "fused_attention", "cast_norm_outputs", "fused_lora",
+                                             "seeded_lora_dropout", "packing",
                                              "activation_offloading",
                                              "group_by_length", "pad_to_multiple_of", "loss_on", "lora_alpha")
                      if k in values},

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from oasst_train.lora_fused import fuse_lora_forward, fused_lora_modules, unfuse_lora_forward
+from oasst_train import lora_fused
+from oasst_train.lora_fused import fuse_lora_forward, fused_lora_modules, seeded_dropout_mask, unfuse_lora_forward
 from tests.train.conftest import GUANACO, read_summary
 
 TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -41,8 +42,8 @@ class CountAddmm:
 
 
 def _lora_falcon(tiny_falcon: Path, base: str, *, bf16: bool = False, lora_dtype: torch.dtype | None = None,
-                 cast_norms: bool = True, **lora: Any) -> Any:
-    """The tiny Falcon, 4-bit or plain, with LoRA (scale 1.5, dropout 0.1) on its four linears, lora_B non-zero.
+                 cast_norms: bool = True, dropout: float = 0.1, **lora: Any) -> Any:
+    """The tiny Falcon, 4-bit or plain, with LoRA (scale 1.5, `dropout`) on its four linears, lora_B non-zero.
 
     bf16 loads it as `oasst train` does for the bf16 recipes: what stays unquantized in bf16 for a 4-bit base (fp32
     for a plain one, which autocast then runs in bf16), LayerNorm outputs in bf16 (cast_norm_outputs) unless
@@ -59,7 +60,7 @@ def _lora_falcon(tiny_falcon: Path, base: str, *, bf16: bool = False, lora_dtype
         cast_norm_outputs(net)
     torch.manual_seed(0)
     # init_lora_weights=False: lora_B random like lora_A; peft's zeros would hide a wrong or missing update.
-    config = LoraConfig(r=8, lora_alpha=12, lora_dropout=0.1, target_modules=TARGETS, init_lora_weights=False,
+    config = LoraConfig(r=8, lora_alpha=12, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights=False,
                         **lora)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lora_bias on bias-free layers: peft warns that merging is impossible
@@ -258,8 +259,179 @@ def test_training_run_reports_fused_lora_modules(oasst: Callable[..., Any], tiny
         result = oasst("train", "--model", tiny_falcon, "--data", GUANACO, "--out", out, "--4bit",
                        "--compute-dtype", "bfloat16", "--precision", "bf16", "--gradient-checkpointing",
                        "--lora-dropout", 0.1, "--max-steps", 2, "--batch-size", 2, "--grad-accum", 1,
-                       "--max-length", 64, "--eval-rows", 2, "--save-steps", 2, "-q")
+                       "--max-length", 64, "--eval-rows", 2, "--save-steps", 2, "--seeded-lora-dropout", "-q")
     assert result.exit_code == 0, result.output
     summary = read_summary(out)
     assert summary["fused_lora_modules"] == LORA_LINEARS
+    assert summary["seeded_lora_dropout"] is True  # asked for, and this run has a dropout for it to replace
     assert counter.calls > 0  # training and evaluation went through the fused addmm
+
+
+# Seeded LoRA dropout: lora_A(dropout(x)) that keeps x and a seed for backward instead of the dropout's output and mask.
+
+@pytest.mark.parametrize("case", ["eval", "dropout-0"])
+def test_seeded_dropout_without_a_dropout_to_replace_is_the_unseeded_path_bit_for_bit(
+        tiny_falcon: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eval mode and p 0 (peft's nn.Identity) drop nothing: the same lora_A(x), and no seed drawn."""
+    model = _lora_falcon(tiny_falcon, "4bit", bf16=True, dropout=0.0 if case == "dropout-0" else 0.1)
+    ids = _ids()
+    fuse_lora_forward(model)
+    if case == "eval":
+        want = _logits(model, ids)
+    else:
+        want_loss, want_grads = _loss_and_grads(model, ids, bf16=True)
+    unfuse_lora_forward(model)
+    fuse_lora_forward(model, seeded_dropout=True)
+    drawn = []
+    monkeypatch.setattr(lora_fused, "_draw_seed", lambda: drawn.append(1) or 1)
+    if case == "eval":
+        assert torch.equal(_logits(model, ids), want)
+    else:
+        loss, grads = _loss_and_grads(model, ids, bf16=True)
+        assert loss == want_loss
+        assert all(torch.equal(grads[name], grad) for name, grad in want_grads.items())
+    assert drawn == []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_seeded_dropout_gives_the_reference_with_the_mask_regenerated_from_its_seed(
+        tiny_falcon: Path, precision: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Output and gradients of x, lora_A and lora_B equal base(x) + s * B(A(x * mask / (1 - p))) for its mask."""
+    bf16 = precision == "bf16"
+    if bf16:  # the bf16 recipes' layer: 4-bit base, bf16 LoRA weights and input, autocast as on a GPU
+        request.getfixturevalue("autocast_as_on_cuda")
+    model = _lora_falcon(tiny_falcon, "4bit" if bf16 else "plain", bf16=bf16)
+    fuse_lora_forward(model, seeded_dropout=True)
+    model.train()
+    layer = model.base_model.model.transformer.h[0].mlp.dense_4h_to_h
+    lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
+    drawn = []
+    monkeypatch.setattr(lora_fused, "_draw_seed", lambda: drawn.append(1234) or 1234)
+    x = torch.randn(2, 12, lora_a.in_features, dtype=torch.bfloat16 if bf16 else torch.float32)
+    grad_out = torch.randn(2, 12, lora_b.out_features)
+    mask = seeded_dropout_mask(1234, x.shape, 0.1, x.device)
+    assert 0 < mask.sum() < mask.numel()
+
+    def run(forward: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        model.zero_grad()
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = forward(leaf)
+        out.backward(grad_out.to(out.dtype))
+        return [out.float(), leaf.grad.float(), lora_a.weight.grad.float(), lora_b.weight.grad.float()]
+
+    got = run(layer)
+    assert drawn == [1234]  # the seeded path ran, once
+    want = run(lambda leaf: layer.base_layer(leaf) + layer.scaling["default"] * lora_b(lora_a(leaf * mask / 0.9)))
+    tol = 2e-2 if bf16 else 1e-5  # bf16 rounds the dropout scale on x there, on the rank-8 output here (~5e-3)
+    for name, a, b in zip(["output", "x", "lora_A", "lora_B"], got, want, strict=True):
+        assert (a - b).norm() <= tol * b.norm(), (name, float((a - b).norm() / b.norm()))
+
+
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant", "non-reentrant-without-rng-state"])
+def test_gradient_checkpointing_redraws_the_same_seeded_masks(tiny_falcon: Path, checkpointing: str) -> None:
+    """A recomputed forward draws the seeds, hence the masks, of the first forward: the same gradients.
+
+    Without checkpoint's RNG restore (preserve_rng_state off) the recomputation draws other masks, and the gradients
+    differ: the comparison does see which masks were used.
+    """
+    model = _lora_falcon(tiny_falcon, "4bit", bf16=True)
+    model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    fuse_lora_forward(model, seeded_dropout=True)
+    ids = _ids()
+    loss_a, grads_a = _loss_and_grads(model, ids, bf16=True)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={
+        "use_reentrant": checkpointing == "reentrant", "preserve_rng_state": not checkpointing.endswith("state")})
+    loss_b, grads_b = _loss_and_grads(model, ids, bf16=True)
+    assert loss_a == loss_b  # the first forward is the same forward either way
+    same = all(torch.equal(grads_b[name], grad) for name, grad in grads_a.items())
+    assert same == (not checkpointing.endswith("state"))
+
+
+def test_seeded_dropout_keeps_1_minus_p_and_is_unbiased() -> None:
+    p = 0.1
+    mask = seeded_dropout_mask(7, (1000, 1000), p, "cpu")
+    assert abs(mask.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / mask.numel()) ** 0.5
+    assert not torch.equal(mask, seeded_dropout_mask(8, (1000, 1000), p, "cpu"))
+    assert torch.equal(mask, seeded_dropout_mask(7, (1000, 1000), p, "cpu"))
+
+    # Many copies of one row: the mean of h over rows must tend to row @ A.T, within 5 standard errors.
+    generator = torch.Generator().manual_seed(0)
+    row, weight, rows = torch.randn(32, generator=generator), torch.randn(4, 32, generator=generator), 20_000
+    h = lora_fused._seeded_dropout_linear().apply(row.expand(rows, 32), weight, p, 11)
+    variance = p / (1 - p) * (row**2 * weight**2).sum(dim=1)  # of one row's h, per output
+    assert ((h.mean(dim=0) - weight @ row).abs() < 5 * (variance / rows).sqrt()).all()
+
+
+def _saved_bytes(model: Any, run: Callable[[], Any]) -> tuple[int, list[torch.Tensor]]:
+    """Bytes of the distinct storages autograd keeps for backward during `run()`, parameters left out."""
+    params = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in params:
+            kept[tensor.untyped_storage().data_ptr()] = tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(t.untyped_storage().nbytes() for t in kept.values()), list(kept.values())
+
+
+@pytest.fixture
+def dropout_as_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let nn.Dropout keep for backward what it keeps on a GPU: CUDA's fused dropout saves a bool mask.
+
+    On a CPU, F.dropout multiplies by a mask in the input's dtype (2 bytes in bf16) instead.
+    """
+    def native(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+        return torch.native_dropout(x, p, training)[0] if training and p > 0 else x
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", native)
+
+
+@pytest.mark.usefixtures("autocast_as_on_cuda", "dropout_as_on_cuda")
+def test_seeded_dropout_keeps_x_instead_of_the_dropout_output_and_mask(tiny_falcon: Path) -> None:
+    """bf16, 4-bit base: peft keeps 2 + 1 bytes per input element per LoRA layer, seeded dropout 2 per kept input.
+
+    The 4-bit base keeps no x (bitsandbytes' MatMul4Bit keeps only its packed weight), so seeded dropout keeps x
+    itself; Falcon's query_key_value and dense_h_to_4h read one LayerNorm output, which it keeps once.
+    """
+    model = _lora_falcon(tiny_falcon, "4bit", bf16=True)
+    model.train()
+    block = model.base_model.model.transformer.h[0]
+    width = block.mlp.dense_4h_to_h.in_features  # 4 x hidden
+    hidden = torch.randn(2, 12, width // 4, dtype=torch.bfloat16)
+    tokens = hidden.shape[0] * hidden.shape[1]
+    position_ids = torch.arange(12)[None]
+    rotary = model.base_model.model.transformer.rotary_emb(hidden, position_ids)
+    inputs: dict[str, torch.Tensor] = {}
+    for name in TARGETS:
+        module = block.self_attention if name in ("query_key_value", "dense") else block.mlp
+        getattr(module, name).register_forward_pre_hook(lambda m, args, name=name: inputs.update({name: args[0]}))
+
+    def one_module() -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return block.mlp.dense_4h_to_h(torch.randn(tokens, width, dtype=torch.bfloat16, requires_grad=True))
+
+    def one_block() -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return block(hidden.clone().requires_grad_(), alibi=None, attention_mask=None, position_ids=position_ids,
+                         position_embeddings=rotary)
+
+    fuse_lora_forward(model)
+    peft_module, _ = _saved_bytes(model, one_module)
+    peft_block, _ = _saved_bytes(model, one_block)
+    unfuse_lora_forward(model)
+    fuse_lora_forward(model, seeded_dropout=True)
+    seeded_module, kept = _saved_bytes(model, one_module)
+    assert not any(t.dtype == torch.bool for t in kept)
+    assert peft_module - seeded_module == tokens * width * (2 + 1 - 2)
+    seeded_block, kept = _saved_bytes(model, one_block)
+    storages = {t.untyped_storage().data_ptr() for t in kept}
+    assert all(x.untyped_storage().data_ptr() in storages for x in inputs.values())  # x itself, no copy
+    assert inputs["query_key_value"] is inputs["dense_h_to_4h"]
+    # peft: four dropout outputs and masks (3 bytes per element); seeded: three inputs (2 bytes), at least (on a GPU,
+    # dense's input may be the output flash attention keeps anyway).
+    hidden_width = width // 4
+    assert peft_block - seeded_block >= tokens * (3 * (3 * hidden_width + width) - 2 * (2 * hidden_width + width))

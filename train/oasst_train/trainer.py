@@ -112,7 +112,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     _write_config(cfg, out / CONFIG_NAME, targets)
     trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, targets, fresh=checkpoint is None)
     # SFTTrainer wraps the model in LoRA (get_peft_model from peft_config): the LoRA modules exist only from here on.
-    fused_lora = fuse_lora_forward(trainer.model) if cfg.fused_lora else 0
+    fused_lora = fuse_lora_forward(trainer.model, seeded_dropout=cfg.seeded_lora_dropout) if cfg.fused_lora else 0
     bar = ProgressCallback(console=console, enabled=progress)
     stopper = SaveOnSignal()
     trainer.add_callback(bar)
@@ -137,7 +137,9 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     summary = _summary(cfg, trainer, bar, linear4bit, load_seconds, checkpoint)
     summary.update(steady_tokens_per_second=bar.steady_tokens_per_second, warmup_steps=bar.warmup_steps(),
                    step_seconds=[round(s, 4) for s in bar.step_seconds], steady_window=bar.steady_window(),
-                   fused_attention_layers=fused_layers, fused_lora_modules=fused_lora)
+                   fused_attention_layers=fused_layers, fused_lora_modules=fused_lora,
+                   # True only where it replaced a dropout: fused modules and a dropout to replace (p 0 is Identity).
+                   seeded_lora_dropout=bool(fused_lora and cfg.seeded_lora_dropout and cfg.lora_dropout > 0))
     summary.update(peak_memory_bytes=peak_memory_bytes(), versions=versions(), device=device_name(),
                    replica_checksums=replica_checksums(trainer.model))
     if trainer.is_world_process_zero():
