@@ -6,7 +6,6 @@ Writes go to a temporary folder beside the output, renamed at the end, so a fail
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import time
@@ -96,7 +95,12 @@ def guanaco_text(thread: Thread) -> str:
 
 
 def _text(turns: list[tuple[str, str]]) -> str:
-    return "".join([(HUMAN if role == "prompter" else ASSISTANT) + text for role, text in turns])
+    # One join over markers and texts: `marker + text` first would copy every text twice.
+    parts: list[str] = []
+    for role, text in turns:
+        parts.append(HUMAN if role == "prompter" else ASSISTANT)
+        parts.append(text)
+    return "".join(parts)
 
 
 def thread_row(tree: Tree, thread: Thread) -> dict[str, Any]:
@@ -106,18 +110,25 @@ def thread_row(tree: Tree, thread: Thread) -> dict[str, Any]:
 
 def make_row(tree_id: str, lang: str | None, turns: list[tuple[str, str]]) -> dict[str, Any]:
     """The output row for one thread given as (role, text) turns."""
-    return {
-        "text": _text(turns),
-        "messages": [{"role": "user" if role == "prompter" else "assistant", "content": text}
-                     for role, text in turns],
-        "message_tree_id": tree_id,
-        "lang": lang,
-        "num_turns": len(turns),
-    }
+    # `_text` and the messages in one pass: this runs for every row of the output.
+    parts: list[str] = []
+    messages: list[dict[str, str]] = []
+    for role, text in turns:
+        if role == "prompter":
+            parts.append(HUMAN)
+            messages.append({"role": "user", "content": text})
+        else:
+            parts.append(ASSISTANT)
+            messages.append({"role": "assistant", "content": text})
+        parts.append(text)
+    return {"text": "".join(parts), "messages": messages, "message_tree_id": tree_id, "lang": lang,
+            "num_turns": len(turns)}
 
 
 def hash_split(tree_id: str, test_size: float, seed: int) -> str:
     """'test' for a deterministic `test_size` fraction of tree ids, else 'train'."""
+    import hashlib  # late: 5 ms of OpenSSL set-up at start-up, for --test-size only
+
     digest = hashlib.sha256(f"{seed}:{tree_id}".encode()).digest()
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_size else "train"
 

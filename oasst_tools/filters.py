@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, Literal
 
 from oasst_tools.records import normalize_labels
@@ -165,21 +166,26 @@ def best_raw_thread(raw: RawTree, sel: Selection, dropped: Counter[str] | None =
     """`select_threads` in top-rank mode on raw records: the same rules without building `Message`s."""
     root = raw.prompt if raw.prompt is not None else raw.linked()[0][raw.root][1]
     why = state_lang_reason(raw.state, root.get("lang"), sel)
-    if why is None and (head := record_drop_reason(root, sel)) is not None:
+    only_flags = not (sel.drop_synthetic or sel.label_max or sel.label_min)
+    if why is None and (
+        (root.get("deleted") or root.get("review_result") is False) if only_flags  # rule 1 without a call
+        else record_drop_reason(root, sel) is not None
+    ):
         if dropped is not None:
-            dropped[head] += len(raw.linked()[0])
+            dropped[record_drop_reason(root, sel)] += len(raw.linked()[0])  # type: ignore[index]
         why = "root_dropped"
     if why is not None:
         if dropped is not None:
             dropped[f"tree:{why}"] += 1
         return None
-    only_flags = not (sel.drop_synthetic or sel.label_max or sel.label_min)
     if only_flags and raw.prompt is not None:
         thread = _best_nested_path(raw, sel, dropped)
     elif only_flags and raw.flagged is not None:
         thread = _best_unflagged_path(raw, sel, dropped)
     else:
         thread = _best_pruned_path(raw, sel, dropped, only_flags)
+    if sel.max_turns is None and not sel.end_with_assistant and len(thread) >= sel.min_turns:
+        return thread  # what `kept_turns` keeps of any thread under the default turn rules
     keep = kept_turns([r["role"] for r in thread], sel)
     if keep is None:
         if dropped is not None:
@@ -207,9 +213,18 @@ def _best_nested_path(raw: RawTree, sel: Selection, dropped: Counter[str] | None
             replies = [r for r in replies if not r.get("deleted") and r.get("review_result") is not False]
             if not replies:
                 break
-        node = replies[0] if len(replies) == 1 else min(replies, key=_raw_rank_key)
+        node = replies[0] if len(replies) == 1 else _best_reply(replies)
         thread.append(node)
     return thread
+
+
+def _best_reply(replies: list[dict]) -> dict:
+    """The reply with the smallest `_raw_rank_key`, for records whose ranks are ints or None (plain records):
+    a sole rank-0 reply is that reply (most ranked parents), found without a Python call per reply."""
+    ranks = list(map(dict.get, replies, repeat("rank")))
+    if ranks.count(0) == 1:
+        return replies[ranks.index(0)]
+    return min(replies, key=_raw_rank_key)
 
 
 def _nested_ids(record: dict) -> list[str]:
@@ -247,7 +262,8 @@ def _best_unflagged_path(raw: RawTree, sel: Selection, dropped: Counter[str] | N
             node = kids[0]
             thread.append(records[node][1])
         else:
-            best = min([records[kid][1] for kid in kids], key=_raw_rank_key)
+            replies = [records[kid][1] for kid in kids]
+            best = _best_reply(replies) if raw.plain else min(replies, key=_raw_rank_key)
             node = best["message_id"]
             thread.append(best)
     return thread

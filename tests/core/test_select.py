@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from oasst_tools.build import guanaco_text
 from oasst_tools.filters import Selection, lang_matches, select_threads
@@ -122,3 +124,17 @@ def test_turn_limits_cut_and_drop_threads(min_turns: int, max_turns: int | None)
         threads = list(select_threads(tree, sel))
         assert all(min_turns <= len(t) <= (max_turns or 10**6) for t in threads)
         assert len({tuple(ids(t)) for t in threads}) == len(threads)  # cutting never duplicates rows
+
+
+@given(st.lists(st.tuples(st.none() | st.integers(0, 3), st.sampled_from(["2023-01-02", "2023-01-01", None])),
+                min_size=2, max_size=6))
+def test_the_rank_zero_shortcut_picks_the_reply_the_full_key_picks(replies: list[tuple[int | None, str | None]]):
+    """`_best_reply` skips the key function when one reply has rank 0; ties, unranked siblings and missing
+    dates must still give `min` by (rank is None, rank, created_date, message_id)."""
+    from oasst_tools.filters import _best_reply, _raw_rank_key
+
+    records = [{"message_id": f"m{i}", "rank": rank, "created_date": date} for i, (rank, date) in enumerate(replies)]
+    for record in records:
+        if record["created_date"] is None:
+            del record["created_date"]  # exports leave out null fields
+    assert _best_reply(records) is min(records, key=_raw_rank_key)
