@@ -15,9 +15,9 @@ batch about 0.5% of the layer's FLOPs) and then x @ W'^T. The weights stay NF4 i
 the layer's forward, like bitsandbytes' own dequantized copy), and the output is the adapter's within the
 rounding of W' to the compute dtype, what a 16-bit merged model has.
 
-Only inference (no autograd) with one plain LoRA adapter active folds; anything else (DoRA, a LoRA bias,
-several or mixed adapters, a disabled or merged adapter, gradients, bitsandbytes' CPU-packed weights) runs
-peft's own forward, decided per call.
+Only inference (no autograd) with one plain LoRA adapter active folds (the test `oasst train`'s fused LoRA
+uses); anything else (DoRA, a LoRA bias, hooks on lora_B, several or mixed adapters, a disabled or merged
+adapter, gradients, bitsandbytes' CPU-packed weights) runs peft's own forward, decided per call.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import contextlib
 import types
 from collections.abc import Iterator
 from typing import Any
+
+from oasst_train.lora_fused import single_plain_adapter  # standard library only at import
 
 
 @contextlib.contextmanager
@@ -54,17 +56,12 @@ def _foldable(layer: Any, kwargs: dict[str, Any]) -> str | None:
     """The one active plain-LoRA adapter name when this call can fold it, else None."""
     import torch
 
-    if torch.is_grad_enabled() or layer.disable_adapters or layer.merged or kwargs:
+    if torch.is_grad_enabled() or kwargs:
         return None
-    active = layer.active_adapters
-    if len(active) != 1:
+    name = single_plain_adapter(layer)  # the training path's test: one plain adapter, nothing extra on lora_B
+    if name is None:
         return None
-    name = active[0]
-    if (name not in layer.lora_A or name in getattr(layer, "lora_variant", {})
-            or layer.lora_B[name].bias is not None):
-        return None
-    weight = layer.get_base_layer().weight
-    quant_state = getattr(weight, "quant_state", None)
+    quant_state = getattr(layer.get_base_layer().weight, "quant_state", None)
     if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
         return None
     return name

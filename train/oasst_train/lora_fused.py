@@ -93,7 +93,7 @@ def _lora_kinds() -> dict[type, str]:
     return kinds
 
 
-def _single_plain_adapter(module: Any) -> str | None:
+def single_plain_adapter(module: Any) -> str | None:
     """The one active adapter when this call is plain LoRA the fused path computes; None sends it to peft."""
     if module.disable_adapters or module.merged:
         return None
@@ -116,7 +116,7 @@ def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """peft's LoRA forward for one plain adapter with the update added by addmm (see the module doc)."""
     import torch
 
-    name = None if args or kwargs else _single_plain_adapter(self)
+    name = None if args or kwargs else single_plain_adapter(self)
     if name is None:
         return self._oasst_lora_original(x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
