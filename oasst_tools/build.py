@@ -24,19 +24,13 @@ from oasst_tools.walk import Thread
 try:
     import orjson
 
-    def _dumps(row: dict[str, Any]) -> bytes:
-        return orjson.dumps(row)
-
     def _dumps_line(row: dict[str, Any]) -> bytes:
         return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
 except ImportError:  # pragma: no cover - orjson is a core dependency
     import json
 
-    def _dumps(row: dict[str, Any]) -> bytes:
-        return json.dumps(row, ensure_ascii=False).encode()
-
     def _dumps_line(row: dict[str, Any]) -> bytes:
-        return _dumps(row) + b"\n"
+        return json.dumps(row, ensure_ascii=False).encode() + b"\n"
 
 
 DEFAULT_HUB_ID = "OpenAssistant/oasst1"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from itertools import chain, repeat
@@ -108,18 +108,6 @@ def read_trees(
     """Every tree of one input (file, folder or hub id), validated; bad input raises `OasstInputError`."""
     raws = iter_raw_trees(source, on_error=on_error, report=report, progress=progress, buffered=buffered)
     return (raw.to_tree() for raw in raws)
-
-
-@contextmanager
-def _closing_any(items: Iterable[Any]) -> Iterator[None]:
-    """Close `items` on exit when it is a generator: a reader that stops early (an error, a retry) must stop
-    the thread inflating its input at once."""
-    try:
-        yield
-    finally:
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
 
 
 @contextmanager
@@ -301,7 +289,7 @@ class _Pending:
 
 
 def _group_flat(
-    records: Iterable[tuple[int, dict[str, Any]]],
+    records: Generator[tuple[int, dict[str, Any]], None, None],
     path: str,
     split: str | None,
     on_error: OnError,
@@ -313,7 +301,8 @@ def _group_flat(
     pending: dict[str, _Pending] = {}
     current: _Pending | None = None
     seen_any = False
-    with gc_paused(), _closing_any(records):
+    # closing: a reader that stops early (an error, a retry) stops the thread inflating its input at once.
+    with gc_paused(), closing(records):
         for line, record in records:
             seen_any = True
             tree_id = record.get("message_tree_id")
