@@ -7,6 +7,10 @@ import platform
 from collections.abc import Iterable
 from importlib import metadata
 
+# `python -c` code that runs `oasst` with the train plug-in registered in-process: the GPU machine runs the repo
+# from PYTHONPATH, without installed entry points.
+TRAIN_LAUNCHER = "import oasst_tools.cli as c; c.EXTRA_COMMANDS['train'] = 'oasst_train.cli:train'; c.main()"
+
 
 def versions(names: Iterable[str]) -> dict[str, str]:
     """Versions of the packages that decide the numbers."""

@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _common import TRAIN_LAUNCHER  # bench/ is on sys.path when run as a script
+
 # The notebook's settings (r 64, alpha 16, dropout 0.1, Falcon's four linears, batch 4 x accumulation 4,
 # max length 512, fp16, paged AdamW 32-bit, group_by_length, gradient checkpointing, NF4 without double quant).
 CLASSIC = """
@@ -56,10 +58,7 @@ FLOPS_PER_TOKEN = 4 * 6.9e9  # forward + backward through frozen 4-bit base (no 
 def run(name: str, config: Path, args: argparse.Namespace, work: Path) -> dict:
     """One `oasst train` process; returns its summary plus wall time."""
     out = work / name
-    # Through the CLI module with the plug-in registered in-process: the GPU machine runs from PYTHONPATH,
-    # without installed entry points.
-    launcher = ("import oasst_tools.cli as c; c.EXTRA_COMMANDS['train'] = 'oasst_train.cli:train'; c.main()")
-    cmd = [sys.executable, "-c", launcher, "train", "--config", str(config), "--model", args.model,
+    cmd = [sys.executable, "-c", TRAIN_LAUNCHER, "train", "--config", str(config), "--model", args.model,
            "--data", args.data, "--out", str(out), "--max-steps", str(args.steps), "--save-steps", "100000",
            "--eval-rows", "32"]
     print("running", name, flush=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, versions  # noqa: E402 - bench/ is not a package
+from _common import TRAIN_LAUNCHER, machine, versions  # noqa: E402 - bench/ is not a package
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "train" / "recipes"
@@ -181,7 +181,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump(recipe_values(base, overrides), sort_keys=False))
     out = work / name
-    launcher = "import oasst_tools.cli as c; c.EXTRA_COMMANDS['train'] = 'oasst_train.cli:train'; c.main()"
+    launcher = TRAIN_LAUNCHER
     if args.profile:
         launcher = f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import _profile_hook; " + launcher
     cmd = [sys.executable, "-c", launcher, "train", "--config", str(config), "--model", args.model,
