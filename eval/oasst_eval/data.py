@@ -106,8 +106,20 @@ def hellaswag_process_docs(dataset: Any) -> Any:
     """lm-eval's own hellaswag `process_docs`, run once per dataset instead of at every read of the documents.
 
     lm-eval 0.4.13 re-runs `process_docs` (a `datasets.map` over all 10,042 rows) each time a task reads its
-    evaluation documents, three times per run, even with `--limit`. Delete when lm-eval caches processed docs.
+    evaluation documents, three times per run, even with `--limit`. Registered as the `lm_eval_hellaswag_docs_cache`
+    patch: when `process_docs` changed, it runs uncached (one warning line); when it is gone, one error line. Delete
+    when lm-eval caches processed docs.
     """
+    from oasst_train import patches
+
+    if not patches.applies("lm_eval_hellaswag_docs_cache"):
+        try:
+            from lm_eval.tasks.hellaswag.utils import process_docs as uncached
+        except ImportError:
+            raise OasstError(f"lm-eval {patches.installed('lm-eval')} has no lm_eval.tasks.hellaswag.utils."
+                             "process_docs, the preprocessing the shipped hellaswag task reuses; install "
+                             "lm-eval 0.4.13") from None
+        return uncached(dataset)
     from lm_eval.tasks.hellaswag.utils import process_docs
 
     key = getattr(dataset, "_fingerprint", None) or id(dataset)
@@ -115,6 +127,7 @@ def hellaswag_process_docs(dataset: Any) -> Any:
         if len(_PROCESSED) >= 8:  # a long-lived process loading many datasets keeps only the latest few
             _PROCESSED.pop(next(iter(_PROCESSED)))
         _PROCESSED[key] = process_docs(dataset)
+        patches.activated("lm_eval_hellaswag_docs_cache")
     return _PROCESSED[key]
 
 

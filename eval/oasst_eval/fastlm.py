@@ -291,11 +291,18 @@ def cache_jinja_templates() -> Callable[[], None]:
 
     lm-eval 0.4.13's `utils.apply_template` calls `Environment.from_string` on every call: for 2,000 HellaSwag
     items that is 14,000 template compilations in the timed span. Rendering a cached compiled template gives the
-    same text. Delete when lm-eval caches compiled templates itself.
+    same text. Registered as the `lm_eval_template_cache` patch: when lm-eval changed `apply_template`, nothing is
+    replaced (one warning line). Delete when lm-eval caches compiled templates itself.
     """
     from functools import lru_cache
 
     from lm_eval import utils
+
+    from oasst_train import patches
+
+    if not patches.applies("lm_eval_template_cache"):
+        return lambda: None
+    patches.activated("lm_eval_template_cache")
 
     original = utils.apply_template
     compile_template = lru_cache(maxsize=256)(utils.env.from_string)

@@ -32,8 +32,17 @@ from oasst_train.lora_fused import single_plain_adapter  # standard library only
 
 @contextlib.contextmanager
 def merged_4bit_lora(model: Any) -> Iterator[int]:
-    """Inside: every peft LoRA `Linear4bit` of `model` scores with its adapter folded into W; yields their count."""
+    """Inside: every peft LoRA `Linear4bit` of `model` scores with its adapter folded into W; yields their count.
+
+    Registered as the `eval_folded_4bit_lora` patch: when peft or bitsandbytes changed what is read here, nothing is
+    folded (peft's own forward, one warning line) and the count is 0.
+    """
+    from oasst_train import patches
+
     layers = _lora_4bit_layers(model)
+    if layers and not patches.applies("eval_folded_4bit_lora", problem=patches.check_lora_module(layers[0])):
+        layers = []
+    patches.activated("eval_folded_4bit_lora", len(layers))
     for layer in layers:
         layer.forward = types.MethodType(_folded_forward, layer)
     try:

@@ -142,6 +142,9 @@ def _misfit(message: str) -> str:
 
 def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[list[ModelRun], dict[str, Any]]:
     """Score every requested label; returns the runs and the settings actually used."""
+    from oasst_train import patches
+
+    patches.begin_run()
     adapter_config = check_adapter(cfg.adapter) if cfg.adapter else None
     metadata = check_local_data(cfg.tasks, cfg.data_dir, cfg.data, cfg.num_fewshot)
     name, gguf_file = split_model(cfg.model)
@@ -166,12 +169,9 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
 
     linear4bit = count_linear4bit(model)
 
-    from oasst_eval.fastlm import FastHFLM, cache_jinja_templates
+    from oasst_eval.fastlm import cache_jinja_templates
 
-    # max_batch_size also bounds lm-eval's own search, which loglikelihood_rolling (guanaco_test) still uses.
-    lm = FastHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                  max_batch_size=cfg.max_batch_size or 64, max_rows=cfg.max_batch_size,
-                  max_batch_tokens=cfg.max_batch_tokens)
+    lm = make_lm(model, tokenizer, batch_size, cfg)
     merge = bool(cfg.adapter and cfg.merge_adapter and not cfg.load_in_4bit)
     # 4-bit weights are not re-quantized with the adapter in them (another model): it folds in per forward.
     fold = bool(cfg.adapter and cfg.merge_adapter and cfg.load_in_4bit)
@@ -188,8 +188,9 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
                 continue
             if label == "adapter" and merge:
                 t0 = time.perf_counter()
-                # In place: the LoRA product is added to each wrapped layer's weight, and the wrappers go.
-                model = lm._model = model.merge_and_unload()
+                # In place: the LoRA product is added to each wrapped layer's weight; the wrappers then call only
+                # their base layer (peft's public merge, so lm-eval keeps the model object it was given).
+                model.merge_adapter()
                 merge_seconds = round(time.perf_counter() - t0, 2)
                 log(f"adapter merged into the weights in {merge_seconds} s")
             if label == "adapter" and fold:
@@ -205,7 +206,7 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
     settings = cfg.as_dict() | {
         "device": device,
         "batch_size_used": {run.label: run.results["config"].get("batch_sizes") or batch_size for run in runs},
-        "batch_tokens": lm.batch_tokens,
+        "batch_tokens": getattr(lm, "batch_tokens", None),
         "adapter_merged": "folded per forward (weights stay 4-bit)" if fold else merge,
         "merge_seconds": merge_seconds,
         "data_used": {k: v for k, v in metadata.items() if k in ("data_dir", "data")},
@@ -215,8 +216,31 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
         "items_scored": {run.label: run.items for run in runs},
         "adapter_trained_on": (adapter_config or {}).get("base_model_name_or_path"),
         "peak_gpu_memory_gib": _peak_gpu_gib(device),
+        "patches": patches.report(),
     }
     return runs, settings
+
+
+def make_lm(model: Any, tokenizer: Any, batch_size: str | int, cfg: EvalConfig) -> Any:
+    """lm-eval's model wrapper: `FastHFLM` when lm-eval's internals are the ones it was written for (patch
+    `lm_eval_fast_loglikelihood`), else lm-eval's own `HFLM`, with one warning line."""
+    from oasst_train import patches
+
+    # max_batch_size also bounds lm-eval's own search, which loglikelihood_rolling (guanaco_test) still uses.
+    common = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size,
+              "max_batch_size": cfg.max_batch_size or 64}
+    if patches.applies("lm_eval_fast_loglikelihood"):
+        from oasst_eval.fastlm import FastHFLM
+
+        lm = FastHFLM(**common, max_rows=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens)
+        problem = patches.check_hflm_instance(lm)  # attributes HFLM sets in __init__
+        if problem is None:
+            patches.activated("lm_eval_fast_loglikelihood")
+            return lm
+        patches.fallback("lm_eval_fast_loglikelihood", problem)
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(**common)
 
 
 def _score(lm: Any, tasks: list[Any], manager: Any, cfg: EvalConfig, label: str) -> ModelRun:

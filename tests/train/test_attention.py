@@ -13,15 +13,44 @@ from oasst_train.attention import block_causal_mask, fused_attention_layers, use
 TOL = 1e-5
 
 
-def _pair(tiny_falcon: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The tiny Falcon twice, in fp32: as transformers builds it, and with the fused attention switched on."""
-    from transformers import FalconForCausalLM
+# Falcon's three attention layouts: multi-query (7B), grouped keys of the new decoder architecture (40B, 180B), and
+# one key/value per head.
+LAYOUTS = {
+    "multi_query": {},
+    "grouped": {"new_decoder_architecture": True, "num_kv_heads": 2, "parallel_attn": True},
+    "per_head": {"multi_query": False},
+}
 
-    plain = FalconForCausalLM.from_pretrained(tiny_falcon, dtype=torch.float32).eval()
-    fused = FalconForCausalLM.from_pretrained(tiny_falcon, dtype=torch.float32).eval()
+
+def _pair(tiny_falcon: Path, layout: str = "multi_query") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The tiny Falcon twice, in fp32: as transformers builds it, and with the fused attention switched on.
+
+    The fused copy's layers keep transformers' forward only for what the fused path hands over (decoding with a
+    cache): a test of a fused case that reached it would fail, so a silent fallback cannot pass for a match.
+    """
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig.from_pretrained(tiny_falcon)
+    for key, value in LAYOUTS[layout].items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    plain = FalconForCausalLM(config).eval()
+    fused = FalconForCausalLM(config).eval()
+    fused.load_state_dict(plain.state_dict())
     assert use_fused_attention(fused) == 2 == fused_attention_layers(fused)
     assert fused_attention_layers(plain) == 0
     return plain, fused
+
+
+def _forbid_fallback(fused: torch.nn.Module) -> None:
+    """Make transformers' own forward raise in the fused model: the case under test must take the fused path."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the fused attention fell back to transformers' forward")
+
+    for module in fused.modules():
+        if getattr(module, "_oasst_original", None) is not None:
+            module._oasst_original = refuse
 
 
 def _ids(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
@@ -30,18 +59,22 @@ def _ids(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(10, 60000, (n,), generator=generator) for n in lengths]
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("kv_mode", ["expand", "gqa"])
-def test_unpadded_batch_gives_the_same_logits(tiny_falcon: Path, kv_mode: str,
+def test_unpadded_batch_gives_the_same_logits(tiny_falcon: Path, kv_mode: str, layout: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention, "KV_MODE", kv_mode)
-    plain, fused = _pair(tiny_falcon)
+    plain, fused = _pair(tiny_falcon, layout)
+    _forbid_fallback(fused)
     ids = torch.stack(_ids([24, 24]))
     with torch.no_grad():
         assert (plain(ids).logits - fused(ids).logits).abs().max() < TOL
 
 
-def test_right_padded_batch_gives_the_same_logits_on_every_real_token(tiny_falcon: Path) -> None:
-    plain, fused = _pair(tiny_falcon)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_right_padded_batch_gives_the_same_logits_on_every_real_token(tiny_falcon: Path, layout: str) -> None:
+    plain, fused = _pair(tiny_falcon, layout)
+    _forbid_fallback(fused)
     seqs = _ids([30, 17, 9])
     ids = torch.zeros(3, 30, dtype=torch.long)
     mask = torch.zeros(3, 30, dtype=torch.long)
@@ -58,6 +91,7 @@ def test_right_padded_batch_gives_the_same_logits_on_every_real_token(tiny_falco
 
 def test_left_padded_batch_uses_the_given_mask_and_matches(tiny_falcon: Path) -> None:
     plain, fused = _pair(tiny_falcon)
+    _forbid_fallback(fused)
     ids = torch.stack(_ids([20, 20]))
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[1, :6] = 0
@@ -69,8 +103,10 @@ def test_left_padded_batch_uses_the_given_mask_and_matches(tiny_falcon: Path) ->
     assert (a[real] - b[real]).abs().max() < TOL
 
 
-def test_packed_row_gives_each_example_the_logits_it_has_alone(tiny_falcon: Path) -> None:
-    _, fused = _pair(tiny_falcon)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_packed_row_gives_each_example_the_logits_it_has_alone(tiny_falcon: Path, layout: str) -> None:
+    _, fused = _pair(tiny_falcon, layout)
+    _forbid_fallback(fused)
     seqs = _ids([11, 23, 7])
     row = torch.cat(seqs)[None]
     positions = torch.cat([torch.arange(len(s)) for s in seqs])[None]
@@ -87,6 +123,7 @@ def test_packed_row_gives_each_example_the_logits_it_has_alone(tiny_falcon: Path
 def test_packed_training_gradients_equal_the_sum_over_examples_alone(tiny_falcon: Path) -> None:
     """A leak would show in the gradients too: the packed loss's gradient must be the per-example sum."""
     _, fused = _pair(tiny_falcon)
+    _forbid_fallback(fused)
     fused.train()
     seqs = _ids([13, 19])
     row = torch.cat(seqs)[None]

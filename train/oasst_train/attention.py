@@ -17,7 +17,13 @@ What the fused path does, per forward of the whole model (decided once, not per 
   causal mask built here from the position ids, so packed examples never see each other whatever the
   installed transformers does with position ids (5.17 lets them leak; ../shared/docs/gpu.md).
 - anything else (left padding, a 4-D mask from the caller): the mask transformers built, with expanded keys.
-- decoding with a filled KV cache, ALiBi models, `output_attentions`: transformers' own forward, unchanged.
+- decoding with a filled KV cache, ALiBi models, `output_attentions`, attention dropout in training: transformers'
+  own forward, unchanged.
+
+Written for transformers 5.17 and 5.24 (`forward(hidden_states, alibi, attention_mask, ...)`, `_split_heads`) and
+5.25 (`forward(hidden_states, attention_mask, ...)`, heads split inline): arguments are read by name from the
+installed signature. The patch registry (oasst_train.patches, `falcon_fused_attention`) checks the target before
+switching anything and leaves transformers' own attention in place, with a warning, when it changed.
 """
 
 from __future__ import annotations
@@ -42,29 +48,55 @@ class _Plan:
 
 
 def use_fused_attention(model: Any) -> int:
-    """Route Falcon attention through sdpa's fused kernels (see the module doc); returns the layers switched."""
+    """Route Falcon attention through sdpa's fused kernels (see the module doc); returns the layers switched.
+
+    Guarded by the patch registry (oasst_train.patches, `falcon_fused_attention`): when transformers changed
+    FalconAttention (its forward's parameters, the attributes read here), nothing is switched and transformers' own
+    attention runs, with one warning line.
+    """
     from transformers.models.falcon.modeling_falcon import FalconAttention, FalconModel
 
-    bodies = [m for m in model.modules() if isinstance(m, FalconModel)]
+    from oasst_train import patches
+
+    bodies = [m for m in model.modules() if isinstance(m, FalconModel)
+              and getattr(m.config, "_attn_implementation", "sdpa") == "sdpa" and not getattr(m.config, "alibi", False)]
     if not bodies:
+        return 0  # not Falcon, another kernel asked for, or ALiBi (a per-head bias in the mask: nothing to fuse)
+    layers = [module for body in bodies for module in body.modules()
+              # Exactly FalconAttention: a subclass (FalconFlashAttention2 before 5.25) has a kernel of its own.
+              if type(module) is FalconAttention and getattr(module, "_oasst_original", None) is None]
+    if not layers:
+        return 0  # switched already
+    # Attributes set in __init__ can only be checked on an instance.
+    problem = patches.describe_missing(
+        ("FalconAttention instance", patches.missing_attrs(layers[0], patches.FALCON_ATTENTION_ATTRS)),
+        ("FalconConfig", patches.missing_attrs(bodies[0].config, patches.FALCON_CONFIG_ATTRS)))
+    if not patches.applies("falcon_fused_attention", problem=problem):
         return 0
-    switched = 0
+    params = _forward_params(FalconAttention)
     for body in bodies:
-        if getattr(body, "_oasst_plan", None) is not None:
-            continue
-        if getattr(body.config, "alibi", False):
-            continue  # ALiBi adds a per-head bias to the mask: nothing fused to gain, transformers' path stays
-        plan = _Plan()
-        body._oasst_plan = plan
-        body.register_forward_pre_hook(_planner(body, plan), with_kwargs=True)
+        if getattr(body, "_oasst_plan", None) is None:
+            plan = _Plan()
+            body._oasst_plan = plan
+            body.register_forward_pre_hook(_planner(body, plan), with_kwargs=True)
+    switched = 0
+    todo = {id(module) for module in layers}
+    for body in bodies:
         for module in body.modules():
-            # Exactly FalconAttention: FalconFlashAttention2 has its own kernel already.
-            if type(module) is FalconAttention:
-                module._oasst_plan = plan
+            if id(module) in todo:
+                module._oasst_plan = body._oasst_plan
+                module._oasst_params = params
                 module._oasst_original = module.forward
                 module.forward = types.MethodType(_fused_forward, module)
                 switched += 1
+    patches.activated("falcon_fused_attention", switched)
     return switched
+
+
+def _forward_params(cls: type) -> tuple[str, ...]:
+    """Names of `cls.forward`'s parameters after `self`, in order: how positional arguments map to names."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def fused_attention_layers(model: Any) -> int:
@@ -132,38 +164,72 @@ def _decide(given: dict[str, Any]) -> tuple[str | None, Any]:
     return "causal", None
 
 
-def _fused_forward(self: Any, hidden_states: Any, alibi: Any, attention_mask: Any, position_ids: Any = None,
-                   layer_past: Any = None, use_cache: bool = False, output_attentions: bool = False,
-                   position_embeddings: Any = None, **kwargs: Any) -> tuple[Any, Any]:
-    """FalconAttention.forward (rotary, no ALiBi) with fused sdpa kernels; falls back to the original otherwise."""
+def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """FalconAttention.forward (rotary, no ALiBi) with fused sdpa kernels; falls back to the original otherwise.
+
+    Arguments are read by name from the installed forward's signature: 5.17 and 5.24 pass `alibi` second, 5.25
+    dropped it (ALiBi moved into the mask there).
+    """
     import torch
+
+    given = dict(zip(self._oasst_params, args))
+    given.update(kwargs)
+    plan = self._oasst_plan
+    if (plan.mode is None or given.get("alibi") is not None or given.get("output_attentions")
+            or given.get("position_embeddings") is None
+            or (self.training and float(self.config.attention_dropout or 0.0) > 0.0)):
+        return self._oasst_original(*args, **kwargs)
     from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
 
-    plan = self._oasst_plan
-    if plan.mode is None or alibi is not None or output_attentions or position_embeddings is None:
-        return self._oasst_original(hidden_states, alibi, attention_mask, position_ids=position_ids,
-                                    layer_past=layer_past, use_cache=use_cache,
-                                    output_attentions=output_attentions,
-                                    position_embeddings=position_embeddings, **kwargs)
-    query, key, value = self._split_heads(self.query_key_value(hidden_states))
+    hidden_states = given["hidden_states"]
+    query, key, value = _split_heads(self, self.query_key_value(hidden_states))
     batch, length, heads, head_dim = query.shape
     query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    cos, sin = position_embeddings
+    cos, sin = given["position_embeddings"]
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    layer_past = given.get("layer_past")
     if layer_past is not None:
         # Only reached on a prefill (the planner hands a filled cache to the original forward).
         key, value = layer_past.update(key, value, self.layer_idx)
     extra: dict[str, Any] = {}
-    if key.shape[1] != heads:
+    kv_heads = key.shape[1]
+    if kv_heads != heads:
         if KV_MODE == "gqa":
             extra["enable_gqa"] = True
-        else:
+        elif kv_heads == 1:
             key = key.expand(batch, heads, key.shape[2], head_dim)
             value = value.expand(batch, heads, value.shape[2], head_dim)
-    if plan.mode == "causal":
+        else:  # grouped keys (new decoder architecture): query head h reads key group h // (heads / kv_heads)
+            groups = heads // kv_heads
+            key = key[:, :, None].expand(batch, kv_heads, groups, key.shape[2], head_dim).flatten(1, 2)
+            value = value[:, :, None].expand(batch, kv_heads, groups, value.shape[2], head_dim).flatten(1, 2)
+    attention_mask = given.get("attention_mask")
+    if plan.mode == "causal" or (plan.mode == "given" and attention_mask is None):
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=length > 1, **extra)
     else:
         mask = plan.mask if plan.mode == "block" else attention_mask
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, **extra)
     out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)
     return self.dense(out), None
+
+
+def _split_heads(self: Any, fused_qkv: Any) -> tuple[Any, Any, Any]:
+    """Query [B, L, heads, D] and key, value [B, L, kv_heads or heads, D] from the fused QKV projection.
+
+    transformers' own `_split_heads` where it has one (5.17, 5.24: the path the GPU benchmarks measured); the same
+    layouts here for 5.25, which split inline.
+    """
+    own = getattr(self, "_split_heads", None)
+    if own is not None:
+        return own(fused_qkv)
+    batch, length, _ = fused_qkv.shape
+    config = self.config
+    if config.new_decoder_architecture:
+        # [.., kv_heads, queries per group + 2, D]: each group's queries, then its key and its value
+        grouped = fused_qkv.view(batch, length, self.num_kv_heads, -1, self.head_dim)
+        return grouped[..., :-2, :].flatten(2, 3), grouped[..., -2, :], grouped[..., -1, :]
+    if config.multi_query:
+        qkv = fused_qkv.view(batch, length, self.num_heads + 2, self.head_dim)
+        return qkv[..., :-2, :], qkv[..., [-2], :], qkv[..., [-1], :]
+    qkv = fused_qkv.view(batch, length, self.num_heads, 3, self.head_dim)
+    return qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]

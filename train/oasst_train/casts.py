@@ -21,13 +21,17 @@ def cast_norm_outputs(model: Any) -> int:
     """Hook every `nn.LayerNorm` of `model` to return the autocast dtype under autocast; returns the count."""
     import torch
 
-    hooked = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm) and not getattr(module, "_oasst_cast_hook", False):
-            module.register_forward_hook(_to_autocast_dtype)
-            module._oasst_cast_hook = True
-            hooked += 1
-    return hooked
+    from oasst_train import patches
+
+    norms = [m for m in model.modules()
+             if isinstance(m, torch.nn.LayerNorm) and not getattr(m, "_oasst_cast_hook", False)]
+    if not norms or not patches.applies("cast_norm_outputs"):
+        return 0
+    for module in norms:
+        module.register_forward_hook(_to_autocast_dtype)
+        module._oasst_cast_hook = True
+    patches.activated("cast_norm_outputs", len(norms))
+    return len(norms)
 
 
 def _to_autocast_dtype(module: Any, inputs: Any, output: Any) -> Any:

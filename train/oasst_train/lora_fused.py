@@ -45,19 +45,28 @@ from typing import Any
 
 
 def fuse_lora_forward(model: Any, *, seeded_dropout: bool = False) -> int:
-    """Switch every peft LoRA linear (4-bit or plain base) of `model` to the fused forward; returns the count."""
+    """Switch every peft LoRA linear (4-bit or plain base) of `model` to the fused forward; returns the count.
+
+    Guarded by the patch registry (`fused_lora`): when peft changed the forward or the attributes read here, nothing
+    is switched and peft's own forward runs, with one warning line.
+    """
+    from oasst_train import patches
+
     kinds = _lora_kinds()
-    switched = 0
-    for module in model.modules():
-        kind = kinds.get(type(module))  # exact types: a subclass may have a forward of its own
-        if kind is None or getattr(module, "_oasst_lora_original", None) is not None:
-            continue
+    # Exact types: a subclass may have a forward of its own.
+    todo = [m for m in model.modules()
+            if type(m) in kinds and getattr(m, "_oasst_lora_original", None) is None]
+    if not todo:
+        return 0
+    if not patches.applies("fused_lora", problem=patches.check_lora_module(todo[0])):
+        return 0
+    for module in todo:
         module._oasst_lora_original = module.forward
-        module._oasst_lora_kind = kind
+        module._oasst_lora_kind = kinds[type(module)]
         module._oasst_seeded_dropout = seeded_dropout
         module.forward = types.MethodType(_fused_forward, module)
-        switched += 1
-    return switched
+    patches.activated("fused_lora", len(todo))
+    return len(todo)
 
 
 def unfuse_lora_forward(model: Any) -> int:
@@ -83,10 +92,13 @@ def fused_lora_modules(model: Any) -> int:
 
 def _lora_kinds() -> dict[type, str]:
     """peft's LoRA linear classes this module knows the forward of: "4bit" (bitsandbytes base) and "plain"."""
-    from peft.tuners.lora import bnb as lora_bnb
     from peft.tuners.lora import layer as lora_layer
 
     kinds: dict[type, str] = {lora_layer.Linear: "plain"}
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+    except ImportError:  # peft without its bitsandbytes module: nothing is 4-bit LoRA
+        return kinds
     linear4bit = getattr(lora_bnb, "Linear4bit", None)  # defined only when bitsandbytes has 4-bit support
     if linear4bit is not None:
         kinds[linear4bit] = "4bit"

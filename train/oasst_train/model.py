@@ -286,11 +286,14 @@ def _gguf_in_4bit(source: str, config: Any, kwargs: dict[str, Any]) -> Any:
 def _plain_falcon_linear(enabled: bool) -> Iterator[None]:
     """Build Falcon with plain `nn.Linear` layers so bitsandbytes replaces them.
 
-    transformers 5.x (checked 5.17 and 5.24) replaces only `type(module) is nn.Linear`; Falcon's `FalconLinear`
-    subclass (same weights, forward = x @ W.T + b) is skipped and the model silently stays in 16 bits. Delete this
-    when `replace_with_bnb_linear` accepts `nn.Linear` subclasses.
+    transformers 5.x (checked 5.17, 5.24 and 5.25) replaces only `type(module) is nn.Linear`; Falcon's `FalconLinear`
+    subclass (same weights, forward = x @ W.T + b) is skipped and the model silently stays in 16 bits. Registered as
+    the `falcon_4bit_linear` patch (oasst_train.patches): when FalconLinear changed, the swap is skipped with a warning
+    and the 4-bit count check decides. Delete when `replace_with_bnb_linear` accepts `nn.Linear` subclasses.
     """
-    if not enabled:
+    from oasst_train import patches
+
+    if not enabled or not patches.applies("falcon_4bit_linear"):
         yield
         return
     import torch
@@ -302,6 +305,7 @@ def _plain_falcon_linear(enabled: bool) -> Iterator[None]:
         yield
     finally:
         modeling_falcon.FalconLinear = original
+    patches.activated("falcon_4bit_linear")
 
 
 def _keep_cpu_weights_unpacked(model: Any) -> None:
@@ -309,13 +313,19 @@ def _keep_cpu_weights_unpacked(model: Any) -> None:
 
     bitsandbytes 0.50.2 repacks a Linear4bit's weight in place on the first no-grad CPU forward (on CPUs with
     AVX512-BF16) and asserts out_features % 32 == 0 there (stories260K's 172-wide MLP fails); the repacked weight
-    also no longer dequantizes with `dequantize_4bit`, which `oasst merge` needs. Delete when that is fixed.
+    also no longer dequantizes with `dequantize_4bit`, which `oasst merge` needs. Registered as the
+    `bnb_cpu_weights_unpacked` patch. Delete when that is fixed.
     """
     import bitsandbytes as bnb
 
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    from oasst_train import patches
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if not layers or not patches.applies("bnb_cpu_weights_unpacked"):
+        return
+    for module in layers:
+        module.support_avx512bf16_for_cpu = False
+    patches.activated("bnb_cpu_weights_unpacked", len(layers))
 
 
 def _unquantized_linears(model: Any) -> list[str]:

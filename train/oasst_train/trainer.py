@@ -86,6 +86,9 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     from oasst_train.model import count_linear4bit, load_model, lora_target_modules
     from oasst_train.report import device_name, peak_memory_bytes, versions
 
+    from oasst_train import patches
+
+    patches.begin_run()
     started = time.perf_counter()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_gpu = torch.cuda.is_available()
@@ -141,7 +144,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
                    # True only where it replaced a dropout: fused modules and a dropout to replace (p 0 is Identity).
                    seeded_lora_dropout=bool(fused_lora and cfg.seeded_lora_dropout and cfg.lora_dropout > 0))
     summary.update(peak_memory_bytes=peak_memory_bytes(), versions=versions(), device=device_name(),
-                   replica_checksums=replica_checksums(trainer.model))
+                   replica_checksums=replica_checksums(trainer.model), patches=patches.report())
     if trainer.is_world_process_zero():
         _save_outputs(trainer, tokenizer, cfg, targets, summary, out)
     return summary
