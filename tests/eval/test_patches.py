@@ -1,0 +1,81 @@
+"""`oasst eval` on a library whose internals changed: lm-eval's and peft's own paths, one warning line per patch,
+the same scores, and an eval_summary.json that says which patches ran."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SCORED = ("--tasks", "hellaswag", "--limit", 12)
+
+
+def _eval(oasst: object, out: Path, *args: object) -> tuple[object, dict]:
+    result = oasst("eval", *args, *SCORED, "--out", out)
+    assert result.exit_code == 0, result.output
+    return result, json.loads((out / "eval_summary.json").read_text())
+
+
+def _warnings(result: object) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("warning: patch")]
+
+
+@pytest.mark.slow
+def test_changed_lm_eval_internals_score_with_lm_evals_own_hflm(oasst, stories: Path, adapter_dir: Path,
+                                                                 tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import lm_eval.models.utils
+    import lm_eval.utils
+
+    _, fast = _eval(oasst, tmp_path / "fast", "--model", stories, "--adapter", adapter_dir)
+    states = {k: v["state"] for k, v in fast["settings"]["patches"].items()}
+    assert states == {"lm_eval_fast_loglikelihood": "active", "lm_eval_template_cache": "active",
+                      "lm_eval_hellaswag_docs_cache": "active"}
+
+    # A release that renames a helper FastHFLM imports and changes apply_template's signature.
+    monkeypatch.delattr(lm_eval.models.utils, "_add_special_kwargs")
+    original = lm_eval.utils.apply_template
+    monkeypatch.setattr(lm_eval.utils, "apply_template", lambda *args: original(*args))
+    result, plain = _eval(oasst, tmp_path / "plain", "--model", stories, "--adapter", adapter_dir)
+    warned = _warnings(result)
+    assert sorted(w.split(" is off:")[0] for w in warned) == ["warning: patch lm_eval_fast_loglikelihood",
+                                                              "warning: patch lm_eval_template_cache"]
+    assert any("lm_eval lacks _add_special_kwargs" in w and "running lm-eval's own HFLM" in w for w in warned)
+    assert plain["settings"]["patches"]["lm_eval_fast_loglikelihood"]["state"] == "fallback"
+    assert plain["settings"]["patches"]["lm_eval_template_cache"]["state"] == "fallback"
+    # lm-eval's own path scores the same items the same way.
+    assert plain["adapter"]["hellaswag"]["acc"] == fast["adapter"]["hellaswag"]["acc"]
+    assert plain["adapter"]["hellaswag"]["acc_norm"] == fast["adapter"]["hellaswag"]["acc_norm"]
+
+
+def _changed(monkeypatch: pytest.MonkeyPatch, name: str, problem: str) -> None:
+    """Make patch `name`'s check report `problem`, as it would on a release that changed its target (deleting the
+    real target would break the library's own path too: bitsandbytes calls its own dequantize_4bit)."""
+    from oasst_train import patches
+
+    patch = patches.PATCHES[name]
+    monkeypatch.setitem(patches.PATCHES, name, type(patch)(**{**vars(patch), "check": lambda: problem}))
+
+
+@pytest.mark.slow
+def test_a_changed_4bit_lora_target_runs_peft_forward_with_the_same_scores(oasst, stories: Path, adapter_dir: Path,
+                                                                            tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("bitsandbytes")
+    _, folded = _eval(oasst, tmp_path / "folded", "--model", stories, "--adapter", adapter_dir, "--load-in-4bit")
+    entry = folded["settings"]["patches"]["eval_folded_4bit_lora"]
+    assert (entry["state"], entry["places"]) == ("active", 35)  # every LoRA Linear4bit of stories260K
+    assert entry["library"].startswith("peft ")
+
+    _changed(monkeypatch, "eval_folded_4bit_lora", "bitsandbytes.functional lacks dequantize_4bit")
+    result, fallback = _eval(oasst, tmp_path / "fallback", "--model", stories, "--adapter", adapter_dir,
+                             "--load-in-4bit")
+    (line,) = [w for w in _warnings(result) if "eval_folded_4bit_lora" in w]
+    assert line.startswith("warning: patch eval_folded_4bit_lora is off: peft ")
+    assert "(bitsandbytes.functional lacks dequantize_4bit); running peft's own LoRA forward" in line
+    entry = fallback["settings"]["patches"]["eval_folded_4bit_lora"]
+    assert (entry["state"], entry["places"]) == ("fallback", 0)
+    assert "adapter folded into the dequantized weights of 0 4-bit layers" in result.stderr
+    assert fallback["adapter"]["hellaswag"]["acc"] == folded["adapter"]["hellaswag"]["acc"]
+    assert fallback["adapter"]["hellaswag"]["acc_norm"] == folded["adapter"]["hellaswag"]["acc_norm"]
