@@ -266,9 +266,10 @@ def _peak_gpu_gib(device: str) -> float | None:
 
 
 def _quiet_libraries() -> None:
-    """lm-eval warns about things `oasst eval` does on purpose (a model object, custom datasets)."""
+    """lm-eval warns about things `oasst eval` does on purpose (a model object, custom datasets); bitsandbytes and
+    `kernels` (transformers 5.25's dependency) log an optional CPU kernel they skip offline."""
     import datasets
 
     datasets.disable_progress_bars()
-    for name in ("lm_eval", "transformers"):
+    for name in ("lm_eval", "transformers", "bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)

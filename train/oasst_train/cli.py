@@ -177,5 +177,8 @@ def _quiet_libraries() -> None:
         os.environ.setdefault(name, value)
     # bitsandbytes 0.50 warns on import that an optional CPU kernel package is missing; it works without it.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers 5.25 pulls in `kernels`, which bitsandbytes asks for a CPU kernel; offline, it logs that it skips
+    # a trust check for a kernel it then does not use.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     # peft/trl still call the pre-5.24 name; nothing for a user to act on. Drop with transformers v6.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
