@@ -337,7 +337,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         target="lm_eval.tasks.hellaswag.utils.process_docs (called once per dataset by the shipped hellaswag task)",
         written_for="lm-eval 0.4.13",
         why="lm-eval re-runs process_docs over all 10,042 rows each time a task reads its documents",
-        fallback="none possible: the shipped hellaswag task needs lm-eval's preprocessing; a one-line error",
+        fallback="lm-eval's own process_docs, uncached (one error line if it is gone: the shipped task needs it)",
         check=_check_lm_eval_hellaswag,
     ),
 )}
