@@ -70,8 +70,10 @@ def help_for(name: str) -> str:
     return next(f.metadata["help"] for f in dataclasses.fields(EvalConfig) if f.name == name)
 
 
-def parse_tasks(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+def parse_tasks(value: str | list[str] | tuple[str, ...], where: str = "--tasks") -> tuple[str, ...]:
     """`hellaswag,arc_easy` (or a YAML list) -> ("hellaswag", "arc_easy"), in order, without repeats."""
+    if not isinstance(value, (str, list, tuple)) or not all(isinstance(t, str) for t in value):
+        raise OasstError(f"{where}: tasks must be task names (text or a list of text), not {value!r}")
     items = value.split(",") if isinstance(value, str) else list(value)
     names = tuple(dict.fromkeys(str(t).strip() for t in items if str(t).strip()))
     if not names:
@@ -80,22 +82,83 @@ def parse_tasks(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Keys of a YAML config file; all unknown keys are reported in one error."""
+    """Keys of a YAML config file, each checked against its setting's type; all unknown keys are reported in one
+    error, and a bad value names the file and line."""
     import yaml  # a core dependency, kept out of `oasst --help`
 
+    from oasst_train.files import read_text
+
+    text = read_text(path, "config file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise OasstError(f"{path}: not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise OasstError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except RecursionError:
+        raise OasstError(f"{path}: not valid YAML (nested too deeply)") from None
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise OasstError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    not_text = [k for k in raw if not isinstance(k, str)]
+    if not_text:
+        raise OasstError(f"{path}: setting names must be text, not {', '.join(repr(k) for k in not_text)}")
     known = {f.name for f in dataclasses.fields(EvalConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise OasstError(f"{path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    if "tasks" in raw:
-        raw["tasks"] = parse_tasks(raw["tasks"])
-    return raw
+    lines = _key_lines(yaml, text)
+    values = {}
+    for key, value in raw.items():
+        where = f"{path}:{lines[key]}" if key in lines else str(path)
+        values[key] = parse_tasks(value, where) if key == "tasks" else coerce(key, value, where)
+    return values
+
+
+def _key_lines(yaml: Any, text: str) -> dict[str, int]:
+    """Line number of each top-level key of an already parsed YAML document."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+
+
+# Settings that are whole numbers, and their smallest allowed value; None is allowed where the default is None.
+INTEGERS = {"num_fewshot": 0, "limit": 1, "max_batch_size": 1, "max_batch_tokens": 1}
+BOOLEANS = ("compare_base", "merge_adapter", "load_in_4bit")
+TEXTS = ("model", "adapter", "data_dir", "data", "device", "out", "dtype", "batch_size")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+    """A config file value as its setting's type, or one error line naming where it was set."""
+    default = next(f.default for f in dataclasses.fields(EvalConfig) if f.name == name)
+    if value is None and default is None:
+        return None
+    if name in INTEGERS:
+        # bool is an int to Python; NaN and inf are floats no whole number equals.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OasstError(f"{where}: {name} must be a whole number, not {value!r}")
+        if value < INTEGERS[name]:
+            raise OasstError(f"{where}: {name} must be at least {INTEGERS[name]}, not {value}")
+        return value
+    if name in BOOLEANS:
+        if not isinstance(value, bool):
+            raise OasstError(f"{where}: {name} must be true or false, not {value!r}")
+        return value
+    if name == "batch_size" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # `batch_size: 8` in YAML is a number
+    if not isinstance(value, str):
+        raise OasstError(f"{where}: {name} must be text, not {value!r}")
+    if "\0" in value:
+        raise OasstError(f"{where}: {name} contains a NUL character")
+    if name == "dtype" and value not in DTYPES:
+        raise OasstError(f"{where}: dtype must be one of {', '.join(DTYPES)}, not {value!r}")
+    return value
 
 
 def resolve_config(file: Path | None, flags: dict[str, Any]) -> EvalConfig:
@@ -106,6 +169,9 @@ def resolve_config(file: Path | None, flags: dict[str, Any]) -> EvalConfig:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     if not cfg.model:
         raise OasstError("--model is required (a model folder, a Hub name or a .gguf file)")
+    for name in ("model", "adapter", "data_dir", "data", "out"):
+        if "\0" in (getattr(cfg, name) or ""):
+            raise OasstError(f"--{name.replace('_', '-')} contains a NUL character")
     if cfg.compare_base and not cfg.adapter:
         raise OasstError("--compare-base needs --adapter: it compares the base model with base + adapter")
     if cfg.batch_size not in ("default", "auto") and not (cfg.batch_size.isdigit() and int(cfg.batch_size) > 0):

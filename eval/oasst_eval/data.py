@@ -16,12 +16,13 @@ import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from oasst_tools.errors import OasstError
+from oasst_tools.errors import OasstError, OasstInputError
 
 DATA_ENV = "OASST_EVAL_DATA"
 GUANACO_ENV = "OASST_EVAL_GUANACO"
@@ -72,16 +73,104 @@ def require_split(data_dir: Path, task: str, split: str, source: str) -> Path:
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a `.jsonl` or `.jsonl.gz` file; a broken line is one error naming `path:line`."""
+    """Rows (JSON objects) of a `.jsonl` or `.jsonl.gz` file; a broken line, bad bytes, a cut or damaged gzip
+    stream or an unreadable file is one error naming `path:line`."""
+    for _, row in numbered_rows(path):
+        yield row
+
+
+def numbered_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) pairs of a `.jsonl` or `.jsonl.gz` file, with read_jsonl's errors."""
+    from oasst_train.files import decode_utf8
+
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise OasstError(f"{path}:{lineno}: not a JSON object ({exc.msg})") from None
+    lineno = 0
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                line = decode_utf8(raw, path, lineno)
+                try:
+                    row = json.loads(line.removeprefix("\ufeff") if lineno == 1 else line)
+                except json.JSONDecodeError as exc:
+                    raise OasstInputError(path, lineno, f"not valid JSON ({exc.msg})") from None
+                except RecursionError:
+                    raise OasstInputError(path, lineno, "JSON nested too deeply") from None
+                if not isinstance(row, dict):
+                    raise OasstInputError(path, lineno, f"a row must be a JSON object, not {_kind(row)}")
+                yield lineno, row
+    except EOFError:
+        raise OasstInputError(path, lineno + 1, "gzip file is truncated: the stream ends inside this line") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise OasstInputError(path, lineno + 1, f"not a readable gzip file ({exc})") from None
+    except IsADirectoryError:
+        raise OasstError(f"{path} is a folder, not a data file") from None
+    except OSError as exc:
+        raise OasstError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _check_hellaswag_row(row: dict[str, Any]) -> str | None:
+    """What is wrong with one HellaSwag row for lm-eval's preprocessing, or None."""
+    for key in ("activity_label", "ctx_a", "ctx_b"):
+        if not isinstance(row.get(key), str):
+            return f"`{key}` must be a string, not {_kind(row.get(key))}" if key in row else f"no `{key}`"
+    endings = row.get("endings")
+    if not (isinstance(endings, list) and endings and all(isinstance(e, str) for e in endings)):
+        return f"`endings` must be a non-empty list of strings, not {endings!r}"[:200]
+    label = row.get("label")
+    number = label if isinstance(label, int) and not isinstance(label, bool) else (
+        int(label) if isinstance(label, str) and label.strip().isdigit() else None)
+    if number is None or not 0 <= number < len(endings):
+        return f"`label` must be the index of the right ending (0-{len(endings) - 1}), not {label!r}"
+    return None
+
+
+def _check_guanaco_row(row: dict[str, Any]) -> str | None:
+    """What is wrong with one `oasst build` test row for guanaco_test, or None."""
+    if "text" not in row:
+        return f"row has no `text` (it has: {', '.join(map(str, row))})"
+    if not isinstance(row["text"], str):
+        return f"`text` must be a string, not {_kind(row['text'])}"
+    if not row["text"].strip():
+        return "`text` is empty"
+    return None
+
+
+_CHECKS = {"hellaswag": _check_hellaswag_row, "guanaco_test": _check_guanaco_row}
+_ROWS: dict[tuple[str, int, int, str], list[dict[str, Any]]] = {}
+
+
+def task_rows(path: Path, task: str) -> list[dict[str, Any]]:
+    """Every row of one task's data file, each checked (one error naming `path:line` for the first bad one).
+
+    Read once per file version: `oasst eval` checks the files before a model loads, and lm-eval reads them again
+    through `custom_dataset` later.
+    """
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise OasstError(f"cannot read {path}: {exc.strerror or exc}") from None
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, task)
+    if key not in _ROWS:
+        check = _CHECKS[task]
+        rows = []
+        for lineno, row in numbered_rows(path):
+            problem = check(row)
+            if problem is not None:
+                raise OasstInputError(path, lineno, problem)
+            rows.append(row)
+        if not rows:
+            raise OasstError(f"{path}: no rows to score")
+        if len(_ROWS) >= 8:
+            _ROWS.pop(next(iter(_ROWS)))
+        _ROWS[key] = rows
+    return _ROWS[key]
 
 
 def hellaswag_dataset(*, data_dir: str | None = None, **_: Any) -> Any:
@@ -94,11 +183,11 @@ def hellaswag_dataset(*, data_dir: str | None = None, **_: Any) -> Any:
         return datasets.load_dataset(HUB_FALLBACK["hellaswag"])
     main_split, optional = LOCAL_SPLITS["hellaswag"]
     main_file = require_split(root, "hellaswag", main_split, source)
-    splits = {main_split: datasets.Dataset.from_list(list(read_jsonl(main_file)))}
+    splits = {main_split: datasets.Dataset.from_list(task_rows(main_file, "hellaswag"))}
     for split in optional:
         path = split_file(root, "hellaswag", split)
         # An empty split keeps lm-eval's few-shot sampler happy at zero shots; the CLI refuses k > 0 without it.
-        splits[split] = datasets.Dataset.from_list(list(read_jsonl(path)) if path else [])
+        splits[split] = datasets.Dataset.from_list(task_rows(path, "hellaswag") if path else [])
     return datasets.DatasetDict(splits)
 
 
@@ -127,7 +216,7 @@ def hellaswag_process_docs(dataset: Any) -> Any:
         if len(_PROCESSED) >= 8:  # a long-lived process loading many datasets keeps only the latest few
             _PROCESSED.pop(next(iter(_PROCESSED)))
         _PROCESSED[key] = process_docs(dataset)
-        patches.activated("lm_eval_hellaswag_docs_cache")
+    patches.activated("lm_eval_hellaswag_docs_cache", once=True)  # a cache hit is the patch at work too
     return _PROCESSED[key]
 
 
@@ -152,7 +241,11 @@ def guanaco_file(data: str | Path | None) -> Path:
     path = Path(data)
     path = path if path.is_file() else path / "test.jsonl"
     if not path.is_file():
-        raise OasstError(f"{path} not found: --data must be an `oasst build` output folder with test.jsonl")
+        from oasst_train.files import path_problem
+
+        problem = path_problem(path)
+        raise OasstError(f"{path} not found" + (f" ({problem})" if problem else "")
+                         + ": --data must be an `oasst build` output folder with test.jsonl")
     return path
 
 
@@ -169,7 +262,7 @@ def guanaco_test_dataset(
                          """pass --metadata '{"tokenizer": NAME}'""")
     tok = _TOKENIZERS.get(name) or _load_tokenizer(name, gguf_file)
     rows = []
-    for row in read_jsonl(guanaco_file(data)):
+    for row in task_rows(guanaco_file(data), "guanaco_test"):
         # lm-eval's rolling loglikelihood scores every token of tok_encode(text): the same count, so
         # loss is per scored token (HFLM's default add_special_tokens).
         rows.append({

@@ -9,6 +9,7 @@ counts as fixed (they are the same for both models).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 PACKAGES = ("oasst-tools", "lm_eval", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes", "gguf")
@@ -154,18 +156,36 @@ def write_outputs(out: Path, runs: Sequence[Any], doc: dict[str, Any]) -> dict[s
     """lm-eval's results JSON per label, eval_summary.json and eval.png; returns what was written."""
     from lm_eval.utils import handle_non_serializable
 
-    written = {}
-    for run in runs:
-        path = out / f"results_{run.label}.json"
-        text = json.dumps(run.results, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        write_atomic(path, text.encode())
-        written[f"results_{run.label}"] = path
-    path = out / "eval_summary.json"
-    write_atomic(path, json.dumps(doc, indent=2, default=str).encode())
-    written["summary"] = path
-    chart = plot(doc, out / "eval.png")
-    if chart is not None:
-        written["chart"] = chart
+    from oasst_tools.errors import OasstError
+
+    made_out = not out.exists()
+    written: dict[str, Path] = {}
+    new: list[Path] = []  # files this call created, removed again when a later write fails
+    try:
+        for run in runs:
+            path = out / f"results_{run.label}.json"
+            text = json.dumps(run.results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+            new += [] if path.exists() else [path]
+            write_atomic(path, text.encode())
+            written[f"results_{run.label}"] = path
+        path = out / "eval_summary.json"
+        new += [] if path.exists() else [path]
+        write_atomic(path, json.dumps(doc, indent=2, default=str).encode())
+        written["summary"] = path
+        path = out / "eval.png"
+        new += [] if path.exists() else [path]
+        chart = plot(doc, path)
+        if chart is not None:
+            written["chart"] = chart
+    except OSError as exc:
+        for made in new:
+            made.unlink(missing_ok=True)
+        if made_out:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        where = os.fsdecode(exc.filename) if exc.filename is not None else str(path)
+        raise OasstError(f"cannot write {where}: {exc.strerror or exc} (the scores are lost; nothing was "
+                         "left half-written)") from None
     return written
 
 
@@ -197,7 +217,7 @@ def table(doc: dict[str, Any]) -> Table:
             if diffs:
                 d = diffs.get(task, {}).get(metric)
                 cells.append(_fmt(d["diff"], d["stderr"], signed=True) if d else "")
-            out.add_row(task, metric, *cells, str(metrics.get("n", "")))
+            out.add_row(escape(task), escape(metric), *cells, str(metrics.get("n", "")))
     return out
 
 
@@ -207,7 +227,9 @@ def show(doc: dict[str, Any], written: dict[str, Path], console: Console | None 
     console.print(table(doc))
     seconds = doc["settings"].get("seconds", {})
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
-    console.print(f"scored in {timing}; wrote {', '.join(str(p) for p in written.values())}", soft_wrap=True)
+    # markup=False: the paths are the user's and may hold `[/]`.
+    console.print(f"scored in {timing}; wrote {', '.join(str(p) for p in written.values())}", soft_wrap=True,
+                  markup=False, highlight=False)
 
 
 def plot(doc: dict[str, Any], path: Path) -> Path | None:
@@ -237,7 +259,12 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
     # savefig picks the format from the suffix, so the temporary name keeps .png at the end.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return path

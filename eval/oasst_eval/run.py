@@ -12,7 +12,6 @@ model's run, which needs the weights untouched), and lm-eval's prompt templates 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -41,28 +40,23 @@ class ModelRun:
 
 
 def split_model(model: str) -> tuple[str, str | None]:
-    """`dir/x.gguf` -> (`dir`, `x.gguf`); anything else is passed through unchanged."""
+    """`dir/x.gguf` -> (`dir`, `x.gguf`); anything else is passed through unchanged. Either way the model is
+    checked first (missing, damaged config or weights, a hub id while offline), before anything heavy loads."""
+    from oasst_train.model import check_source
+
+    check_source(model)
     if model.endswith(".gguf"):
         path = Path(model)
-        if not path.is_file():
-            raise OasstError(f"model file {model} does not exist")
         return str(path.parent), path.name
     return model, None
 
 
 def check_adapter(adapter: str) -> dict[str, Any]:
-    """The adapter's adapter_config.json, or one line saying why the folder is not an adapter."""
-    path = Path(adapter)
-    # Same wording as oasst_train.model.load_adapter, checked here before a large model loads for nothing.
-    if not path.is_dir():
-        raise OasstError(f"adapter folder {adapter} does not exist")
-    config = path / "adapter_config.json"
-    if not config.is_file():
-        raise OasstError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json")
-    try:
-        return json.loads(config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise OasstError(f"{config}: not valid JSON ({exc.msg})") from None
+    """The adapter's adapter_config.json, or one line saying why the folder is not an adapter (its config or its
+    weights), checked before a large model loads for nothing."""
+    from oasst_train.model import read_adapter_config
+
+    return read_adapter_config(Path(adapter))
 
 
 def pick_device(device: str | None) -> str:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from oasst_tools.errors import OasstError
-from oasst_eval.data import LOCAL_SPLITS, TASKS_DIR, guanaco_file, require_split, resolve_data_dir
+from oasst_eval.data import LOCAL_SPLITS, TASKS_DIR, guanaco_file, require_split, resolve_data_dir, split_file
+from oasst_eval.data import task_rows
 
 
 def shipped_tasks() -> dict[str, Path]:
@@ -37,15 +38,23 @@ def check_local_data(
     metadata: dict[str, Any] = {}
     for task in tasks:
         if task in LOCAL_SPLITS and root is not None:
-            main_split, _ = LOCAL_SPLITS[task]
-            require_split(root, task, main_split, source)
+            main_split, optional = LOCAL_SPLITS[task]
             if num_fewshot and task == "hellaswag" and not (root / task / "train.jsonl").is_file() \
                     and not (root / task / "train.jsonl.gz").is_file():
                 raise OasstError(f"--num-fewshot {num_fewshot} needs {root}/hellaswag/train.jsonl[.gz]: "
                                  f"lm-eval draws hellaswag's examples from the train split")
+            # Every row read and checked now: a bad line is one error before a model loads, not a traceback
+            # from inside lm-eval afterwards.
+            task_rows(require_split(root, task, main_split, source), task)
+            for split in optional:
+                path = split_file(root, task, split)
+                if path is not None:
+                    task_rows(path, task)
             metadata["data_dir"] = str(root.resolve())
         if task == "guanaco_test":
-            metadata["data"] = str(guanaco_file(data).resolve())
+            path = guanaco_file(data)
+            task_rows(path, "guanaco_test")
+            metadata["data"] = str(path.resolve())
     return metadata
 
 
@@ -74,6 +83,11 @@ def task_manager(tasks: Sequence[str], metadata: dict[str, Any]) -> Any:
 
 def load_tasks(manager: Any, tasks: Sequence[str]) -> list[Any]:
     """Build the lm-eval Task objects (this reads or downloads their data); offline misses become one line."""
+    from oasst_tools.hub import assume_offline, hub_reachable
+
+    if not set(tasks) <= set(shipped_tasks()) and not hub_reachable():
+        # One probe instead of datasets' half a minute of retries: its cache still serves what it holds.
+        assume_offline()
     loaded = []
     for name in tasks:
         try:

@@ -2,13 +2,16 @@
 
 Plug-ins declare commands in the entry-point group `oasst` (name = command name, value = a
 `click.Command`). Nothing is imported until the command is asked for, so `oasst build --help`
-never imports torch.
+never imports torch. A first-party command whose extra is not installed is listed as needing it and
+answers with one line. Whatever a command raises ends as one `error:` line (OASST_DEBUG=1 for tracebacks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,6 +35,18 @@ FIRST_PARTY: dict[str, str] = {
     "chat": "oasst_train.cli:chat",
     "eval": "oasst_eval.cli:eval_command",
 }
+
+# The extra a first-party command needs and the packages it cannot start without (bitsandbytes is left out:
+# without it 4-bit loading says so itself, and --no-4bit still works).
+TRAIN_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "safetensors")
+EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "train": ("train", TRAIN_PACKAGES),
+    "merge": ("train", TRAIN_PACKAGES),
+    "generate": ("train", TRAIN_PACKAGES),
+    "chat": ("train", TRAIN_PACKAGES),
+    "eval": ("eval", (*TRAIN_PACKAGES, "lm_eval")),
+}
+DEBUG_VARIABLE = "OASST_DEBUG"
 
 # Set by tests to register plug-ins in-process and ignore whatever happens to be installed.
 DISCOVER_ENTRY_POINTS = True
@@ -73,6 +88,10 @@ class LazyGroup(click.Group):
         target = EXTRA_COMMANDS.get(name) or BUILTIN_COMMANDS.get(name) or plugin_commands().get(name)
         if target is None:
             return None
+        # The plug-in modules import with click alone, so a core install would load them and fail later, deep
+        # inside the command: look for the extra's packages first (find_spec imports nothing).
+        if name in EXTRAS and not isinstance(target, click.Command) and missing_packages(EXTRAS[name][1]):
+            return _missing_extra(name)
         try:
             return _load(target)
         except ImportError as exc:
@@ -81,21 +100,102 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except OasstError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(1)
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - report_error re-raises what it does not own
+            code = report_error(exc)
+            if code is None:
+                raise
+            ctx.exit(code)
 
 
-def _missing_extra(name: str, exc: ImportError) -> click.Command:
-    """A stand-in command that explains which extra to install instead of a traceback."""
+def missing_packages(names: Sequence[str]) -> list[str]:
+    """The top-level packages among `names` that cannot be imported (looked up, not imported)."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a blocked or half-installed package: as good as missing
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
 
-    @click.command(name=name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                   help=f"(unavailable: {exc})")
+
+def _missing_extra(name: str, exc: ImportError | None = None) -> click.Command:
+    """A stand-in command that names the extra to install instead of failing with a traceback."""
+    extra = EXTRAS.get(name, ("",))[0]
+    if extra:
+        hint = f"needs the {extra} extra: pip install 'oasst-tools[{extra}]'"
+    else:
+        hint = f"cannot be loaded ({exc})"
+    # Raised as the error line; a failed import of a command whose packages are all present says what failed.
+    message = f"oasst {name} {hint}" + (f" ({exc})" if extra and exc is not None else "")
+
+    @click.command(name=name, help=f"({hint})", short_help=f"({hint})", add_help_option=False,
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def unavailable() -> None:
-        extra = "eval" if name == "eval" else "train"
-        raise OasstError(f"`oasst {name}` needs the '{extra}' extra ({exc}); run: pip install 'oasst-tools[{extra}]'")
+        raise OasstError(message)
 
     return unavailable
+
+
+def os_error_text(exc: OSError) -> str:
+    """`PATH: reason` for an OSError (`PATH -> OTHER: reason` for a rename), or the reason alone without a path."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return reason
+    where = str(os.fsdecode(exc.filename))
+    if exc.filename2 is not None:
+        where += f" -> {os.fsdecode(exc.filename2)}"
+    return f"{where}: {reason}"
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks shown as `\\n`, so that a message is always a single line of output."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def report_error(exc: BaseException) -> int | None:
+    """Print one `error:` line for `exc` and return the exit code, or None when it must propagate (click's own
+    exits and usage errors, SystemExit, anything but an OasstError under OASST_DEBUG=1)."""
+    if isinstance(exc, OasstError):
+        _print_error(str(exc))
+        return 1
+    if isinstance(exc, (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort)):
+        return None
+    if not isinstance(exc, (Exception, KeyboardInterrupt)) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+        return None
+    if isinstance(exc, KeyboardInterrupt):
+        _print_error("interrupted")
+        return 130
+    if isinstance(exc, BrokenPipeError):
+        # The reader of our output went away (`oasst ... | head`): nothing to tell it; keep the interpreter
+        # from complaining about the closed stdout at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    if isinstance(exc, OSError):
+        _print_error(os_error_text(exc))
+        return 1
+    if isinstance(exc, UnicodeDecodeError):
+        _print_error(f"input is not valid {exc.encoding} text: {exc.reason} at byte {exc.start}")
+        return 1
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        detail = str(exc).splitlines()[0] if str(exc).strip() else ""
+        _print_error("out of memory" + (f" ({detail[:200]})" if detail else "")
+                     + "; lower --batch-size or --max-length, or use a machine with more memory")
+        return 1
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        _print_error(f"the package {exc.name} is missing: pip install 'oasst-tools[train,eval]' installs what "
+                     "the plug-ins need")
+        return 1
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    _print_error(f"unexpected {type(exc).__name__}: {detail[:300]} (a bug in oasst-tools; rerun with "
+                 f"{DEBUG_VARIABLE}=1 for the traceback)")
+    return 1
+
+
+def _print_error(message: str) -> None:
+    click.echo(f"error: {one_line(message)}", err=True)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -116,9 +216,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run_safely(fn: Callable[[], Any]) -> Any:
-    """Call `fn`, turning an `OasstError` into one `error:` line and exit 1 (for non-Click callers)."""
+    """Call `fn`, turning what it raises into one `error:` line and an exit code, as the CLI group does (for
+    non-Click callers: scripts, `python -m` entry points)."""
     try:
         return fn()
-    except OasstError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - report_error re-raises what it does not own
+        code = report_error(exc)
+        if code is None:
+            raise
+        sys.exit(code)

@@ -19,10 +19,15 @@ def _only_error_line(result: object, *, alone: bool = True) -> str:
     return lines[-1]
 
 
-def test_unknown_task_names_the_close_matches(oasst) -> None:
-    line = _only_error_line(oasst("eval", "--model", "m", "--tasks", "hellaswg"))
+def test_unknown_task_names_the_close_matches(oasst, stories: Path) -> None:
+    line = _only_error_line(oasst("eval", "--model", stories, "--tasks", "hellaswg"))
     assert line == ("error: unknown task 'hellaswg' (close: hellaswag, hellaswag_vi, hellaswag_uk, hellaswag_te, "
                     "hellaswag_ta); `lm_eval ls tasks` lists all")
+
+
+def test_missing_model_folder_fails_before_anything_loads(oasst) -> None:
+    line = _only_error_line(oasst("eval", "--model", "m", "--tasks", "hellaswag"))
+    assert line == "error: model folder m does not exist"
 
 
 def test_missing_adapter_folder(oasst) -> None:
@@ -73,8 +78,8 @@ def test_guanaco_test_with_a_folder_lacking_test_jsonl(oasst, tmp_path: Path) ->
     assert line == "error: build/test.jsonl not found: --data must be an `oasst build` output folder with test.jsonl"
 
 
-def test_hub_only_task_offline(oasst) -> None:
-    line = _only_error_line(oasst("eval", "--model", "m", "--tasks", "arc_easy"))
+def test_hub_only_task_offline(oasst, stories: Path) -> None:
+    line = _only_error_line(oasst("eval", "--model", stories, "--tasks", "arc_easy"))
     assert line == ("error: task arc_easy needs the Hub dataset allenai/ai2_arc, which is not cached and cannot be "
                     "downloaded offline (Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled)); "
                     "tasks with local data: guanaco_test, hellaswag")

@@ -64,8 +64,9 @@ def test_broken_json_line_names_file_and_line(tmp_path: Path) -> None:
     from oasst_tools.errors import OasstError
 
     (tmp_path / "hellaswag").mkdir()
-    (tmp_path / "hellaswag" / "validation.jsonl").write_text('{"ind": 1}\n{"ind": \n')
-    with pytest.raises(OasstError, match=r"validation\.jsonl:2: not a JSON object"):
+    first = (data.FIXTURE_DIR / "hellaswag" / "validation.jsonl").read_text(encoding="utf-8").splitlines()[0]
+    (tmp_path / "hellaswag" / "validation.jsonl").write_text(first + '\n{"ind": \n')
+    with pytest.raises(OasstError, match=r"validation\.jsonl:2: not valid JSON \(Expecting value\)$"):
         data.hellaswag_dataset(data_dir=str(tmp_path))
 
 

@@ -113,3 +113,25 @@ def test_datasets_folder_without_text_or_messages_is_one_clear_error(oasst, stor
     assert error_line(result) == (f"error: dataset {tmp_path / 'ds'} has no `text` or `messages` column "
                                   "(columns: question, answer)")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("turns", [4, 3], ids=["ends-on-assistant", "ends-on-human"])
+def test_a_tokenizer_that_appends_eos_itself_gets_no_second_one(stories: Path, turns: int) -> None:
+    from tokenizers.processors import TemplateProcessing
+
+    from oasst_train.data import build_dataset
+
+    text = render_messages(CONVERSATION[:turns])
+    plain = _tokenizer(stories)
+    want_ids, want_mask = tokenize_text(plain, text)
+    appending = _tokenizer(stories)
+    bos, eos = appending.bos_token, appending.eos_token
+    appending.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, appending.bos_token_id), (eos, appending.eos_token_id)])
+    assert appending(text).input_ids[-2:] != [appending.eos_token_id] * 2
+    assert appending(text).input_ids[-1] == appending.eos_token_id  # it really appends EOS on its own
+    ids, mask = tokenize_text(appending, text)
+    assert ids.count(appending.eos_token_id) == 1 and ids[-1] == appending.eos_token_id
+    assert (ids, mask) == (want_ids, want_mask)  # same tokens, same loss mask, EOS learned only after a reply
+    row = build_dataset(appending, [text], assistant_only=True)[0]
+    assert (row["input_ids"], row["assistant_masks"]) == (want_ids, want_mask)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -116,6 +117,48 @@ def test_packed_training_runs_and_counts_real_tokens(oasst, stories: Path, tmp_p
     assert summary["global_step"] == 3
     # 3 steps x 8 packed rows of at most 256 tokens, none of them padding.
     assert 0 < summary["tokens_seen"] <= 3 * 8 * 256
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_on", ["assistant", "all"])
+def test_training_steps_see_labels_masked_exactly_where_the_loss_mask_says(oasst, stories: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         loss_on: str) -> None:
+    """The mask function is tested token by token (test_data.py); this checks that training uses it: the labels
+    trl hands the model in each real step are -100 exactly where the mask is 0 (and nowhere with loss_on all)."""
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    from oasst_train.data import render_messages, tokenize_text
+    from oasst_train.model import set_pad_token
+    from tests.train.test_data import CONVERSATION
+
+    seen: list[dict[str, list[int]]] = []
+    original = SFTTrainer.compute_loss
+
+    def spy(self: Any, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if model.training:
+            seen.append({key: inputs[key][0].tolist() for key in ("input_ids", "labels")})
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", spy)
+    text = render_messages(CONVERSATION)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    result = oasst("train", "--model", stories, "--data", tmp_path / "data", "--out", tmp_path / "out", "--no-4bit",
+                   "--compute-dtype", "float32", "--precision", "fp32", "--max-steps", 2, "--batch-size", 1,
+                   "--grad-accum", 1, "--loss-on", loss_on, "-q")
+    assert result.exit_code == 0, result.output
+
+    tokenizer = AutoTokenizer.from_pretrained(stories)
+    set_pad_token(tokenizer)
+    ids, mask = tokenize_text(tokenizer, text, assistant_only=True)
+    assert 0 < sum(mask) < len(mask)  # both kinds of token are there to be told apart
+    want = [token if bit or loss_on == "all" else -100 for token, bit in zip(ids, mask, strict=True)]
+    assert len(seen) == 2
+    for batch in seen:
+        assert batch["input_ids"] == ids
+        assert batch["labels"] == want
 
 
 def _train_args(out: Path, stories: Path) -> list[str]:

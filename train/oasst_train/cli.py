@@ -7,6 +7,7 @@ so `oasst --help` stays instant.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import click
 
+from oasst_tools.errors import OasstError
 from oasst_train.config import FIELDS, TrainConfig, field_choices, field_type
 
 # Flag names that differ from `--field-name`: the issue's `--no-4bit`, and `--lr` for brevity.
@@ -69,6 +71,8 @@ def train(config_file: Path | None, resume: bool, quiet: bool, **flags: Any) -> 
     files to --out/runs (tensorboard --logdir runs/tiny/runs).
     """
     from rich.console import Console
+    from rich.pretty import Pretty
+    from rich.text import Text
 
     from oasst_train.config import resolve_config, to_dict
     from oasst_train.report import check_report_to, summary_table, tensorboard_dir
@@ -76,14 +80,48 @@ def train(config_file: Path | None, resume: bool, quiet: bool, **flags: Any) -> 
     cfg = resolve_config(config_file, flags)
     check_report_to(cfg.report_to)
     console = Console(stderr=True, quiet=quiet)
-    console.print(f"[bold]oasst train[/] {'--resume ' if resume else ''}config:", to_dict(cfg))
+    # Text and Pretty, not a markup string: paths and values may hold `[/]` or `[bold]`.
+    console.print(Text.assemble(("oasst train", "bold"), f" {'--resume ' if resume else ''}config:"),
+                  Pretty(to_dict(cfg)))
     _quiet_libraries()
     from oasst_train.trainer import run_training
 
-    with tensorboard_dir(Path(cfg.out) / "runs"):
-        summary = run_training(cfg, resume=resume, console=console, progress=not quiet)
+    out = Path(cfg.out)
+    existed = os.path.lexists(out)  # False, not an exception, for a name the system refuses
+    try:
+        with tensorboard_dir(out / "runs"):
+            summary = run_training(cfg, resume=resume, console=console, progress=not quiet)
+    except BaseException as exc:
+        failure = _train_failure(exc, out, existed)
+        if failure is None:
+            raise
+        raise failure from None
     if not quiet:
         Console().print(summary_table(summary, f"oasst train -> {cfg.out}"))
+
+
+def _train_failure(exc: BaseException, out: Path, existed: bool) -> OasstError | None:
+    """Clean up after a failed run and turn a failed write into one line (None: re-raise `exc` as it is).
+
+    A run that made `out` and fails before its first complete checkpoint leaves nothing behind; one with
+    checkpoints keeps them for --resume.
+    """
+    import shutil
+
+    from oasst_train.checkpoints import last_complete_checkpoint
+    from oasst_train.files import write_failure
+
+    kept = last_complete_checkpoint(out) if _is_dir(out) else None
+    if not existed and kept is None and _is_dir(out):
+        shutil.rmtree(out, ignore_errors=True)
+    reason = write_failure(exc)
+    if reason is None or os.environ.get("OASST_DEBUG", "") not in ("", "0"):
+        return None
+    filename = getattr(exc, "filename", None)
+    # Writers that name no file (safetensors, torch.save, a full disk on an open file) were writing the run.
+    said = f"{os.fsdecode(filename)}: {reason}" if filename is not None else f"--out {out}: {reason} (writing the run)"
+    resume = f"; checkpoints kept in {kept.parent}, continue with --resume" if kept is not None else ""
+    return OasstError(said + resume)
 
 
 @click.command()
@@ -109,10 +147,11 @@ def merge(adapter: Path, out: Path, model: str | None, dtype: str, tolerance: fl
     from oasst_train.merge import merge_adapter
 
     result = merge_adapter(adapter, out, base=model, dtype=dtype, tolerance=tolerance)
+    # markup=False: the paths are the user's and may hold `[/]`.
     Console().print(f"merged {adapter} into {out} ({result['dtype']}, {result['parameters']:,} parameters); "
                     f"max logit difference vs base + adapter: {result['max_logit_diff']:.2e} "
                     f"(tolerance {result['tolerance']:.2e}); after rounding to {dtype}: "
-                    f"{result['max_logit_diff_saved']:.2e}")
+                    f"{result['max_logit_diff_saved']:.2e}", markup=False, highlight=False)
 
 
 @click.command()
@@ -165,6 +204,14 @@ def chat(adapter: Path, model: str | None, max_new_tokens: int, temperature: flo
             break
         click.echo(click.style("bot", bold=True) + ":", nl=False)
         bot.reply(prompt, max_new_tokens=max_new_tokens, temperature=temperature, stream=click.echo, keep=True)
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir that answers False where the name itself is unusable (too long, a loop of links)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _quiet_libraries() -> None:

@@ -8,6 +8,7 @@ Standard library and PyYAML only: the CLI builds its flags from these fields wit
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -107,25 +108,61 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
 REQUIRED = ("model", "data", "out")
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    """The mapping in a YAML recipe, with every unknown key reported in one error."""
+def load_yaml(path: Path, origins: dict[str, str] | None = None) -> dict[str, Any]:
+    """The mapping in a YAML recipe, with every unknown key reported in one error; `origins` gets `PATH:LINE`
+    of each key, for messages about its value."""
     import yaml
 
-    if not path.is_file():
-        raise OasstError(f"config file {path} does not exist")
+    from oasst_train.files import missing_file, read_text
+
+    if not path.exists():
+        raise missing_file(path, "config file")
+    text = read_text(path, "config file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise OasstError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise OasstError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except RecursionError:
+        raise OasstError(f"{path}: not valid YAML (nested too deeply)") from None
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
-        raise OasstError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+        raise OasstError(f"{path}: expected a mapping of config keys, got {_yaml_type(raw)}")
+    not_text = [k for k in raw if not isinstance(k, str)]
+    if not_text:
+        raise OasstError(f"{path}: config keys must be names, not {', '.join(repr(k) for k in not_text)}")
     unknown = sorted(k for k in raw if k not in FIELDS)
     if unknown:
-        raise OasstError(f"{path}: unknown config keys: {', '.join(map(str, unknown))} "
+        raise OasstError(f"{path}: unknown config keys: {', '.join(unknown)} "
                          f"(see `oasst train --help` for the known ones)")
-    return {k: coerce(k, v, str(path)) for k, v in raw.items()}
+    lines = _key_lines(yaml, text)
+    where = {k: f"{path}:{lines[k]}" if k in lines else str(path) for k in raw}
+    if origins is not None:
+        origins.update(where)
+    return {k: coerce(k, v, where[k]) for k, v in raw.items()}
+
+
+def _key_lines(yaml: Any, text: str) -> dict[str, int]:
+    """Line number of each top-level key (the document has been parsed once already, so this cannot fail)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a field (`--lr` for learning_rate), for messages about a value given there."""
+    return {"learning_rate": "--lr", "load_in_4bit": "--4bit"}.get(name, f"--{name.replace('_', '-')}")
+
+
+def _yaml_type(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(value), type(value).__name__)
 
 
 def coerce(name: str, value: Any, origin: str) -> Any:
@@ -139,8 +176,12 @@ def coerce(name: str, value: Any, origin: str) -> Any:
                 raise ValueError
             return value
         if kind is tuple:
+            if value is not None and not isinstance(value, (str, list, tuple)):
+                raise ValueError
             items = value.split(",") if isinstance(value, str) else list(value or ())
-            return tuple(str(item).strip() for item in items if str(item).strip())
+            if not all(isinstance(item, str) for item in items):
+                raise ValueError
+            return tuple(item.strip() for item in items if item.strip())
         if kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -152,40 +193,61 @@ def coerce(name: str, value: Any, origin: str) -> Any:
         choices = field_choices(name)
         if choices and value not in choices:
             raise OasstError(f"{origin}: {name} must be one of {', '.join(choices)}, not {value!r}")
+        if isinstance(value, (list, dict, tuple, set)):
+            raise ValueError  # str() would turn a YAML list into a "model name"
         return str(value) if value is not None else value
-    except (TypeError, ValueError):
-        raise OasstError(f"{origin}: {name} must be {kind.__name__}, not {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        kind_name = "a list of names" if kind is tuple else kind.__name__
+        raise OasstError(f"{origin}: {name} must be {kind_name}, not {value!r}") from None
 
 
 def resolve_config(config_file: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults, then the YAML recipe, then flags (only those given); checked once, then frozen."""
-    values = load_yaml(config_file) if config_file is not None else {}
-    values.update({k: coerce(k, v, f"--{k.replace('_', '-')}") for k, v in overrides.items() if v is not None})
+    origins: dict[str, str] = {}
+    values = load_yaml(config_file, origins) if config_file is not None else {}
+    for name, value in overrides.items():
+        if value is not None:
+            origins[name] = flag_name(name)
+            values[name] = coerce(name, value, origins[name])
     cfg = replace(TrainConfig(), **values)
-    validate(cfg)
+    validate(cfg, origins)
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
-    """One clear line for the first value that cannot work."""
+def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
+    """One clear line for the first value that cannot work, starting with where it was set (`recipe.yaml:7: `,
+    `--lr: `) when `origins` knows."""
+    def fail(name: str, message: str) -> OasstError:
+        where = (origins or {}).get(name)
+        return OasstError(f"{where}: {message}" if where else message)
+
     missing = [name for name in REQUIRED if not getattr(cfg, name)]
     if missing:
         raise OasstError(f"missing {', '.join(missing)}: give --{' --'.join(missing)} or set them in --config")
+    # NaN compares false with everything, so every range check below would let it through: finite first.
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise fail(f.name, f"{f.name} must be a finite number, not {value}")
     positive = ("lora_r", "lora_alpha", "max_length", "batch_size", "grad_accum", "save_steps", "logging_steps")
     for name in positive:
         if getattr(cfg, name) < 1:
-            raise OasstError(f"{name} must be at least 1, not {getattr(cfg, name)}")
-    for name in ("eval_steps", "eval_rows", "warmup_steps", "pad_to_multiple_of", "save_total_limit"):
+            raise fail(name, f"{name} must be at least 1, not {getattr(cfg, name)}")
+    for name in ("eval_steps", "eval_rows", "warmup_steps", "pad_to_multiple_of", "save_total_limit",
+                 "weight_decay", "max_grad_norm"):
         if getattr(cfg, name) < 0:
-            raise OasstError(f"{name} must not be negative, not {getattr(cfg, name)}")
+            raise fail(name, f"{name} must not be negative, not {getattr(cfg, name)}")
     if cfg.max_steps == 0 or cfg.max_steps < -1:
-        raise OasstError(f"max_steps must be -1 (use epochs) or at least 1, not {cfg.max_steps}")
+        raise fail("max_steps", f"max_steps must be -1 (use epochs) or at least 1, not {cfg.max_steps}")
     if cfg.max_steps == -1 and cfg.epochs <= 0:
-        raise OasstError(f"epochs must be positive, not {cfg.epochs}")
+        raise fail("epochs", f"epochs must be positive, not {cfg.epochs}")
     if not 0 <= cfg.lora_dropout < 1:
-        raise OasstError(f"lora_dropout must be in [0, 1), not {cfg.lora_dropout}")
+        raise fail("lora_dropout", f"lora_dropout must be in [0, 1), not {cfg.lora_dropout}")
     if cfg.learning_rate <= 0:
-        raise OasstError(f"learning_rate must be positive, not {cfg.learning_rate}")
+        raise fail("learning_rate", f"learning_rate must be positive, not {cfg.learning_rate}")
+    for name in ("model", "data", "out"):
+        if "\0" in getattr(cfg, name):
+            raise fail(name, f"{name} {getattr(cfg, name)!r} contains a NUL character")
     if cfg.precision == "fp16" and cfg.compute_dtype == "bfloat16":
         raise OasstError("precision fp16 with compute_dtype bfloat16 mixes two 16-bit formats; "
                          "use precision bf16, or compute_dtype float16")

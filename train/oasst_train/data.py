@@ -30,23 +30,41 @@ def guanaco_prompt(prompt: str) -> str:
 
 
 def render_messages(messages: Sequence[dict[str, Any]], where: str = "messages") -> str:
-    """A list of {role, content} turns as one Guanaco text."""
+    """A list of {role, content} turns as one Guanaco text; a turn of the wrong shape is an error at `where`."""
+    if not isinstance(messages, (list, tuple)):
+        raise OasstError(f"{where}: `messages` must be a list of {{role, content}} objects, not {_kind(messages)}")
     parts = []
-    for turn in messages:
-        marker = ROLE_MARKERS.get(str(turn.get("role", "")).lower())
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict):
+            raise OasstError(f"{where}: messages[{i}] must be a {{role, content}} object, not {_kind(turn)}")
+        if "role" not in turn:
+            raise OasstError(f"{where}: messages[{i}] has no `role`")
+        role = turn["role"]
+        marker = ROLE_MARKERS.get(role.lower()) if isinstance(role, str) else None
         if marker is None:
-            raise OasstError(f"{where}: role {turn.get('role')!r} is not user or assistant")
-        parts.append(f"{marker} {turn.get('content', '')}")
+            raise OasstError(f"{where}: messages[{i}] role {role!r} is not user or assistant")
+        content = turn.get("content")
+        if not isinstance(content, str):
+            raise OasstError(f"{where}: messages[{i}] content must be a string, not {_kind(content)}")
+        parts.append(f"{marker} {content}")
     return "".join(parts)
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value is called in messages: `a number`, `null`, `an object`..."""
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def read_rows(data: str, eval_rows: int = 0) -> dict[str, list[str]]:
     """Guanaco texts of the train split and, when there is one, the test split."""
     path = Path(data)
-    if path.is_dir() and (path / "train.jsonl").is_file():
+    if path.is_dir() and (path / "train.jsonl").exists():
         splits = {"train": _read_jsonl(path / "train.jsonl")}
-        if (path / "test.jsonl").is_file():
+        if (path / "test.jsonl").exists():
             splits["test"] = _read_jsonl(path / "test.jsonl")
+        if not splits["train"]:
+            raise OasstError(f"{path / 'train.jsonl'}: the train split has no rows")
     else:
         splits = _read_datasets(data)
     if not splits.get("train"):
@@ -114,61 +132,102 @@ def _inside(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
 
 
 def _row_text(row: dict[str, Any], where: str) -> str:
-    """A row's Guanaco text: its `text`, or its `messages` rendered."""
-    if isinstance(row.get("text"), str):
-        return row["text"]
-    if isinstance(row.get("messages"), list):
-        return render_messages(row["messages"], where)
+    """A row's Guanaco text: its `text`, or its `messages` rendered; both are checked when both are there."""
+    text, messages = row.get("text"), row.get("messages")
+    if text is not None and not isinstance(text, str):
+        raise OasstError(f"{where}: `text` must be a string, not {_kind(text)}")
+    rendered = render_messages(messages, where) if messages is not None else None
+    if text is not None:
+        return text
+    if rendered is not None:
+        return rendered
     raise OasstError(f"{where}: row has neither a `text` string nor a `messages` list")
 
 
 def _read_jsonl(path: Path) -> list[str]:
-    """Texts of an `oasst build` JSONL split."""
+    """Texts of an `oasst build` JSONL split; every row is checked here, so a bad one is named with its line."""
+    from oasst_train.files import decode_utf8, read_bytes
+
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise OasstInputError(path, n, f"not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or ("text" not in row and "messages" not in row):
-                keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                raise OasstInputError(path, n, f"row has no `text` or `messages` column (it has: {keys})")
+    # One read: the files are a few MB, and bytes let a bad byte be reported with its line.
+    for n, raw in enumerate(read_bytes(path, "data file").split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        line = decode_utf8(raw, path, n)
+        if n == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise OasstInputError(path, n, f"not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise OasstInputError(path, n, "JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise OasstInputError(path, n, f"a row must be a JSON object with `text` or `messages`, not {_kind(row)}")
+        if "text" not in row and "messages" not in row:
+            raise OasstInputError(path, n, f"row has no `text` or `messages` column (it has: {', '.join(row)})")
+        try:
             texts.append(_row_text(row, f"{path}:{n}"))
+        except OasstError as exc:
+            raise OasstInputError(path, n, str(exc).removeprefix(f"{path}:{n}: ")) from None
     return texts
 
 
 def _read_datasets(data: str) -> dict[str, list[str]]:
     """Texts of a `save_to_disk` folder or a hub dataset, split by split."""
-    import datasets
+    from oasst_tools.hub import assume_offline, hub_candidate, hub_reachable, in_hub_cache, offline_reason
+    from oasst_train.files import path_problem
 
     path = Path(data)
-    try:
-        if path.is_dir():
-            loaded = datasets.load_from_disk(str(path))
-        elif path.exists() or data.startswith((".", "/", "~")):
+    from_hub = False
+    if not path.is_dir():
+        if path.exists():
             raise OasstError(f"dataset {data} is neither an `oasst build` folder (no train.jsonl) nor a folder")
-        else:
-            loaded = datasets.load_dataset(data)
+        if not hub_candidate(data):
+            problem = path_problem(path)
+            raise OasstError(f"dataset folder {data} does not exist" + (f" ({problem})" if problem else ""))
+        from_hub = True
+        if not hub_reachable():
+            if not in_hub_cache(data, "dataset"):
+                raise OasstError(f"cannot load dataset {data} from the Hugging Face Hub ({offline_reason()}) and it is "
+                                 "not in the local cache; pass --data PATH with an `oasst build` folder")
+            assume_offline()  # the local cache may have it: let datasets look there instead of retrying the Hub
+
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path)) if not from_hub else datasets.load_dataset(data)
     except OasstError:
         raise
     except FileNotFoundError:
+        if from_hub:
+            raise OasstError(f"cannot load dataset {data} from the Hugging Face Hub: not found") from None
         raise OasstError(f"dataset folder {data} has no train.jsonl and is not a `datasets` folder") from None
     except Exception as exc:  # datasets raises many unrelated types for "cannot find/load this"
-        raise OasstError(f"cannot load dataset {data}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        detail = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if from_hub and not hub_reachable():
+            raise OasstError(f"cannot load dataset {data} from the Hugging Face Hub ({offline_reason()}) and it is "
+                             "not in the local cache; pass --data PATH with an `oasst build` folder") from None
+        raise OasstError(f"cannot load dataset {data}: {detail}") from None
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise OasstError(f"dataset {data} is not a table of rows (got {type(loaded).__name__})")
     splits: dict[str, list[str]] = {}
     for split, name in (("train", "train"), ("test", "test"), ("test", "validation")):
         if name not in loaded or split in splits:
             continue
         table = loaded[name]
         if "text" in table.column_names:
-            splits[split] = list(table["text"])
+            texts = list(table["text"])
+            bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+            if bad is not None:
+                raise OasstError(f"dataset {data}[{name}] row {bad}: `text` must be a string, not "
+                                 f"{_kind(texts[bad])}")
+            splits[split] = texts
         elif "messages" in table.column_names:
-            splits[split] = [render_messages(m, f"{data}[{name}]") for m in table["messages"]]
+            splits[split] = [render_messages(m, f"dataset {data}[{name}] row {i}")
+                             for i, m in enumerate(table["messages"])]
         else:
             raise OasstError(f"dataset {data} has no `text` or `messages` column (columns: "
                              f"{', '.join(table.column_names)})")

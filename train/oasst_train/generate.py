@@ -8,7 +8,6 @@ Generation stops at EOS or when the model starts the next `### Human:` turn; the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,34 +30,46 @@ def base_settings(adapter: Path, base: str | None = None) -> dict[str, Any]:
     """How the adapter's base model was loaded in training (model, 4-bit settings), from train_config.yaml."""
     import yaml
 
-    if not adapter.is_dir():
-        raise OasstError(f"adapter folder {adapter} does not exist")
-    if not (adapter / "adapter_config.json").is_file():
-        raise OasstError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json")
+    from oasst_train.files import read_text
+    from oasst_train.model import check_source, read_adapter_config
+
+    adapter_config = read_adapter_config(adapter)
     settings: dict[str, Any] = {"load_in_4bit": False, "compute_dtype": "float32"}
     config_file = adapter / "train_config.yaml"
-    if config_file.is_file():
-        saved = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    if config_file.exists():
+        try:
+            saved = yaml.safe_load(read_text(config_file, "training config")) or {}
+        except yaml.YAMLError:
+            raise OasstError(f"{config_file}: not valid YAML (it records how the base model was loaded; restore "
+                             "it or delete it and pass --model)") from None
+        if not isinstance(saved, dict):
+            raise OasstError(f"{config_file}: expected a mapping of config keys, got {type(saved).__name__}")
         settings.update({k: saved[k] for k in ("model", "load_in_4bit", "compute_dtype", "quant_type",
                                                "double_quant", "trust_remote_code") if k in saved})
     else:
-        adapter_config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
         settings["model"] = adapter_config.get("base_model_name_or_path")
     if base:
         settings["model"] = base
     if not settings.get("model"):
         raise OasstError(f"{adapter} does not name its base model; pass --model")
+    if not isinstance(settings["model"], str):
+        raise OasstError(f"{config_file}: model must be a string, not {settings['model']!r}")
+    for key in ("load_in_4bit", "double_quant", "trust_remote_code"):
+        if key in settings and not isinstance(settings[key], bool):
+            raise OasstError(f"{config_file}: {key} must be true or false, not {settings[key]!r}")
+    check_source(settings["model"])  # before torch loads: a missing or damaged base is one line too
     return settings
 
 
 def load_for_inference(adapter: Path, base: str | None = None,
                        compute_dtype: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """(base + adapter model in eval mode, tokenizer, settings) as the adapter was trained."""
+    settings = base_settings(adapter, base)  # every file checked before torch takes its seconds to import
+
     import torch
 
     from oasst_train.model import load_adapter, load_model
 
-    settings = base_settings(adapter, base)
     on_gpu = torch.cuda.is_available()
     model, tokenizer = load_model(
         settings["model"], load_in_4bit=settings["load_in_4bit"], compute_dtype=compute_dtype or settings["compute_dtype"],
@@ -68,7 +79,11 @@ def load_for_inference(adapter: Path, base: str | None = None,
     if (adapter / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(adapter)  # the pad token chosen in training
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(adapter)  # the pad token chosen in training
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a damaged file
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OasstError(f"cannot load the tokenizer saved in {adapter}: {detail}") from None
     model = load_adapter(model, str(adapter))
     model.eval()
     return model, tokenizer, settings

@@ -23,14 +23,20 @@ CHECK_PROMPT = guanaco_prompt("Write two sentences about a friendly dog and expl
 def merge_adapter(adapter: Path, out: Path, *, base: str | None = None, dtype: str = "bfloat16",
                   tolerance: float | None = None) -> dict[str, Any]:
     """Write the merged model (+ tokenizer) to `out`; returns dtype, parameters and the logit check."""
-    import torch
-
-    from oasst_train.generate import base_settings, load_for_inference
-    from oasst_train.model import load_adapter, load_model
+    from oasst_train.files import check_out_folder
+    from oasst_train.generate import base_settings
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OasstError(f"--out {out} already exists and is not empty; choose another folder")
+    _check_not_inside(out, adapter)
+    check_out_folder(out, "--out")
     settings = base_settings(adapter, base)
+
+    import torch
+
+    from oasst_train.generate import load_for_inference
+    from oasst_train.model import load_adapter, load_model
+
     # The check runs in float32 so that it can be tight: the reference dequantizes the same 4-bit weights whatever
     # the compute dtype, and a float32 merge differs from it only by summation order.
     reference, tokenizer, _ = load_for_inference(adapter, base, compute_dtype="float32")
@@ -59,13 +65,33 @@ def merge_adapter(adapter: Path, out: Path, *, base: str | None = None, dtype: s
         del merged.config.quantization_config
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()  # checked empty above
-    os.replace(tmp, out)
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+    except BaseException as exc:
+        # A full disk or a file-size limit mid-save: no half-written model is left behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+        from oasst_train.files import write_failure
+
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        raise OasstError(f"--out {out}: {reason} (writing the merged model)") from None
     return {"dtype": dtype, "parameters": sum(p.numel() for p in merged.parameters()), "max_logit_diff": diff,
             "tolerance": tolerance, "max_logit_diff_saved": rounded, "from_4bit": bool(settings["load_in_4bit"])}
+
+
+def _check_not_inside(out: Path, adapter: Path) -> None:
+    """Refuse an --out that is the adapter folder or inside it: the merged model must not mix with its input."""
+    try:
+        target, source = out.resolve(), adapter.resolve()
+    except OSError:
+        return
+    if target == source or source in target.parents:
+        raise OasstError(f"--out {out} lies inside the adapter folder {adapter}; choose a folder outside it")
 
 
 def _copy_dequantized(quantized: Any, plain: Any) -> None:

@@ -15,7 +15,6 @@ What this module guarantees that a bare `from_pretrained` does not:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -104,20 +103,48 @@ def load_adapter(model: Any, adapter_dir: str, *, is_trainable: bool = False) ->
     from peft import PeftModel
 
     folder = Path(adapter_dir)
-    config_file = folder / "adapter_config.json"
-    if not folder.is_dir():
-        raise OasstError(f"adapter folder {adapter_dir} does not exist")
-    if not config_file.is_file():
-        raise OasstError(f"{adapter_dir} is not a LoRA adapter: it has no adapter_config.json")
-    try:
-        adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise OasstError(f"{config_file}: not valid JSON ({exc.msg})") from None
+    adapter_config = read_adapter_config(folder)
     _check_adapter_fits(model, folder, adapter_config)
     with warnings.catch_warnings():
         # peft warns when the stored base name differs from the loaded path; the shape check above is the real test.
         warnings.simplefilter("ignore", UserWarning)
-        return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+        try:
+            return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+        except TypeError as exc:  # LoraConfig(**adapter_config.json) with a key or value it does not take
+            raise OasstError(f"{folder / 'adapter_config.json'}: peft cannot read this adapter config "
+                             f"({_first_line(exc)})") from None
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """The adapter_config.json of a LoRA adapter folder, checked (with its weights file) before any model loads:
+    one error line naming the file for a missing folder, a config that is not a LoRA config, or weights that
+    are missing, truncated or not safetensors."""
+    from oasst_train.files import check_safetensors, missing_file, read_json_object
+
+    if not folder.is_dir():
+        if folder.exists():
+            raise OasstError(f"adapter {folder} is a file, not a folder (give the folder `oasst train` wrote)")
+        raise missing_file(folder, "adapter folder")
+    config_file = folder / "adapter_config.json"
+    if not config_file.exists():
+        raise OasstError(f"{folder} is not a LoRA adapter: it has no adapter_config.json")
+    config = read_json_object(config_file, "adapter config")
+    if config.get("peft_type") != "LORA":
+        found = f"peft_type {config['peft_type']!r}" if "peft_type" in config else "no peft_type"
+        raise OasstError(f"{config_file}: not a LoRA adapter config ({found}; expected \"peft_type\": \"LORA\")")
+    for key, kinds, what in (("r", (int,), "a positive integer"), ("lora_alpha", (int, float), "a number")):
+        value = config.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
+            raise OasstError(f"{config_file}: `{key}` must be {what}, not {value!r}")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets
+                                         and all(isinstance(t, str) for t in targets))):
+        raise OasstError(f"{config_file}: `target_modules` must name the adapted layers, not {targets!r}")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.exists():
+        raise OasstError(f"{folder} has no adapter_model.safetensors (the adapter's weights)")
+    check_safetensors(weights, "adapter weights")
+    return config
 
 
 def lora_target_modules(model: Any) -> list[str]:
@@ -132,8 +159,29 @@ def lora_target_modules(model: Any) -> list[str]:
 
 
 def check_source(model: str, gguf_file: str | None = None) -> None:
-    """Fail fast, before importing torch, when `model` names a local path that is not a model."""
+    """Fail fast, before importing torch, when `model` names a local path that is not a model (missing, a damaged
+    config.json or weights file), or a hub id while the Hub cannot be reached and the id is not cached."""
     _resolve_source(model, gguf_file)
+
+
+def check_model_folder(path: Path) -> None:
+    """One error line naming the file when a model folder's config.json is not a JSON object or one of its
+    safetensors files is missing, truncated or not safetensors (what from_pretrained would die on)."""
+    from oasst_train.files import check_safetensors, read_json_object
+
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise OasstError(f"model folder {path} has no config.json")
+    read_json_object(config_file, "model config")
+    index = path / "model.safetensors.index.json"
+    shards: set[str] = set()
+    if index.exists():
+        weight_map = read_json_object(index, "weights index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise OasstError(f"{index}: no `weight_map` object naming the weight files")
+        shards = {str(name) for name in weight_map.values()}
+    for name in sorted(shards | {p.name for p in path.glob("*.safetensors")}):
+        check_safetensors(path / name, "model weights")
 
 
 def set_pad_token(tokenizer: Any, model: Any | None = None) -> None:
@@ -174,18 +222,48 @@ def _pick_pad_token(tokenizer: Any) -> str:
 
 def _resolve_source(model: str, gguf_file: str | None) -> tuple[str, str | None]:
     """(folder or hub id, gguf file name) from what the user typed; missing local paths fail here."""
+    from oasst_tools.hub import assume_offline, hub_cache_dir, hub_candidate, hub_reachable, in_hub_cache
+    from oasst_tools.hub import offline_reason
+    from oasst_train.files import missing_file
+
     path = Path(model)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise OasstError(f"model file {model} does not exist")
+            if path.exists():
+                raise OasstError(f"model file {model} is a folder, not a .gguf file")
+            raise missing_file(path, "model file")
+        with _reading(path):
+            with path.open("rb") as f:
+                magic = f.read(4)
+        if magic != b"GGUF":
+            raise OasstError(f"{model}: not a GGUF file (it does not start with the GGUF signature)")
         return str(path.parent), path.name
-    looks_local = path.is_absolute() or model.startswith((".", "~")) or path.exists() or model.count("/") > 1
-    if looks_local:
+    if path.exists() or not hub_candidate(model):
         if not path.is_dir():
-            raise OasstError(f"model folder {model} does not exist")
-        if gguf_file is None and not (path / "config.json").is_file():
-            raise OasstError(f"model folder {model} has no config.json")
+            if path.exists():
+                raise OasstError(f"model {model} is a file, not a folder (give a model folder or a .gguf file)")
+            raise missing_file(path, "model folder")
+        if gguf_file is None:
+            check_model_folder(path)
+        elif not (path / gguf_file).is_file():
+            raise missing_file(path / gguf_file, "model file")
+        return model, gguf_file
+    if not hub_reachable():
+        if not in_hub_cache(model, "model"):
+            raise OasstError(f"cannot load model {model} from the Hugging Face Hub ({offline_reason()}) and it is not "
+                             f"in the local cache ({hub_cache_dir()}); pass --model PATH with a local model folder")
+        # Only the local cache can have it now: let transformers look there without half a minute of retries.
+        assume_offline()
     return model, gguf_file
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn an OSError while reading `path` into one error line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise OasstError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _bnb_config(compute_dtype: str, quant_type: str, double_quant: bool) -> Any:
@@ -230,6 +308,8 @@ def _load_tokenizer(source: str, gguf_file: str | None, trust_remote_code: bool)
                                              **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError, TypeError) as exc:
         raise OasstError(f"cannot load the tokenizer of {source}: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a damaged file
+        raise OasstError(f"cannot load the tokenizer of {source}: {_first_line(exc)}") from None
 
 
 def _from_pretrained(source: str, config: Any, kwargs: dict[str, Any]) -> Any:
@@ -244,6 +324,11 @@ def _from_pretrained(source: str, config: Any, kwargs: dict[str, Any]) -> Any:
             return AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
         except (OSError, ValueError) as exc:
             raise OasstError(f"cannot load model {source}: {_first_line(exc)}") from None
+        except Exception as exc:
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            # check_model_folder reads headers only; a file damaged inside its tensor data shows up here.
+            raise OasstError(f"cannot load model {source}: a weights file is damaged ({_first_line(exc)})") from None
 
 
 def _gguf_in_4bit(source: str, config: Any, kwargs: dict[str, Any]) -> Any:
@@ -348,7 +433,11 @@ def _check_adapter_fits(model: Any, folder: Path, adapter_config: dict[str, Any]
     if not weights.is_file():
         raise OasstError(f"{folder} has no adapter_model.safetensors")
     modules = dict(model.named_modules())
-    with safe_open(str(weights), framework="pt") as f:
+    try:
+        handle = safe_open(str(weights), framework="pt")
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError: either way the file cannot be used
+        raise OasstError(f"{weights}: cannot be read as safetensors ({_first_line(exc)})") from None
+    with handle as f:
         for key in f.keys():
             if ".lora_A." not in key:
                 continue

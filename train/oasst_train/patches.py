@@ -382,8 +382,11 @@ def fallback(name: str, problem: str) -> None:
         sys.stderr.flush()
 
 
-def activated(name: str, count: int = 1) -> None:
-    """Record that patch `name` was applied to `count` places in this run."""
+def activated(name: str, count: int = 1, *, once: bool = False) -> None:
+    """Record that patch `name` was applied to `count` places in this run (`once`: unless it is active already,
+    for a patch that runs at every call rather than being installed)."""
+    if once and _RUN.get(name) == "active":
+        return
     if count > 0:
         _COUNTS[name] = _COUNTS.get(name, 0) + count if _RUN.get(name) == "active" else count
         _RUN[name] = "active"

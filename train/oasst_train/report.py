@@ -87,8 +87,15 @@ def losses(log_history: Sequence[dict[str, Any]], key: str) -> list[tuple[int, f
 
 
 def plot_losses(log_history: Sequence[dict[str, Any]], path: Path) -> None:
-    """Training and eval loss against optimizer step, as a PNG."""
-    import matplotlib
+    """Training and eval loss against optimizer step, as a PNG (skipped, with a warning, without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        import warnings
+
+        # The numbers are in train_summary.json; a machine without matplotlib should not lose the run over a plot.
+        warnings.warn("matplotlib is not installed: loss.png not written", stacklevel=2)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -114,7 +121,9 @@ def summary_table(summary: dict[str, Any], title: str) -> Any:
     def num(value: Any, fmt: str) -> str:
         return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
-    table = Table(title=title, show_header=True, header_style="bold")
+    from rich.markup import escape
+
+    table = Table(title=escape(title), show_header=True, header_style="bold")
     table.add_column("what")
     table.add_column("value", justify="right")
     rows = [
@@ -131,5 +140,5 @@ def summary_table(summary: dict[str, Any], title: str) -> Any:
         ("device", summary["device"]),
     ]
     for what, value in rows:
-        table.add_row(what, value)
+        table.add_row(what, escape(value))  # the device name comes from the system, the title from the user
     return table

@@ -33,13 +33,17 @@ PACKING_MIN_TRANSFORMERS = "5.24.0"
 
 def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses to overwrite an earlier run."""
+    from oasst_train.files import check_out_folder
+
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise OasstError(f"--out {out} is a file, not a folder")
     if resume:
+        if out.exists() and not out.is_dir():
+            raise OasstError(f"--out {out} is a file, not a folder")
         checkpoint = require_checkpoint(out)
         _check_same_run(cfg, out)
+        check_out_folder(out, "--out")  # the run writes new checkpoints and the adapter there
         return checkpoint
+    check_out_folder(out, "--out")
     if out.is_dir() and any((out / name).exists() for name in (CHECKPOINTS, SUMMARY_NAME, "adapter_config.json")):
         raise OasstError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     return None
@@ -182,13 +186,37 @@ def _build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, train_set: Any,
     replica checksums of tests/train/test_distributed.py). The entry lands in the checkpointed log history, so a
     --resume keeps it.
     """
-    import torch
     from peft import LoraConfig
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     eval_steps = cfg.eval_steps or None
-    args = SFTConfig(
+    try:
+        args = _sft_config(SFTConfig, cfg, eval_set, eval_steps, fresh)
+    except ValueError as exc:  # an optimizer or schedule name transformers does not know
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OasstError(f"the training settings were refused: {detail[:400]}") from None
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                         processing_class=tokenizer, peft_config=lora)
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress bar shows the loss
+    if cfg.precision != "bf16":
+        # trl 1.16 casts a quantized model's LoRA weights to bf16; fp16's gradient scaler then fails at the first
+        # optimizer step ("_amp_foreach_non_finite_check_and_unscale_cuda not implemented for 'BFloat16'") and
+        # fp32 training would silently run in bf16. Keep trainable weights in fp32 (what peft does unquantized).
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
+
+
+def _sft_config(SFTConfig: type, cfg: TrainConfig, eval_set: Any, eval_steps: int | None,  # noqa: N803
+                fresh: bool) -> Any:
+    """The SFTConfig of a run (its own function so that a name transformers refuses becomes one error line)."""
+    import torch
+
+    return SFTConfig(
         output_dir=str(Path(cfg.out) / CHECKPOINTS),
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.epochs,
@@ -227,19 +255,6 @@ def _build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, train_set: Any,
         **_sampler_args(SFTConfig, cfg.group_by_length),
         **_checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
     )
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                         processing_class=tokenizer, peft_config=lora)
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress bar shows the loss
-    if cfg.precision != "bf16":
-        # trl 1.16 casts a quantized model's LoRA weights to bf16; fp16's gradient scaler then fails at the first
-        # optimizer step ("_amp_foreach_non_finite_check_and_unscale_cuda not implemented for 'BFloat16'") and
-        # fp32 training would silently run in bf16. Keep trainable weights in fp32 (what peft does unquantized).
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-    return trainer
 
 
 def _sampler_args(config_class: type, group_by_length: bool) -> dict[str, Any]:
@@ -298,17 +313,22 @@ def _save_outputs(trainer: Any, tokenizer: Any, cfg: TrainConfig, targets: list[
 
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    trainer.model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    _write_config(cfg, tmp / CONFIG_NAME, targets)
-    plot_losses(trainer.state.log_history, tmp / "loss.png")
-    (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    # The summary goes last: its presence says every other file of the run is in place.
-    names = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == SUMMARY_NAME)
-    for name in names:
-        os.replace(tmp / name, out / name)
-    tmp.rmdir()
+    try:
+        tmp.mkdir()
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_config(cfg, tmp / CONFIG_NAME, targets)
+        plot_losses(trainer.state.log_history, tmp / "loss.png")
+        (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        # The summary goes last: its presence says every other file of the run is in place.
+        names = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == SUMMARY_NAME)
+        for name in names:
+            os.replace(tmp / name, out / name)
+        tmp.rmdir()
+    except BaseException:
+        # A full disk or a size limit mid-save: no half-written adapter folder is left behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _write_config(cfg: TrainConfig, path: Path, targets: list[str]) -> None:
@@ -317,22 +337,38 @@ def _write_config(cfg: TrainConfig, path: Path, targets: list[str]) -> None:
 
     values = to_dict(dataclasses.replace(cfg, target_modules=tuple(targets)))
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("# resolved by oasst train; rerun with: oasst train --config " + path.name + "\n"
-                   + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("# resolved by oasst train; rerun with: oasst train --config " + path.name + "\n"
+                       + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        from oasst_train.files import write_error
+
+        raise write_error(exc, path, "the run's config") from None
 
 
 def _check_same_run(cfg: TrainConfig, out: Path) -> None:
     """Refuse a --resume whose config would change the data order or the optimizer's meaning."""
     import yaml
 
+    from oasst_train.files import read_text
+
     saved_file = out / CONFIG_NAME
     if not saved_file.is_file():
         return
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    try:
+        saved = yaml.safe_load(read_text(saved_file, "saved config")) or {}
+    except yaml.YAMLError:
+        raise OasstError(f"{saved_file}: not valid YAML; it is the config this run was started with: "
+                         "restore it, or start a new run in another --out") from None
+    if not isinstance(saved, dict):
+        raise OasstError(f"{saved_file}: expected a mapping of config keys, got {type(saved).__name__}")
     now = to_dict(cfg)
+    # `out` itself may differ: a run folder that was moved or copied resumes as well.
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
-               if k in saved and k not in RESUMABLE_CHANGES and k != "target_modules" and saved[k] != now[k]]
+               if k in saved and k not in RESUMABLE_CHANGES and k not in ("target_modules", "out")
+               and saved[k] != now[k]]
     if cfg.target_modules and sorted(saved.get("target_modules", [])) != sorted(cfg.target_modules):
         changed.append(f"target_modules {saved.get('target_modules')!r} -> {list(cfg.target_modules)!r}")
     if changed:

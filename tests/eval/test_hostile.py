@@ -1,0 +1,422 @@
+"""Hostile input to `oasst eval`: a damaged config, data file, adapter or model, an --out that cannot be written,
+a Hub that hangs. Every case ends in one `error:` line naming the file (and line), exit code 1, no traceback,
+inputs byte-identical and nothing left behind; all but the write faults fail before a model loads.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import STORIES
+from tests.eval.conftest import GUANACO, HELLASWAG_FIXTURE, REPO
+from tests.hostile import assert_refused, assert_unchanged, snapshot
+
+HELLASWAG_ROWS = [json.loads(line) for line in HELLASWAG_FIXTURE.read_text(encoding="utf-8").splitlines()[:3]]
+
+
+def _jsonl(*rows: object) -> bytes:
+    return b"".join((row if isinstance(row, bytes) else json.dumps(row).encode()) + b"\n" for row in rows)
+
+
+def _hellaswag(tmp_path: Path, content: bytes, name: str = "validation.jsonl") -> Path:
+    folder = tmp_path / "data" / "hellaswag"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(content)
+    return folder / name
+
+
+# --- the config file --------------------------------------------------------------------------------------------------
+
+BAD_CONFIGS = {
+    "invalid-utf8": (b"model: m\nout: \"r\xe9sultats\"\n", "eval.yaml:2: not valid UTF-8 text (byte 0xe9 at column 8)"),
+    "a-list": (b"- model\n", "eval.yaml: expected a mapping of settings, got list"),
+    "non-string-key": (b"model: m\n3: x\n", "eval.yaml: setting names must be text, not 3"),
+    "limit-negative": (b"model: m\nlimit: -1\n", "eval.yaml:2: limit must be at least 1, not -1"),
+    "limit-nan": (b"model: m\nlimit: .nan\n", "eval.yaml:2: limit must be a whole number, not nan"),
+    "fewshot-text": (b"model: m\nnum_fewshot: five\n", "eval.yaml:2: num_fewshot must be a whole number, not 'five'"),
+    "batch-size-list": (b"model: m\nbatch_size: [8]\n", "eval.yaml:2: batch_size must be text, not [8]"),
+    "tasks-a-number": (b"model: m\ntasks: 5\n", "eval.yaml:2: tasks must be task names (text or a list of text), "
+                                                 "not 5"),
+    "flag-not-a-bool": (b"model: m\ncompare_base: maybe\n", "eval.yaml:2: compare_base must be true or false, "
+                                                            "not 'maybe'"),
+    "not-yaml": (b"model: {m\n", "eval.yaml:2: not valid YAML (expected ',' or '}', but got '<stream end>')"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_file_is_one_error_naming_file_and_line(oasst, tmp_path: Path, case: str) -> None:
+    content, expected = BAD_CONFIGS[case]
+    (tmp_path / "eval.yaml").write_bytes(content)
+    before = snapshot(tmp_path)
+    line = assert_refused(oasst("eval", "--config", "eval.yaml"), names="eval.yaml")
+    assert line == f"error: {expected}"
+    assert_unchanged(before, tmp_path)
+
+
+def test_config_file_batch_size_as_a_number_is_accepted(tmp_path: Path) -> None:
+    from oasst_eval.config import resolve_config
+
+    (tmp_path / "eval.yaml").write_text("model: m\nbatch_size: 8\nlimit: 3\n")
+    cfg = resolve_config(tmp_path / "eval.yaml", {})
+    assert (cfg.batch_size, cfg.limit) == ("8", 3)
+
+
+# --- local data files ---------------------------------------------------------------------------------------------
+
+def _gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+BAD_HELLASWAG = {
+    "invalid-utf8": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0], b'{"ctx_a": "\xe9"}'),
+                     "validation.jsonl:2: not valid UTF-8 text (byte 0xe9 at column 12)"),
+    "not-json": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0], b"{oops"),
+                 "validation.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes)"),
+    "row-a-list": ("validation.jsonl", _jsonl([1, 2]), "validation.jsonl:1: a row must be a JSON object, not a list"),
+    "endings-missing": ("validation.jsonl", _jsonl({k: v for k, v in HELLASWAG_ROWS[0].items() if k != "endings"}),
+                        "validation.jsonl:1: `endings` must be a non-empty list of strings, not None"),
+    "ctx-not-a-string": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0], HELLASWAG_ROWS[1] | {"ctx_a": 7}),
+                         "validation.jsonl:2: `ctx_a` must be a string, not a number"),
+    "label-out-of-range": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0] | {"label": 9}),
+                           "validation.jsonl:1: `label` must be the index of the right ending (0-3), not 9"),
+    "empty": ("validation.jsonl", b"\n", "validation.jsonl: no rows to score"),
+    "gz-truncated": ("validation.jsonl.gz", _gz(_jsonl(*HELLASWAG_ROWS))[:-30],
+                     "validation.jsonl.gz:"),
+    "gz-garbage": ("validation.jsonl.gz", b"\x1f\x8b\x08\x00" + b"\xff" * 40,
+                   "validation.jsonl.gz:1: not a readable gzip file"),
+    "gz-not-gzip": ("validation.jsonl.gz", b"plain text, not gzip\n",
+                    "validation.jsonl.gz:1: not a readable gzip file (Not a gzipped file (b'pl'))"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HELLASWAG)
+def test_bad_hellaswag_file_is_one_error_naming_file_and_line(oasst, tmp_path: Path, case: str) -> None:
+    name, content, expected = BAD_HELLASWAG[case]
+    _hellaswag(tmp_path, content, name)
+    before = snapshot(tmp_path)
+    result = oasst("eval", "--model", STORIES, "--tasks", "hellaswag", "--data-dir", "data")
+    line = assert_refused(result, names=f"data/hellaswag/{name}")
+    assert line.startswith(f"error: data/hellaswag/{expected}"), line
+    assert_unchanged(before, tmp_path)
+
+
+def test_bad_few_shot_split_is_named_too(oasst, tmp_path: Path) -> None:
+    _hellaswag(tmp_path, _jsonl(*HELLASWAG_ROWS))
+    _hellaswag(tmp_path, _jsonl(HELLASWAG_ROWS[0], HELLASWAG_ROWS[1] | {"label": "x"}), "train.jsonl")
+    before = snapshot(tmp_path)
+    line = assert_refused(oasst("eval", "--model", STORIES, "--data-dir", "data", "--num-fewshot", 1))
+    assert line == ("error: data/hellaswag/train.jsonl:2: `label` must be the index of the right ending (0-3), "
+                    "not 'x'")
+    assert_unchanged(before, tmp_path)
+
+
+def test_unreadable_hellaswag_file_names_it(oasst, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from oasst_eval import data as data_module
+
+    path = _hellaswag(tmp_path, _jsonl(*HELLASWAG_ROWS))
+    before = snapshot(tmp_path)
+
+    def refuse(file: Any, *args: Any, **kwargs: Any) -> Any:  # root reads through chmod 000
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(file))
+
+    monkeypatch.setattr(data_module, "open", refuse, raising=False)
+    result = oasst("eval", "--model", STORIES, "--data-dir", "data")
+    monkeypatch.undo()
+    assert assert_refused(result) == f"error: cannot read {path.relative_to(tmp_path)}: Permission denied"
+    assert_unchanged(before, tmp_path)
+
+
+BAD_GUANACO = {
+    "invalid-utf8": (_jsonl({"text": "ok"}, b'{"text": "\xc0\xaf"}'),
+                     "build/test.jsonl:2: not valid UTF-8 text (byte 0xc0 at column 11)"),
+    "text-not-a-string": (_jsonl({"text": ["a"]}), "build/test.jsonl:1: `text` must be a string, not a list"),
+    "no-text": (_jsonl({"messages": []}), "build/test.jsonl:1: row has no `text` (it has: messages)"),
+    "not-json": (b'{"text": "a"\n', "build/test.jsonl:1: not valid JSON (Expecting ',' delimiter)"),
+    "empty": (b"", "build/test.jsonl: no rows to score"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_GUANACO)
+def test_bad_guanaco_test_file_is_one_error_naming_file_and_line(oasst, tmp_path: Path, case: str) -> None:
+    content, expected = BAD_GUANACO[case]
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "test.jsonl").write_bytes(content)
+    before = snapshot(tmp_path)
+    line = assert_refused(oasst("eval", "--model", STORIES, "--tasks", "guanaco_test", "--data", "build"),
+                          names="build/test.jsonl")
+    assert line == f"error: {expected}"
+    assert_unchanged(before, tmp_path)
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--data-dir", "notes.txt/data", "notes.txt/data (from --data-dir) has no hellaswag/validation.jsonl or "
+                                     "hellaswag/validation.jsonl.gz"),
+    ("--data", "notes.txt/build", "notes.txt/build/test.jsonl not found (notes.txt is a file, not a folder): "
+                                  "--data must be an `oasst build` output folder with test.jsonl"),
+    ("--data-dir", "[bold]data[/]", "[bold]data[/] (from --data-dir) has no hellaswag/validation.jsonl"),
+], ids=["data-dir-through-a-file", "data-through-a-file", "markup-in-data-dir"])
+def test_data_path_that_cannot_hold_the_files(oasst, tmp_path: Path, flag: str, value: str, expected: str) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    before = snapshot(tmp_path)
+    task = "guanaco_test" if flag == "--data" else "hellaswag"
+    line = assert_refused(oasst("eval", "--model", STORIES, "--tasks", task, flag, value), names=value)
+    assert line.startswith(f"error: {expected}"), line
+    assert_unchanged(before, tmp_path)
+
+
+# --- --adapter and --model: damaged files, before anything loads --------------------------------------------------
+
+def _safetensors(tensors: dict[str, list[int]]) -> bytes:
+    """A float32 safetensors file of zeros (the format by hand: 8-byte header length, JSON header, data)."""
+    header, offset = {}, 0
+    for name, shape in tensors.items():
+        size = 4 * int(__import__("math").prod(shape))
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + bytes(offset)
+
+
+def _adapter(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+         "base_model_name_or_path": str(STORIES)}))
+    (folder / "adapter_model.safetensors").write_bytes(_safetensors(
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": [2, 64]}))
+    return folder
+
+
+def _cut(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+ADAPTER_DAMAGE = {
+    "config-not-json": (lambda a: (a / "adapter_config.json").write_text("{"), "adapter/adapter_config.json:1: "
+                                                                               "not valid JSON"),
+    "config-invalid-utf8": (lambda a: (a / "adapter_config.json").write_bytes(b'{"r": "\xff"}'),
+                            "adapter/adapter_config.json:1: not valid UTF-8 text"),
+    "config-an-array": (lambda a: (a / "adapter_config.json").write_text("[]"),
+                        "adapter/adapter_config.json: expected a JSON object, got an array"),
+    "config-other-peft-type": (lambda a: (a / "adapter_config.json").write_text('{"peft_type": "IA3"}'),
+                               "adapter/adapter_config.json: not a LoRA adapter config (peft_type 'IA3'"),
+    "config-no-targets": (lambda a: (a / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 2, "lora_alpha": 4}'),
+        "adapter/adapter_config.json: `target_modules` must name the adapted layers, not None"),
+    "weights-missing": (lambda a: (a / "adapter_model.safetensors").unlink(),
+                        "adapter has no adapter_model.safetensors"),
+    "weights-truncated": (lambda a: _cut(a / "adapter_model.safetensors", 200),
+                          "adapter/adapter_model.safetensors: truncated safetensors file (the header promises 512 "
+                          "bytes of tensors, the file holds"),
+    "weights-garbage-header": (lambda a: (a / "adapter_model.safetensors").write_bytes(b"\x7fELF" * 30),
+                               "adapter/adapter_model.safetensors: not a safetensors file"),
+    "weights-empty": (lambda a: (a / "adapter_model.safetensors").write_bytes(b""),
+                      "adapter/adapter_model.safetensors: truncated safetensors file (0 bytes, not even a header)"),
+}
+
+
+@pytest.mark.parametrize("case", ADAPTER_DAMAGE)
+def test_damaged_adapter_is_one_error_before_the_model_loads(oasst, tmp_path: Path, case: str) -> None:
+    damage, expected = ADAPTER_DAMAGE[case]
+    damage(_adapter(tmp_path / "adapter"))
+    before = snapshot(tmp_path)
+    line = assert_refused(oasst("eval", "--model", STORIES, "--adapter", "adapter"), names="adapter")
+    assert line.startswith(f"error: {expected}"), line
+    assert_unchanged(before, tmp_path)
+
+
+MODEL_DAMAGE = {
+    "config-not-json": (lambda m: (m / "config.json").write_text("{,}"), "model/config.json:1: not valid JSON"),
+    "weights-truncated": (lambda m: _cut(m / "model.safetensors", 10_000),
+                          "model/model.safetensors: truncated safetensors file"),
+    "weights-garbage": (lambda m: (m / "model.safetensors").write_bytes(os.urandom(256)),
+                        "model/model.safetensors: "),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_DAMAGE)
+def test_damaged_model_is_one_error_naming_the_file(oasst, tmp_path: Path, case: str) -> None:
+    damage, expected = MODEL_DAMAGE[case]
+    shutil.copytree(STORIES, tmp_path / "model")
+    damage(tmp_path / "model")
+    before = snapshot(tmp_path)
+    line = assert_refused(oasst("eval", "--model", "model"), names="model/")
+    assert line.startswith(f"error: {expected}"), line
+    assert_unchanged(before, tmp_path)
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    ("notes.txt/model", "model folder notes.txt/model does not exist (notes.txt is a file, not a folder)"),
+    ("missing.gguf", "model file missing.gguf does not exist"),
+    ("fake.gguf", "fake.gguf: not a GGUF file (it does not start with the GGUF signature)"),
+    ("stories260k", "model folder stories260k does not exist"),
+], ids=["component-is-a-file", "gguf-missing", "gguf-not-gguf", "not-a-hub-id"])
+def test_model_path_that_is_not_a_model(oasst, tmp_path: Path, model: str, expected: str) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "fake.gguf").write_bytes(b"\x00" * 64)
+    before = snapshot(tmp_path)
+    line = assert_refused(oasst("eval", "--model", model), names=model)
+    assert line == f"error: {expected}"
+    assert_unchanged(before, tmp_path)
+
+
+@pytest.fixture
+def hanging_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No probe made yet, no offline variable set, HF_ENDPOINT on a port that accepts and never answers."""
+    from oasst_tools import hub
+
+    monkeypatch.setattr(hub, "_probe", {})
+    monkeypatch.setattr(hub, "_offline_reason", [])
+    monkeypatch.setattr(hub, "_assumed", [])
+    for name in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "oasst-empty-hub-cache"))
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        yield
+
+
+def test_model_hub_id_with_a_hanging_hub_fails_within_two_seconds(oasst, tmp_path: Path, hanging_hub: None) -> None:
+    before = snapshot(tmp_path)
+    started = time.monotonic()
+    line = assert_refused(oasst("eval", "--model", "owner/model"), names="owner/model")
+    assert time.monotonic() - started < 2.5
+    assert line.startswith("error: cannot load model owner/model from the Hugging Face Hub (127.0.0.1 did not answer "
+                           "within 1.5 s) and it is not in the local cache"), line
+    assert_unchanged(before, tmp_path)
+
+
+# --- --out -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("out", "expected"), [
+    ("notes.txt", "--out notes.txt is a file, not a folder"),
+    ("notes.txt/eval", "--out notes.txt/eval cannot be created: notes.txt is a file, not a folder"),
+], ids=["out-is-a-file", "component-is-a-file"])
+def test_out_that_cannot_be_a_folder_fails_before_scoring(oasst, tmp_path: Path, out: str, expected: str) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    before = snapshot(tmp_path)
+    line = assert_refused(oasst("eval", "--model", STORIES, "--out", out), names=out)
+    assert line == f"error: {expected}"
+    assert_unchanged(before, tmp_path)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES], ids=["read-only", "permission-denied"])
+def test_out_in_a_folder_that_cannot_be_written_fails_before_scoring(oasst, tmp_path: Path, code: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.mkdir
+
+    def refuse(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.path.abspath(os.fsdecode(path)).startswith(str(tmp_path / "locked")):
+            raise OSError(code, os.strerror(code), os.fsdecode(path))
+        real(path, *args, **kwargs)
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(os, "mkdir", refuse)
+    before = snapshot(tmp_path)
+    line = assert_refused(oasst("eval", "--model", STORIES, "--out", "locked/eval"), names="locked/eval")
+    assert line == f"error: --out locked/eval: cannot write in locked ({os.strerror(code)})"
+    assert_unchanged(before, tmp_path)
+
+
+@pytest.mark.slow
+def test_disk_full_after_scoring_leaves_no_half_written_results(oasst, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from oasst_eval import report
+
+    real = report.write_atomic
+
+    def fills_up(path: Path, data: bytes) -> None:
+        if path.name == "eval_summary.json":  # the second file: the first one was written and must go again
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+
+    monkeypatch.setattr(report, "write_atomic", fills_up)
+    before = snapshot(tmp_path)
+    result = oasst("eval", "--model", STORIES, "--tasks", "hellaswag", "--limit", 2, "--out", "out")
+    line = assert_refused(result, names="out/eval_summary.json")
+    assert line == ("error: cannot write out/eval_summary.json: No space left on device (the scores are lost; "
+                    "nothing was left half-written)")
+    assert_unchanged(before, tmp_path)
+
+
+@dataclass
+class Ran:
+    """A finished subprocess in the shape tests/hostile.py reads."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    exception: None = None
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def _process(args: list[object], cwd: Path, *, code: str | None = None, file_size_limit: int | None = None) -> Ran:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
+
+    def limit() -> None:  # Python ignores SIGXFSZ: the limit surfaces as OSError(EFBIG)
+        if file_size_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "oasst_tools"]
+    done = subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit)
+    return Ran(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.mark.slow
+def test_file_size_limit_on_the_results_in_a_real_process(tmp_path: Path) -> None:
+    before = snapshot(tmp_path)
+    ran = _process(["eval", "--model", STORIES, "--tasks", "hellaswag", "--limit", 2, "--out", "out"], tmp_path,
+                   file_size_limit=4096)
+    line = assert_refused(ran, names="out/")
+    assert line.startswith("error: cannot write out/") and line.endswith(": File too large (the scores are lost; "
+                                                                         "nothing was left half-written)"), line
+    assert "Traceback" not in ran.stderr
+    assert_unchanged(before, tmp_path)
+
+
+def test_bad_data_file_in_a_real_process_prints_one_line(tmp_path: Path) -> None:
+    _hellaswag(tmp_path, _jsonl(HELLASWAG_ROWS[0], b"\xff"))
+    before = snapshot(tmp_path)
+    ran = _process(["eval", "--model", STORIES, "--data-dir", "data"], tmp_path)
+    line = assert_refused(ran, names="data/hellaswag/validation.jsonl:2")
+    assert ran.stderr.strip() == line == ("error: data/hellaswag/validation.jsonl:2: not valid UTF-8 text (byte 0xff "
+                                          "at column 1)")
+    assert_unchanged(before, tmp_path)
+
+
+@pytest.mark.slow
+def test_markup_in_the_out_path_is_printed_as_typed(oasst, tmp_path: Path) -> None:
+    result = oasst("eval", "--model", STORIES, "--tasks", "guanaco_test", "--data", GUANACO, "--limit", 2,
+                   "--out", "[bold]res[/]")
+    assert result.exit_code == 0, result.output
+    assert "[bold]res[/]/eval_summary.json" in result.stdout
+    assert json.loads((tmp_path / "[bold]res[" / "]" / "eval_summary.json").read_text())["base"]["guanaco_test"]
+
+
+def test_core_install_without_lm_eval_names_the_eval_extra(tmp_path: Path) -> None:
+    code = "import sys; sys.modules['lm_eval'] = None\nfrom oasst_tools.cli import main\nmain()"
+    ran = _process(["eval", "--model", "m"], tmp_path, code=code)
+    assert (ran.exit_code, ran.stdout) == (1, "")
+    assert ran.stderr == "error: oasst eval needs the eval extra: pip install 'oasst-tools[eval]'\n"

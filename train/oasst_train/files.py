@@ -1,0 +1,214 @@
+"""Reading and writing the files of a run so that whatever the file system or a user's file does ends as one
+`OasstError` line naming the file (and line) instead of a traceback.
+
+    text = read_text(Path("recipe.yaml"))                    # UTF-8, errors name path:line
+    problem = safetensors_problem(Path("adapter_model.safetensors"))   # "truncated: ..." or None
+    check_out_folder(Path("runs/x"), "--out")                # before anything heavy loads
+
+Standard library only: the CLI calls these before torch is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from oasst_tools.cli import os_error_text
+from oasst_tools.errors import OasstError, OasstInputError
+
+# A safetensors header is a few KB per thousand tensors; more than this is a file that is not safetensors.
+MAX_SAFETENSORS_HEADER = 100 * 2**20
+
+
+def decode_utf8(data: bytes, path: str | Path, line: int | None = None) -> str:
+    """`data` as UTF-8 text, or an error naming the file, the line and the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = data[exc.start:exc.start + 1].hex()
+        if line is None:
+            line = data.count(b"\n", 0, exc.start) + 1
+            column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        else:
+            column = exc.start + 1
+        raise OasstInputError(path, line, f"not valid UTF-8 text (byte 0x{bad} at column {column})",
+                              reason="encoding") from None
+
+
+def read_bytes(path: Path, what: str = "file") -> bytes:
+    """The bytes of `path`, or one error line naming it and what the operating system said."""
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise OasstError(f"{what} {path} is a folder, not a file") from None
+    except OSError as exc:
+        raise OasstError(f"cannot read {what} {_named(exc, path)}") from None
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """The UTF-8 text of `path`; unreadable files and bad bytes are one error line naming path (and line)."""
+    return decode_utf8(read_bytes(path, what), path)
+
+
+def read_json_object(path: Path, what: str = "file") -> dict[str, Any]:
+    """The JSON object in `path`, or one error line: unreadable, not UTF-8, not JSON, or not an object."""
+    text = read_text(path, what)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OasstInputError(path, exc.lineno, f"not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise OasstError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(value, dict):
+        raise OasstError(f"{path}: expected a JSON object, got {_json_type(value)}")
+    return value
+
+
+def path_problem(path: Path) -> str | None:
+    """Why `path` cannot exist as given (a component that is a file, no permission to look), or None."""
+    for parent in reversed(path.parents):
+        if str(parent) in ("", "."):
+            continue
+        try:
+            if parent.exists() and not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+        except OSError as exc:
+            return os_error_text(exc)
+    return None
+
+
+def missing_file(path: Path, what: str) -> OasstError:
+    """The error for a file that is not there, saying why when a parent is the reason."""
+    problem = path_problem(path)
+    return OasstError(f"{what} {path} does not exist" + (f" ({problem})" if problem else ""))
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file (missing, truncated, garbage header), or None when the
+    header parses and the data is exactly as long as the header says: what `safe_open` itself requires."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"truncated safetensors file ({size} bytes, not even a header)"
+            length = int.from_bytes(head, "little")
+            if length > min(size - 8, MAX_SAFETENSORS_HEADER):
+                if length > MAX_SAFETENSORS_HEADER:
+                    return (f"not a safetensors file (its first 8 bytes announce a {length:,}-byte header in a "
+                            f"{size:,}-byte file)")
+                return (f"truncated safetensors file (the header alone needs {length + 8:,} bytes, the file has "
+                        f"{size:,})")
+            raw = f.read(length)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return "not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return "not a safetensors file (its header is not a JSON object)"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            return f"not a safetensors file (tensor {name!r} has no valid data_offsets)"
+        end = max(end, offsets[1])
+    data = size - 8 - length
+    if data < end:
+        return f"truncated safetensors file (the header promises {end:,} bytes of tensors, the file holds {data:,})"
+    if data > end:
+        return f"safetensors file with {data - end:,} bytes more than its header describes"
+    return None
+
+
+def check_safetensors(path: Path, what: str) -> None:
+    """One error line naming `path` unless it is a complete safetensors file."""
+    problem = safetensors_problem(path)
+    if problem == "missing":
+        raise missing_file(path, what)
+    if problem is not None:
+        raise OasstError(f"{path}: {problem}")
+
+
+def check_out_folder(out: Path, flag: str) -> bool:
+    """Refuse, before anything heavy runs, an output folder that cannot be made or written; returns whether it
+    exists already. Writability is tried (a hidden folder made and removed), since root ignores permissions
+    and `os.access` cannot tell a read-only mount in every case."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise OasstError(f"{flag} {out} is a file, not a folder")
+    except OSError as exc:  # a name too long for the file system, a loop of symbolic links...
+        raise OasstError(f"{flag} {out}: {exc.strerror or exc}") from None
+    problem = path_problem(out)
+    if problem is not None:
+        raise OasstError(f"{flag} {out} cannot be created: {problem}")
+    existing = out
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    try:
+        probe = tempfile.mkdtemp(prefix=".oasst-write-test-", dir=existing)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise OasstError(f"{flag} {out}: cannot write in {existing} ({exc.strerror or exc})") from None
+    return out.exists()
+
+
+@contextmanager
+def removed_on_failure(out: Path, existed: bool) -> Iterator[None]:
+    """Remove `out` again when the block fails and `out` did not exist before it (no half-made output left)."""
+    try:
+        yield
+    except BaseException:
+        if not existed and out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """What the system said when `exc` is a failed write, in words, or None for any other error.
+
+    Not every writer raises OSError: safetensors raises its own error carrying `(os error 28)`, and torch.save
+    a RuntimeError from its zip writer (`unexpected pos`, `file write failed`) with no errno at all.
+    """
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" and "os error" in text:
+        match = re.search(r"os error (\d+)", text)
+        return os.strerror(int(match.group(1))) if match else text.splitlines()[0]
+    if isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return "torch.save could not write the file (a full disk or a file-size limit?)"
+    return None
+
+
+def write_error(exc: OSError, path: Path | None, what: str) -> OasstError:
+    """One line for a failed write: the file (from the error, else `path`) and what the system said."""
+    return OasstError(f"cannot write {what} {_named(exc, path)}")
+
+
+def _named(exc: OSError, path: Path | None) -> str:
+    """`PATH: reason`, with the error's own file name when it carries one."""
+    if exc.filename is not None:
+        return os_error_text(exc)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{path}: {reason}" if path is not None else reason
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
