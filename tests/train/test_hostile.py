@@ -157,6 +157,13 @@ def test_missing_data_path_fails_at_once_without_asking_the_hub(oasst, data: Pat
     assert_unchanged(before, tmp_path)
 
 
+def test_a_bad_input_is_the_only_line_of_output(oasst, data: Path, tmp_path: Path) -> None:
+    """The resolved config is printed only once the cheap checks passed: a typo gets one line, not 46."""
+    result = _train(oasst, "--data", "no-such-folder", "--out", "out")
+    assert result.stdout == ""
+    assert result.stderr == "error: dataset folder no-such-folder does not exist\n"
+
+
 @pytest.fixture
 def fresh_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """oasst_tools.hub with no probe made yet in this process, and the offline variables unset."""

@@ -80,9 +80,12 @@ def train(config_file: Path | None, resume: bool, quiet: bool, **flags: Any) -> 
     cfg = resolve_config(config_file, flags)
     check_report_to(cfg.report_to)
     console = Console(stderr=True, quiet=quiet)
-    # Text and Pretty, not a markup string: paths and values may hold `[/]` or `[bold]`.
-    console.print(Text.assemble(("oasst train", "bold"), f" {'--resume ' if resume else ''}config:"),
-                  Pretty(to_dict(cfg)))
+
+    def announce() -> None:
+        # Text and Pretty, not a markup string: paths and values may hold `[/]` or `[bold]`.
+        console.print(Text.assemble(("oasst train", "bold"), f" {'--resume ' if resume else ''}config:"),
+                      Pretty(to_dict(cfg)))
+
     _quiet_libraries()
     from oasst_train.trainer import run_training
 
@@ -90,7 +93,7 @@ def train(config_file: Path | None, resume: bool, quiet: bool, **flags: Any) -> 
     existed = os.path.lexists(out)  # False, not an exception, for a name the system refuses
     try:
         with tensorboard_dir(out / "runs"):
-            summary = run_training(cfg, resume=resume, console=console, progress=not quiet)
+            summary = run_training(cfg, resume=resume, console=console, progress=not quiet, announce=announce)
     except BaseException as exc:
         failure = _train_failure(exc, out, existed)
         if failure is None:

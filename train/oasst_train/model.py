@@ -242,7 +242,10 @@ def _resolve_source(model: str, gguf_file: str | None) -> tuple[str, str | None]
         if not path.is_dir():
             if path.exists():
                 raise OasstError(f"model {model} is a file, not a folder (give a model folder or a .gguf file)")
-            raise missing_file(path, "model folder")
+            error = missing_file(path, "model folder")
+            if "/" not in model and "\\" not in model:  # a legacy bare hub name such as `gpt2`
+                error = OasstError(f"{error} (a hub model is named owner/name, e.g. openai-community/{model})")
+            raise error
         if gguf_file is None:
             check_model_folder(path)
         elif not (path / gguf_file).is_file():

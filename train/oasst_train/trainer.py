@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,12 @@ def disable_kv_cache(model: Any) -> None:
     model.config.use_cache = False
 
 
-def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None, progress: bool = True) -> dict:
-    """Train a LoRA adapter as `cfg` says; returns the summary also written to `out/train_summary.json`."""
+def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None, progress: bool = True,
+                 announce: Callable[[], None] | None = None) -> dict:
+    """Train a LoRA adapter as `cfg` says; returns the summary also written to `out/train_summary.json`.
+
+    `announce` runs once the cheap checks passed (the CLI prints the resolved config then, so that a bad input is
+    the only line of output)."""
     from oasst_train.data import read_rows
     from oasst_train.model import check_source
 
@@ -79,6 +84,8 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     check_source(cfg.model)
     rows = read_rows(cfg.data, cfg.eval_rows)
     out = Path(cfg.out)
+    if announce is not None:
+        announce()
 
     import torch
 
