@@ -27,7 +27,7 @@ def test_unknown_task_names_the_close_matches(oasst, stories: Path) -> None:
 
 def test_missing_model_folder_fails_before_anything_loads(oasst) -> None:
     line = _only_error_line(oasst("eval", "--model", "m", "--tasks", "hellaswag"))
-    assert line == "error: model folder m does not exist"
+    assert line == "error: model folder m does not exist (a hub model id has the form owner/name)"
 
 
 def test_missing_adapter_folder(oasst) -> None:

@@ -265,7 +265,7 @@ def test_damaged_model_is_one_error_naming_the_file(oasst, tmp_path: Path, case:
     ("notes.txt/model", "model folder notes.txt/model does not exist (notes.txt is a file, not a folder)"),
     ("missing.gguf", "model file missing.gguf does not exist"),
     ("fake.gguf", "fake.gguf: not a GGUF file (it does not start with the GGUF signature)"),
-    ("stories260k", "model folder stories260k does not exist"),
+    ("stories260k", "model folder stories260k does not exist (a hub model id has the form owner/name)"),
 ], ids=["component-is-a-file", "gguf-missing", "gguf-not-gguf", "not-a-hub-id"])
 def test_model_path_that_is_not_a_model(oasst, tmp_path: Path, model: str, expected: str) -> None:
     (tmp_path / "notes.txt").write_text("x")

@@ -545,7 +545,7 @@ ADAPTER_DAMAGE = {
     "train-config-a-list": (lambda a: (a / "train_config.yaml").write_text("- model\n"),
                             "adapter/train_config.yaml: expected a mapping of config keys, got list"),
     "base-model-gone": (lambda a: (a / "train_config.yaml").write_text("model: gone-model\n"),
-                        "model folder gone-model does not exist"),
+                        "model folder gone-model does not exist (a hub model id has the form owner/name)"),
 }
 ADAPTER_COMMANDS = {
     "generate": ("generate", "adapter", "--prompt", "hi"),

@@ -244,7 +244,7 @@ def _resolve_source(model: str, gguf_file: str | None) -> tuple[str, str | None]
                 raise OasstError(f"model {model} is a file, not a folder (give a model folder or a .gguf file)")
             error = missing_file(path, "model folder")
             if "/" not in model and "\\" not in model:  # a legacy bare hub name such as `gpt2`
-                error = OasstError(f"{error} (a hub model is named owner/name, e.g. openai-community/{model})")
+                error = OasstError(f"{error} (a hub model id has the form owner/name)")
             raise error
         if gguf_file is None:
             check_model_folder(path)
