@@ -1,33 +1,39 @@
 """Threads -> a dataset folder that `datasets.load_dataset` opens: one file per split, a card and a report.
 
 Every row: `text` (Guanaco format), `messages` (chat format), `message_tree_id`, `lang`, `num_turns`.
-Writes go to a temporary folder beside the output, renamed at the end, so a failed build leaves nothing.
+Writes go to a temporary folder beside the output, renamed at the end, so a failed or interrupted build leaves
+nothing; `output.py` keeps --out from ever being an input, a folder someone else wrote, or a race's loser.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from oasst_tools.errors import NotContiguousError, OasstError
-from oasst_tools.filters import Selection, best_raw_thread, select_threads
+from oasst_tools.errors import NotContiguousError, OasstError, OasstInputError
+from oasst_tools.filters import Selection, best_raw_thread, filter_labels, located, select_threads
+from oasst_tools.output import check_out, clean_stale, publish, signals_as_errors, temp_folder, write_error
 from oasst_tools.read import OnError, Progress, ReadReport, iter_raw_trees
 from oasst_tools.schema import Tree
+from oasst_tools.sources import InputInfo, check_input
 from oasst_tools.walk import Thread
 
 try:
     import orjson
 
+    _EncodeError: type[Exception] = orjson.JSONEncodeError
+
     def _dumps_line(row: dict[str, Any]) -> bytes:
         return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
 except ImportError:  # pragma: no cover - orjson is a core dependency
     import json
+
+    _EncodeError = UnicodeEncodeError
 
     def _dumps_line(row: dict[str, Any]) -> bytes:
         return json.dumps(row, ensure_ascii=False).encode() + b"\n"
@@ -64,6 +70,8 @@ class BuildReport:
     rows: Counter[str] = field(default_factory=Counter)
     rows_by_lang: dict[str, Counter[str]] = field(default_factory=dict)
     seconds: float = 0.0
+    # --label-max/--label-min names that no message of the input carries (a typo keeps everything).
+    labels_not_found: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -79,6 +87,7 @@ class BuildReport:
             "skipped_messages": self.read.skipped_messages,
             "rows": dict(self.rows),
             "rows_by_lang": {split: dict(sorted(c.items())) for split, c in self.rows_by_lang.items()},
+            "labels_not_found": self.labels_not_found,
             "seconds": round(self.seconds, 3),
         }
 
@@ -119,6 +128,24 @@ def make_row(tree_id: str, lang: str | None, turns: list[tuple[str, str]]) -> di
             "num_turns": len(turns)}
 
 
+def _record_row(tree_id: str, thread: list[dict[str, Any]]) -> dict[str, Any]:
+    """`make_row` for a thread of raw records (the build's fast path), without the (role, text) list first: one
+    list and a tuple per turn less for every row (about 1% of a build)."""
+    parts: list[str] = []
+    messages: list[dict[str, str]] = []
+    for record in thread:
+        text = record["text"]
+        if record["role"] == "prompter":
+            parts.append(HUMAN)
+            messages.append({"role": "user", "content": text})
+        else:
+            parts.append(ASSISTANT)
+            messages.append({"role": "assistant", "content": text})
+        parts.append(text)
+    return {"text": "".join(parts), "messages": messages, "message_tree_id": tree_id, "lang": thread[0].get("lang"),
+            "num_turns": len(thread)}
+
+
 def hash_split(tree_id: str, test_size: float, seed: int) -> str:
     """'test' for a deterministic `test_size` fraction of tree ids, else 'train'."""
     import hashlib  # late: 5 ms of OpenSSL set-up at start-up, for --test-size only
@@ -147,46 +174,107 @@ def iter_rows(
     input_splits = len(named - {None}) > 1 or any(not Path(src).exists() for src in cfg.inputs)
     sel = cfg.selection
     fast = sel.mode == "top-rank"
+    # The labels of --label-max/--label-min: their values are checked on every message, and a name no message
+    # carries gets a warning (a typo would keep everything).
+    labels = set(sel.label_max) | set(sel.label_min)
+    unseen = set(labels)
+    by_hash = cfg.test_size is not None
     for source in cfg.inputs:
         for raw in iter_raw_trees(source, on_error=cfg.on_error, report=report.read, progress=progress,
                                   buffered=buffered):
-            split = tree_split(raw.tree_id, raw.split, cfg, input_splits)
-            if fast and raw.plain:
-                # The common case on raw records: the same rules as `select_threads`, tested to agree.
-                thread = best_raw_thread(raw, sel, report.dropped)
-                if thread is not None:
-                    yield split, make_row(raw.tree_id, thread[0].get("lang"),
-                                          [(r["role"], r["text"]) for r in thread])
+            split = (tree_split(raw.tree_id, raw.split, cfg, input_splits) if by_hash  # inlined: every tree
+                     else "test" if input_splits and raw.split in ("validation", "test") else "train")
+            try:
+                if labels:
+                    try:
+                        unseen -= filter_labels(raw.linked()[0].values(), labels)
+                    except OasstInputError as err:
+                        raise located(err, raw.source) from None
+                if fast and raw.plain:
+                    # The common case on raw records: the same rules as `select_threads`, tested to agree.
+                    thread = best_raw_thread(raw, sel, report.dropped)
+                    if thread is not None:
+                        yield split, _record_row(raw.tree_id, thread)
+                    continue
+                tree = raw.to_tree()
+                rows = [thread_row(tree, thread) for thread in select_threads(tree, sel, report.dropped)]
+            except OasstInputError as err:  # a label value a filter cannot compare
+                if cfg.on_error == "fail":
+                    raise
+                report.read.skip(err, len(raw.linked()[0]))
                 continue
-            tree = raw.to_tree()
-            for thread in select_threads(tree, sel, report.dropped):
-                yield split, thread_row(tree, thread)
+            for row in rows:
+                yield split, row
+    report.labels_not_found = sorted(unseen)
+
+
+def distinct_inputs(infos: Sequence[InputInfo], on_error: OnError, report: ReadReport | None = None) -> list[
+        InputInfo]:
+    """The inputs without repeats of one file (same device and inode: another name, a link, `..`): an error, or
+    with on_error="skip" the later names dropped and counted (`duplicate_input`)."""
+    first: dict[tuple[Any, ...], InputInfo] = {}
+    kept = []
+    for info in infos:
+        earlier = first.get(info.identity)
+        if earlier is None:
+            first[info.identity] = info
+            kept.append(info)
+            continue
+        err = OasstInputError(info.name, None, f"is the same file as --input {earlier.name}: every tree would be "
+                              "read twice (--on-error skip reads it once)", reason="duplicate_input")
+        if on_error == "fail":
+            raise err
+        if report is not None:
+            report.skip(err, messages=0)
+    return kept
 
 
 def build_dataset(cfg: BuildConfig, progress: Progress | None = None) -> BuildReport:
-    """Read, select and write one dataset folder; returns the report (also written beside the data)."""
+    """Read, select and write one dataset folder; returns the report (also written beside the data).
+
+    Before anything is read: every input is classified (a missing path fails at once), the same file named twice
+    is refused (or read once under on_error="skip"), and --out is checked (`output.check_out`). A pipe among the
+    inputs cannot be read twice, so an interleaved flat input is then grouped in memory from the start."""
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise OasstError(f"{out}: output folder exists; pass --overwrite to replace it")
-    for attempt in range(2):
-        report = BuildReport(inputs=list(cfg.inputs))
-        started = time.perf_counter()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if cfg.test_size is not None and not 0 < cfg.test_size < 1:  # NaN fails this too
+        raise OasstError(f"test_size {cfg.test_size}: a fraction between 0 and 1 is needed (e.g. 0.1)")
+    infos = [check_input(source) for source in cfg.inputs]
+    repeats = ReadReport()
+    infos = distinct_inputs(infos, cfg.on_error, repeats)
+    check_out(out, infos, cfg.overwrite)
+    cfg = replace(cfg, inputs=tuple(info.name for info in infos))
+    rereadable = all(info.rereadable for info in infos)
+    with signals_as_errors() as disarm:
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, out) from None
+        clean_stale(out)
+        for attempt in range(2):
+            report = BuildReport(inputs=list(cfg.inputs))
+            report.read.skipped.update(repeats.skipped)
+            report.read.skipped_first.update(repeats.skipped_first)
+            started = time.perf_counter()
+            tmp: Path | None = None
             try:
-                _write(cfg, report, tmp, progress, buffered=attempt == 1)
-            except NotContiguousError:
-                if attempt:
-                    raise
-                continue  # an interleaved flat input discovered late: start again, grouped in memory
-            report.seconds = time.perf_counter() - started
-            _write_json(tmp / "build_report.json", report.to_dict())
-            (tmp / "README.md").write_text(dataset_card(cfg, report), encoding="utf-8")
-            _replace_folder(tmp, out)
-            return report
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                tmp = temp_folder(out)
+                try:
+                    _write(cfg, report, tmp, progress, buffered=attempt == 1 or not rereadable)
+                except NotContiguousError:
+                    if attempt or not rereadable:
+                        raise
+                    continue  # an interleaved flat input discovered late: start again, grouped in memory
+                report.seconds = time.perf_counter() - started
+                _write_json(tmp / "build_report.json", report.to_dict())
+                (tmp / "README.md").write_text(dataset_card(cfg, report), encoding="utf-8",
+                                               errors="backslashreplace")
+                publish(tmp, out, cfg.overwrite, done=disarm)
+                return report
+            except OSError as exc:  # reading errors are OasstInputErrors by now: this is the output
+                raise write_error(exc, out) from None
+            finally:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
     raise AssertionError("unreachable")
 
 
@@ -198,7 +286,10 @@ def _write(cfg: BuildConfig, report: BuildReport, folder: Path, progress: Progre
                 fh = handles.get(split)
                 if fh is None:
                     fh = handles[split] = open(folder / f"{split}.jsonl", "wb", buffering=1 << 20)
-                fh.write(_dumps_line(row))
+                try:
+                    fh.write(_dumps_line(row))
+                except _EncodeError as exc:  # readers refuse what JSON cannot carry; a last guard, not a path
+                    raise OasstError(f"tree {row['message_tree_id']}: cannot write its row ({exc})") from None
                 _count(report, split, row)
         finally:
             for fh in handles.values():
@@ -228,18 +319,9 @@ def _count(report: BuildReport, split: str, row: dict[str, Any]) -> None:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     import json
 
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old one is removed only after the new one is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    # backslashreplace: a path given with bytes that are not UTF-8 (a surrogate in Python) is still written
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
+                    errors="backslashreplace")
 
 
 def dataset_card(cfg: BuildConfig, report: BuildReport) -> str:

@@ -28,3 +28,47 @@ class OasstInputError(OasstError):
 
 class NotContiguousError(OasstInputError):
     """A flat file whose trees are interleaved: the streaming reader cannot group them in one pass."""
+
+
+# What the user can do about the common OS errors; anything else keeps the system's own words.
+_OS_HINTS = {
+    "ENOSPC": "no space left on device",
+    "EDQUOT": "disk quota exceeded",
+    "EFBIG": "file too large (the file-size limit, `ulimit -f`, was reached)",
+    "EROFS": "read-only file system",
+    "EACCES": "permission denied",
+    "EPERM": "operation not permitted",
+    "ENOTDIR": "a component of the path is not a folder",
+    "EISDIR": "is a folder",
+    "ENOENT": "no such file or directory",
+    "ENAMETOOLONG": "file name too long",
+    "ELOOP": "too many levels of symbolic links",
+    "EIO": "input/output error",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A short lower-case reason for an `OSError` ("permission denied", "no space left on device", ...)."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return _OS_HINTS.get(name) or (exc.strerror or str(exc) or type(exc).__name__).lower()
+
+
+def os_error_text(exc: OSError) -> str:
+    """`PATH: reason` for an OSError (`PATH -> OTHER: reason` for a rename), or the reason alone without a path."""
+    import os
+
+    reason = describe_os_error(exc)
+    if exc.filename is None:
+        return reason
+    where = str(os.fsdecode(exc.filename))
+    if exc.filename2 is not None:
+        where += f" -> {os.fsdecode(exc.filename2)}"
+    return f"{where}: {reason}"
+
+
+def os_input_error(exc: OSError, path: str | Path, line: int | None = None, doing: str = "") -> OasstInputError:
+    """An `OasstInputError` for an OS error on `path` (as the user typed it), e.g. `x.jsonl: cannot read: ...`."""
+    return OasstInputError(path, line, f"{doing}: {describe_os_error(exc)}" if doing else describe_os_error(exc),
+                           reason="os_error")

@@ -12,12 +12,13 @@ Standard library only.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, Literal
 
-from oasst_tools.records import normalize_labels
+from oasst_tools.errors import OasstInputError
+from oasst_tools.records import NUMBER_TYPES, normalize_labels
 from oasst_tools.read import subtree_ids
 from oasst_tools.schema import Message, Tree
 from oasst_tools.walk import Thread, best_thread, leaf_threads, top_k_threads
@@ -65,20 +66,23 @@ def lang_matches(lang: str | None, langs: frozenset[str], exact: bool = False) -
 
 
 def drop_reason(message: Message, sel: Selection) -> str | None:
-    """Why rule 1 or 6 drops `message` (with its subtree), or None when it stays."""
-    return _drop_reason(message.deleted, message.review_result, message.synthetic, message.labels, sel)
+    """Why rule 1 or 6 drops `message` (with its subtree), or None when it stays. A label value that a filter
+    cannot compare (a string, a list, true) raises `OasstInputError` at the message's line (path None: the caller
+    knows the file)."""
+    return _drop_reason(message.deleted, message.review_result, message.synthetic, message.labels, sel, message.line)
 
 
-def record_drop_reason(record: Mapping[str, Any], sel: Selection) -> str | None:
-    """`drop_reason` for a raw, validated input record (the build's fast path)."""
+def record_drop_reason(record: Mapping[str, Any], sel: Selection, line: int | None = None) -> str | None:
+    """`drop_reason` for a raw, validated input record (the build's fast path), read at `line`."""
     labels = record.get("labels")
     if labels and (sel.label_max or sel.label_min):
-        labels = normalize_labels(labels, "", None)
-    return _drop_reason(record.get("deleted"), record.get("review_result"), record.get("synthetic"), labels, sel)
+        labels = normalize_labels(labels, None, line)
+    return _drop_reason(record.get("deleted"), record.get("review_result"), record.get("synthetic"), labels, sel,
+                        line)
 
 
 def _drop_reason(deleted: bool | None, review_result: bool | None, synthetic: bool | None,
-                 labels: Mapping[str, float] | None, sel: Selection) -> str | None:
+                 labels: Mapping[str, float] | None, sel: Selection, line: int | None = None) -> str | None:
     if deleted:
         return "deleted"
     if review_result is False:
@@ -86,15 +90,56 @@ def _drop_reason(deleted: bool | None, review_result: bool | None, synthetic: bo
     if sel.drop_synthetic and synthetic:
         return "synthetic"
     if labels and (sel.label_max or sel.label_min):
+        # Label values are checked here, where a filter compares them, not for every message read: a filter's
+        # labels only (a string compared with a number would otherwise fail far from its line).
         for name, limit in sel.label_max.items():
             value = labels.get(name)
-            if value is not None and value > limit:
-                return f"label_max:{name}"
+            if value is not None:
+                if type(value) not in NUMBER_TYPES:
+                    raise _bad_label(name, value, line)
+                if value > limit:
+                    return f"label_max:{name}"
         for name, limit in sel.label_min.items():
             value = labels.get(name)
-            if value is not None and value < limit:
-                return f"label_min:{name}"
+            if value is not None:
+                if type(value) not in NUMBER_TYPES:
+                    raise _bad_label(name, value, line)
+                if value < limit:
+                    return f"label_min:{name}"
     return None
+
+
+def _bad_label(name: str, value: Any, line: int | None) -> OasstInputError:
+    text = repr(value)
+    return OasstInputError(None, line, f"field 'labels.{name}' must be a number or null for --label-max/--label-min, "
+                           f"got {text if len(text) <= 40 else text[:37] + '...'}", reason="wrong_type")
+
+
+def located(err: OasstInputError, path: str | None) -> OasstInputError:
+    """`err` with the file it came from, when the code that raised it knew only the line."""
+    if err.path is not None or path is None:
+        return err
+    return OasstInputError(path, err.line, err.msg, reason=err.reason)
+
+
+def filter_labels(records: Iterable[tuple[Any, ...]], names: Collection[str]) -> set[str]:
+    """Which of `names` (the labels of --label-max/--label-min) the (line, ..., record) items carry; raises
+    `OasstInputError` (path None) at the line of a value of one of them that is not a number or null, even on a
+    message the filters would never reach. Only builds with label filters pay for this pass."""
+    found: set[str] = set()
+    for item in records:
+        line, record = item[0], item[-1]
+        raw = record.get("labels")
+        if not raw:
+            continue
+        labels = normalize_labels(raw, None, line)
+        for name in names:
+            if name in labels:
+                found.add(name)
+                value = labels[name]
+                if type(value) not in NUMBER_TYPES:
+                    raise _bad_label(name, value, line)
+    return found
 
 
 def prune(root: Message, sel: Selection, dropped: Counter[str] | None = None) -> Message | None:
@@ -164,34 +209,41 @@ def kept_turns(roles: Sequence[str], sel: Selection) -> int | None:
 
 def best_raw_thread(raw: RawTree, sel: Selection, dropped: Counter[str] | None = None) -> list[dict] | None:
     """`select_threads` in top-rank mode on raw records: the same rules without building `Message`s."""
-    root = raw.prompt if raw.prompt is not None else raw.linked()[0][raw.root][1]
-    why = state_lang_reason(raw.state, root.get("lang"), sel)
-    only_flags = not (sel.drop_synthetic or sel.label_max or sel.label_min)
-    if why is None and (
-        (root.get("deleted") or root.get("review_result") is False) if only_flags  # rule 1 without a call
-        else record_drop_reason(root, sel) is not None
-    ):
-        if dropped is not None:
-            dropped[record_drop_reason(root, sel)] += len(raw.linked()[0])  # type: ignore[index]
-        why = "root_dropped"
-    if why is not None:
-        if dropped is not None:
-            dropped[f"tree:{why}"] += 1
-        return None
-    if only_flags and raw.prompt is not None:
-        thread = _best_nested_path(raw, sel, dropped)
-    elif only_flags and raw.flagged is not None:
-        thread = _best_unflagged_path(raw, sel, dropped)
-    else:
-        thread = _best_pruned_path(raw, sel, dropped, only_flags)
-    if sel.max_turns is None and not sel.end_with_assistant and len(thread) >= sel.min_turns:
-        return thread  # what `kept_turns` keeps of any thread under the default turn rules
-    keep = kept_turns([r["role"] for r in thread], sel)
-    if keep is None:
-        if dropped is not None:
-            dropped["thread:too_short"] += 1
-        return None
-    return thread[:keep]
+    try:  # a label value a filter cannot compare is raised with its line: the file is added here
+        root = raw.prompt if raw.prompt is not None else raw.linked()[0][raw.root][2]
+        why = state_lang_reason(raw.state, root.get("lang"), sel)
+        only_flags = not (sel.drop_synthetic or sel.label_max or sel.label_min)
+        if why is None and (
+            (root.get("deleted") or root.get("review_result") is False) if only_flags  # rule 1 without a call
+            else record_drop_reason(root, sel, _root_line(raw)) is not None
+        ):
+            if dropped is not None:
+                dropped[record_drop_reason(root, sel, _root_line(raw))] += len(raw.linked()[0])  # type: ignore[index]
+            why = "root_dropped"
+        if why is not None:
+            if dropped is not None:
+                dropped[f"tree:{why}"] += 1
+            return None
+        if only_flags and raw.prompt is not None:
+            thread = _best_nested_path(raw, sel, dropped)
+        elif only_flags and raw.flagged is not None:
+            thread = _best_unflagged_path(raw, sel, dropped)
+        else:
+            thread = _best_pruned_path(raw, sel, dropped, only_flags)
+        if sel.max_turns is None and not sel.end_with_assistant and len(thread) >= sel.min_turns:
+            return thread  # what `kept_turns` keeps of any thread under the default turn rules
+        keep = kept_turns([r["role"] for r in thread], sel)
+        if keep is None:
+            if dropped is not None:
+                dropped["thread:too_short"] += 1
+            return None
+        return thread[:keep]
+    except OasstInputError as err:
+        raise located(err, raw.source) from None
+
+
+def _root_line(raw: RawTree) -> int | None:
+    return raw.line if raw.prompt is not None else raw.linked()[0][raw.root][0]
 
 
 def _best_nested_path(raw: RawTree, sel: Selection, dropped: Counter[str] | None) -> list[dict]:
@@ -249,10 +301,10 @@ def _best_unflagged_path(raw: RawTree, sel: Selection, dropped: Counter[str] | N
             if node not in gone:
                 lost = subtree_ids([node], children)
                 gone.update(lost)
-                dropped[record_drop_reason(records[node][1], sel)] += len(lost)  # type: ignore[index]
+                dropped[record_drop_reason(records[node][2], sel)] += len(lost)  # type: ignore[index]
     dead_ids = set(dead) if dead else None
     node = raw.root  # alive: best_raw_thread returned before when the root is dropped
-    thread = [records[node][1]]
+    thread = [records[node][2]]
     while kids := children.get(node):
         if dead_ids:
             kids = [kid for kid in kids if kid not in dead_ids]
@@ -260,9 +312,9 @@ def _best_unflagged_path(raw: RawTree, sel: Selection, dropped: Counter[str] | N
                 break
         if len(kids) == 1:
             node = kids[0]
-            thread.append(records[node][1])
+            thread.append(records[node][2])
         else:
-            replies = [records[kid][1] for kid in kids]
+            replies = [records[kid][2] for kid in kids]
             best = _best_reply(replies) if raw.plain else min(replies, key=_raw_rank_key)
             node = best["message_id"]
             thread.append(best)
@@ -272,7 +324,7 @@ def _best_unflagged_path(raw: RawTree, sel: Selection, dropped: Counter[str] | N
 def _best_pruned_path(raw: RawTree, sel: Selection, dropped: Counter[str] | None, only_flags: bool) -> list[dict]:
     """The best path after pruning the whole tree (counting whole dropped subtrees, as `prune` does)."""
     records, children = raw.linked()
-    root = records[raw.root][1]
+    root = records[raw.root][2]
     alive: dict[str, list[dict]] = {}
     stack = [raw.root]
     while stack:
@@ -282,12 +334,12 @@ def _best_pruned_path(raw: RawTree, sel: Selection, dropped: Counter[str] | None
             continue
         keep = []
         for kid in kids:
-            record = records[kid][1]
+            line, _, record = records[kid]
             # Inlined rule 1 for the default selection: this loop visits every message of the input.
             if only_flags and not record.get("deleted") and record.get("review_result") is not False:
                 reason = None
             else:
-                reason = record_drop_reason(record, sel)
+                reason = record_drop_reason(record, sel, line)
             if reason is None:
                 keep.append(record)
                 stack.append(kid)
@@ -313,7 +365,10 @@ def select_threads(tree: Tree, sel: Selection, dropped: Counter[str] | None = No
         if dropped is not None:
             dropped[f"tree:{why}"] += 1
         return
-    root = prune(tree.prompt, sel, dropped)
+    try:
+        root = prune(tree.prompt, sel, dropped)
+    except OasstInputError as err:
+        raise located(err, tree.source) from None
     if root is None:
         if dropped is not None:
             dropped["tree:root_dropped"] += 1

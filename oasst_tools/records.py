@@ -23,6 +23,9 @@ MESSAGE_FIELDS = frozenset(
 )
 
 _TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer"}
+# Types a label value may have (JSON numbers; null for a label without a value, which filters treat as absent).
+# `bool` is not among them: `type(True) is bool`, so true/false are rejected, not compared as 1/0.
+NUMBER_TYPES: frozenset[type] = frozenset((int, float, type(None)))
 
 
 def _describe(value: Any) -> str:
@@ -30,7 +33,7 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _wrong_type(path: str, line: int | None, name: str, want: str, value: Any) -> OasstInputError:
+def _wrong_type(path: str | None, line: int | None, name: str, want: str, value: Any) -> OasstInputError:
     return OasstInputError(
         path, line, f"field '{name}' must be {want}, got {_describe(value)}", reason="wrong_type"
     )
@@ -67,7 +70,7 @@ def _flag(record: Mapping[str, Any], name: str, path: str, line: int | None) -> 
 
 def _rank(record: Mapping[str, Any], path: str, line: int | None) -> int | None:
     value = record.get("rank")
-    if value is None or type(value) is int:
+    if value is None or (type(value) is int and value >= 0):
         return value
     # Parquet copies of OASST store the nullable rank as float64 (0.0, 1.0, NaN).
     if type(value) is float:
@@ -78,7 +81,7 @@ def _rank(record: Mapping[str, Any], path: str, line: int | None) -> int | None:
     raise _wrong_type(path, line, "rank", "a non-negative integer or null", value)
 
 
-def normalize_labels(value: Any, path: str, line: int | None) -> dict[str, float]:
+def normalize_labels(value: Any, path: str | None, line: int | None) -> dict[str, float]:
     """Labels as {name: value} from the columnar HF form or the export's {name: {value, count}} form."""
     if not value:
         return {}
@@ -91,15 +94,19 @@ def normalize_labels(value: Any, path: str, line: int | None) -> dict[str, float
             raise OasstInputError(
                 path, line, "field 'labels' has 'name' and 'value' lists of different lengths", reason="wrong_type"
             )
-        return dict(zip(names, values))
-    out = {}
-    for name, item in value.items():
-        if type(item) is dict:
-            out[name] = item.get("value")
-        elif isinstance(item, (int, float)):
-            out[name] = item
-        else:
-            raise _wrong_type(path, line, f"labels.{name}", "an object with a 'value'", item)
+        try:
+            out = dict(zip(names, values))
+        except TypeError:  # a name that is a list or an object: it cannot name a label
+            raise _wrong_type(path, line, "labels.name", "a list of strings", names) from None
+    else:
+        out = {}
+        for name, item in value.items():
+            if type(item) is dict:
+                out[name] = item.get("value")
+            elif type(item) in (int, float):
+                out[name] = item
+            else:
+                raise _wrong_type(path, line, f"labels.{name}", "an object with a 'value'", item)
     return out
 
 
@@ -111,7 +118,10 @@ def normalize_emojis(value: Any, path: str, line: int | None) -> dict[str, int]:
         raise _wrong_type(path, line, "emojis", "an object", value)
     names = value.get("name")
     if type(names) is list:
-        return dict(zip(names, value.get("count") or ()))
+        try:
+            return dict(zip(names, value.get("count") or ()))
+        except TypeError:  # a name that is a list or an object
+            raise _wrong_type(path, line, "emojis.name", "a list of strings", names) from None
     return dict(value)
 
 

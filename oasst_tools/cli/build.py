@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from contextlib import contextmanager
 from collections.abc import Iterator
@@ -12,7 +13,28 @@ import click
 
 from oasst_tools.build import BuildConfig, BuildReport, build_dataset, parse_label_limits
 from oasst_tools.filters import Selection
-from oasst_tools.read import Progress, input_size
+from oasst_tools.output import Interrupted
+from oasst_tools.read import Progress
+from oasst_tools.sources import input_size
+
+
+def _langs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> frozenset[str]:
+    """--lang values as a set of codes; an empty one (`--lang ""`, `--lang ,`) is a usage error, not "all"."""
+    codes = set()
+    for item in value:
+        found = {code.strip() for code in item.split(",") if code.strip()}
+        if not found:
+            raise click.BadParameter(f"{item!r} names no language; give codes such as en,de (or leave --lang out "
+                                     "for all languages)")
+        codes |= found
+    return frozenset(codes)
+
+
+def _fraction(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """--test-size: FloatRange refuses 0, 1 and the infinities but lets NaN through (every comparison is false)."""
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("nan is not a fraction between 0 and 1 (e.g. 0.1)")
+    return value
 
 
 def _help(cls: type, name: str) -> str:
@@ -25,8 +47,8 @@ def _help(cls: type, name: str) -> str:
               + " Flat (.jsonl, .jsonl.gz, .parquet, save_to_disk folder) or nested (.trees.jsonl[.gz]); "
               "default: OpenAssistant/oasst1 from the hub.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help=_help(BuildConfig, "out"))
-@click.option("--lang", "langs", multiple=True, metavar="CODES", help="Comma-separated languages of the root "
-              "prompt to keep, e.g. en,de (default: all). 'pt' also matches 'pt-BR'.")
+@click.option("--lang", "langs", multiple=True, metavar="CODES", callback=_langs, help="Comma-separated languages "
+              "of the root prompt to keep, e.g. en,de (default: all). 'pt' also matches 'pt-BR'.")
 @click.option("--lang-exact", is_flag=True, help=_help(Selection, "lang_exact"))
 @click.option("--top-rank", "mode", flag_value="top-rank", default=True, help="One thread per tree: the best-"
               "ranked reply at every step (Guanaco). The default.")
@@ -44,7 +66,7 @@ def _help(cls: type, name: str) -> str:
               help=_help(Selection, "min_turns"))
 @click.option("--max-turns", type=click.IntRange(min=1), default=None, help=_help(Selection, "max_turns"))
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help=_help(BuildConfig, "test_size"))
+              callback=_fraction, help=_help(BuildConfig, "test_size"))
 @click.option("--seed", type=int, default=0, show_default=True, help=_help(BuildConfig, "seed"))
 @click.option("--format", "format_", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
               help=_help(BuildConfig, "format"))
@@ -52,7 +74,7 @@ def _help(cls: type, name: str) -> str:
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help=_help(BuildConfig, "on_error"))
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
-def build(inputs: tuple[str, ...], out: Path, langs: tuple[str, ...], lang_exact: bool, mode: str,
+def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact: bool, mode: str,
           top_k: int | None, tree_states: tuple[str, ...], label_max: tuple[str, ...], label_min: tuple[str, ...],
           no_synthetic: bool, end_with_assistant: bool, min_turns: int, max_turns: int | None,
           test_size: float | None, seed: int, format_: str, overwrite: bool, on_error: str, quiet: bool) -> None:
@@ -68,7 +90,7 @@ def build(inputs: tuple[str, ...], out: Path, langs: tuple[str, ...], lang_exact
     selection = Selection(
         mode="top-k" if top_k is not None else mode,  # type: ignore[arg-type]
         top_k=top_k or 1,
-        langs=frozenset(code.strip() for item in langs for code in item.split(",") if code.strip()),
+        langs=langs,
         lang_exact=lang_exact,
         tree_states=frozenset() if "any" in tree_states else frozenset(tree_states),
         label_max=parse_label_limits(label_max, "--label-max"),
@@ -82,9 +104,13 @@ def build(inputs: tuple[str, ...], out: Path, langs: tuple[str, ...], lang_exact
                   format=format_, overwrite=overwrite, on_error=on_error)  # type: ignore[arg-type]
     if inputs:
         cfg = replace(cfg, inputs=tuple(inputs))
-    with _progress(cfg.inputs, quiet) as advance, _quick_gil_handoff():
-        report = build_dataset(cfg, advance)
-    _warn(report)
+    try:
+        with _progress(cfg.inputs, quiet) as advance, _quick_gil_handoff():
+            report = build_dataset(cfg, advance)
+    except Interrupted as exc:  # the shell's convention: 128 + the signal's number
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(128 + exc.signum)
+    _warn(report, cfg)
     if not quiet:
         show_summary(report, cfg.out)
 
@@ -122,23 +148,39 @@ def _progress(inputs: tuple[str, ...], quiet: bool) -> Iterator[Progress | None]
         yield lambda n: bar.advance(task, n)
 
 
-def _warn(report: BuildReport) -> None:
+def _warn(report: BuildReport, cfg: BuildConfig) -> None:
     read = report.read
     if read.orphaned:
         click.echo(f"warning: {read.orphaned} messages whose parent is not in the input were dropped with their "
                    f"subtrees (first: {read.orphaned_first})", err=True)
     for reason, count in sorted(read.skipped.items()):
-        click.echo(f"warning: skipped {count} bad {reason} record(s) (first: {read.skipped_first[reason]})",
-                   err=True)
+        first = read.skipped_first[reason]
+        if reason == "duplicate_input":
+            click.echo(f"warning: read {count} input(s) once that were named twice (first: {first})", err=True)
+        elif reason in ("truncated_gzip", "corrupt_gzip"):
+            click.echo(f"warning: {first}; the trees before that line were built, the one it cuts was dropped",
+                       err=True)
+        elif reason == "duplicate_tree":
+            click.echo(f"warning: dropped {count} tree(s) already read, keeping the first (first: {first})",
+                       err=True)
+        else:
+            click.echo(f"warning: skipped {count} bad {reason} record(s) (first: {first})", err=True)
+    sel = cfg.selection
+    for name in report.labels_not_found:
+        flag = "--label-max" if name in sel.label_max else "--label-min"
+        click.echo(f"warning: {flag} {name}: no message of the input has this label, so this filter dropped "
+                   "nothing (a typo?)", err=True)
 
 
 def show_summary(report: BuildReport, out: Path) -> None:
     """A rich table of what was read, dropped, skipped and written."""
     from rich.table import Table
+    from rich.text import Text
 
     from oasst_tools.cli.console import stdout
 
-    table = Table(title=f"oasst build -> {out}", show_header=True, header_style="bold")
+    # Text, not markup: paths, reasons and languages come from the user and the data (`[/]` must print as is).
+    table = Table(title=Text(f"oasst build -> {out}"), show_header=True, header_style="bold")
     table.add_column("what")
     table.add_column("count", justify="right")
     table.add_row("trees read", f"{report.read.trees:,}")
@@ -146,11 +188,11 @@ def show_summary(report: BuildReport, out: Path) -> None:
     if report.read.orphaned:
         table.add_row("orphaned messages dropped", f"{report.read.orphaned:,}")
     for reason, count in sorted(report.read.skipped.items()):
-        table.add_row(f"skipped: {reason}", f"{count:,}")
+        table.add_row(Text(f"skipped: {reason}"), f"{count:,}")
     for reason, count in sorted(report.dropped.items()):
-        table.add_row(f"dropped: {reason}", f"{count:,}")
+        table.add_row(Text(f"dropped: {reason}"), f"{count:,}")
     for split in sorted(report.rows, key=lambda s: (s != "train", s)):
         langs = ", ".join(f"{k} {v}" for k, v in report.rows_by_lang[split].most_common(5))
-        table.add_row(f"rows {split} ({langs})", f"{report.rows[split]:,}", style="bold green")
+        table.add_row(Text(f"rows {split} ({langs})"), f"{report.rows[split]:,}", style="bold green")
     table.caption = f"{report.seconds:.2f} s"
     stdout.print(table)

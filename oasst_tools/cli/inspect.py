@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import click
 
-from oasst_tools.errors import OasstError
+from oasst_tools.errors import NotContiguousError, OasstError
 from oasst_tools.read import read_trees
+from oasst_tools.schema import Tree
+
+# `oasst show` draws at least this many levels, more on a wide terminal (four columns a level); a deeper thread
+# is cut with a line saying how much is left: rich indents every level, so 5,000 levels would be 20,000 columns
+# wide (and take seconds), with no room left for the text.
+SHOW_DEPTH = 16
+
+
+def _trees(source: str) -> Iterator[Tree]:
+    """The trees of `source` as `build` reads them: an interleaved flat file is read again, grouped in memory (the
+    trees of the first pass were not the one looked for, or the caller would have stopped)."""
+    try:
+        yield from read_trees(source)
+    except NotContiguousError:
+        yield from read_trees(source, buffered=True)
 
 
 @click.command()
@@ -24,21 +40,25 @@ def stats(source: str, json_: bool, on_error: str) -> None:
     """
     from oasst_tools.stats import forest_stats
 
-    result = forest_stats(read_trees(source, on_error=on_error))  # type: ignore[arg-type]
+    try:
+        result = forest_stats(read_trees(source, on_error=on_error))  # type: ignore[arg-type]
+    except NotContiguousError:  # interleaved flat file: count again, grouped in memory (as `build` does)
+        result = forest_stats(read_trees(source, on_error=on_error, buffered=True))  # type: ignore[arg-type]
     if json_:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
     from rich.columns import Columns
     from rich.table import Table
+    from rich.text import Text
 
     from oasst_tools.cli.console import stdout
 
-    def table(title: str, key: str, rows: list[tuple[str, int]]) -> Table:
+    def table(title: str, key: str, rows: list[tuple[object, int]]) -> Table:
         t = Table(title=title, header_style="bold")
         t.add_column(key)
         t.add_column("count", justify="right")
-        for key, value in rows:
-            t.add_row(str(key), f"{value:,}")
+        for name, value in rows:
+            t.add_row(Text(str(name)), f"{value:,}")  # Text: states and languages come from the data
         return t
 
     overview = [("trees", result.trees), ("messages", result.messages), ("leaves", result.leaves),
@@ -55,48 +75,81 @@ def stats(source: str, json_: bool, on_error: str) -> None:
 @click.command()
 @click.argument("source", metavar="INPUT")
 @click.argument("tree_id")
-@click.option("--width", type=int, default=70, show_default=True, help="Characters of each message text shown.")
+@click.option("--width", type=click.IntRange(min=1), default=70, show_default=True,
+              help="Characters of each message text shown.")
 def show(source: str, tree_id: str, width: int) -> None:
     """Draw one tree with roles, ranks, flags and labels.
 
     \b
         oasst show ../shared/data/oasst1/validation-en.messages.jsonl e0cf4fa2-e944-44fb-b502-11f155062092
     """
-    from rich.markup import escape
+    from rich.text import Text
     from rich.tree import Tree as RichTree
 
     from oasst_tools.cli.console import stdout
     from oasst_tools.filters import Selection, prune
     from oasst_tools.walk import best_thread, rank_key
 
-    tree = next((t for t in read_trees(source) if t.message_tree_id == tree_id), None)
+    tree = next((t for t in _trees(source) if t.message_tree_id == tree_id), None)
     if tree is None:
         raise OasstError(f"{source}: no tree with message_tree_id {tree_id}")
     pruned = prune(tree.prompt, Selection())
     best = {m.message_id for m in best_thread(pruned)} if pruned is not None else set()
 
-    def label(message) -> str:  # noqa: ANN001 - a Message; local helper
+    def label(message) -> Text:  # noqa: ANN001 - a Message; local helper
+        # Text pieces, never markup: message texts, labels and ids are data (`[bold]`, `[/]`, `:smile:` print as is).
         text = message.text.replace("\n", " ")
         text = text if len(text) <= width else text[: width - 1] + "…"
-        parts = [f"[bold]{message.role}[/]"]
+        head = Text()
+        if message.message_id in best:
+            head.append("★ ", style="green")
+        head.append(message.role, style="bold")
         if message.rank is not None:
-            parts.append(f"rank {message.rank}")
-        if message.deleted:
-            parts.append("[red]deleted[/]")
-        if message.review_result is False:
-            parts.append("[red]spam[/]")
+            head.append(f" · rank {message.rank}")
+        for flag, on in (("deleted", message.deleted), ("spam", message.review_result is False)):
+            if on:
+                head.append(" · ")
+                head.append(flag, style="red")
         if message.synthetic:
-            parts.append("[yellow]synthetic[/]")
-        labels = ", ".join(f"{k} {v:.2f}" for k, v in sorted(message.labels.items()) if v)
-        head = " · ".join(parts) + (f" [dim]({escape(labels)})[/]" if labels else "")
-        mark = "[green]★[/] " if message.message_id in best else ""
-        return f"{mark}{head}: {escape(text)}"
+            head.append(" · ")
+            head.append("synthetic", style="yellow")
+        labels = ", ".join(f"{k} {_number(v)}" for k, v in sorted(message.labels.items(), key=_key) if v)
+        if labels:
+            head.append(f" ({labels})", style="dim")
+        head.append(": ")
+        head.append(text)
+        return head
 
-    root = RichTree(f"[bold]{tree.message_tree_id}[/] · {tree.tree_state} · {tree.prompt.lang}")
-    stack = [(tree.prompt, root)]
+    root = RichTree(Text.assemble((tree.message_tree_id, "bold"), f" · {tree.tree_state} · {tree.prompt.lang}"))
+    deepest = max(SHOW_DEPTH, (stdout.width - 20) // 4)
+    stack = [(tree.prompt, root, 1)]
     while stack:
-        message, node = stack.pop()
+        message, node, level = stack.pop()
         branch = node.add(label(message))
-        stack.extend((reply, branch) for reply in reversed(sorted(message.replies, key=rank_key)))
+        if level == deepest and message.replies:
+            below = _count_below(message)
+            branch.add(Text(f"… {below:,} more message(s) below, not drawn (more than {deepest} levels)",
+                            style="dim"))
+            continue
+        stack.extend((reply, branch, level + 1) for reply in reversed(sorted(message.replies, key=rank_key)))
     stdout.print(root)
-    stdout.print("[green]★[/] the thread --top-rank selects (after deleted and spam messages are dropped)")
+    stdout.print(Text.assemble(("★", "green"), " the thread --top-rank selects (after deleted and spam messages are "
+                                               "dropped)"))
+
+
+def _number(value: object) -> str:
+    """A label value for display: two decimals for a number, else as it is (`oasst show` draws bad data too)."""
+    return f"{value:.2f}" if type(value) in (int, float) else repr(value)
+
+
+def _key(item: tuple[object, object]) -> str:
+    return str(item[0])
+
+
+def _count_below(message) -> int:  # noqa: ANN001 - a Message
+    count, stack = 0, list(message.replies)
+    while stack:
+        node = stack.pop()
+        count += 1
+        stack.extend(node.replies)
+    return count

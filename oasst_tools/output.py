@@ -1,0 +1,268 @@
+"""The output folder of `oasst build`: never lose or corrupt what is already on disk.
+
+- `check_out`, before anything is read: refuses an --out that is an input, contains one, lies inside an input
+  folder, is a symlink, is `/`, the home folder, the current folder or one above it; an existing --out is replaced
+  only with --overwrite and only when it carries the marker every build writes (`.oasst-build`).
+- `temp_folder`: the build writes into `.{out}.tmp-{pid}-{random}` beside --out (made with the umask, like any
+  tool's output), marker first; `clean_stale` removes such folders left by a build that was killed (its process
+  is gone).
+- `publish`: renames the finished folder into place. Without --overwrite the rename fails if --out appeared
+  meanwhile (a non-empty folder is never replaced by `rename(2)`), so of two racing builds the second fails; with
+  --overwrite the old folder is moved aside only once the new one is complete, and removed after.
+- `signals_as_errors`: SIGINT and SIGTERM raise `Interrupted` in the build, so its `finally` removes the temp folder.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from oasst_tools.errors import OasstError, describe_os_error
+from oasst_tools.sources import InputInfo
+
+MARKER = ".oasst-build"
+_TMP, _OLD = ".tmp-", ".old-"
+
+
+class Interrupted(OasstError):
+    """The build got SIGINT or SIGTERM; what it had written is removed."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; nothing written")
+
+
+def check_out(out: Path, inputs: Iterable[InputInfo], overwrite: bool) -> None:
+    """Raise `OasstError` for an --out that a build could not write without losing data; compares resolved real
+    paths, so symlinks and `..` spellings are caught. Reads no input."""
+    name = str(out)
+    if name.startswith("~"):
+        raise OasstError(f"--out {name}: starts with '~', which the shell did not expand; write the folder's path")
+    real = os.path.realpath(out)
+    home = os.path.realpath(os.path.expanduser("~"))
+    cwd = os.path.realpath(os.getcwd())
+    for place, what in ((os.path.realpath(os.sep), "the root folder"), (home, "your home folder"),
+                        (cwd, "the current folder")):
+        if real == place:
+            raise OasstError(f"--out {name} is {what}; the build replaces its --out as a whole: choose a new folder")
+    if _under(cwd, real):
+        raise OasstError(f"--out {name} contains the current folder; choose a new folder")
+    if out.name in ("", ".", ".."):
+        raise OasstError(f"--out {name}: name the output folder itself (not '.' or '..')")
+    try:
+        out_id = os.stat(out)
+        identity = (out_id.st_dev, out_id.st_ino)
+    except OSError:
+        identity = None
+    for info in inputs:
+        if info.real is None:
+            continue  # a hub id
+        if info.real == real or (identity is not None and info.identity == identity):
+            raise OasstError(f"--out {name} is the input {info.name}; choose another --out")
+        if _under(info.real, real):
+            raise OasstError(f"--out {name} contains the input {info.name}; choose another --out")
+        if _under(real, info.real):
+            what = "folder" if info.kind == "folder" else "file (not a folder)"
+            raise OasstError(f"--out {name} lies inside the input {what} {info.name}; choose another --out")
+    if not os.path.lexists(out):
+        return
+    if os.path.islink(out):
+        raise OasstError(f"--out {name} is a symbolic link; pass the folder itself or another --out")
+    if not os.path.isdir(out):
+        raise OasstError(f"{name}: exists and is not a folder; choose another --out")
+    if not overwrite:
+        raise OasstError(f"{name}: output folder exists; pass --overwrite to replace it")
+    if not is_build_output(out):
+        raise OasstError(f"{name}: exists but was not written by oasst build (no {MARKER} marker), so --overwrite "
+                         "will not replace it; remove it yourself or choose another --out")
+
+
+def _under(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def is_build_output(folder: Path) -> bool:
+    """True for a real folder (not a symlink) that holds the marker a build writes."""
+    return not os.path.islink(folder) and os.path.isdir(folder) and os.path.isfile(folder / MARKER)
+
+
+def _version() -> str:
+    # The installed distribution's folder name, as importlib.metadata would find it (which costs 35 ms to import).
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for dist in names:
+            if dist.startswith("oasst_tools-") and dist.endswith(".dist-info"):
+                return dist[len("oasst_tools-"):-len(".dist-info")]
+    return "unknown"
+
+
+def temp_folder(out: Path) -> Path:
+    """A new folder beside `out` for the build to write into (mode from the umask), the marker already in it."""
+    tmp = out.parent / f".{out.name}{_TMP}{os.getpid()}-{os.urandom(4).hex()}"
+    os.mkdir(tmp)  # 0o777 minus the umask, where tempfile.mkdtemp would make it 0o700
+    marker = {"tool": "oasst-tools", "version": _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "pid": os.getpid(), "host": os.uname().nodename if hasattr(os, "uname") else ""}
+    (tmp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    return tmp
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove the temp and set-aside folders of `out` left by builds that were killed (their process is gone, on
+    this host); returns them. A set-aside old output with no --out in its place is put back instead."""
+    parent = out.parent
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    cleaned = []
+    for entry in sorted(names):
+        kind = next((k for k in (_TMP, _OLD) if entry.startswith(f".{out.name}{k}")), None)
+        if kind is None:
+            continue
+        path = parent / entry
+        pid = entry[len(out.name) + 1 + len(kind):].partition("-")[0]
+        if not pid.isdigit() or _alive(int(pid)) or not (is_build_output(path) or _empty(path)):
+            continue
+        if not _this_host(path):
+            continue
+        if kind == _OLD and not os.path.lexists(out):
+            try:
+                os.rename(path, out)  # killed between its two renames: the old output comes back
+                cleaned.append(path)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(path, ignore_errors=True)
+        cleaned.append(path)
+    return cleaned
+
+
+def _empty(folder: Path) -> bool:
+    """An empty real folder (a build killed before it wrote its marker)."""
+    try:
+        return not os.path.islink(folder) and not os.listdir(folder)
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    return True
+
+
+def _this_host(folder: Path) -> bool:
+    """False when the marker names another host (a shared file system): its pid means nothing here."""
+    try:
+        host = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("host")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return not host or not hasattr(os, "uname") or host == os.uname().nodename
+
+
+def publish(tmp: Path, out: Path, overwrite: bool, done: Callable[[], None] | None = None) -> None:
+    """Move the finished `tmp` to `out`; an old `out` (a build output: checked again now) is removed only once the
+    new one is in place. Fails, replacing nothing, when --out appeared or changed since the build began. `done` is
+    called once the output is in place, before SIGINT and SIGTERM are let through again."""
+    with _signals_held():
+        try:
+            if not os.path.lexists(out):
+                os.rename(tmp, out)  # rename(2) never replaces a non-empty folder: a racing build's output stays
+                if done is not None:
+                    done()
+                return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+        if not overwrite:
+            raise OasstError(f"{out}: written by another build (or program) while this one ran; nothing replaced "
+                             "(pass --overwrite to replace it)")
+        if not is_build_output(out):
+            raise OasstError(f"{out}: replaced by something that is not an oasst build output while this build "
+                             "ran; nothing replaced")
+        old = out.parent / f".{out.name}{_OLD}{os.getpid()}-{os.urandom(4).hex()}"
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            try:
+                os.rename(old, out)
+            except OSError:
+                pass
+            raise OasstError(f"{out}: written by another build while this one ran; nothing replaced") from None
+        if done is not None:
+            done()
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (blocked, not lost) while the renames run: both or none happen."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, before)
+
+
+@contextmanager
+def signals_as_errors() -> Iterator[Callable[[], None]]:
+    """While the build runs, SIGINT and SIGTERM raise `Interrupted` (so `finally` blocks remove the temp folder);
+    a second signal during that clean-up is ignored. Yields `disarm`, called once the output is in place: a signal
+    after it is held and delivered to the previous handler at the end (the output stays: it is complete)."""
+    later: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    armed = [True]
+
+    def interrupt(signum: int, frame: object) -> None:
+        if not armed[0]:
+            later.append(signum)
+            return
+        for number in signals:
+            signal.signal(number, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {number: signal.signal(number, interrupt) for number in signals}
+    try:
+        yield lambda: armed.__setitem__(0, False)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        if later:
+            signal.raise_signal(later[0])
+
+
+def write_error(exc: OSError, out: Path) -> OasstError:
+    """One line for an OS error while the output was written: it names --out (not the temp folder)."""
+    target = exc.filename
+    where = str(out)
+    if target is not None and not str(target).startswith(str(out.parent / f".{out.name}{_TMP}")):
+        where = str(target)  # a parent folder that could not be made, say
+    return OasstError(f"{where}: cannot write the output: {describe_os_error(exc)}; nothing written")
