@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from oasst_tools.errors import OasstError, OasstInputError
+from oasst_tools.errors import OasstError, OasstInputError, describe_os_error
 
 DATA_ENV = "OASST_EVAL_DATA"
 GUANACO_ENV = "OASST_EVAL_GUANACO"
@@ -107,7 +107,7 @@ def numbered_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     except IsADirectoryError:
         raise OasstError(f"{path} is a folder, not a data file") from None
     except OSError as exc:
-        raise OasstError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise OasstError(f"cannot read {path}: {describe_os_error(exc)}") from None
 
 
 def _kind(value: Any) -> str:
@@ -155,7 +155,7 @@ def task_rows(path: Path, task: str) -> list[dict[str, Any]]:
     try:
         stat = path.stat()
     except OSError as exc:
-        raise OasstError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise OasstError(f"cannot read {path}: {describe_os_error(exc)}") from None
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, task)
     if key not in _ROWS:
         check = _CHECKS[task]

@@ -156,7 +156,7 @@ def write_outputs(out: Path, runs: Sequence[Any], doc: dict[str, Any]) -> dict[s
     """lm-eval's results JSON per label, eval_summary.json and eval.png; returns what was written."""
     from lm_eval.utils import handle_non_serializable
 
-    from oasst_tools.errors import OasstError
+    from oasst_tools.errors import OasstError, describe_os_error
 
     made_out = not out.exists()
     written: dict[str, Path] = {}
@@ -184,7 +184,7 @@ def write_outputs(out: Path, runs: Sequence[Any], doc: dict[str, Any]) -> dict[s
             with contextlib.suppress(OSError):
                 out.rmdir()
         where = os.fsdecode(exc.filename) if exc.filename is not None else str(path)
-        raise OasstError(f"cannot write {where}: {exc.strerror or exc} (the scores are lost; nothing was "
+        raise OasstError(f"cannot write {where}: {describe_os_error(exc)} (the scores are lost; nothing was "
                          "left half-written)") from None
     return written
 

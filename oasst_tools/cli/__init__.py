@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from oasst_tools.errors import OasstError
+from oasst_tools.errors import OasstError, os_error_text
 
 # Built-in commands go through the same lazy mechanism as plug-ins.
 BUILTIN_COMMANDS: dict[str, str] = {
@@ -136,17 +136,6 @@ def _missing_extra(name: str, exc: ImportError | None = None) -> click.Command:
         raise OasstError(message)
 
     return unavailable
-
-
-def os_error_text(exc: OSError) -> str:
-    """`PATH: reason` for an OSError (`PATH -> OTHER: reason` for a rename), or the reason alone without a path."""
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    if exc.filename is None:
-        return reason
-    where = str(os.fsdecode(exc.filename))
-    if exc.filename2 is not None:
-        where += f" -> {os.fsdecode(exc.filename2)}"
-    return f"{where}: {reason}"
 
 
 def one_line(text: str) -> str:

@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import STORIES
 from tests.eval.conftest import GUANACO, HELLASWAG_FIXTURE, REPO
+from oasst_tools.errors import describe_os_error
 from tests.hostile import assert_refused, assert_unchanged, snapshot
 
 HELLASWAG_ROWS = [json.loads(line) for line in HELLASWAG_FIXTURE.read_text(encoding="utf-8").splitlines()[:3]]
@@ -137,7 +138,7 @@ def test_unreadable_hellaswag_file_names_it(oasst, tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(data_module, "open", refuse, raising=False)
     result = oasst("eval", "--model", STORIES, "--data-dir", "data")
     monkeypatch.undo()
-    assert assert_refused(result) == f"error: cannot read {path.relative_to(tmp_path)}: Permission denied"
+    assert assert_refused(result) == f"error: cannot read {path.relative_to(tmp_path)}: permission denied"
     assert_unchanged(before, tmp_path)
 
 
@@ -332,7 +333,7 @@ def test_out_in_a_folder_that_cannot_be_written_fails_before_scoring(oasst, tmp_
     monkeypatch.setattr(os, "mkdir", refuse)
     before = snapshot(tmp_path)
     line = assert_refused(oasst("eval", "--model", STORIES, "--out", "locked/eval"), names="locked/eval")
-    assert line == f"error: --out locked/eval: cannot write in locked ({os.strerror(code)})"
+    assert line == f"error: --out locked/eval: cannot write in locked ({describe_os_error(OSError(code, os.strerror(code)))})"
     assert_unchanged(before, tmp_path)
 
 
@@ -352,7 +353,7 @@ def test_disk_full_after_scoring_leaves_no_half_written_results(oasst, tmp_path:
     before = snapshot(tmp_path)
     result = oasst("eval", "--model", STORIES, "--tasks", "hellaswag", "--limit", 2, "--out", "out")
     line = assert_refused(result, names="out/eval_summary.json")
-    assert line == ("error: cannot write out/eval_summary.json: No space left on device (the scores are lost; "
+    assert line == ("error: cannot write out/eval_summary.json: no space left on device (the scores are lost; "
                     "nothing was left half-written)")
     assert_unchanged(before, tmp_path)
 
@@ -390,7 +391,7 @@ def test_file_size_limit_on_the_results_in_a_real_process(tmp_path: Path) -> Non
     ran = _process(["eval", "--model", STORIES, "--tasks", "hellaswag", "--limit", 2, "--out", "out"], tmp_path,
                    file_size_limit=4096)
     line = assert_refused(ran, names="out/")
-    assert line.startswith("error: cannot write out/") and line.endswith(": File too large (the scores are lost; "
+    assert line.startswith("error: cannot write out/") and line.endswith(": file too large (the file-size limit, `ulimit -f`, was reached) (the scores are lost; "
                                                                          "nothing was left half-written)"), line
     assert "Traceback" not in ran.stderr
     assert_unchanged(before, tmp_path)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from oasst_tools.errors import describe_os_error
 from tests.hostile import assert_refused, assert_unchanged, snapshot
 from tests.train.conftest import REPO, STORIES
 
@@ -132,7 +133,7 @@ def test_unreadable_train_file_names_it(oasst, data: Path, tmp_path: Path, monke
     monkeypatch.setattr(Path, "read_bytes", refuse)
     result = _train(oasst, "--data", "data", "--out", "out")
     monkeypatch.undo()
-    assert assert_refused(result) == "error: cannot read data file data/train.jsonl: Permission denied"
+    assert assert_refused(result) == "error: cannot read data file data/train.jsonl: permission denied"
     assert_unchanged(before, tmp_path)
 
 
@@ -359,7 +360,7 @@ def test_out_in_a_folder_that_cannot_be_written(oasst, data: Path, tmp_path: Pat
     monkeypatch.setattr(os, "mkdir", refuse)
     before = snapshot(tmp_path)
     line = assert_refused(_train(oasst, "--data", "data", "--out", "locked/run"), names="locked/run")
-    assert line == f"error: --out locked/run: cannot write in locked ({os.strerror(code)})"
+    assert line == f"error: --out locked/run: cannot write in locked ({describe_os_error(OSError(code, os.strerror(code)))})"
     assert_unchanged(before, tmp_path)
 
 
@@ -376,7 +377,7 @@ def test_disk_full_while_writing_the_run_leaves_no_output(oasst, data: Path, tmp
     monkeypatch.setattr(Path, "write_text", full)
     before = snapshot(tmp_path)
     line = assert_refused(_train(oasst, "--data", "data", "--out", "out", "--max-steps", 1, "-q"), names="out")
-    assert line == "error: cannot write the run's config out/train_config.yaml: No space left on device"
+    assert line == "error: cannot write the run's config out/train_config.yaml: no space left on device"
     assert_unchanged(before, tmp_path)
 
 
@@ -393,7 +394,7 @@ def test_disk_full_while_saving_a_checkpoint_leaves_no_output(oasst, data: Path,
     result = _train(oasst, "--data", "data", "--out", "out", "--max-steps", 1, "--save-steps", 1,
                     "--batch-size", 1, "--grad-accum", 1, "-q")
     line = assert_refused(result, names="out")
-    assert line == "error: --out out: No space left on device (writing the run)"
+    assert line == "error: --out out: no space left on device (writing the run)"
     assert_unchanged(before, tmp_path)
 
 
@@ -432,7 +433,7 @@ def test_file_size_limit_while_writing_the_run_in_a_real_process(data: Path, tmp
     ran = _oasst_process("train", "--model", STORIES, *NO_4BIT, "--data", "data", "--out", "out", "-q",
                          cwd=tmp_path, file_size_limit=512)
     line = assert_refused(ran, names="out/train_config.yaml")
-    assert line == "error: cannot write the run's config out/train_config.yaml: File too large"
+    assert line == "error: cannot write the run's config out/train_config.yaml: file too large (the file-size limit, `ulimit -f`, was reached)"
     assert ran.stderr.strip() == line  # nothing else on the terminal
     assert_unchanged(before, tmp_path)
 

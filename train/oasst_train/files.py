@@ -20,8 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from oasst_tools.cli import os_error_text
-from oasst_tools.errors import OasstError, OasstInputError
+from oasst_tools.errors import OasstError, OasstInputError, describe_os_error, os_error_text
 
 # A safetensors header is a few KB per thousand tensors; more than this is a file that is not safetensors.
 MAX_SAFETENSORS_HEADER = 100 * 2**20
@@ -110,7 +109,7 @@ def safetensors_problem(path: Path) -> str | None:
     except FileNotFoundError:
         return "missing"
     except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
+        return f"unreadable ({describe_os_error(exc)})"
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -151,7 +150,7 @@ def check_out_folder(out: Path, flag: str) -> bool:
         if out.exists() and not out.is_dir():
             raise OasstError(f"{flag} {out} is a file, not a folder")
     except OSError as exc:  # a name too long for the file system, a loop of symbolic links...
-        raise OasstError(f"{flag} {out}: {exc.strerror or exc}") from None
+        raise OasstError(f"{flag} {out}: {describe_os_error(exc)}") from None
     problem = path_problem(out)
     if problem is not None:
         raise OasstError(f"{flag} {out} cannot be created: {problem}")
@@ -164,7 +163,7 @@ def check_out_folder(out: Path, flag: str) -> bool:
         probe = tempfile.mkdtemp(prefix=".oasst-write-test-", dir=existing)
         os.rmdir(probe)
     except OSError as exc:
-        raise OasstError(f"{flag} {out}: cannot write in {existing} ({exc.strerror or exc})") from None
+        raise OasstError(f"{flag} {out}: cannot write in {existing} ({describe_os_error(exc)})") from None
     return out.exists()
 
 
@@ -186,7 +185,7 @@ def write_failure(exc: BaseException) -> str | None:
     a RuntimeError from its zip writer (`unexpected pos`, `file write failed`) with no errno at all.
     """
     if isinstance(exc, OSError):
-        return exc.strerror or str(exc) or type(exc).__name__
+        return describe_os_error(exc)
     text = str(exc)
     if type(exc).__name__ == "SafetensorError" and "os error" in text:
         match = re.search(r"os error (\d+)", text)
@@ -205,7 +204,7 @@ def _named(exc: OSError, path: Path | None) -> str:
     """`PATH: reason`, with the error's own file name when it carries one."""
     if exc.filename is not None:
         return os_error_text(exc)
-    reason = exc.strerror or str(exc) or type(exc).__name__
+    reason = describe_os_error(exc)
     return f"{path}: {reason}" if path is not None else reason
 
 

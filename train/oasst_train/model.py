@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from oasst_tools.errors import OasstError
+from oasst_tools.errors import OasstError, describe_os_error
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise OasstError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise OasstError(f"cannot read {path}: {describe_os_error(exc)}") from None
 
 
 def _bnb_config(compute_dtype: str, quant_type: str, double_quant: bool) -> Any:
