@@ -88,6 +88,23 @@ def check_out(out: Path, inputs: Iterable[InputInfo], overwrite: bool) -> None:
                          "will not replace it; remove it yourself or choose another --out")
 
 
+def check_apart(out: str | Path, inputs: Iterable[tuple[str, str | Path | None]], flag: str = "--out") -> None:
+    """Refuse an output path that is, contains or lies inside one of `inputs` ((flag, path) pairs; empty values,
+    hub ids and paths that do not exist are skipped): `oasst train`, `merge` and `eval` would otherwise mix their
+    files into what they read, or put them where a later `oasst build --overwrite` of that input deletes them."""
+    real = os.path.realpath(out)
+    for what, given in inputs:
+        if not given or not os.path.exists(given):
+            continue
+        place = os.path.realpath(given)
+        if place == real:
+            raise OasstError(f"{flag} {out} is the input {what} {given}; choose another {flag}")
+        if _under(place, real):
+            raise OasstError(f"{flag} {out} contains the input {what} {given}; choose another {flag}")
+        if _under(real, place):
+            raise OasstError(f"{flag} {out} lies inside the input {what} {given}; choose another {flag}")
+
+
 def _under(path: str, folder: str) -> bool:
     return path.startswith(folder.rstrip(os.sep) + os.sep)
 

@@ -48,11 +48,15 @@ def eval_command(config_file: Path | None, tasks: str | None, **flags: object) -
 
     from oasst_eval.report import show, summary, write_outputs
     from oasst_eval.run import evaluate
+    from oasst_tools.output import check_apart
     from oasst_train.files import check_out_folder
 
     console = Console(stderr=True)
     cfg = resolve_config(config_file, {**flags, "tasks": parse_tasks(tasks) if tasks is not None else None})
-    # Before scoring, which can take hours: an --out that cannot be written fails now.
+    # Before scoring, which can take hours: an --out that cannot be written, or that would mix its files into an
+    # input, fails now.
+    check_apart(cfg.out, [("--adapter", cfg.adapter), ("--model", cfg.model), ("--data", cfg.data),
+                          ("--data-dir", cfg.data_dir)])
     check_out_folder(Path(cfg.out), "--out")
     runs, settings = evaluate(cfg, log=lambda msg: console.print(msg, soft_wrap=True, highlight=False, markup=False))
     doc = summary(runs, settings)

@@ -307,6 +307,22 @@ def test_model_hub_id_with_a_hanging_hub_fails_within_two_seconds(oasst, tmp_pat
 
 # --- --out -----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize(("flag", "out"), [("--adapter", "adapter/eval"), ("--data", "build"),
+                                         ("--model", "model/eval")], ids=["inside-adapter", "is-data", "inside-model"])
+def test_out_that_is_or_lies_inside_an_input_fails_before_scoring(oasst, tmp_path: Path, adapter_dir: Path,
+                                                                  flag: str, out: str) -> None:
+    shutil.copytree(adapter_dir, tmp_path / "adapter")
+    shutil.copytree(STORIES, tmp_path / "model")
+    shutil.copytree(GUANACO, tmp_path / "build")
+    before = snapshot(tmp_path)
+    result = oasst("eval", "--model", "model", "--adapter", "adapter", "--tasks", "guanaco_test", "--data", "build",
+                   "--out", out)
+    given = {"--adapter": "adapter", "--data": "build", "--model": "model"}[flag]
+    where = "is" if out == given else "lies inside"
+    assert assert_refused(result, names=out) == f"error: --out {out} {where} the input {flag} {given}; choose another --out"
+    assert_unchanged(before, tmp_path)
+
+
 @pytest.mark.parametrize(("out", "expected"), [
     ("notes.txt", "--out notes.txt is a file, not a folder"),
     ("notes.txt/eval", "--out notes.txt/eval cannot be created: notes.txt is a file, not a folder"),

@@ -334,6 +334,22 @@ def test_a_name_transformers_does_not_know_is_one_line_and_leaves_nothing(oasst,
 # --- --out: a file in the way, a read-only or full disk, a file-size limit -----------------------------------------
 
 @pytest.mark.parametrize(("out", "expected"), [
+    ("data", "--out data is the input --data data; choose another --out"),
+    ("data/run", "--out data/run lies inside the input --data data; choose another --out"),
+    ("data/../data", "--out data/../data is the input --data data; choose another --out"),
+    (".", "--out . contains the input --data data; choose another --out"),
+    ("model/run", "--out model/run lies inside the input --model model; choose another --out"),
+], ids=["out-is-data", "out-inside-data", "out-is-data-spelled-otherwise", "out-contains-data", "out-inside-model"])
+def test_out_that_is_contains_or_lies_inside_an_input_is_refused(oasst, data: Path, tmp_path: Path, out: str,
+                                                                 expected: str) -> None:
+    shutil.copytree(STORIES, tmp_path / "model")
+    before = snapshot(tmp_path)
+    result = oasst("train", "--model", "model", *NO_4BIT, "--data", "data", "--out", out)
+    assert assert_refused(result, names=out) == f"error: {expected}"
+    assert_unchanged(before, tmp_path)
+
+
+@pytest.mark.parametrize(("out", "expected"), [
     ("notes.txt", "--out notes.txt is a file, not a folder"),
     ("notes.txt/run", "--out notes.txt/run cannot be created: notes.txt is a file, not a folder"),
 ], ids=["out-is-a-file", "component-is-a-file"])
@@ -584,7 +600,7 @@ def test_adapter_path_that_is_not_an_adapter_folder(oasst, tmp_path: Path, adapt
 
 @pytest.mark.parametrize(("out", "expected"), [
     ("notes.txt/merged", "--out notes.txt/merged cannot be created: notes.txt is a file, not a folder"),
-    ("adapter/merged", "--out adapter/merged lies inside the adapter folder adapter; choose a folder outside it"),
+    ("adapter/merged", "--out adapter/merged lies inside the input adapter adapter; choose another --out"),
     ("notes.txt", "--out notes.txt already exists and is not empty; choose another folder"),
 ], ids=["component-is-a-file", "inside-the-adapter", "out-is-a-file"])
 def test_merge_out_that_cannot_be_written(oasst, tmp_path: Path, out: str, expected: str) -> None:

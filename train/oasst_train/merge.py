@@ -23,14 +23,15 @@ CHECK_PROMPT = guanaco_prompt("Write two sentences about a friendly dog and expl
 def merge_adapter(adapter: Path, out: Path, *, base: str | None = None, dtype: str = "bfloat16",
                   tolerance: float | None = None) -> dict[str, Any]:
     """Write the merged model (+ tokenizer) to `out`; returns dtype, parameters and the logit check."""
+    from oasst_tools.output import check_apart
     from oasst_train.files import check_out_folder
     from oasst_train.generate import base_settings
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OasstError(f"--out {out} already exists and is not empty; choose another folder")
-    _check_not_inside(out, adapter)
-    check_out_folder(out, "--out")
     settings = base_settings(adapter, base)
+    check_apart(out, [("adapter", adapter), ("--model", settings.get("model"))])
+    check_out_folder(out, "--out")
 
     import torch
 
@@ -82,16 +83,6 @@ def merge_adapter(adapter: Path, out: Path, *, base: str | None = None, dtype: s
         raise OasstError(f"--out {out}: {reason} (writing the merged model)") from None
     return {"dtype": dtype, "parameters": sum(p.numel() for p in merged.parameters()), "max_logit_diff": diff,
             "tolerance": tolerance, "max_logit_diff_saved": rounded, "from_4bit": bool(settings["load_in_4bit"])}
-
-
-def _check_not_inside(out: Path, adapter: Path) -> None:
-    """Refuse an --out that is the adapter folder or inside it: the merged model must not mix with its input."""
-    try:
-        target, source = out.resolve(), adapter.resolve()
-    except OSError:
-        return
-    if target == source or source in target.parents:
-        raise OasstError(f"--out {out} lies inside the adapter folder {adapter}; choose a folder outside it")
 
 
 def _copy_dequantized(quantized: Any, plain: Any) -> None:

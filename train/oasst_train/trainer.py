@@ -34,9 +34,11 @@ PACKING_MIN_TRANSFORMERS = "5.24.0"
 
 def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses to overwrite an earlier run."""
+    from oasst_tools.output import check_apart
     from oasst_train.files import check_out_folder
 
     out = Path(cfg.out)
+    check_apart(out, [("--data", cfg.data), ("--model", cfg.model)])
     if resume:
         if out.exists() and not out.is_dir():
             raise OasstError(f"--out {out} is a file, not a folder")
