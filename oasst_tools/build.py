@@ -377,9 +377,12 @@ def parse_label_limits(items: Sequence[str], flag: str) -> dict[str, float]:
     for item in items:
         name, sep, value = item.partition("=")
         try:
-            if not sep or not name:
+            if not sep or not name.strip():
                 raise ValueError
-            out[name.strip()] = float(value)
+            limit = float(value)
+            if limit != limit:  # NaN compares false with every label: the filter would keep everything
+                raise ValueError
+            out[name.strip()] = limit
         except ValueError:
             raise OasstError(f"{flag} {item!r}: expected NAME=NUMBER, e.g. {flag} toxicity=0.5") from None
     return out

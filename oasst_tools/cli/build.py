@@ -87,6 +87,9 @@ def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact:
         oasst build --input 2023-04-12_oasst_ready.trees.jsonl.gz --all-threads \\
                     --label-max toxicity=0.5 --end-with-assistant --out sft
     """
+    if max_turns is not None and min_turns > max_turns:
+        raise click.BadParameter(f"--min-turns {min_turns} is above --max-turns {max_turns}: no thread could be kept",
+                                 param_hint="'--min-turns'")
     selection = Selection(
         mode="top-k" if top_k is not None else mode,  # type: ignore[arg-type]
         top_k=top_k or 1,

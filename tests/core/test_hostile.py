@@ -471,6 +471,18 @@ def _(tmp: Path):
     return ["show", "in.jsonl", TREE, "--width", "-5"], "--width", 2
 
 
+@case("a NaN --label-max limit")
+def _(tmp: Path):
+    _input(tmp)  # NaN compares false with every value: the filter would silently keep everything
+    return ["build", "--input", "in.jsonl", "--out", "out", "--label-max", "toxicity=nan"], "--label-max", 1
+
+
+@case("--min-turns above --max-turns")
+def _(tmp: Path):
+    _input(tmp)
+    return ["build", "--input", "in.jsonl", "--out", "out", "--min-turns", "5", "--max-turns", "2"], "--min-turns", 2
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_hostile_input_is_refused_with_one_line_and_nothing_changes(run, tmp_path: Path, name: str,
                                                                     monkeypatch: pytest.MonkeyPatch):
