@@ -64,8 +64,18 @@ def pick_device(device: str | None) -> str:
     import torch
 
     if device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise OasstError(f"--device {device} asked for, but torch sees no CUDA device")
+        try:
+            parsed = torch.device(device)
+        except RuntimeError:
+            raise OasstError(f"--device {device}: not a device torch knows; use cpu, cuda or cuda:N") from None
+        if parsed.type not in ("cpu", "cuda"):
+            raise OasstError(f"--device {device}: oasst eval runs on cpu or cuda, not {parsed.type}")
+        if parsed.type == "cuda":
+            if not torch.cuda.is_available():
+                raise OasstError(f"--device {device} asked for, but torch sees no CUDA device")
+            if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+                raise OasstError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                                 f"numbered from 0")
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -437,3 +437,16 @@ def test_core_install_without_lm_eval_names_the_eval_extra(tmp_path: Path) -> No
     ran = _process(["eval", "--model", "m"], tmp_path, code=code)
     assert (ran.exit_code, ran.stdout) == (1, "")
     assert ran.stderr == "error: oasst eval needs the eval extra: pip install 'oasst-tools[eval]'\n"
+
+
+@pytest.mark.parametrize(("device", "expected"), [
+    ("tpu", "--device tpu: not a device torch knows; use cpu, cuda or cuda:N"),
+    ("meta", "--device meta: oasst eval runs on cpu or cuda, not meta"),
+], ids=["unknown", "not-cpu-or-cuda"])
+def test_a_device_torch_cannot_run_on_is_one_line_before_the_model_loads(oasst, tmp_path: Path, device: str,
+                                                                         expected: str) -> None:
+    before = snapshot(tmp_path)
+    result = oasst("eval", "--model", STORIES, "--device", device, "--limit", 2)
+    assert assert_refused(result, names=device) == f"error: {expected}"
+    assert result.stderr.count("\n") == 1  # nothing loaded, nothing printed before it
+    assert_unchanged(before, tmp_path)

@@ -679,3 +679,12 @@ def test_core_install_running_a_train_command_names_the_extra(tmp_path: Path, co
     assert time.monotonic() - started < 5
     assert ran.exit_code == 1 and ran.stdout == ""
     assert ran.stderr == f"error: oasst {command} needs the train extra: pip install 'oasst-tools[train]'\n"
+
+
+def test_target_modules_that_match_no_layer_are_named_with_the_layers_there_are(oasst, data: Path,
+                                                                                tmp_path: Path) -> None:
+    before = snapshot(tmp_path)
+    line = assert_refused(_train(oasst, "--data", "data", "--out", "out", "--target-modules", "nope,q_proj"))
+    assert line == (f"error: --target-modules nope: {STORIES} has no layer of that name (its linear layers: "
+                    "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)")
+    assert_unchanged(before, tmp_path)

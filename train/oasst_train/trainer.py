@@ -52,6 +52,17 @@ def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
     return None
 
 
+def check_targets(model: Any, targets: list[str]) -> None:
+    """Refuse --target-modules names that match no layer of `model` (peft would fail deep inside the trainer)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        from oasst_train.model import lora_target_modules, model_name
+
+        raise OasstError(f"--target-modules {','.join(unknown)}: {model_name(model)} has no layer of that name "
+                         f"(its linear layers: {', '.join(lora_target_modules(model))})")
+
+
 def check_packing(model: Any) -> None:
     """Refuse packing where it is known to leak attention across packed examples."""
     import transformers
@@ -123,6 +134,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     train_set = build_dataset(tokenizer, rows["train"], assistant_only)
     eval_set = build_dataset(tokenizer, rows["test"], assistant_only) if rows.get("test") else None
     targets = list(cfg.target_modules) or lora_target_modules(model)
+    check_targets(model, targets)
 
     out.mkdir(parents=True, exist_ok=True)
     _write_config(cfg, out / CONFIG_NAME, targets)
