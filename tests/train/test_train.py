@@ -82,13 +82,27 @@ def test_packed_sequence_gives_the_same_logits_as_alone(which: str, tiny_falcon:
         alone = net(input_ids=torch.tensor([second])).logits[0]
         cached = net(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                      use_cache=True).logits[0, len(first):]
-    assert (packed - alone).abs().max() < 1e-4  # transformers 5.17 leaks here for Falcon: 0.31
+    if which == "falcon" and _leaky_transformers():
+        # transformers 5.17 lets packed Falcon examples see each other (0.31 here): why check_packing refuses it.
+        assert (packed - alone).abs().max() > 1e-2
+        return
+    assert (packed - alone).abs().max() < 1e-4
     if which == "falcon-fused":
         # The fused path builds its block mask from the position ids, cache or not.
         assert (cached - alone).abs().max() < 1e-4
     else:
         # The trap disable_kv_cache avoids: with a KV cache, the position ids are ignored and the examples mix.
         assert (cached - alone).abs().max() > 1e-2
+
+
+def _leaky_transformers() -> bool:
+    """Whether the installed transformers lets packed Falcon examples attend to each other (before 5.24)."""
+    import transformers
+    from packaging.version import Version
+
+    from oasst_train.trainer import PACKING_MIN_TRANSFORMERS
+
+    return Version(transformers.__version__) < Version(PACKING_MIN_TRANSFORMERS)
 
 
 def test_packing_is_refused_for_falcon_on_transformers_that_leak(tiny_falcon: Path,
@@ -100,7 +114,8 @@ def test_packing_is_refused_for_falcon_on_transformers_that_leak(tiny_falcon: Pa
     from oasst_train.trainer import check_packing
 
     net, _ = load_model(str(tiny_falcon), compute_dtype="float32", fused_attention=False)
-    check_packing(net)  # the installed version passes the leak test above
+    if not _leaky_transformers():
+        check_packing(net)  # the installed version passes the leak test above
     monkeypatch.setattr(transformers, "__version__", "5.17.0")
     with pytest.raises(OasstError, match=r"^packing Falcon on transformers 5\.17\.0 lets packed examples attend"):
         check_packing(net)

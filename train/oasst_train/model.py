@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,12 +308,51 @@ def _load_tokenizer(source: str, gguf_file: str | None, trust_remote_code: bool)
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                             **({"gguf_file": gguf_file} if gguf_file else {}))
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                  **({"gguf_file": gguf_file} if gguf_file else {}))
+        if gguf_file:
+            _match_gguf_special_tokens(tokenizer, Path(source) / gguf_file)
+        return tokenizer
     except (OSError, ValueError, TypeError) as exc:
         raise OasstError(f"cannot load the tokenizer of {source}: {_first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a damaged file
         raise OasstError(f"cannot load the tokenizer of {source}: {_first_line(exc)}") from None
+
+
+def _match_gguf_special_tokens(tokenizer: Any, path: Path) -> None:
+    """Give a GGUF tokenizer the BOS/EOS the file declares, and its add-BOS rule, with one warning when they differ.
+
+    transformers 5.17 converts a sentencepiece ("llama") GGUF vocabulary with EOS = `<s>` (the BOS) and without
+    adding BOS (5.24 reads the file's ids): trained that way, a model learns to end its replies with BOS. Delete when
+    transformers < 5.24 is no longer supported.
+    """
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+
+    def scalar(key: str) -> Any:
+        entry = fields.get(key)
+        return entry.parts[entry.data[0]].tolist()[0] if entry is not None and entry.data else None
+
+    fixed = []
+    for role in ("bos", "eos"):
+        want = scalar(f"tokenizer.ggml.{role}_token_id")
+        if want is not None and 0 <= want < len(tokenizer) and getattr(tokenizer, f"{role}_token_id") != want:
+            before = getattr(tokenizer, f"{role}_token")
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(want))
+            fixed.append(f"{role} {before!r} -> {tokenizer.convert_ids_to_tokens(want)!r}")
+    add_bos = scalar("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and tokenizer.bos_token_id is not None:
+        adds = tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+        if bool(add_bos) != adds and hasattr(tokenizer, "update_post_processor"):
+            tokenizer.add_bos_token = bool(add_bos)
+            tokenizer.update_post_processor()
+            fixed.append(f"add BOS {adds} -> {bool(add_bos)}")
+    if fixed:
+        import transformers
+
+        sys.stderr.write(f"warning: transformers {transformers.__version__} read the tokenizer of {path} otherwise "
+                         f"than the file declares; corrected: {'; '.join(fixed)}\n")
 
 
 def _from_pretrained(source: str, config: Any, kwargs: dict[str, Any]) -> Any:
