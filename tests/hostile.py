@@ -12,10 +12,26 @@ Standard library only, so every test folder (core, train, eval) can use it.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 Snapshot = dict[str, tuple[int, bytes | str]]
+
+
+@dataclass
+class Ran:
+    """A finished subprocess in the shape of click's Result, so `assert_refused` reads both."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    exception: None = None
+
+    @property
+    def output(self) -> str:
+        """stdout then stderr, as click's Result.output."""
+        return self.stdout + self.stderr
 
 
 def snapshot(root: Path) -> Snapshot:

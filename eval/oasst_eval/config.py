@@ -84,47 +84,15 @@ def parse_tasks(value: str | list[str] | tuple[str, ...], where: str = "--tasks"
 def load_config_file(path: Path) -> dict[str, Any]:
     """Keys of a YAML config file, each checked against its setting's type; all unknown keys are reported in one
     error, and a bad value names the file and line."""
-    import yaml  # a core dependency, kept out of `oasst --help`
+    from oasst_train.files import read_yaml_mapping
 
-    from oasst_train.files import read_text
-
-    text = read_text(path, "config file")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise OasstError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    except RecursionError:
-        raise OasstError(f"{path}: not valid YAML (nested too deeply)") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise OasstError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
-    not_text = [k for k in raw if not isinstance(k, str)]
-    if not_text:
-        raise OasstError(f"{path}: setting names must be text, not {', '.join(repr(k) for k in not_text)}")
+    raw, where = read_yaml_mapping(path)
     known = {f.name for f in dataclasses.fields(EvalConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise OasstError(f"{path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    lines = _key_lines(yaml, text)
-    values = {}
-    for key, value in raw.items():
-        where = f"{path}:{lines[key]}" if key in lines else str(path)
-        values[key] = parse_tasks(value, where) if key == "tasks" else coerce(key, value, where)
-    return values
-
-
-def _key_lines(yaml: Any, text: str) -> dict[str, int]:
-    """Line number of each top-level key of an already parsed YAML document."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+    return {key: parse_tasks(value, where[key]) if key == "tasks" else coerce(key, value, where[key])
+            for key, value in raw.items()}
 
 
 # Settings that are whole numbers, and their smallest allowed value; None is allowed where the default is None.

@@ -20,39 +20,24 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.core.conftest import FLAT, NESTED, read_jsonl
-from tests.hostile import assert_refused, assert_unchanged, snapshot
+from tests.hostile import Ran, assert_refused, assert_unchanged, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 TREE = "5c6a0593-e4ab-41e8-a23d-8244294fc12a"  # a tree of FLAT
 
 
-@dataclass
-class Proc:
-    """A finished subprocess in the shape of click's Result, for `assert_refused`."""
-
-    exit_code: int
-    stdout: str
-    stderr: str
-    exception: None = None
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-
-def oasst(*args: object, cwd: Path, stdin: object = None, **kwargs: object) -> Proc:
+def oasst(*args: object, cwd: Path, stdin: object = None, **kwargs: object) -> Ran:
     """`python -m oasst_tools ARGS` in a real process (offline), as a terminal user would run it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env.update(kwargs.pop("env", {}))  # type: ignore[arg-type]
     done = subprocess.run([sys.executable, "-m", "oasst_tools", *map(str, args)], cwd=cwd, env=env, stdin=stdin,
                           capture_output=True, text=True, timeout=120, **kwargs)  # type: ignore[call-overload]
-    return Proc(done.returncode, done.stdout, done.stderr)
+    return Ran(done.returncode, done.stdout, done.stderr)
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -580,7 +565,7 @@ def test_the_file_size_limit_is_one_line_in_a_real_process(tmp_path: Path):
 
 
 @pytest.fixture
-def unprivileged() -> tuple[Path, Callable[..., Proc]]:
+def unprivileged() -> tuple[Path, Callable[..., Ran]]:
     """A world-writable folder and a runner that runs `oasst` there as a user that chmod restricts: nobody when the
     tests run as root (root ignores permission bits), else the current user."""
     folder = Path(tempfile.mkdtemp(prefix="oasst-perm-"))
@@ -600,11 +585,11 @@ def unprivileged() -> tuple[Path, Callable[..., Proc]]:
             shutil.rmtree(folder)
             pytest.skip("running as root, and user nobody cannot run this interpreter here")
 
-    def run_there(*args: object) -> Proc:
+    def run_there(*args: object) -> Ran:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
         done = subprocess.run([*prefix, sys.executable, "-m", "oasst_tools", *map(str, args)], cwd=folder, env=env,
                               capture_output=True, text=True, timeout=120)
-        return Proc(done.returncode, done.stdout, done.stderr)
+        return Ran(done.returncode, done.stdout, done.stderr)
 
     yield folder, run_there
     for path in folder.rglob("*"):
@@ -613,7 +598,7 @@ def unprivileged() -> tuple[Path, Callable[..., Proc]]:
     shutil.rmtree(folder)
 
 
-def test_an_unreadable_input_is_one_line(unprivileged: tuple[Path, Callable[..., Proc]]):
+def test_an_unreadable_input_is_one_line(unprivileged: tuple[Path, Callable[..., Ran]]):
     folder, run_there = unprivileged
     shutil.copy(FLAT, folder / "in.jsonl")
     (folder / "in.jsonl").chmod(0)
@@ -624,7 +609,7 @@ def test_an_unreadable_input_is_one_line(unprivileged: tuple[Path, Callable[...,
     assert_refused(run_there("stats", "in.jsonl"), names="in.jsonl")
 
 
-def test_an_out_in_a_read_only_folder_is_one_line(unprivileged: tuple[Path, Callable[..., Proc]]):
+def test_an_out_in_a_read_only_folder_is_one_line(unprivileged: tuple[Path, Callable[..., Ran]]):
     folder, run_there = unprivileged
     shutil.copy(FLAT, folder / "in.jsonl")
     (folder / "locked").mkdir()
@@ -667,7 +652,7 @@ def test_a_hub_id_without_network_fails_within_two_seconds(tmp_path: Path, serve
         elapsed = time.perf_counter() - started
     finally:
         listener.close()
-    line = assert_refused(Proc(done.returncode, done.stdout, done.stderr), names="someone/some-data")
+    line = assert_refused(Ran(done.returncode, done.stdout, done.stderr), names="someone/some-data")
     assert "offline, pass --input PATH" in line
     assert elapsed < 2.5 + 1.0  # the probe's 1.5 s, plus start-up on a busy machine
     assert list(tmp_path.iterdir()) == []
@@ -736,7 +721,7 @@ def test_malformed_data_through_a_pipe_names_the_pipe_and_line(tmp_path: Path):
     done = subprocess.run([sys.executable, "-m", "oasst_tools", "build", "--input", "/dev/stdin", "--out", "out"],
                           input=b"".join(data), cwd=tmp_path, capture_output=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-    result = Proc(done.returncode, done.stdout.decode(), done.stderr.decode())
+    result = Ran(done.returncode, done.stdout.decode(), done.stderr.decode())
     assert assert_refused(result).startswith("error: /dev/stdin:6: invalid JSON")
     assert list(tmp_path.iterdir()) == []
 

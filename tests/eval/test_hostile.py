@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import pytest
 from tests.conftest import STORIES
 from tests.eval.conftest import GUANACO, HELLASWAG_FIXTURE, REPO
 from oasst_tools.errors import describe_os_error
-from tests.hostile import assert_refused, assert_unchanged, snapshot
+from tests.hostile import Ran, assert_refused, assert_unchanged, snapshot
 
 HELLASWAG_ROWS = [json.loads(line) for line in HELLASWAG_FIXTURE.read_text(encoding="utf-8").splitlines()[:3]]
 
@@ -45,7 +44,7 @@ def _hellaswag(tmp_path: Path, content: bytes, name: str = "validation.jsonl") -
 
 BAD_CONFIGS = {
     "invalid-utf8": (b"model: m\nout: \"r\xe9sultats\"\n", "eval.yaml:2: not valid UTF-8 text (byte 0xe9 at column 8)"),
-    "a-list": (b"- model\n", "eval.yaml: expected a mapping of settings, got list"),
+    "a-list": (b"- model\n", "eval.yaml: expected a mapping of settings, got a list"),
     "non-string-key": (b"model: m\n3: x\n", "eval.yaml: setting names must be text, not 3"),
     "limit-negative": (b"model: m\nlimit: -1\n", "eval.yaml:2: limit must be at least 1, not -1"),
     "limit-nan": (b"model: m\nlimit: .nan\n", "eval.yaml:2: limit must be a whole number, not nan"),
@@ -372,20 +371,6 @@ def test_disk_full_after_scoring_leaves_no_half_written_results(oasst, tmp_path:
     assert line == ("error: cannot write out/eval_summary.json: no space left on device (the scores are lost; "
                     "nothing was left half-written)")
     assert_unchanged(before, tmp_path)
-
-
-@dataclass
-class Ran:
-    """A finished subprocess in the shape tests/hostile.py reads."""
-
-    exit_code: int
-    stdout: str
-    stderr: str
-    exception: None = None
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
 
 
 def _process(args: list[object], cwd: Path, *, code: str | None = None, file_size_limit: int | None = None) -> Ran:

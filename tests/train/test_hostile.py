@@ -19,14 +19,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from oasst_tools.errors import describe_os_error
-from tests.hostile import assert_refused, assert_unchanged, snapshot
+from tests.hostile import Ran, assert_refused, assert_unchanged, snapshot
 from tests.train.conftest import REPO, STORIES
 
 NO_4BIT = ("--no-4bit", "--compute-dtype", "float32", "--precision", "fp32")
@@ -223,8 +222,8 @@ def test_hub_id_under_hf_hub_offline_fails_at_once(oasst, data: Path, tmp_path: 
 
 BAD_CONFIGS = {
     "invalid-utf8": (b"model: m\nout: \"caf\xe9\"\n", "cfg.yaml:2: not valid UTF-8 text (byte 0xe9 at column 10)"),
-    "a-list": (b"- model\n- data\n", "cfg.yaml: expected a mapping of config keys, got a list"),
-    "non-string-key": (b"model: m\n1: 2\n", "cfg.yaml: config keys must be names, not 1"),
+    "a-list": (b"- model\n- data\n", "cfg.yaml: expected a mapping of settings, got a list"),
+    "non-string-key": (b"model: m\n1: 2\n", "cfg.yaml: setting names must be text, not 1"),
     "learning-rate-nan": (b"learning_rate: .nan\n", "cfg.yaml:1: learning_rate must be a finite number, not nan"),
     "learning-rate-inf": (b"learning_rate: .inf\n", "cfg.yaml:1: learning_rate must be a finite number, not inf"),
     "lora-dropout-nan": (b"lora_dropout: .nan\n", "cfg.yaml:1: lora_dropout must be a finite number, not nan"),
@@ -414,20 +413,6 @@ def test_disk_full_while_saving_a_checkpoint_leaves_no_output(oasst, data: Path,
     assert_unchanged(before, tmp_path)
 
 
-@dataclass
-class Ran:
-    """A finished subprocess in the shape tests/hostile.py reads (click's Result has the same fields)."""
-
-    exit_code: int
-    stdout: str
-    stderr: str
-    exception: None = None
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-
 def _oasst_process(*args: object, cwd: Path, file_size_limit: int | None = None, timeout: float = 120,
                    code: str | None = None) -> Ran:
     """`python -m oasst_tools ARGS` (or `python -c CODE`) in a fresh interpreter, as a user's terminal runs it."""
@@ -560,7 +545,7 @@ ADAPTER_DAMAGE = {
     "train-config-invalid-utf8": (lambda a: (a / "train_config.yaml").write_bytes(b"model: \xfe\n"),
                                   "adapter/train_config.yaml:1: not valid UTF-8 text (byte 0xfe at column 8)"),
     "train-config-a-list": (lambda a: (a / "train_config.yaml").write_text("- model\n"),
-                            "adapter/train_config.yaml: expected a mapping of config keys, got list"),
+                            "adapter/train_config.yaml: expected a mapping of settings, got a list"),
     "base-model-gone": (lambda a: (a / "train_config.yaml").write_text("model: gone-model\n"),
                         "model folder gone-model does not exist (a hub model id has the form owner/name)"),
 }

@@ -111,58 +111,21 @@ REQUIRED = ("model", "data", "out")
 def load_yaml(path: Path, origins: dict[str, str] | None = None) -> dict[str, Any]:
     """The mapping in a YAML recipe, with every unknown key reported in one error; `origins` gets `PATH:LINE`
     of each key, for messages about its value."""
-    import yaml
+    from oasst_train.files import read_yaml_mapping
 
-    from oasst_train.files import missing_file, read_text
-
-    if not path.exists():
-        raise missing_file(path, "config file")
-    text = read_text(path, "config file")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise OasstError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    except RecursionError:
-        raise OasstError(f"{path}: not valid YAML (nested too deeply)") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise OasstError(f"{path}: expected a mapping of config keys, got {_yaml_type(raw)}")
-    not_text = [k for k in raw if not isinstance(k, str)]
-    if not_text:
-        raise OasstError(f"{path}: config keys must be names, not {', '.join(repr(k) for k in not_text)}")
+    raw, where = read_yaml_mapping(path)
     unknown = sorted(k for k in raw if k not in FIELDS)
     if unknown:
         raise OasstError(f"{path}: unknown config keys: {', '.join(unknown)} "
                          f"(see `oasst train --help` for the known ones)")
-    lines = _key_lines(yaml, text)
-    where = {k: f"{path}:{lines[k]}" if k in lines else str(path) for k in raw}
     if origins is not None:
         origins.update(where)
     return {k: coerce(k, v, where[k]) for k, v in raw.items()}
 
 
-def _key_lines(yaml: Any, text: str) -> dict[str, int]:
-    """Line number of each top-level key (the document has been parsed once already, so this cannot fail)."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
-
-
 def flag_name(name: str) -> str:
     """The command-line flag of a field (`--lr` for learning_rate), for messages about a value given there."""
     return {"learning_rate": "--lr", "load_in_4bit": "--4bit"}.get(name, f"--{name.replace('_', '-')}")
-
-
-def _yaml_type(value: Any) -> str:
-    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
-        type(value), type(value).__name__)
 
 
 def coerce(name: str, value: Any, origin: str) -> Any:

@@ -70,6 +70,38 @@ def read_json_object(path: Path, what: str = "file") -> dict[str, Any]:
     return value
 
 
+def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> tuple[dict[str, Any], dict[str, str]]:
+    """The mapping of settings in a YAML file and `PATH:LINE` of each key (for messages about its value), or one
+    error line: missing, unreadable, not UTF-8, not YAML (`hint` says what to do then), not a mapping of names."""
+    import yaml
+
+    if not path.exists():
+        raise missing_file(path, what)
+    text = read_text(path, what)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise OasstError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}){hint}") from None
+    except RecursionError:
+        raise OasstError(f"{path}: not valid YAML (nested too deeply){hint}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise OasstError(f"{path}: expected a mapping of settings, got {_yaml_type(raw)}")
+    not_text = [k for k in raw if not isinstance(k, str)]
+    if not_text:
+        raise OasstError(f"{path}: setting names must be text, not {', '.join(repr(k) for k in not_text)}")
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:  # parsed above, so this cannot fail; no line numbers rather than an error
+        node = None
+    lines = ({key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+             if isinstance(node, yaml.MappingNode) else {})
+    return raw, {k: f"{path}:{lines[k]}" if k in lines else str(path) for k in raw}
+
+
 def path_problem(path: Path) -> str | None:
     """Why `path` cannot exist as given (a component that is a file, no permission to look), or None."""
     for parent in reversed(path.parents):
@@ -211,3 +243,8 @@ def _named(exc: OSError, path: Path | None) -> str:
 def _json_type(value: Any) -> str:
     return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
             type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _yaml_type(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(value), type(value).__name__)

@@ -28,22 +28,15 @@ class Reply:
 
 def base_settings(adapter: Path, base: str | None = None) -> dict[str, Any]:
     """How the adapter's base model was loaded in training (model, 4-bit settings), from train_config.yaml."""
-    import yaml
-
-    from oasst_train.files import read_text
+    from oasst_train.files import read_yaml_mapping
     from oasst_train.model import check_source, read_adapter_config
 
     adapter_config = read_adapter_config(adapter)
     settings: dict[str, Any] = {"load_in_4bit": False, "compute_dtype": "float32"}
     config_file = adapter / "train_config.yaml"
     if config_file.exists():
-        try:
-            saved = yaml.safe_load(read_text(config_file, "training config")) or {}
-        except yaml.YAMLError:
-            raise OasstError(f"{config_file}: not valid YAML (it records how the base model was loaded; restore "
-                             "it or delete it and pass --model)") from None
-        if not isinstance(saved, dict):
-            raise OasstError(f"{config_file}: expected a mapping of config keys, got {type(saved).__name__}")
+        saved, _ = read_yaml_mapping(config_file, "training config", hint=" (it records how the base model was "
+                                     "loaded; restore it or delete it and pass --model)")
         settings.update({k: saved[k] for k in ("model", "load_in_4bit", "compute_dtype", "quant_type",
                                                "double_quant", "trust_remote_code") if k in saved})
     else:

@@ -371,20 +371,13 @@ def _write_config(cfg: TrainConfig, path: Path, targets: list[str]) -> None:
 
 def _check_same_run(cfg: TrainConfig, out: Path) -> None:
     """Refuse a --resume whose config would change the data order or the optimizer's meaning."""
-    import yaml
-
-    from oasst_train.files import read_text
+    from oasst_train.files import read_yaml_mapping
 
     saved_file = out / CONFIG_NAME
     if not saved_file.is_file():
         return
-    try:
-        saved = yaml.safe_load(read_text(saved_file, "saved config")) or {}
-    except yaml.YAMLError:
-        raise OasstError(f"{saved_file}: not valid YAML; it is the config this run was started with: "
-                         "restore it, or start a new run in another --out") from None
-    if not isinstance(saved, dict):
-        raise OasstError(f"{saved_file}: expected a mapping of config keys, got {type(saved).__name__}")
+    saved, _ = read_yaml_mapping(saved_file, "saved config", hint="; it is the config this run was started with: "
+                                 "restore it, or start a new run in another --out")
     now = to_dict(cfg)
     # `out` itself may differ: a run folder that was moved or copied resumes as well.
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
