@@ -193,7 +193,7 @@ def cli() -> None:
     """Build Guanaco-style datasets from OpenAssistant trees, train QLoRA adapters, evaluate them.
 
     \b
-        oasst build --input fixtures/oasst1/validation-en-30.messages.jsonl --lang en --top-rank --out data
+        oasst build --input fixtures/oasst1/validation-en-sample.messages.jsonl --lang en --top-rank --out data
         oasst train --config train/recipes/tiny-cpu.yaml --data data --out adapter
         oasst eval --model MODEL --adapter adapter --tasks hellaswag --compare-base
     """
