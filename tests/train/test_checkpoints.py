@@ -71,7 +71,8 @@ def test_resume_with_a_damaged_saved_config_is_one_line(oasst, stories_run: Path
     result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--data", GUANACO,
                    "--out", out, "--resume", "-q")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.stderr.strip() == (f"error: {out / 'train_config.yaml'}: not valid YAML; it is the config this run "
+    assert result.stderr.strip() == (f"error: {out / 'train_config.yaml'}:2: not valid YAML (expected ',' or ']', but "
+                                     "got '<stream end>'); it is the config this run "
                                      "was started with: restore it, or start a new run in another --out")
     assert_unchanged(before, tmp_path)
     assert json.loads((out / "train_summary.json").read_text())["global_step"] == STORIES_STEPS
