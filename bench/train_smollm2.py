@@ -2,7 +2,7 @@
 before (step 0) and after training, throughput, peak memory and the 4-bit layer count.
 
 Steps: (1) the GGUF file (joined from bench/data/smollm2/gguf.part-* into a temp dir when only the parts
-travelled) is the model: `oasst_train.model.load_model` dequantizes it, then quantizes it to NF4 (transformers
+travelled) is the model: `oasst_model.load.load_model` dequantizes it, then quantizes it to NF4 (transformers
 refuses GGUF + quantization in one load), and that time counts as load time; (2) the Guanaco rows
 are built with `oasst build --top-rank` (Guanaco's rule: one thread per tree, best-ranked reply at each step) from
 the English OASST1 validation messages, with a held-out test split by tree (--test-size 0.1 --seed 0); (3)

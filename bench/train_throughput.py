@@ -255,7 +255,7 @@ def attention_microbench() -> dict[str, Any]:
     from transformers import AutoConfig
     from transformers.models.falcon.modeling_falcon import FalconAttention, FalconRotaryEmbedding
 
-    from oasst_train import attention
+    from oasst_model import attention
 
     tokenizer_dir = REPO / "bench" / "data" / "falcon-7b-tokenizer"
     config = AutoConfig.from_pretrained(tokenizer_dir if tokenizer_dir.is_dir()

@@ -49,7 +49,7 @@ def eval_command(config_file: Path | None, tasks: str | None, **flags: object) -
     from oasst_eval.report import show, summary, write_outputs
     from oasst_eval.run import evaluate
     from oasst_tools.output import check_apart
-    from oasst_train.files import check_out_folder
+    from oasst_tools.files import check_out_folder
 
     console = Console(stderr=True)
     cfg = resolve_config(config_file, {**flags, "tasks": parse_tasks(tasks) if tasks is not None else None})

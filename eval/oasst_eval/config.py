@@ -84,7 +84,7 @@ def parse_tasks(value: str | list[str] | tuple[str, ...], where: str = "--tasks"
 def load_config_file(path: Path) -> dict[str, Any]:
     """Keys of a YAML config file, each checked against its setting's type; all unknown keys are reported in one
     error, and a bad value names the file and line."""
-    from oasst_train.files import read_yaml_mapping
+    from oasst_tools.files import read_yaml_mapping
 
     raw, where = read_yaml_mapping(path)
     known = {f.name for f in dataclasses.fields(EvalConfig)}

@@ -81,7 +81,7 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 def numbered_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) pairs of a `.jsonl` or `.jsonl.gz` file, with read_jsonl's errors."""
-    from oasst_train.files import decode_utf8
+    from oasst_tools.files import decode_utf8
 
     opener = gzip.open if path.suffix == ".gz" else open
     lineno = 0
@@ -199,7 +199,7 @@ def hellaswag_process_docs(dataset: Any) -> Any:
     patch: when `process_docs` changed, it runs uncached (one warning line); when it is gone, one error line. Delete
     when lm-eval caches processed docs.
     """
-    from oasst_train import patches
+    from oasst_model import patches
 
     if not patches.applies("lm_eval_hellaswag_docs_cache"):
         try:
@@ -241,7 +241,7 @@ def guanaco_file(data: str | Path | None) -> Path:
     path = Path(data)
     path = path if path.is_file() else path / "test.jsonl"
     if not path.is_file():
-        from oasst_train.files import path_problem
+        from oasst_tools.files import path_problem
 
         problem = path_problem(path)
         raise OasstError(f"{path} not found" + (f" ({problem})" if problem else "")

@@ -298,7 +298,7 @@ def cache_jinja_templates() -> Callable[[], None]:
 
     from lm_eval import utils
 
-    from oasst_train import patches
+    from oasst_model import patches
 
     if not patches.applies("lm_eval_template_cache"):
         return lambda: None

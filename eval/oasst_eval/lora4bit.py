@@ -27,7 +27,7 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-from oasst_train.lora_fused import single_plain_adapter  # standard library only at import
+from oasst_model.lora_fused import single_plain_adapter  # standard library only at import
 
 
 @contextlib.contextmanager
@@ -37,7 +37,7 @@ def merged_4bit_lora(model: Any) -> Iterator[int]:
     Registered as the `eval_folded_4bit_lora` patch: when peft or bitsandbytes changed what is read here, nothing is
     folded (peft's own forward, one warning line) and the count is 0.
     """
-    from oasst_train import patches
+    from oasst_model import patches
 
     layers = _lora_4bit_layers(model)
     if layers and not patches.applies("eval_folded_4bit_lora", problem=patches.check_lora_module(layers[0])):

@@ -1,6 +1,6 @@
 """Score a base model and/or base + adapter with lm-eval, on the same items, from one loaded model.
 
-The model is loaded once with `oasst_train.model` (the loader `oasst train` uses: 4-bit with the Falcon fix,
+The model is loaded once with `oasst_model.load` (the loader `oasst train` uses: 4-bit with the Falcon fix,
 GGUF, adapters) and handed to lm-eval as an object (`HFLM(pretrained=model)`), which is what lets 4-bit
 Falcon and adapters run at all under transformers 5. With `--compare-base` the base model is the same
 object with the adapter switched off (`PeftModel.disable_adapter()`), so nothing is loaded twice.
@@ -42,7 +42,7 @@ class ModelRun:
 def split_model(model: str) -> tuple[str, str | None]:
     """`dir/x.gguf` -> (`dir`, `x.gguf`); anything else is passed through unchanged. Either way the model is
     checked first (missing, damaged config or weights, a hub id while offline), before anything heavy loads."""
-    from oasst_train.model import check_source
+    from oasst_model.load import check_source
 
     check_source(model)
     if model.endswith(".gguf"):
@@ -54,7 +54,7 @@ def split_model(model: str) -> tuple[str, str | None]:
 def check_adapter(adapter: str) -> dict[str, Any]:
     """The adapter's adapter_config.json, or one line saying why the folder is not an adapter (its config or its
     weights), checked before a large model loads for nothing."""
-    from oasst_train.model import read_adapter_config
+    from oasst_model.load import read_adapter_config
 
     return read_adapter_config(Path(adapter))
 
@@ -95,9 +95,9 @@ def load(cfg: EvalConfig, device: str, adapter_config: dict[str, Any] | None) ->
     import torch
 
     try:
-        from oasst_train.model import load_model
+        from oasst_model.load import load_model
     except ImportError as exc:
-        raise OasstError(f"`oasst eval` loads models with oasst_train.model, which is missing ({exc})") from None
+        raise OasstError(f"`oasst eval` loads models with oasst_model.load, which is missing ({exc})") from None
 
     name, gguf_file = split_model(cfg.model)
     dtype = cfg.dtype
@@ -119,7 +119,7 @@ def load(cfg: EvalConfig, device: str, adapter_config: dict[str, Any] | None) ->
 
 
 def _attach(model: Any, cfg: EvalConfig, adapter_config: dict[str, Any]) -> Any:
-    from oasst_train.model import load_adapter
+    from oasst_model.load import load_adapter
 
     trained_on = adapter_config.get("base_model_name_or_path") or "an unnamed model"
     try:
@@ -146,7 +146,7 @@ def _misfit(message: str) -> str:
 
 def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[list[ModelRun], dict[str, Any]]:
     """Score every requested label; returns the runs and the settings actually used."""
-    from oasst_train import patches
+    from oasst_model import patches
 
     patches.begin_run()
     adapter_config = check_adapter(cfg.adapter) if cfg.adapter else None
@@ -169,7 +169,7 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
     load_seconds = time.perf_counter() - t0
     if "guanaco_test" in cfg.tasks:
         register_tokenizer(name, tokenizer)
-    from oasst_train.model import count_linear4bit
+    from oasst_model.load import count_linear4bit
 
     linear4bit = count_linear4bit(model)
 
@@ -228,7 +228,7 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
 def make_lm(model: Any, tokenizer: Any, batch_size: str | int, cfg: EvalConfig) -> Any:
     """lm-eval's model wrapper: `FastHFLM` when lm-eval's internals are the ones it was written for (patch
     `lm_eval_fast_loglikelihood`), else lm-eval's own `HFLM`, with one warning line."""
-    from oasst_train import patches
+    from oasst_model import patches
 
     # max_batch_size also bounds lm-eval's own search, which loglikelihood_rolling (guanaco_test) still uses.
     common = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size,

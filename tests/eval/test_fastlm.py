@@ -26,7 +26,7 @@ def _instances(pairs: list[tuple[str, str]]) -> list[object]:
 
 @pytest.fixture(scope="module")
 def stories_model(stories: Path) -> tuple[object, object]:
-    from oasst_train.model import load_model
+    from oasst_model.load import load_model
 
     return load_model(str(stories), compute_dtype="float32")
 

@@ -14,7 +14,7 @@ TEXTS = ["Once upon a time, there was a little girl named Lily.", "The sun was b
 def nf4_with_adapter(stories: Path, adapter_dir: Path) -> tuple[object, object]:
     """stories260K in NF4 (fp32 compute) with the suite's trained adapter, in eval mode."""
     pytest.importorskip("bitsandbytes")
-    from oasst_train.model import load_adapter, load_model
+    from oasst_model.load import load_adapter, load_model
 
     model, tokenizer = load_model(str(stories), load_in_4bit=True, compute_dtype="float32")
     model = load_adapter(model, str(adapter_dir))

@@ -52,7 +52,7 @@ def test_changed_lm_eval_internals_score_with_lm_evals_own_hflm(oasst, stories: 
 def _changed(monkeypatch: pytest.MonkeyPatch, name: str, problem: str) -> None:
     """Make patch `name`'s check report `problem`, as it would on a release that changed its target (deleting the
     real target would break the library's own path too: bitsandbytes calls its own dequantize_4bit)."""
-    from oasst_train import patches
+    from oasst_model import patches
 
     patch = patches.PATCHES[name]
     monkeypatch.setitem(patches.PATCHES, name, type(patch)(**{**vars(patch), "check": lambda: problem}))

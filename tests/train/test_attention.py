@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from oasst_train import attention
-from oasst_train.attention import block_causal_mask, fused_attention_layers, use_fused_attention
+from oasst_model import attention
+from oasst_model.attention import block_causal_mask, fused_attention_layers, use_fused_attention
 
 TOL = 1e-5
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from oasst_train.casts import cast_norm_outputs
+from oasst_model.casts import cast_norm_outputs
 
 
 def _loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:

@@ -21,7 +21,7 @@ CONVERSATION = [
 def _tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    from oasst_train.model import set_pad_token
+    from oasst_model.load import set_pad_token
 
     if not path.is_dir():
         pytest.skip(f"{path} not present")

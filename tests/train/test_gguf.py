@@ -73,7 +73,7 @@ def test_gguf_fixture_tokenizer_encodes_like_the_original(stories_gguf: Path, st
     tokenizer = AutoTokenizer.from_pretrained(stories)
     assert gguf_tokenizer.get_vocab() == tokenizer.get_vocab()
     if Version(transformers.__version__) < Version("5.24"):
-        # transformers 5.17 takes `<s>` for EOS and adds no BOS (what oasst_train.model corrects, warning, and
+        # transformers 5.17 takes `<s>` for EOS and adds no BOS (what oasst_model.load corrects, warning, and
         # what the 4-bit test below checks through load_model); 5.24 reads the file's ids.
         assert (gguf_tokenizer.eos_token_id, gguf_tokenizer("a").input_ids[0]) == (1, tokenizer("a").input_ids[1])
         return
@@ -88,7 +88,7 @@ def test_gguf_fixture_tokenizer_encodes_like_the_original(stories_gguf: Path, st
 
 @pytest.mark.slow
 def test_gguf_model_loads_in_4bit_with_the_weights_of_its_float_original(stories_gguf: Path, stories: Path) -> None:
-    from oasst_train.model import count_linear4bit, load_model
+    from oasst_model.load import count_linear4bit, load_model
 
     net, tokenizer = load_model(str(stories_gguf), load_in_4bit=True, compute_dtype="float32")
     reference, reference_tokenizer = load_model(str(stories), load_in_4bit=True, compute_dtype="float32")

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from oasst_train import lora_fused
-from oasst_train.lora_fused import fuse_lora_forward, fused_lora_modules, seeded_dropout_mask, unfuse_lora_forward
+from oasst_model import lora_fused
+from oasst_model.lora_fused import fuse_lora_forward, fused_lora_modules, seeded_dropout_mask, unfuse_lora_forward
 from tests.train.conftest import GUANACO, read_summary
 
 TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -51,8 +51,8 @@ def _lora_falcon(tiny_falcon: Path, base: str, *, bf16: bool = False, lora_dtype
     """
     from peft import LoraConfig, get_peft_model
 
-    from oasst_train.casts import cast_norm_outputs
-    from oasst_train.model import load_model
+    from oasst_model.casts import cast_norm_outputs
+    from oasst_model.load import load_model
 
     net, _ = load_model(str(tiny_falcon), load_in_4bit=base == "4bit",
                         compute_dtype="bfloat16" if bf16 and base == "4bit" else "float32")

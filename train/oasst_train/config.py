@@ -111,7 +111,7 @@ REQUIRED = ("model", "data", "out")
 def load_yaml(path: Path, origins: dict[str, str] | None = None) -> dict[str, Any]:
     """The mapping in a YAML recipe, with every unknown key reported in one error; `origins` gets `PATH:LINE`
     of each key, for messages about its value."""
-    from oasst_train.files import read_yaml_mapping
+    from oasst_tools.files import read_yaml_mapping
 
     raw, where = read_yaml_mapping(path)
     unknown = sorted(k for k in raw if k not in FIELDS)

@@ -146,7 +146,7 @@ def _row_text(row: dict[str, Any], where: str) -> str:
 
 def _read_jsonl(path: Path) -> list[str]:
     """Texts of an `oasst build` JSONL split; every row is checked here, so a bad one is named with its line."""
-    from oasst_train.files import decode_utf8, read_bytes
+    from oasst_tools.files import decode_utf8, read_bytes
 
     texts = []
     # One read: the files are a few MB, and bytes let a bad byte be reported with its line.
@@ -176,7 +176,7 @@ def _read_jsonl(path: Path) -> list[str]:
 def _read_datasets(data: str) -> dict[str, list[str]]:
     """Texts of a `save_to_disk` folder or a hub dataset, split by split."""
     from oasst_tools.hub import assume_offline, hub_candidate, hub_reachable, in_hub_cache, offline_reason
-    from oasst_train.files import path_problem
+    from oasst_tools.files import path_problem
 
     path = Path(data)
     from_hub = False

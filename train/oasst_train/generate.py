@@ -28,8 +28,8 @@ class Reply:
 
 def base_settings(adapter: Path, base: str | None = None) -> dict[str, Any]:
     """How the adapter's base model was loaded in training (model, 4-bit settings), from train_config.yaml."""
-    from oasst_train.files import read_yaml_mapping
-    from oasst_train.model import check_source, read_adapter_config
+    from oasst_tools.files import read_yaml_mapping
+    from oasst_model.load import check_source, read_adapter_config
 
     adapter_config = read_adapter_config(adapter)
     settings: dict[str, Any] = {"load_in_4bit": False, "compute_dtype": "float32"}
@@ -61,7 +61,7 @@ def load_for_inference(adapter: Path, base: str | None = None,
 
     import torch
 
-    from oasst_train.model import load_adapter, load_model
+    from oasst_model.load import load_adapter, load_model
 
     on_gpu = torch.cuda.is_available()
     model, tokenizer = load_model(

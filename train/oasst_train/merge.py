@@ -24,7 +24,7 @@ def merge_adapter(adapter: Path, out: Path, *, base: str | None = None, dtype: s
                   tolerance: float | None = None) -> dict[str, Any]:
     """Write the merged model (+ tokenizer) to `out`; returns dtype, parameters and the logit check."""
     from oasst_tools.output import check_apart
-    from oasst_train.files import check_out_folder
+    from oasst_tools.files import check_out_folder
     from oasst_train.generate import base_settings
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -36,7 +36,7 @@ def merge_adapter(adapter: Path, out: Path, *, base: str | None = None, dtype: s
     import torch
 
     from oasst_train.generate import load_for_inference
-    from oasst_train.model import load_adapter, load_model
+    from oasst_model.load import load_adapter, load_model
 
     # The check runs in float32 so that it can be tight: the reference dequantizes the same 4-bit weights whatever
     # the compute dtype, and a float32 merge differs from it only by summation order.
@@ -75,7 +75,7 @@ def merge_adapter(adapter: Path, out: Path, *, base: str | None = None, dtype: s
     except BaseException as exc:
         # A full disk or a file-size limit mid-save: no half-written model is left behind.
         shutil.rmtree(tmp, ignore_errors=True)
-        from oasst_train.files import write_failure
+        from oasst_tools.files import write_failure
 
         reason = write_failure(exc)
         if reason is None:

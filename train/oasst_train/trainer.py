@@ -35,7 +35,7 @@ PACKING_MIN_TRANSFORMERS = "5.24.0"
 def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses to overwrite an earlier run."""
     from oasst_tools.output import check_apart
-    from oasst_train.files import check_out_folder
+    from oasst_tools.files import check_out_folder
 
     out = Path(cfg.out)
     check_apart(out, [("--data", cfg.data), ("--model", cfg.model)])
@@ -57,7 +57,7 @@ def check_targets(model: Any, targets: list[str]) -> None:
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
     unknown = [t for t in targets if t not in names]
     if unknown:
-        from oasst_train.model import lora_target_modules, model_name
+        from oasst_model.load import lora_target_modules, model_name
 
         raise OasstError(f"--target-modules {','.join(unknown)}: {model_name(model)} has no layer of that name "
                          f"(its linear layers: {', '.join(lora_target_modules(model))})")
@@ -68,7 +68,7 @@ def check_packing(model: Any) -> None:
     import transformers
     from packaging.version import Version
 
-    from oasst_train.attention import fused_attention_layers
+    from oasst_model.attention import fused_attention_layers
 
     if fused_attention_layers(model):
         return  # the fused path builds its own block mask from the position ids (tests/train/test_attention.py)
@@ -90,7 +90,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     `announce` runs once the cheap checks passed (the CLI prints the resolved config then, so that a bad input is
     the only line of output)."""
     from oasst_train.data import read_rows
-    from oasst_train.model import check_source
+    from oasst_model.load import check_source
 
     # Cheap checks first: a typo should not cost the ten seconds of importing torch and transformers.
     checkpoint = check_out(cfg, resume)
@@ -104,13 +104,13 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
 
     from oasst_train.callbacks import ProgressCallback, SaveOnSignal
     from oasst_train.data import build_dataset
-    from oasst_train.attention import fused_attention_layers
-    from oasst_train.casts import cast_norm_outputs
-    from oasst_train.lora_fused import fuse_lora_forward
-    from oasst_train.model import count_linear4bit, load_model, lora_target_modules
+    from oasst_model.attention import fused_attention_layers
+    from oasst_model.casts import cast_norm_outputs
+    from oasst_model.lora_fused import fuse_lora_forward
+    from oasst_model.load import count_linear4bit, load_model, lora_target_modules
     from oasst_train.report import device_name, peak_memory_bytes, versions
 
-    from oasst_train import patches
+    from oasst_model import patches
 
     patches.begin_run()
     started = time.perf_counter()
@@ -364,14 +364,14 @@ def _write_config(cfg: TrainConfig, path: Path, targets: list[str]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        from oasst_train.files import write_error
+        from oasst_tools.files import write_error
 
         raise write_error(exc, path, "the run's config") from None
 
 
 def _check_same_run(cfg: TrainConfig, out: Path) -> None:
     """Refuse a --resume whose config would change the data order or the optimizer's meaning."""
-    from oasst_train.files import read_yaml_mapping
+    from oasst_tools.files import read_yaml_mapping
 
     saved_file = out / CONFIG_NAME
     if not saved_file.is_file():

@@ -1,6 +1,6 @@
 """LoRA's update added inside the matmul that computes it, not by a clone, a scale and an add over the layer output.
 
-    from oasst_train.lora_fused import fuse_lora_forward, unfuse_lora_forward
+    from oasst_model.lora_fused import fuse_lora_forward, unfuse_lora_forward
     fuse_lora_forward(peft_model)      # LoRA linears switched: 128 for Falcon-7B's four targets
     fuse_lora_forward(peft_model, seeded_dropout=True)  # the same, with the LoRA dropout below
     unfuse_lora_forward(peft_model)    # peft's own forward again
@@ -50,7 +50,7 @@ def fuse_lora_forward(model: Any, *, seeded_dropout: bool = False) -> int:
     Guarded by the patch registry (`fused_lora`): when peft changed the forward or the attributes read here, nothing
     is switched and peft's own forward runs, with one warning line.
     """
-    from oasst_train import patches
+    from oasst_model import patches
 
     kinds = _lora_kinds()
     # Exact types: a subclass may have a forward of its own.

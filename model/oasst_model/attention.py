@@ -1,6 +1,6 @@
 """Fused attention for Falcon's multi-query layers, and packed rows that cannot leak.
 
-    from oasst_train.attention import use_fused_attention
+    from oasst_model.attention import use_fused_attention
     layers = use_fused_attention(model)      # 32 for Falcon-7B, 0 for models it does not apply to
 
 Why: Falcon-7B hands `scaled_dot_product_attention` keys and values with 1 head against 71 query heads plus a
@@ -22,7 +22,7 @@ What the fused path does, per forward of the whole model (decided once, not per 
 
 Written for transformers 5.17 and 5.24 (`forward(hidden_states, alibi, attention_mask, ...)`, `_split_heads`) and
 5.25 (`forward(hidden_states, attention_mask, ...)`, heads split inline): arguments are read by name from the
-installed signature. The patch registry (oasst_train.patches, `falcon_fused_attention`) checks the target before
+installed signature. The patch registry (oasst_model.patches, `falcon_fused_attention`) checks the target before
 switching anything and leaves transformers' own attention in place, with a warning, when it changed.
 """
 
@@ -50,13 +50,13 @@ class _Plan:
 def use_fused_attention(model: Any) -> int:
     """Route Falcon attention through sdpa's fused kernels (see the module doc); returns the layers switched.
 
-    Guarded by the patch registry (oasst_train.patches, `falcon_fused_attention`): when transformers changed
+    Guarded by the patch registry (oasst_model.patches, `falcon_fused_attention`): when transformers changed
     FalconAttention (its forward's parameters, the attributes read here), nothing is switched and transformers' own
     attention runs, with one warning line.
     """
     from transformers.models.falcon.modeling_falcon import FalconAttention, FalconModel
 
-    from oasst_train import patches
+    from oasst_model import patches
 
     bodies = [m for m in model.modules() if isinstance(m, FalconModel)
               and getattr(m.config, "_attn_implementation", "sdpa") == "sdpa" and not getattr(m.config, "alibi", False)]

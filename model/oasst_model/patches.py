@@ -1,6 +1,6 @@
 """Every place oasst-tools replaces or wraps another library's internals, in one registry, each guarded.
 
-    from oasst_train import patches
+    from oasst_model import patches
     if patches.applies("falcon_fused_attention"):   # checks the target; warns and says False when it changed
         ...patch...
         patches.activated("falcon_fused_attention", layers)

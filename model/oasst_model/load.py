@@ -2,7 +2,7 @@
 
 Shared by `oasst train`, `oasst merge`, `oasst generate`, `oasst chat` and the `oasst eval` plug-in:
 
-    from oasst_train.model import load_model, load_adapter, count_linear4bit
+    from oasst_model.load import load_model, load_adapter, count_linear4bit
     model, tokenizer = load_model("../shared/models/stories260K")
     model = load_adapter(model, "out/adapter")
 
@@ -44,7 +44,7 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Base model and tokenizer from a local folder, a hub id or a `.gguf` file, optionally in 4-bit.
 
-    `fused_attention` switches Falcon's multi-query attention to sdpa's fused kernels (oasst_train.attention);
+    `fused_attention` switches Falcon's multi-query attention to sdpa's fused kernels (oasst_model.attention);
     it does nothing for other models or when another attention implementation is asked for.
     """
     import torch
@@ -84,7 +84,7 @@ def load_model(
                           stacklevel=2)
     set_pad_token(tokenizer, net)
     if fused_attention and getattr(net.config, "_attn_implementation", None) == "sdpa":
-        from oasst_train.attention import use_fused_attention
+        from oasst_model.attention import use_fused_attention
 
         use_fused_attention(net)
     return net, tokenizer
@@ -120,7 +120,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     """The adapter_config.json of a LoRA adapter folder, checked (with its weights file) before any model loads:
     one error line naming the file for a missing folder, a config that is not a LoRA config, or weights that
     are missing, truncated or not safetensors."""
-    from oasst_train.files import check_safetensors, missing_file, read_json_object
+    from oasst_tools.files import check_safetensors, missing_file, read_json_object
 
     if not folder.is_dir():
         if folder.exists():
@@ -168,7 +168,7 @@ def check_source(model: str, gguf_file: str | None = None) -> None:
 def check_model_folder(path: Path) -> None:
     """One error line naming the file when a model folder's config.json is not a JSON object or one of its
     safetensors files is missing, truncated or not safetensors (what from_pretrained would die on)."""
-    from oasst_train.files import check_safetensors, read_json_object
+    from oasst_tools.files import check_safetensors, read_json_object
 
     config_file = path / "config.json"
     if not config_file.exists():
@@ -225,7 +225,7 @@ def _resolve_source(model: str, gguf_file: str | None) -> tuple[str, str | None]
     """(folder or hub id, gguf file name) from what the user typed; missing local paths fail here."""
     from oasst_tools.hub import assume_offline, hub_cache_dir, hub_candidate, hub_reachable, in_hub_cache
     from oasst_tools.hub import offline_reason
-    from oasst_train.files import missing_file
+    from oasst_tools.files import missing_file
 
     path = Path(model)
     if path.suffix == ".gguf":
@@ -416,10 +416,10 @@ def _plain_falcon_linear(enabled: bool) -> Iterator[None]:
 
     transformers 5.x (checked 5.17, 5.24 and 5.25) replaces only `type(module) is nn.Linear`; Falcon's `FalconLinear`
     subclass (same weights, forward = x @ W.T + b) is skipped and the model silently stays in 16 bits. Registered as
-    the `falcon_4bit_linear` patch (oasst_train.patches): when FalconLinear changed, the swap is skipped with a warning
+    the `falcon_4bit_linear` patch (oasst_model.patches): when FalconLinear changed, the swap is skipped with a warning
     and the 4-bit count check decides. Delete when `replace_with_bnb_linear` accepts `nn.Linear` subclasses.
     """
-    from oasst_train import patches
+    from oasst_model import patches
 
     if not enabled or not patches.applies("falcon_4bit_linear"):
         yield
@@ -446,7 +446,7 @@ def _keep_cpu_weights_unpacked(model: Any) -> None:
     """
     import bitsandbytes as bnb
 
-    from oasst_train import patches
+    from oasst_model import patches
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     if not layers or not patches.applies("bnb_cpu_weights_unpacked"):

@@ -1,6 +1,6 @@
 """LayerNorm outputs handed on in the autocast dtype once, instead of fp32 that every consumer casts again.
 
-    from oasst_train.casts import cast_norm_outputs
+    from oasst_model.casts import cast_norm_outputs
     cast_norm_outputs(model)        # number of LayerNorm modules hooked
 
 Why: autocast runs `layer_norm` in fp32 and returns fp32. In Falcon one norm output feeds the fused QKV layer,
@@ -21,7 +21,7 @@ def cast_norm_outputs(model: Any) -> int:
     """Hook every `nn.LayerNorm` of `model` to return the autocast dtype under autocast; returns the count."""
     import torch
 
-    from oasst_train import patches
+    from oasst_model import patches
 
     norms = [m for m in model.modules()
              if isinstance(m, torch.nn.LayerNorm) and not getattr(m, "_oasst_cast_hook", False)]
