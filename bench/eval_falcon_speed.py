@@ -7,8 +7,8 @@ Timed span, the same for all: lm-eval's `simple_evaluate` on already-built tasks
 so it includes request building, the batch-size search of `auto`, scoring and metrics, not imports or loading.
 
     # on the GPU machine, from the repo root (wheels unpacked into .gpu/site, see docs/gpu.md):
-    PYTHONPATH=.:train:eval:.gpu/site python bench/eval_falcon_speed.py prepare     # ~2 min, 14 GB on disk
-    PYTHONPATH=.:train:eval:.gpu/site python bench/eval_falcon_speed.py run --limit 2000
+    PYTHONPATH=.:model:train:eval:.gpu/site python bench/eval_falcon_speed.py prepare     # ~2 min, 14 GB on disk
+    PYTHONPATH=.:model:train:eval:.gpu/site python bench/eval_falcon_speed.py run --limit 2000
 
 Configurations (`run --only a,b` picks some; `--merge` keeps earlier runs in the same JSON):
     lm_eval_bs64                 plain lm-eval, bf16, batch 64 (its best setting measured so far: 164 items/s)

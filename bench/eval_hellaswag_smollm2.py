@@ -5,7 +5,7 @@ the same dtype, the same local data and the same batch-size setting (lm-eval's `
 acc / acc_norm must be identical. Times are whole commands (imports, task index, model load, scoring).
 
     # on the GPU machine, from the repo root (wheels unpacked into .gpu/site, see the report / docs/gpu.md):
-    PYTHONPATH=.:train:eval:.gpu/site python bench/eval_hellaswag_smollm2.py \
+    PYTHONPATH=.:model:train:eval:.gpu/site python bench/eval_hellaswag_smollm2.py \
         --gguf bench/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --data-dir bench/data
 
 Writes bench/results/eval_hellaswag_smollm2.json and prints a table last.

@@ -9,10 +9,10 @@ the English OASST1 validation messages, with a held-out test split by tree (--te
 `oasst train` runs through the library (`run_training`) on train/recipes/smollm2-135m-guanaco.yaml in NF4.
 
     # on the GPU machine, from the repo root (wheels unpacked into .gpu/site, see ../shared/docs/gpu.md):
-    PYTHONPATH=.:train:eval:.gpu/site python bench/train_smollm2.py
+    PYTHONPATH=.:model:train:eval:.gpu/site python bench/train_smollm2.py
 
     # anywhere, on CPU, in about 3 minutes on 2 cores (2 tiny steps; results go to /tmp, not bench/results):
-    PYTHONPATH=.:train:eval python bench/train_smollm2.py --cpu-smoke
+    PYTHONPATH=.:model:train:eval python bench/train_smollm2.py --cpu-smoke
 
 Writes bench/results/train_smollm2-<date>.json and prints a table last.
 """
