@@ -1,4 +1,4 @@
-"""`oasst train`: setup -> train -> save, on trl's SFTTrainer with transformers' checkpointing.
+"""`oasst train`: cheap checks -> prepare_model -> build_data -> build_trainer -> train -> summarize -> save, on trl's SFTTrainer.
 
     summary = run_training(resolve_config(Path("train/recipes/tiny-cpu.yaml"), {}), resume=False)
 
@@ -16,6 +16,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +84,43 @@ def disable_kv_cache(model: Any) -> None:
     model.config.use_cache = False
 
 
+@dataclass
+class Prepared:
+    """The base model as training uses it (before LoRA), its tokenizer, and what was done to it."""
+
+    model: Any
+    tokenizer: Any
+    load_seconds: float
+    linear4bit: int
+    fused_attention_layers: int
+
+
+@dataclass
+class Data:
+    """The tokenized splits a run trains and evaluates on."""
+
+    train: Any
+    eval: Any | None
+
+
+@dataclass
+class Built:
+    """The trainer, with the LoRA adapter on `targets`, and the LoRA modules switched to the fused forward."""
+
+    trainer: Any
+    targets: list[str]
+    fused_lora: int
+
+
 def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None, progress: bool = True,
                  announce: Callable[[], None] | None = None) -> dict:
     """Train a LoRA adapter as `cfg` says; returns the summary also written to `out/train_summary.json`.
 
+    The stages: cheap checks, `prepare_model`, `build_data`, `build_trainer`, `train`, `summarize`, then the outputs.
     `announce` runs once the cheap checks passed (the CLI prints the resolved config then, so that a bad input is
     the only line of output)."""
-    from oasst_train.data import read_rows
     from oasst_model.load import check_source
+    from oasst_train.data import read_rows
 
     # Cheap checks first: a typo should not cost the ten seconds of importing torch and transformers.
     checkpoint = check_out(cfg, resume)
@@ -100,25 +130,37 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     if announce is not None:
         announce()
 
-    import torch
-
-    from oasst_train.callbacks import ProgressCallback, SaveOnSignal
-    from oasst_train.data import build_dataset
-    from oasst_model.attention import fused_attention_layers
-    from oasst_model.casts import cast_norm_outputs
-    from oasst_model.lora_fused import fuse_lora_forward
-    from oasst_model.load import count_linear4bit, load_model, lora_target_modules
-    from oasst_train.report import device_name, peak_memory_bytes, versions
-
     from oasst_model import patches
+    from oasst_train.callbacks import ProgressCallback
 
     patches.begin_run()
+    prepared = prepare_model(cfg)
+    data = build_data(cfg, prepared.tokenizer, rows)
+    out.mkdir(parents=True, exist_ok=True)
+    built = build_trainer(cfg, prepared, data, fresh=checkpoint is None)
+    _write_config(cfg, out / CONFIG_NAME, built.targets)
+    bar = ProgressCallback(console=console, enabled=progress)
+    train(cfg, built, bar, checkpoint, has_eval=data.eval is not None)
+    summary = summarize(cfg, prepared, built, bar, checkpoint)
+    if built.trainer.is_world_process_zero():
+        _save_outputs(built.trainer, prepared.tokenizer, cfg, built.targets, summary, out)
+    return summary
+
+
+def prepare_model(cfg: TrainConfig) -> Prepared:
+    """Every change to the base model before LoRA, in one place: load it (4-bit with Falcon's fix, fused attention),
+    turn its KV cache off, refuse leaking packing, hand LayerNorm outputs on in the autocast dtype."""
+    import torch
+
+    from oasst_model.attention import fused_attention_layers
+    from oasst_model.casts import cast_norm_outputs
+    from oasst_model.load import count_linear4bit, load_model
+
     started = time.perf_counter()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    on_gpu = torch.cuda.is_available()
     model, tokenizer = load_model(
         cfg.model, load_in_4bit=cfg.load_in_4bit, compute_dtype=cfg.compute_dtype, quant_type=cfg.quant_type,
-        double_quant=cfg.double_quant, device_map={"": local_rank} if on_gpu else None,
+        double_quant=cfg.double_quant, device_map={"": local_rank} if torch.cuda.is_available() else None,
         attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
         fused_attention=cfg.fused_attention,
     )
@@ -128,26 +170,45 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
         check_packing(model)
     if cfg.cast_norm_outputs and cfg.precision in ("bf16", "fp16"):
         cast_norm_outputs(model)
-    linear4bit = count_linear4bit(model)
-    fused_layers = fused_attention_layers(model)
+    return Prepared(model, tokenizer, load_seconds, count_linear4bit(model), fused_attention_layers(model))
+
+
+def build_data(cfg: TrainConfig, tokenizer: Any, rows: dict[str, list[str]]) -> Data:
+    """The train (and test) rows tokenized, with the loss mask `loss_on` asks for."""
+    from oasst_train.data import build_dataset
+
     assistant_only = cfg.loss_on == "assistant"
     train_set = build_dataset(tokenizer, rows["train"], assistant_only)
     eval_set = build_dataset(tokenizer, rows["test"], assistant_only) if rows.get("test") else None
-    targets = list(cfg.target_modules) or lora_target_modules(model)
-    check_targets(model, targets)
+    return Data(train_set, eval_set)
 
-    out.mkdir(parents=True, exist_ok=True)
-    _write_config(cfg, out / CONFIG_NAME, targets)
-    trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, targets, fresh=checkpoint is None)
+
+def build_trainer(cfg: TrainConfig, prepared: Prepared, data: Data, *, fresh: bool) -> Built:
+    """The SFTTrainer with LoRA on the configured (or every linear) layer, and the LoRA modules' fused forward."""
+    from oasst_model.load import lora_target_modules
+    from oasst_model.lora_fused import fuse_lora_forward
+
+    targets = list(cfg.target_modules) or lora_target_modules(prepared.model)
+    check_targets(prepared.model, targets)
+    trainer = _build_trainer(cfg, prepared.model, prepared.tokenizer, data.train, data.eval, targets, fresh=fresh)
     # SFTTrainer wraps the model in LoRA (get_peft_model from peft_config): the LoRA modules exist only from here on.
-    fused_lora = fuse_lora_forward(trainer.model, seeded_dropout=cfg.seeded_lora_dropout) if cfg.fused_lora else 0
-    bar = ProgressCallback(console=console, enabled=progress)
+    fused = fuse_lora_forward(trainer.model, seeded_dropout=cfg.seeded_lora_dropout) if cfg.fused_lora else 0
+    return Built(trainer, targets, fused)
+
+
+def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, has_eval: bool) -> None:
+    """Run the optimizer steps (from `checkpoint` when resuming); SIGTERM/SIGINT save a checkpoint and stop with
+    one error line; the last step is evaluated when the schedule did not."""
+    import torch
+
+    from oasst_train.callbacks import SaveOnSignal
+
+    trainer = built.trainer
     stopper = SaveOnSignal()
     trainer.add_callback(bar)
     trainer.add_callback(stopper)
-    if on_gpu:
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-
     stopper.install()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -156,22 +217,27 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     state = trainer.state
     if stopper.received is not None:
         name = signal.Signals(stopper.received).name
-        raise OasstError(f"stopped by {name} at step {state.global_step}; checkpoint saved in {out / CHECKPOINTS}; "
-                         "continue with the same command and --resume")
+        raise OasstError(f"stopped by {name} at step {state.global_step}; checkpoint saved in "
+                         f"{Path(cfg.out) / CHECKPOINTS}; continue with the same command and --resume")
     evaluated_last = any("eval_loss" in e and e.get("step") == state.global_step for e in state.log_history)
-    if eval_set is not None and not evaluated_last:
+    if has_eval and not evaluated_last:
         trainer.evaluate()
 
-    summary = _summary(cfg, trainer, bar, linear4bit, load_seconds, checkpoint)
+
+def summarize(cfg: TrainConfig, prepared: Prepared, built: Built, bar: Any, checkpoint: Path | None) -> dict:
+    """What `train_summary.json` records: steps, losses, tokens/s, memory, 4-bit layers, the patches that ran."""
+    from oasst_model import patches
+    from oasst_train.report import device_name, peak_memory_bytes, versions
+
+    trainer = built.trainer
+    summary = _summary(cfg, trainer, bar, prepared.linear4bit, prepared.load_seconds, checkpoint)
     summary.update(steady_tokens_per_second=bar.steady_tokens_per_second, warmup_steps=bar.warmup_steps(),
                    step_seconds=[round(s, 4) for s in bar.step_seconds], steady_window=bar.steady_window(),
-                   fused_attention_layers=fused_layers, fused_lora_modules=fused_lora,
+                   fused_attention_layers=prepared.fused_attention_layers, fused_lora_modules=built.fused_lora,
                    # True only where it replaced a dropout: fused modules and a dropout to replace (p 0 is Identity).
-                   seeded_lora_dropout=bool(fused_lora and cfg.seeded_lora_dropout and cfg.lora_dropout > 0))
+                   seeded_lora_dropout=bool(built.fused_lora and cfg.seeded_lora_dropout and cfg.lora_dropout > 0))
     summary.update(peak_memory_bytes=peak_memory_bytes(), versions=versions(), device=device_name(),
                    replica_checksums=replica_checksums(trainer.model), patches=patches.report())
-    if trainer.is_world_process_zero():
-        _save_outputs(trainer, tokenizer, cfg, targets, summary, out)
     return summary
 
 
