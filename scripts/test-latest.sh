@@ -26,7 +26,7 @@ pins = dict(re.findall(r"^([\w-]+)==(\S+)", Path("constraints.txt").read_text(),
 print(f"{'library':<14}{'pinned':>10}{'installed':>12}")
 for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "lm-eval", "datasets"):
     print(f"{name:<14}{pins.get(name, '-'):>10}{md.version(name):>12}")
-from oasst_train import patches
+from oasst_model import patches
 
 for name, problem in patches.check_all().items():
     print(f"patch {name:<30} {'ok' if problem is None else 'CHANGED: ' + problem}")

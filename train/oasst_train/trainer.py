@@ -1,4 +1,4 @@
-"""`oasst train`: cheap checks -> prepare_model -> build_data -> build_trainer -> train -> summarize -> save, on trl's SFTTrainer.
+"""`oasst train`: checks -> prepare_model -> build_data -> build_trainer -> train -> summarize -> save (trl SFT).
 
     summary = run_training(resolve_config(Path("train/recipes/tiny-cpu.yaml"), {}), resume=False)
 
