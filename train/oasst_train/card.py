@@ -1,0 +1,192 @@
+"""The adapter's model card (README.md): what it was trained from, how, with what result, and how to load it.
+
+    text = model_card(summary, config, eval_summary=None)
+
+peft writes an empty template (`# Model Card for Model ID`, `[More Information Needed]`) and transformers' Trainer a
+card that says "fine-tuned version of [None]"; this one says what a user of the adapter needs. Standard library and
+PyYAML only; everything it shows comes from the run's own records (train_config.yaml, train_summary.json, the data
+folder's build_report.json and README.md, an eval_summary.json beside the adapter).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# train_summary.json keys shown in the results table, in order, with their labels.
+RESULT_ROWS = (
+    ("global_step", "optimizer steps"), ("tokens_seen", "tokens seen (real, not padding)"),
+    ("train_loss_first", "train loss, first logged"), ("train_loss_last", "train loss, last logged"),
+    ("eval_loss_first", "held-out loss before training"), ("eval_loss", "held-out loss after training"),
+    ("linear4bit_layers", "4-bit linear layers"), ("trainable_parameters", "trainable parameters"),
+    ("real_tokens_per_second", "real tokens per second"), ("device", "device"),
+)
+
+
+def model_card(summary: Mapping[str, Any], config: Mapping[str, Any], *,
+               eval_summary: Mapping[str, Any] | None = None, out_name: str = "adapter") -> str:
+    """README.md for a finished adapter: YAML header, base model, data, training, results, evaluation, usage."""
+    base = str(config.get("model") or summary.get("base_model") or "unknown base model")
+    data = str(config.get("data") or "")
+    header = _front_matter(base, data)
+    parts = [header, f"# {out_name}: a LoRA adapter for `{base}`, trained with oasst-tools\n",
+             _base_section(base, config, summary), _data_section(data, config), _training_section(config),
+             _results_section(summary)]
+    if eval_summary:
+        parts.append(_eval_section(eval_summary))
+    parts += [_usage_section(base, out_name, config), _license_section(base)]
+    return "\n".join(part.rstrip() + "\n" for part in parts)
+
+
+def _front_matter(base: str, data: str) -> str:
+    import yaml
+
+    meta: dict[str, Any] = {"base_model": base, "library_name": "peft", "license": "apache-2.0",
+                            "pipeline_tag": "text-generation",
+                            "tags": ["lora", "qlora", "oasst-tools", "sft", "openassistant"]}
+    inputs = _build_report(data).get("inputs") or []
+    hub_ids = [i for i in inputs if isinstance(i, str) and "/" in i and not Path(i).exists()]
+    if hub_ids:
+        meta["datasets"] = hub_ids
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def _base_section(base: str, config: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+    if config.get("load_in_4bit"):
+        quant = (f"quantized to 4 bits ({config.get('quant_type', 'nf4')}"
+                 f"{', double quantization' if config.get('double_quant') else ''}) with bitsandbytes while "
+                 f"training; {summary.get('linear4bit_layers', '?')} linear layers in 4-bit, compute dtype "
+                 f"{config.get('compute_dtype')}")
+    else:
+        quant = f"loaded unquantized in {config.get('compute_dtype')}"
+    return (f"## Base model\n\n`{base}`, {quant}. The adapter learned against that base: load the base the same way "
+            "(`oasst generate`, `oasst chat` and `oasst eval --adapter` read it from `train_config.yaml`).\n")
+
+
+def _data_section(data: str, config: Mapping[str, Any]) -> str:
+    lines = ["## Data", ""]
+    report = _build_report(data)
+    if report:
+        rows = ", ".join(f"{split} {count:,}" for split, count in report.get("rows", {}).items())
+        langs = {lang for by in report.get("rows_by_lang", {}).values() for lang in by}
+        lines.append(f"`{data}`, built by `oasst build` from {', '.join(f'`{i}`' for i in report.get('inputs', []))}: "
+                     f"{report.get('trees_read', '?'):,} trees, {report.get('messages_read', '?'):,} messages "
+                     f"read; rows {rows}; languages {', '.join(sorted(langs)) or '?'}.")
+        dropped = report.get("dropped") or {}
+        if dropped:
+            lines.append("Dropped by the selection rules: "
+                         + ", ".join(f"{reason} {count:,}" for reason, count in sorted(dropped.items())) + ".")
+        filters = _build_filters(data)
+        if filters:
+            lines.append(f"Selection and filters: {filters}.")
+    elif data:
+        lines.append(f"`{data}`.")
+    else:
+        lines.append("(not recorded)")
+    loss = "assistant replies only (human turns masked)" if config.get("loss_on") == "assistant" else "every token"
+    lines.append(f"Loss on {loss}; rows cut at {config.get('max_length')} tokens"
+                 f"{'; packed' if config.get('packing') else ''}.")
+    return "\n".join(lines) + "\n"
+
+
+def _training_section(config: Mapping[str, Any]) -> str:
+    import yaml
+
+    batch = config.get("batch_size"), config.get("grad_accum")
+    lines = ["## Training", "",
+             f"LoRA r {config.get('lora_r')}, alpha {config.get('lora_alpha')}, dropout {config.get('lora_dropout')} "
+             f"on {', '.join(config.get('target_modules') or []) or 'every linear layer'}; "
+             f"{batch[0]} x {batch[1]} sequences per optimizer step, learning rate {config.get('learning_rate')} "
+             f"({config.get('lr_scheduler')}), {config.get('optim')}, precision {config.get('precision')}.",
+             "", "The resolved configuration (`train_config.yaml`, rerun with `oasst train --config train_config.yaml`):",
+             "", "```yaml", yaml.safe_dump(dict(config), sort_keys=False).rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _results_section(summary: Mapping[str, Any]) -> str:
+    lines = ["## Results", "", "| what | value |", "|---|---|"]
+    for key, label in RESULT_ROWS:
+        value = summary.get(key)
+        if value is None:
+            continue
+        lines.append(f"| {label} | {_number(value)} |")
+    lines += ["", "`loss.png` plots the training and held-out loss; `train_summary.json` has every figure."]
+    return "\n".join(lines) + "\n"
+
+
+def _eval_section(eval_summary: Mapping[str, Any]) -> str:
+    lines = ["## Evaluation (`oasst eval`)", "", "| label | task | metric | value |", "|---|---|---|---|"]
+    for label in ("base", "adapter"):
+        for task, metrics in (eval_summary.get(label) or {}).items():
+            for metric, value in (metrics or {}).items():
+                if isinstance(value, (int, float)) and "stderr" not in metric:
+                    lines.append(f"| {label} | {task} | {metric} | {_number(value)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _usage_section(base: str, out_name: str, config: Mapping[str, Any]) -> str:
+    quant = ""
+    if config.get("load_in_4bit"):
+        quant = (f"\nbnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"{config.get('quant_type', 'nf4')}\",\n"
+                 f"                         bnb_4bit_use_double_quant={bool(config.get('double_quant'))},\n"
+                 f"                         bnb_4bit_compute_dtype=torch.{config.get('compute_dtype')})")
+    load_args = ", quantization_config=bnb" if quant else f", dtype=torch.{config.get('compute_dtype')}"
+    return f"""## Use
+
+```console
+oasst generate {out_name} --prompt "Write a haiku about the sea."
+oasst chat {out_name}
+oasst eval --adapter {out_name} --tasks hellaswag
+```
+
+With peft (Falcon in 4-bit also needs oasst-tools' loader, which quantizes its `FalconLinear` layers):
+
+```python
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+{quant}
+base = AutoModelForCausalLM.from_pretrained("{base}"{load_args})
+model = PeftModel.from_pretrained(base, "{out_name}")
+tokenizer = AutoTokenizer.from_pretrained("{out_name}")
+```
+"""
+
+
+def _license_section(base: str) -> str:
+    return ("## License\n\nThe adapter and the training data (OpenAssistant Conversations) are Apache-2.0; the base "
+            f"model `{base}` keeps its own license.\n")
+
+
+def _build_report(data: str) -> dict[str, Any]:
+    """The data folder's build_report.json, or {} when it is not an `oasst build` output."""
+    if not data:
+        return {}
+    path = Path(data) / "build_report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _build_filters(data: str) -> str:
+    """The `Filters:` line of the data folder's card (what selection and filters built it), or ''."""
+    try:
+        card = (Path(data) / "README.md").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return ""
+    for line in card.splitlines():
+        if line.startswith("Filters: "):
+            return line.removeprefix("Filters: ").strip()
+    return ""
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.4f}" if abs(value) < 1000 else f"{value:,.0f}"
