@@ -14,14 +14,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import repeat
+from itertools import count, repeat
 from typing import TYPE_CHECKING, Any, Literal
 
 from oasst_tools.errors import OasstInputError
-from oasst_tools.records import NUMBER_TYPES, normalize_labels
-from oasst_tools.read import subtree_ids
+from oasst_tools.records import FLAG_REASON, NUMBER_TYPES, normalize_labels
+from oasst_tools.read import subtree_records
 from oasst_tools.schema import Message, Tree
-from oasst_tools.walk import Thread, best_thread, leaf_threads, top_k_threads
+from oasst_tools.walk import Thread, best_thread, leaf_threads, sibling_key, top_k_threads
 
 if TYPE_CHECKING:
     from oasst_tools.read import RawTree
@@ -83,10 +83,9 @@ def record_drop_reason(record: Mapping[str, Any], sel: Selection, line: int | No
 
 def _drop_reason(deleted: bool | None, review_result: bool | None, synthetic: bool | None,
                  labels: Mapping[str, float] | None, sel: Selection, line: int | None = None) -> str | None:
-    if deleted:
-        return "deleted"
-    if review_result is False:
-        return "spam"
+    reason = FLAG_REASON[deleted][review_result]
+    if reason is not None:
+        return reason
     if sel.drop_synthetic and synthetic:
         return "synthetic"
     if labels and (sel.label_max or sel.label_min):
@@ -210,26 +209,29 @@ def kept_turns(roles: Sequence[str], sel: Selection) -> int | None:
 def best_raw_thread(raw: RawTree, sel: Selection, dropped: Counter[str] | None = None) -> list[dict] | None:
     """`select_threads` in top-rank mode on raw records: the same rules without building `Message`s."""
     try:  # a label value a filter cannot compare is raised with its line: the file is added here
-        root = raw.prompt if raw.prompt is not None else raw.linked()[0][raw.root][2]
+        records, children = raw.records, raw.children
+        root = records[raw.root][2]
         why = state_lang_reason(raw.state, root.get("lang"), sel)
-        only_flags = not (sel.drop_synthetic or sel.label_max or sel.label_min)
-        if why is None and (
-            (root.get("deleted") or root.get("review_result") is False) if only_flags  # rule 1 without a call
-            else record_drop_reason(root, sel, _root_line(raw)) is not None
-        ):
-            if dropped is not None:
-                dropped[record_drop_reason(root, sel, _root_line(raw))] += len(raw.linked()[0])  # type: ignore[index]
-            why = "root_dropped"
+        if why is None:
+            if not (sel.drop_synthetic or sel.label_max or sel.label_min):
+                gone = _flagged_ids(raw, dropped) if raw.flagged else _NONE  # rule 1 alone: the reader's list
+            else:
+                gone = _pruned_ids(raw, sel, dropped)
+            if raw.root in gone:
+                why = "root_dropped"
         if why is not None:
             if dropped is not None:
                 dropped[f"tree:{why}"] += 1
             return None
-        if only_flags and raw.prompt is not None:
-            thread = _best_nested_path(raw, sel, dropped)
-        elif only_flags and raw.flagged is not None:
-            thread = _best_unflagged_path(raw, sel, dropped)
-        else:
-            thread = _best_pruned_path(raw, sel, dropped, only_flags)
+        node = root
+        thread = [root]
+        while kids := children.get(node["message_id"]):
+            if gone:
+                kids = [kid for kid in kids if kid["message_id"] not in gone]
+                if not kids:
+                    break
+            node = kids[0] if len(kids) == 1 else best_reply(kids)
+            thread.append(node)
         if sel.max_turns is None and not sel.end_with_assistant and len(thread) >= sel.min_turns:
             return thread  # what `kept_turns` keeps of any thread under the default turn rules
         keep = kept_turns([r["role"] for r in thread], sel)
@@ -242,120 +244,57 @@ def best_raw_thread(raw: RawTree, sel: Selection, dropped: Counter[str] | None =
         raise located(err, raw.source) from None
 
 
-def _root_line(raw: RawTree) -> int | None:
-    return raw.line if raw.prompt is not None else raw.linked()[0][raw.root][0]
+_NONE: frozenset[str] = frozenset()
 
 
-def _best_nested_path(raw: RawTree, sel: Selection, dropped: Counter[str] | None) -> list[dict]:
-    """`_best_unflagged_path` on a tree read from a nested export, walking its `replies` (no index built):
-    `raw.flagged` holds the deleted and spam records themselves, parents first."""
-    dead = raw.flagged
-    if dead and dropped is not None:
-        gone: set[str] = set()
-        for record in dead:
-            if record["message_id"] not in gone:
-                lost = _nested_ids(record)
-                gone.update(lost)
-                dropped[record_drop_reason(record, sel)] += len(lost)  # type: ignore[index]
-    node = raw.prompt
-    assert node is not None
-    thread = [node]
-    while replies := node.get("replies"):
-        if dead:  # rule 1, as the reader flagged them
-            replies = [r for r in replies if not r.get("deleted") and r.get("review_result") is not False]
-            if not replies:
-                break
-        node = replies[0] if len(replies) == 1 else _best_reply(replies)
-        thread.append(node)
-    return thread
+def _flagged_ids(raw: RawTree, dropped: Counter[str] | None) -> set[str]:
+    """Ids of the messages rule 1 drops, with their subtrees, from the records the reader flagged (parents first):
+    each dropped subtree counted under its head's reason, as `prune` counts, without visiting every message."""
+    if dropped is None:  # the path only needs the heads: a reply of a message on it is dropped only as one
+        return {record["message_id"] for record in raw.flagged}
+    gone: set[str] = set()
+    for record in raw.flagged:
+        if record["message_id"] not in gone:  # else under a dropped ancestor, counted with it
+            lost = subtree_records([record], raw.children)
+            gone.update([r["message_id"] for r in lost])
+            dropped[FLAG_REASON[record.get("deleted")][record.get("review_result")]] += len(lost)  # type: ignore
+    return gone
 
 
-def _best_reply(replies: list[dict]) -> dict:
-    """The reply with the smallest `_raw_rank_key`, for records whose ranks are ints or None (plain records):
-    a sole rank-0 reply is that reply (most ranked parents), found without a Python call per reply."""
+def _pruned_ids(raw: RawTree, sel: Selection, dropped: Counter[str] | None) -> set[str]:
+    """Ids of the messages rules 1 and 6 drop, with their subtrees: every message reached from the root tested in
+    `prune`'s order (so a label value no filter can compare is raised at the same message), counted alike."""
+    records, children = raw.records, raw.children
+    line, _, root = records[raw.root]
+    reason = record_drop_reason(root, sel, line)
+    if reason is not None:
+        if dropped is not None:
+            dropped[reason] += len(records)
+        return set(records)
+    gone: set[str] = set()
+    stack = [root]
+    while stack:
+        for kid in children.get(stack.pop()["message_id"], ()):
+            reason = record_drop_reason(kid, sel, records[kid["message_id"]][0])
+            if reason is None:
+                stack.append(kid)
+                continue
+            lost = subtree_records([kid], children)
+            gone.update([r["message_id"] for r in lost])
+            if dropped is not None:
+                dropped[reason] += len(lost)
+    return gone
+
+
+def best_reply(replies: list[dict]) -> dict:
+    """The best of several sibling records by `walk.sibling_key`. A sole rank 0 is the best (ranks are non-negative
+    integers) and is found without a key per reply: most ranked parents have one."""
     ranks = list(map(dict.get, replies, repeat("rank")))
     if ranks.count(0) == 1:
         return replies[ranks.index(0)]
-    return min(replies, key=_raw_rank_key)
-
-
-def _nested_ids(record: dict) -> list[str]:
-    """Ids of `record` and every reply under it."""
-    ids = []
-    stack = [record]
-    while stack:
-        node = stack.pop()
-        ids.append(node["message_id"])
-        stack.extend(node.get("replies") or ())
-    return ids
-
-
-def _best_unflagged_path(raw: RawTree, sel: Selection, dropped: Counter[str] | None) -> list[dict]:
-    """The best path when only rule 1 drops messages and the reader listed them (`raw.flagged`): count the
-    dropped subtrees from that list and visit only the path's replies, not every message."""
-    records, children = raw.linked()
-    dead = raw.flagged
-    if dead and dropped is not None:
-        gone: set[str] = set()
-        for node in dead:  # parents first, so a dropped ancestor comes before anything under it
-            if node not in gone:
-                lost = subtree_ids([node], children)
-                gone.update(lost)
-                dropped[record_drop_reason(records[node][2], sel)] += len(lost)  # type: ignore[index]
-    dead_ids = set(dead) if dead else None
-    node = raw.root  # alive: best_raw_thread returned before when the root is dropped
-    thread = [records[node][2]]
-    while kids := children.get(node):
-        if dead_ids:
-            kids = [kid for kid in kids if kid not in dead_ids]
-            if not kids:
-                break
-        if len(kids) == 1:
-            node = kids[0]
-            thread.append(records[node][2])
-        else:
-            replies = [records[kid][2] for kid in kids]
-            best = _best_reply(replies) if raw.plain else min(replies, key=_raw_rank_key)
-            node = best["message_id"]
-            thread.append(best)
-    return thread
-
-
-def _best_pruned_path(raw: RawTree, sel: Selection, dropped: Counter[str] | None, only_flags: bool) -> list[dict]:
-    """The best path after pruning the whole tree (counting whole dropped subtrees, as `prune` does)."""
-    records, children = raw.linked()
-    root = records[raw.root][2]
-    alive: dict[str, list[dict]] = {}
-    stack = [raw.root]
-    while stack:
-        node = stack.pop()
-        kids = children.get(node)
-        if not kids:
-            continue
-        keep = []
-        for kid in kids:
-            line, _, record = records[kid]
-            # Inlined rule 1 for the default selection: this loop visits every message of the input.
-            if only_flags and not record.get("deleted") and record.get("review_result") is not False:
-                reason = None
-            else:
-                reason = record_drop_reason(record, sel, line)
-            if reason is None:
-                keep.append(record)
-                stack.append(kid)
-            elif dropped is not None:
-                dropped[reason] += len(subtree_ids([kid], children))
-        if keep:
-            alive[node] = keep
-    thread = [root]
-    while (kids := alive.get(thread[-1]["message_id"])) is not None:
-        thread.append(min(kids, key=_raw_rank_key))
-    return thread
-
-
-def _raw_rank_key(record: dict) -> tuple[bool, int, str, str]:
-    rank = record.get("rank")
-    return (rank is None, rank or 0, record.get("created_date") or "", record["message_id"])
+    keys = map(sibling_key, ranks, map(dict.get, replies, repeat("created_date")),
+               map(dict.__getitem__, replies, repeat("message_id")))
+    return replies[min(zip(keys, count()))[1]]
 
 
 def select_threads(tree: Tree, sel: Selection, dropped: Counter[str] | None = None) -> Iterator[Thread]:

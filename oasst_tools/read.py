@@ -42,12 +42,12 @@ except ImportError:  # orjson is a core dependency, but the walker must work wit
 from oasst_tools.dedup import IdRegistry
 from oasst_tools.errors import NotContiguousError, OasstError, OasstInputError, os_input_error
 from oasst_tools.lines import FileLines, Progress, Source, iter_lines
-from oasst_tools.records import make_message, optional_str, required_str
-from oasst_tools.schema import ROLES, Message, Tree
+from oasst_tools.records import DICT_ONLY, Item, index_tree, make_message, optional_str, required_str
+from oasst_tools.schema import Message, Tree
 from oasst_tools.sources import Shape, input_size, open_input
 
 __all__ = ["ReadReport", "RawTree", "Shape", "detect_shape", "input_size", "iter_raw_trees", "read_trees",
-           "split_of", "subtree_ids"]
+           "split_of", "subtree_records"]
 
 OnError = Literal["fail", "skip"]
 # A gzip stream that breaks mid-file: with on_error="skip", the input ends there and the cut is counted.
@@ -255,84 +255,40 @@ def _parquet_records(src: Source, progress: Progress | None) -> Iterator[tuple[i
 
 @dataclass(slots=True)
 class RawTree:
-    """One validated tree as its raw records: what `read_trees` turns into `Message`s, and what the
-    build's fast path selects from directly (constructing 90k frozen messages costs more than parsing them)."""
+    """One validated tree as its raw records, the same from every reader: what `read_trees` turns into `Message`s,
+    and what the build's fast path selects from directly (constructing 90k frozen messages costs more than parsing
+    them)."""
 
     tree_id: str
     state: str | None
     split: str | None
     source: str
     root: str
-    # message_id -> (line, parent id, record), parents before children; only the root's subtree (orphans
-    # removed). None for a nested tree until `linked()` builds it: the top-rank selection walks `prompt` instead.
-    records: dict[str, tuple[int | None, str | None, dict[str, Any]]] | None
-    # message_id -> reply ids in input order (messages without replies are absent); None with `records`.
-    children: dict[str, list[str]] | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # message_id -> (line, parent id, record), parents before their replies; only the root's subtree (orphans
+    # removed). The line is the tree's for a nested export.
+    records: dict[str, Item]
+    # message_id -> its reply records in input order (messages without replies are absent; entries under the
+    # parents of orphans may remain, out of reach from the root).
+    children: dict[str | None, list[dict[str, Any]]]
+    # The records that rule 1 drops (`records.FLAG_REASON`), parents before their replies, found while the records
+    # were checked, so the top-rank selection need not visit every message again.
+    flagged: list[dict[str, Any]] = field(default_factory=list)
     # True when every record has exactly the JSON types (no float ranks or datetime dates from a table),
     # so the raw records can be compared and selected as they are.
     plain: bool = True
-    # Ids of the deleted and spam messages (rule 1 of the selection), parents before their replies, found while
-    # the records were validated, so the top-rank selection need not visit every message again. None: not collected.
-    # For a tree read lazily from a nested export (`prompt` set, `records` None): the flagged records themselves.
-    flagged: list[Any] | None = None
-    # The root record of a nested export with its `replies`, already validated, and the tree's line.
-    prompt: dict[str, Any] | None = None
-    line: int | None = None
-
-    def linked(self) -> tuple[dict[str, tuple[int | None, str | None, dict[str, Any]]], dict[str, list[str]]]:
-        """(records, children), built on first use for a tree read from a nested export."""
-        if self.records is None or self.children is None:
-            assert self.prompt is not None and self.line is not None
-            self.records, self.children, _, _ = _nested_records(self.prompt, self.tree_id, self.source, self.line)
-        return self.records, self.children
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_tree(self) -> Tree:
         """The frozen `Tree`, built children first."""
-        (records, children), path = self.linked(), self.source
+        records, children, path = self.records, self.children, self.source
         built: dict[str, Message] = {}
         for node in reversed(records):
             line, _, record = records[node]
             kids = children.get(node)
-            replies = tuple(built.pop(kid) for kid in kids) if kids else ()
+            replies = tuple(built.pop(kid["message_id"]) for kid in kids) if kids else ()
             built[node] = make_message(record, path, line, replies)
         return Tree(message_tree_id=self.tree_id, prompt=built[self.root], tree_state=self.state, split=self.split,
                     source=path, extra=self.extra)
-
-
-def check_record(record: dict[str, Any], path: str, line: int | None) -> bool:
-    """Raise the `OasstInputError` that `make_message` would raise for `record`, cheaply when it is valid.
-
-    Returns True for a record with plain JSON types, False for one that is valid only after conversion."""
-    g = record.get
-    rank = g("rank")
-    labels = g("labels")
-    # One boolean expression, no Python calls: this runs for every message and dominates the build otherwise
-    # (a per-field tuple of types checked against a set of allowed tuples measured slower; so did
-    # `type(x) in {T, NoneType}`, a set lookup per field). map(type, ...) on the label values stays in C; a
-    # generator there cost 0.7 s per OASST1-sized nested export.
-    if (
-        type(g("message_id")) is str and type(role := g("role")) is str and role in ROLES and type(g("text")) is str
-        and ((value := g("lang")) is None or type(value) is str)
-        and ((value := g("created_date")) is None or type(value) is str)
-        and ((value := g("model_name")) is None or type(value) is str)
-        and (rank is None or (type(rank) is int and rank >= 0))
-        and ((value := g("review_count")) is None or type(value) is int)
-        and ((value := g("deleted")) is None or type(value) is bool)
-        and ((value := g("review_result")) is None or type(value) is bool)
-        and ((value := g("synthetic")) is None or type(value) is bool)
-        and ((value := g("emojis")) is None or type(value) is dict) and record["message_id"]
-        and (labels is None or (type(labels) is dict and (
-            (type(names := labels.get("name")) is list and type(values := labels.get("value")) is list
-             and len(names) == len(values))
-            or ("name" not in labels and _DICT_ONLY.issuperset(map(type, labels.values()))))))
-    ):
-        return True
-    make_message(record, path, line)  # raises the precise error; returns for odd-but-valid values
-    return False
-
-
-_DICT_ONLY = frozenset((dict,))
 
 
 def iter_raw_trees(
@@ -464,69 +420,17 @@ def _finish_flat(group: _Pending, path: str, split: str | None, on_error: OnErro
 def _assemble(group: _Pending, path: str, split: str | None, report: ReadReport,
               on_error: OnError = "fail") -> RawTree | None:
     """Link one tree's records parent to child; validate fields, ids, roots, cycles and role alternation."""
-    by_id: dict[str, tuple[int | None, str | None, dict[str, Any]]] = {}
-    children: dict[str | None, list[str]] = {}
-    # Exports are written parents first. While every reply follows its parent, the same loop builds what
-    # the depth-first walk below would (flagged ids; `by_id` is then the records in a parents-first order) and
-    # checks the role alternation.
-    flagged: list[str] = []
-    plain = ordered = alternates = True
-    for item in group.records:
-        line, parent, record = item
-        g = record.get
-        message_id = g("message_id")
-        role = g("role")
-        rank = g("rank")
-        labels = g("labels")
-        deleted = g("deleted")
-        review = g("review_result")
-        # `check_record` inlined, sharing its lookups with the linking below: this loop visits every message of a
-        # flat input, and the call and the second lookups cost 2% of a flat build. Anything it does not pass goes
-        # to `check_record`, which raises the precise error or passes an odd-but-valid record.
-        if not (
-            type(message_id) is str and message_id and type(role) is str and role in ROLES
-            and type(g("text")) is str
-            and ((value := g("lang")) is None or type(value) is str)
-            and ((value := g("created_date")) is None or type(value) is str)
-            and ((value := g("model_name")) is None or type(value) is str)
-            and (rank is None or (type(rank) is int and rank >= 0))
-            and ((value := g("review_count")) is None or type(value) is int)
-            and (deleted is None or type(deleted) is bool) and (review is None or type(review) is bool)
-            and ((value := g("synthetic")) is None or type(value) is bool)
-            and ((value := g("emojis")) is None or type(value) is dict)
-            and (labels is None or (type(labels) is dict and (
-                (type(names := labels.get("name")) is list and type(values := labels.get("value")) is list
-                 and len(names) == len(values))
-                or ("name" not in labels and _DICT_ONLY.issuperset(map(type, labels.values()))))))
-        ):
-            if not check_record(record, path, line):
-                plain = False
-            # Valid after conversion: the fields the linking needs are a non-empty string and a known role.
-            message_id, role = record["message_id"], record["role"]
-        if message_id in by_id:
-            raise OasstInputError(
-                path, line, f"duplicate message_id {message_id} (first at line {by_id[message_id][0]})",
-                reason="duplicate_id")
-        if parent is None:
-            if role != "prompter":
-                alternates = False
-        elif (up := by_id.get(parent)) is None:  # looked up before this record is added: a self-parent is caught
-            ordered = False
-        elif up[2]["role"] == role:
-            alternates = False
-        if deleted or review is False:
-            flagged.append(message_id)
-        by_id[message_id] = item
-        kids = children.get(parent)
-        if kids is None:
-            children[parent] = [message_id]
-        else:
-            kids.append(message_id)
+    index = index_tree(group.records)
+    if index is None:
+        _check_flat(group.records, path)  # raises the first bad field or repeated id; else some record is not plain
+        index = index_tree(group.records, strict=False)
+        assert index is not None
+    by_id, children, flagged, plain, ordered, alternates = index
     roots = children.pop(None, [])
     if len(roots) > 1:
-        line = by_id[roots[1]][0]
-        raise OasstInputError(path, line, f"tree {group.tree_id} has a second root message {roots[1]} "
-                              f"(first root: {roots[0]})", reason="multiple_roots")
+        second = roots[1]["message_id"]
+        raise OasstInputError(path, by_id[second][0], f"tree {group.tree_id} has a second root message {second} "
+                              f"(first root: {roots[0]['message_id']})", reason="multiple_roots")
     if ordered and alternates and roots:
         # Every message came after its parent and there is one root, so the root reaches every message (no
         # orphans, no cycles) and the input order is a parents-first order. Anything else takes the walk,
@@ -536,31 +440,32 @@ def _assemble(group: _Pending, path: str, split: str | None, report: ReadReport,
         else:
             report.claim(group.tree_id, by_id, group.records[0][0], on_error)
         report.messages += len(by_id)
-        return RawTree(group.tree_id, group.state, split, path, roots[0], by_id, children, plain=plain,
-                       flagged=flagged)
+        return RawTree(group.tree_id, group.state, split, path, roots[0]["message_id"], by_id, children, flagged,
+                       plain)
     reached = 0
     # Messages whose parent is missing head orphaned subtrees: dropped and counted, not an error.
     orphan_heads = [kid for parent, kids in children.items() if parent not in by_id for kid in kids]
     if orphan_heads:
-        size = len(subtree_ids(orphan_heads, children))
+        size = len(subtree_records(orphan_heads, children))
         reached += size
         report.orphaned += size
         if report.orphaned_first is None:
-            report.orphaned_first = f"{path}:{by_id[orphan_heads[0]][0]}"
-    # The root's subtree, depth first (as `subtree_ids` walks it), in the same pass: the expected role of each
-    # message (alternating from a prompter root) and the messages that rule 1 drops.
+            report.orphaned_first = f"{path}:{by_id[orphan_heads[0]['message_id']][0]}"
+    # The root's subtree, depth first (as `subtree_records` walks it), in the same pass: the expected role of each
+    # message (alternating from a prompter root) and, of the flagged records, those it keeps.
     records = {}
-    flagged = []
+    dead = {record["message_id"] for record in flagged}
+    kept: list[dict[str, Any]] = []
     alternates = True
     stack = [(roots[0], "prompter")] if roots else []
     while stack:
-        node, role = stack.pop()
-        item = records[node] = by_id[node]
-        record = item[2]
+        record, role = stack.pop()
+        node = record["message_id"]
+        records[node] = by_id[node]
         if record["role"] != role:
             alternates = False
-        if record.get("deleted") or record.get("review_result") is False:
-            flagged.append(node)
+        if node in dead:
+            kept.append(record)
         kids = children.get(node)
         if kids:
             stack.extend(zip(reversed(kids), repeat(_OTHER_ROLE[role])))
@@ -574,18 +479,30 @@ def _assemble(group: _Pending, path: str, split: str | None, report: ReadReport,
         return None  # orphans only: nothing of it is used, so nothing to claim
     report.claim(group.tree_id, by_id, group.records[0][0], on_error)
     report.messages += len(by_id)
-    return RawTree(group.tree_id, group.state, split, path, roots[0], records, children, plain=plain,
-                   flagged=flagged)
+    return RawTree(group.tree_id, group.state, split, path, roots[0]["message_id"], records, children, kept, plain)
 
 
-def subtree_ids(heads: list[str], children: Mapping[Any, list[str]]) -> list[str]:
-    """Ids of the subtrees under `heads`, depth first, parents before children."""
-    order: list[str] = []
+def _check_flat(items: list[Item], path: str) -> None:
+    """Raise what `index_tree` refused in one flat tree: the first bad field (`make_message`) or repeated message id,
+    in input order. Returns when every record is valid: then some record is valid only after conversion."""
+    first: dict[str, int | None] = {}
+    for line, _, record in items:
+        make_message(record, path, line)
+        message_id = record["message_id"]
+        if message_id in first:
+            raise OasstInputError(path, line, f"duplicate message_id {message_id} (first at line {first[message_id]})",
+                                  reason="duplicate_id")
+        first[message_id] = line
+
+
+def subtree_records(heads: list[dict[str, Any]], children: Mapping[Any, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The records of the subtrees under `heads`, depth first, parents before children."""
+    order: list[dict[str, Any]] = []
     stack = list(reversed(heads))
     while stack:
-        node = stack.pop()
-        order.append(node)
-        kids = children.get(node)
+        record = stack.pop()
+        order.append(record)
+        kids = children.get(record["message_id"])
         if kids:
             stack.extend(reversed(kids))
     return order
@@ -594,8 +511,7 @@ def subtree_ids(heads: list[str], children: Mapping[Any, list[str]]) -> list[str
 _OTHER_ROLE = {"prompter": "assistant", "assistant": "prompter"}
 
 
-def _check_roles(records: dict[str, tuple[int | None, str | None, dict[str, Any]]], children: dict[Any, list[str]],
-                 path: str) -> None:
+def _check_roles(records: dict[str, Item], children: Mapping[Any, list[dict[str, Any]]], path: str) -> None:
     """Roles alternate from a prompter root down: raise for the first message (in `records` order, then reply
     order) that breaks it. The readers call it only once their walk has seen a message off the alternation."""
     root_id = next(iter(records))
@@ -608,16 +524,17 @@ def _check_roles(records: dict[str, tuple[int | None, str | None, dict[str, Any]
         if kids:
             role = record["role"]
             for kid in kids:
-                kid_line, _, kid_record = records[kid]
-                if kid_record["role"] == role:
+                if kid["role"] == role:
+                    kid_id = kid["message_id"]
                     raise OasstInputError(
-                        path, kid_line, f"message {kid} is {_a(role)} reply to {_a(role)} message {node}; "
-                        "roles must alternate", reason="role_alternation")
+                        path, records[kid_id][0], f"message {kid_id} is {_a(role)} reply to {_a(role)} message "
+                        f"{node}; roles must alternate", reason="role_alternation")
 
 
-def _cycle_error(by_id: dict, children: dict, heads: list[str], path: str) -> OasstInputError:
+def _cycle_error(by_id: dict[str, Item], children: Mapping[Any, list[dict[str, Any]]], heads: list[dict[str, Any]],
+                 path: str) -> OasstInputError:
     """Name the cycle that kept some messages from being reached from a root or an orphan head."""
-    reachable = set(subtree_ids(heads, children))
+    reachable = {record["message_id"] for record in subtree_records(heads, children)}
     start = next(m for m in by_id if m not in reachable)
     chain = [start]
     while True:
@@ -683,117 +600,74 @@ def _nested_tree(record: dict[str, Any], path: str, line: int, split: str | None
         raise OasstInputError(path, line, f"field 'prompt' must be an object, got {type(prompt).__name__}",
                               reason="wrong_type")
     extra = {k: v for k, v in record.items() if k not in _TREE_FIELDS} if len(record) > 3 else {}
-    scanned = _scan_nested(prompt)
-    if scanned is not None:
-        ids, flagged = scanned
-        if on_error == "fail":
-            report.ids.add(tree_id, ids, line)
-        else:
-            report.claim(tree_id, ids, line, on_error)
-        report.messages += len(ids)
-        return RawTree(tree_id, state, split, path, prompt["message_id"], None, None, extra, True, flagged,
-                       prompt, line)
-    records, children, flagged_ids, plain = _nested_records(prompt, tree_id, path, line)
-    report.claim(tree_id, records, line, on_error)
+    items = _nested_items(prompt, line)
+    index = index_tree(items) if items is not None else None
+    if index is None:
+        index = index_tree(_nested_records(prompt, tree_id, path, line), strict=False)
+        assert index is not None
+    records, children, flagged, plain, _, alternates = index
+    del children[None]  # the root (every item but the root has its parent before it: ordered)
+    if not alternates:
+        _check_roles(records, children, path)  # raises the error for the first break, in its own order
+    if on_error == "fail":
+        report.ids.add(tree_id, records, line)
+    else:
+        report.claim(tree_id, records, line, on_error)
     report.messages += len(records)
-    return RawTree(tree_id, state, split, path, prompt["message_id"], records, children, extra, plain, flagged_ids)
+    return RawTree(tree_id, state, split, path, prompt["message_id"], records, children, flagged, plain, extra)
 
 
-def _nested_records(prompt: dict[str, Any], tree_id: str, path: str, line: int) -> tuple[
-        dict[str, tuple[int | None, str | None, dict[str, Any]]], dict[str, list[str]], list[str], bool]:
-    """Validate one nested tree message by message, raising the first error in depth-first order; returns
-    (records, children, flagged ids, plain) as `RawTree` holds them."""
-    records: dict[str, tuple[int | None, str | None, dict[str, Any]]] = {}
-    children: dict[str, list[str]] = {}
-    flagged: list[str] = []
-    # (message, its parent's id, the role alternation expects of it)
-    stack: list[tuple[dict[str, Any], str | None, str]] = [(prompt, None, "prompter")]
-    plain = alternates = True
+def _nested_items(prompt: dict[str, Any], line: int) -> list[Item] | None:
+    """One nested tree's messages as (line, parent id, record), depth first, for `index_tree`; None when a reply
+    names another parent in `parent_id` (or none), or `replies` is not a list of objects: `_nested_records` then
+    raises the first error in its order, or mends a missing `parent_id`."""
+    items: list[Item] = []
+    stack: list[Item] = [(line, None, prompt)]
     while stack:
-        node, parent, role = stack.pop()
-        if not check_record(node, path, line):
-            plain = False
+        item = stack.pop()
+        items.append(item)
+        node = item[2]
+        g = node.get
+        if g("parent_id") != item[1]:
+            return None
+        replies = g("replies")
+        if replies:
+            # map(type, ...) stays in C: this loop visits every message of the input.
+            if type(replies) is not list or not DICT_ONLY.issuperset(map(type, replies)):
+                return None
+            stack.extend(zip(repeat(line), repeat(g("message_id")), reversed(replies)))
+    return items
+
+
+def _nested_records(prompt: dict[str, Any], tree_id: str, path: str, line: int) -> list[Item]:
+    """`_nested_items` message by message: each record validated (`make_message`), its id unique, its `parent_id`
+    its parent's, raising the first error in depth-first order. Exports omit `parent_id` on the root only, but a
+    reply without one is read as its parent's (a copy of the record says so)."""
+    items: list[Item] = []
+    seen: set[str] = set()
+    stack: list[tuple[dict[str, Any], str | None]] = [(prompt, None)]
+    while stack:
+        node, parent = stack.pop()
+        make_message(node, path, line)
         message_id = node["message_id"]
-        if message_id in records:
+        if message_id in seen:
             raise OasstInputError(path, line, f"duplicate message_id {message_id} in tree {tree_id}",
                                   reason="duplicate_id")
+        seen.add(message_id)
         declared = node.get("parent_id")
         if declared != parent:
             if declared is not None or "parent_id" in node and parent is None:
                 raise OasstInputError(path, line, f"message {message_id} has parent_id {declared} but is a "
                                       f"reply of {parent}", reason="parent_mismatch")
-            node = {**node, "parent_id": parent}  # exports omit parent_id on the root only, but be lenient
-        records[message_id] = (line, parent, node)
-        if node["role"] != role:
-            alternates = False
-        if node.get("deleted") or node.get("review_result") is False:
-            flagged.append(message_id)
+            node = {**node, "parent_id": parent}
+        items.append((line, parent, node))
         replies = node.get("replies")
         if replies:
-            # map(type, ...) and map(dict.get, ...) stay in C: this loop visits every message of the input.
-            if type(replies) is not list or not _DICT_ONLY.issuperset(map(type, replies)):
+            if type(replies) is not list or not DICT_ONLY.issuperset(map(type, replies)):
                 raise OasstInputError(path, line, f"field 'replies' of message {message_id} must be a list of "
                                       "objects", reason="wrong_type")
-            children[message_id] = list(map(dict.get, replies, repeat("message_id")))
-            stack.extend(zip(reversed(replies), repeat(message_id), repeat(_OTHER_ROLE[role])))
-    if not alternates:
-        _check_roles(records, children, path)  # raises the error for the first break, in its own order
-    return records, children, flagged, plain
-
-
-def _scan_nested(prompt: dict[str, Any]) -> tuple[set[str], list[dict[str, Any]]] | None:
-    """The walk of `_nested_records` without building its index: (message ids, flagged records parents first)
-    when every message is plain and valid, else None, and `_nested_records` then raises the first error in its
-    own order (or keeps the odd-but-valid values)."""
-    seen: set[str] = set()
-    flagged: list[dict[str, Any]] = []
-    tables: list[dict[str, Any]] = []  # labels in the export's {name: {value, count}} form, checked at the end
-    stack: list[tuple[dict[str, Any], str | None, str]] = [(prompt, None, "prompter")]
-    while stack:
-        node, parent, role = stack.pop()
-        g = node.get
-        message_id = g("message_id")
-        rank = g("rank")
-        labels = g("labels")
-        deleted = g("deleted")
-        review = g("review_result")
-        # `check_record`'s test inlined, with the walk's own checks (unique id, parent_id, alternating role,
-        # which also puts the role in ROLES) sharing its lookups: this loop visits every message of the input.
-        # `x is None or type(x) is T` rather than `type(x) in {T, NoneType}`: no set lookup per field.
-        if not (
-            type(message_id) is str and message_id and message_id not in seen and g("parent_id") == parent
-            and g("role") == role and type(g("text")) is str
-            and ((value := g("lang")) is None or type(value) is str)
-            and ((value := g("created_date")) is None or type(value) is str)
-            and ((value := g("model_name")) is None or type(value) is str)
-            and (rank is None or (type(rank) is int and rank >= 0))
-            and ((value := g("review_count")) is None or type(value) is int)
-            and (deleted is None or type(deleted) is bool) and (review is None or type(review) is bool)
-            and ((value := g("synthetic")) is None or type(value) is bool)
-            and ((value := g("emojis")) is None or type(value) is dict)
-        ):
-            return None
-        if labels is not None:
-            if type(labels) is not dict:
-                return None
-            if "name" in labels:  # the columnar form
-                if not (type(names := labels["name"]) is list and type(values := labels.get("value")) is list
-                        and len(names) == len(values)):
-                    return None
-            else:
-                tables.append(labels)
-        seen.add(message_id)
-        if deleted or review is False:
-            flagged.append(node)
-        replies = g("replies")
-        if replies:
-            if type(replies) is not list or not _DICT_ONLY.issuperset(map(type, replies)):
-                return None
-            stack.extend(zip(reversed(replies), repeat(message_id), repeat(_OTHER_ROLE[role])))
-    # One C-level pass over every label of the tree: a pass per message cost 0.3 us of set-up each.
-    if tables and not _DICT_ONLY.issuperset(map(type, chain.from_iterable(map(dict.values, tables)))):
-        return None
-    return seen, flagged
+            stack.extend(zip(reversed(replies), repeat(message_id)))
+    return items
 
 
 # ---------------------------------------------------------------------------- datasets folders and hub ids

@@ -13,10 +13,15 @@ from oasst_tools.schema import Message
 Thread = tuple[Message, ...]
 
 
+def sibling_key(rank: int | None, created_date: str | None, message_id: str) -> tuple[bool, int, str, str]:
+    """Rule 3's order of siblings, best first: ranked before unranked, then best rank, then oldest, then id. The one
+    definition: `rank_key` (messages) and the build's selection on raw records (`filters.best_reply`) use it."""
+    return (rank is None, rank if rank is not None else 0, created_date or "", message_id)
+
+
 def rank_key(message: Message) -> tuple[bool, int, str, str]:
-    """Order siblings best first: ranked before unranked, then best rank, then oldest, then id."""
-    rank = message.rank
-    return (rank is None, rank if rank is not None else 0, message.created_date or "", message.message_id)
+    """`sibling_key` of a message: sort replies with it, best first."""
+    return sibling_key(message.rank, message.created_date, message.message_id)
 
 
 def ranked_replies(message: Message) -> list[Message]:

@@ -955,9 +955,8 @@ def test_a_plain_file_parsed_in_c_fails_and_skips_as_the_line_by_line_reader_doe
     for name in ("in.jsonl", "in.jsonl.gz"):
         report = ReadReport()
         try:
-            trees = [(raw.tree_id, sorted(raw.linked()[0])) for raw in iter_raw_trees(tmp_path / name,
-                                                                                      on_error=on_error,
-                                                                                      report=report)]
+            trees = [(raw.tree_id, sorted(raw.records)) for raw in iter_raw_trees(tmp_path / name, on_error=on_error,
+                                                                                  report=report)]
             results.append((trees, dict(report.skipped), report.messages))
         except OasstInputError as err:
             results.append((str(err).replace(str(tmp_path / name), "FILE"), err.line))

@@ -1,5 +1,6 @@
-"""The nested reader's shortcut (`_scan_nested`, no index built): it accepts exactly the plain, valid trees that the
-message-by-message walk accepts, and leaves everything else to that walk, so errors and odd values stay as they were."""
+"""The nested reader's fast path (`_nested_items`, then the shared check `records.index_tree`): it accepts exactly the
+plain, valid trees that the message-by-message walk (`_nested_records`) accepts, and leaves everything else to that
+walk, so errors and odd values stay as they were."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 
 from oasst_tools.errors import OasstInputError
 from oasst_tools.filters import Selection
-from oasst_tools.read import _nested_records, _scan_nested, iter_raw_trees
+from oasst_tools.read import _check_roles, _nested_items, _nested_records, iter_raw_trees
+from oasst_tools.records import index_tree
 from tests.core.conftest import NESTED, assert_fast_path_agrees
 
 
@@ -84,30 +86,44 @@ MUTATIONS = {
 }
 
 
-# Plain and valid: the scan must take these itself.
-ACCEPTED = ("unchanged", "deleted reply", "spam reply")
+# Plain and valid: the fast path must take these itself.
+ACCEPTED = ("unchanged", "deleted reply", "spam reply", "roles do not alternate")
+
+
+def _result(index: tuple | None, path: str) -> tuple | str:
+    """What a reader makes of an index: (message ids, flagged ids, plain), or the role error it raises."""
+    assert index is not None
+    records, children, flagged, plain, ordered, alternates = index
+    assert ordered  # depth first: parents before replies
+    try:
+        if not alternates:
+            _check_roles(records, children, path)
+    except OasstInputError as err:
+        return str(err)
+    links = {parent: [r["message_id"] for r in kids] for parent, kids in children.items() if parent is not None}
+    return list(records), [record["message_id"] for record in flagged], plain, links
 
 
 def _walked(prompt: dict, tree_id: str = "tree", path: str = "in.trees.jsonl") -> tuple | str:
     """What the message-by-message walk makes of a tree: (message ids, flagged ids, plain), or its error."""
     try:
-        records, _, flagged, plain = _nested_records(prompt, tree_id, path, 1)
+        items = _nested_records(prompt, tree_id, path, 1)
     except OasstInputError as err:
         return str(err)
-    return set(records), flagged, plain
+    return _result(index_tree(items, strict=False), path)
 
 
 @pytest.mark.parametrize("name", MUTATIONS)
-def test_the_nested_scan_accepts_only_what_the_walk_accepts_as_plain_and_agrees_on_it(name: str):
+def test_the_nested_fast_path_accepts_only_what_the_walk_accepts_as_plain_and_agrees_on_it(name: str):
     prompt = copy.deepcopy(_tree()["prompt"])
     MUTATIONS[name](prompt)
     walked = _walked(prompt)
-    scanned = _scan_nested(prompt)
-    if scanned is None:
+    items = _nested_items(prompt, 1)
+    index = index_tree(items) if items is not None else None
+    if index is None:
         assert name not in ACCEPTED
     else:
-        ids, flagged = scanned
-        assert walked == (set(ids), [record["message_id"] for record in flagged], True)
+        assert _result(index, "in.trees.jsonl") == walked
 
 
 @pytest.mark.parametrize("name", MUTATIONS)
@@ -123,6 +139,7 @@ def test_a_nested_file_reads_selects_and_fails_as_the_walk_does(tmp_path: Path, 
         assert str(err.value) == walked
         return
     (raw,) = iter_raw_trees(path)
-    assert raw.plain == walked[2]
+    links = {parent: [r["message_id"] for r in kids] for parent, kids in raw.children.items()}
+    assert (list(raw.records), [record["message_id"] for record in raw.flagged], raw.plain, links) == walked
     for sel in (Selection(), Selection(label_max={"toxicity": 0.05})):
         assert_fast_path_agrees([raw], sel)

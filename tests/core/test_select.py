@@ -128,13 +128,18 @@ def test_turn_limits_cut_and_drop_threads(min_turns: int, max_turns: int | None)
 
 @given(st.lists(st.tuples(st.none() | st.integers(0, 3), st.sampled_from(["2023-01-02", "2023-01-01", None])),
                 min_size=2, max_size=6))
-def test_the_rank_zero_shortcut_picks_the_reply_the_full_key_picks(replies: list[tuple[int | None, str | None]]):
-    """`_best_reply` skips the key function when one reply has rank 0; ties, unranked siblings and missing
-    dates must still give `min` by (rank is None, rank, created_date, message_id)."""
-    from oasst_tools.filters import _best_reply, _raw_rank_key
+def test_the_raw_best_reply_picks_the_message_the_rank_key_picks(replies: list[tuple[int | None, str | None]]):
+    """`best_reply` (raw records) skips the key when one reply has rank 0; ties, unranked siblings and missing fields
+    must still give what `min` by `rank_key` gives on the same replies as messages: one order for both paths."""
+    from oasst_tools.filters import best_reply
+    from oasst_tools.schema import Message
+    from oasst_tools.walk import rank_key
 
     records = [{"message_id": f"m{i}", "rank": rank, "created_date": date} for i, (rank, date) in enumerate(replies)]
-    for record in records:
-        if record["created_date"] is None:
-            del record["created_date"]  # exports leave out null fields
-    assert _best_reply(records) is min(records, key=_raw_rank_key)
+    for record in records:  # exports leave out null fields
+        for name in ("rank", "created_date"):
+            if record[name] is None and int(record["message_id"][1:]) % 2:
+                del record[name]
+    messages = [Message(message_id=r["message_id"], role="assistant", text="", rank=r.get("rank"),
+                        created_date=r.get("created_date")) for r in records]
+    assert best_reply(records)["message_id"] == min(messages, key=rank_key).message_id
