@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from oasst_tools.conversation import ASSISTANT, HUMAN
+from oasst_tools.conversation import guanaco_text as _text
 from oasst_tools.errors import NotContiguousError, OasstError, OasstInputError
 from oasst_tools.filters import Selection, best_raw_thread, filter_labels, located, select_threads
 from oasst_tools.output import check_out, clean_stale, publish, signals_as_errors, temp_folder, write_error
@@ -40,7 +42,6 @@ except ImportError:  # pragma: no cover - orjson is a core dependency
 
 
 DEFAULT_HUB_ID = "OpenAssistant/oasst1"
-HUMAN, ASSISTANT = "### Human: ", "### Assistant: "
 Format = Literal["jsonl", "parquet"]
 
 
@@ -93,17 +94,8 @@ class BuildReport:
 
 
 def guanaco_text(thread: Thread) -> str:
-    """`### Human: ...### Assistant: ...`, turns concatenated with no separator, as Guanaco has it."""
+    """A thread in the Guanaco format (`oasst_tools.conversation`), turns concatenated with no separator."""
     return _text([(m.role, m.text) for m in thread])
-
-
-def _text(turns: list[tuple[str, str]]) -> str:
-    # One join over markers and texts: `marker + text` first would copy every text twice.
-    parts: list[str] = []
-    for role, text in turns:
-        parts.append(HUMAN if role == "prompter" else ASSISTANT)
-        parts.append(text)
-    return "".join(parts)
 
 
 def thread_row(tree: Tree, thread: Thread) -> dict[str, Any]:
@@ -113,7 +105,7 @@ def thread_row(tree: Tree, thread: Thread) -> dict[str, Any]:
 
 def make_row(tree_id: str, lang: str | None, turns: list[tuple[str, str]]) -> dict[str, Any]:
     """The output row for one thread given as (role, text) turns."""
-    # `_text` and the messages in one pass: this runs for every row of the output.
+    # The Guanaco text (conversation.guanaco_text, inlined) and the messages in one pass: this runs for every row.
     parts: list[str] = []
     messages: list[dict[str, str]] = []
     for role, text in turns:
@@ -187,7 +179,7 @@ def iter_rows(
             try:
                 if labels:
                     try:
-                        unseen -= filter_labels(raw.linked()[0].values(), labels)
+                        unseen -= filter_labels(raw.records.values(), labels)
                     except OasstInputError as err:
                         raise located(err, raw.source) from None
                 if fast and raw.plain:
@@ -201,7 +193,7 @@ def iter_rows(
             except OasstInputError as err:  # a label value a filter cannot compare
                 if cfg.on_error == "fail":
                     raise
-                report.read.skip(err, len(raw.linked()[0]))
+                report.read.skip(err, len(raw.records))
                 continue
             for row in rows:
                 yield split, row

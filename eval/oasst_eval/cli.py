@@ -6,31 +6,40 @@ torch, transformers, peft and lm_eval load when the command runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
-from oasst_eval.config import help_for, parse_tasks, resolve_config
+from oasst_eval.config import help_for, parse_tasks, resolve_config, shown_for
+from oasst_model.flags import load_options, option, take_aliases
+from oasst_model.spec import LOAD_FIELDS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _option(name: str, **kwargs: Any) -> Callable[[F], F]:
+    """The flag of EvalConfig field `name`, with its help and its default as `--help` shows it."""
+    return option(name, help=help_for(name), default=shown_for(name), **kwargs)
 
 
 @click.command(name="eval")
-@click.option("--model", "model", default=None, help=help_for("model"))
-@click.option("--adapter", default=None, help=help_for("adapter"))
-@click.option("--tasks", default=None, help=help_for("tasks"))
-@click.option("--compare-base/--no-compare-base", "compare_base", default=None, help=help_for("compare_base"))
-@click.option("--num-fewshot", type=click.IntRange(min=0), default=None, help=help_for("num_fewshot"))
-@click.option("--limit", type=click.IntRange(min=1), default=None, help=help_for("limit"))
-@click.option("--batch-size", default=None, help=help_for("batch_size"))
-@click.option("--max-batch-size", type=click.IntRange(min=1), default=None, help=help_for("max_batch_size"))
-@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None, help=help_for("max_batch_tokens"))
-@click.option("--merge-adapter/--no-merge-adapter", "merge_adapter", default=None, help=help_for("merge_adapter"))
-@click.option("--load-in-4bit/--no-load-in-4bit", "load_in_4bit", default=None, help=help_for("load_in_4bit"))
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default=None,
-              help=help_for("dtype"))
-@click.option("--device", default=None, help=help_for("device"))
-@click.option("--data-dir", default=None, help=help_for("data_dir"))
-@click.option("--data", default=None, help=help_for("data"))
-@click.option("--out", default=None, help=help_for("out"))
+@load_options(inference=True, skip=tuple(n for n in LOAD_FIELDS if n != "model"))
+@_option("adapter", metavar="DIR")
+@_option("tasks", metavar="A,B,...")
+@_option("compare_base", kind=bool)
+@_option("num_fewshot", kind=click.IntRange(min=0))
+@_option("limit", kind=click.IntRange(min=1))
+@_option("batch_size")
+@_option("max_batch_size", kind=click.IntRange(min=1))
+@_option("max_batch_tokens", kind=click.IntRange(min=1))
+@_option("merge_adapter", kind=bool)
+@load_options(inference=True, skip=("model",))
+@_option("device")
+@_option("data_dir", metavar="DIR")
+@_option("data", metavar="DIR")
+@_option("out", metavar="DIR")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="YAML file with any of these settings (flags win over it).")
 def eval_command(config_file: Path | None, tasks: str | None, **flags: object) -> None:
@@ -39,9 +48,11 @@ def eval_command(config_file: Path | None, tasks: str | None, **flags: object) -
     Runs offline: hellaswag reads local files (--data-dir, $OASST_EVAL_DATA or the fixture subset) with
     lm-eval's own preprocessing and metrics; guanaco_test scores per-token loss on `oasst build`'s test.jsonl.
 
+    The adapter's base loads as it was trained (its train_config.yaml: 4-bit stays 4-bit), unless flags say
+    otherwise; the results table and eval_summary.json say how it was loaded.
+
     \b
-        oasst eval --model ../shared/models/stories260K --adapter out/adapter --compare-base \\
-            --tasks hellaswag,guanaco_test --data out/build --limit 40
+        oasst eval --adapter runs/tiny --compare-base --tasks hellaswag,guanaco_test --data out/build --limit 40
         oasst eval --model HuggingFaceTB/SmolLM2-135M-Instruct --tasks hellaswag --data-dir ../shared/data
     """
     from rich.console import Console
@@ -52,6 +63,7 @@ def eval_command(config_file: Path | None, tasks: str | None, **flags: object) -
     from oasst_tools.files import check_out_folder
 
     console = Console(stderr=True)
+    flags = take_aliases(flags)
     cfg = resolve_config(config_file, {**flags, "tasks": parse_tasks(tasks) if tasks is not None else None})
     # Before scoring, which can take hours: an --out that cannot be written, or that would mix its files into an
     # input, fails now.

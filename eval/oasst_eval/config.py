@@ -6,16 +6,28 @@ Standard library only: the CLI builds its options from these fields before anyth
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oasst_model.spec import LOAD_FIELDS, check_value, option_field
 from oasst_tools.errors import OasstError
 
+# eval's `dtype` setting was renamed to train's `compute_dtype`; the old YAML key is read, with a warning, until the
+# next release.
+RENAMED = {"dtype": "compute_dtype"}
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses.field's vocabulary
-    """A dataclass field whose help text is also its command-line option's help."""
-    return field(default=default, metadata={"help": help})
+
+def _f(default: Any, help: str, shown: str | None = None) -> Any:  # noqa: A002 - mirrors dataclasses.field
+    """A dataclass field whose help text (and `shown`, the default as `--help` writes it) its option reuses."""
+    return field(default=default, metadata={"help": help, "shown": shown})
+
+
+def _load(name: str) -> Any:
+    """A loading option of oasst_model.spec, defined there once; None here means "as the adapter was trained"
+    (its train_config.yaml), else the option's own default."""
+    return option_field(name, None)
 
 
 @dataclass(frozen=True)
@@ -23,51 +35,61 @@ class EvalConfig:
     """What `oasst eval` scores, on which data, and how."""
 
     # What to score
-    model: str = _f("", "Base model: a folder, a Hub name, or a .gguf file (its folder or the GGUF holds the "
-                        "tokenizer).")
-    adapter: str | None = _f(None, "LoRA adapter folder written by `oasst train` (adapter_config.json inside).")
+    model: str = option_field("model")
+    adapter: str | None = _f(None, "LoRA adapter folder written by `oasst train`; its base model loads as it was "
+                                   "trained unless loading flags say otherwise.")
     compare_base: bool = _f(False, "Also score the base model without the adapter, on the same items, and show "
-                                   "the difference.")
+                                   "the difference.", "off")
     tasks: tuple[str, ...] = _f(("hellaswag",), "Comma-separated lm-eval task names; hellaswag and guanaco_test "
-                                                "run offline.")
+                                                "run offline.", "hellaswag")
 
     # Data
-    data_dir: str | None = _f(None, "Folder with one sub-folder per task holding split files, e.g. "
-                                    "DIR/hellaswag/validation.jsonl[.gz]. Default: $OASST_EVAL_DATA, else the "
-                                    "fixture subset.")
+    data_dir: str | None = _f(None, "Folder with one sub-folder of split files per task, e.g. "
+                                    "DIR/hellaswag/validation.jsonl[.gz].", "$OASST_EVAL_DATA, else the fixture subset")
     data: str | None = _f(None, "Output folder of `oasst build` (its test.jsonl) for the guanaco_test task.")
 
     # Scoring
-    num_fewshot: int | None = _f(None, "Few-shot examples per item (default: the task's own, 0 for hellaswag).")
-    limit: int | None = _f(None, "Score only the first N items of each task (for quick checks).")
-    batch_size: str = _f("default", "auto, or a number of rows. default: auto on GPU (a token budget per batch "
-                                    "measured from free GPU memory, the fast setting), 8 on CPU.")
-    max_batch_size: int | None = _f(None, "Upper bound on rows per batch with auto (default: none, the token "
-                                          "budget decides).")
-    max_batch_tokens: int = _f(16384, "Upper bound of the auto token budget (rows x padded length per batch).")
-    merge_adapter: bool = _f(True, "Merge a 16/32-bit adapter into the weights in memory before scoring it, so it "
-                                   "costs nothing per token; on a 4-bit model fold it into each layer's dequantized "
-                                   "weight at every forward instead (the weights stay 4-bit). Off: peft's own "
-                                   "adapter forward.")
+    num_fewshot: int | None = _f(None, "Few-shot examples per item.", "the task's own (0 for hellaswag)")
+    limit: int | None = _f(None, "Score only the first N items of each task (for quick checks).", "all items")
+    batch_size: str = _f("default", "Rows per batch: a number, or auto (a token budget per batch measured from free "
+                                    "GPU memory).", "auto on GPU, 8 on CPU")
+    max_batch_size: int | None = _f(None, "Upper bound on rows per batch with auto.", "none: the token budget decides")
+    max_batch_tokens: int = _f(16384, "Upper bound of the auto token budget (rows x padded length per batch).",
+                               "16384")
+    merge_adapter: bool = _f(True, "Merge a 16/32-bit adapter into the weights before scoring (no cost per token); "
+                                   "fold it in per forward on 4-bit. Off: peft's forward.", "on")
 
-    # Model loading (shared with `oasst train`)
-    load_in_4bit: bool = _f(False, "Load the base model in 4-bit NF4 with bitsandbytes (Falcon included), as "
-                                   "QLoRA training does.")
-    dtype: str = _f("auto", "Weights dtype (the compute dtype in 4-bit): auto is bfloat16 on GPU, float32 on CPU.")
-    device: str | None = _f(None, "cuda, cuda:N or cpu (default: cuda when available).")
+    # Model loading (defined once in oasst_model.spec.OPTIONS, shared with train, merge, generate and chat)
+    load_in_4bit: bool | None = _load("load_in_4bit")
+    quant_type: str | None = _load("quant_type")
+    double_quant: bool | None = _load("double_quant")
+    compute_dtype: str | None = _load("compute_dtype")
+    attn_implementation: str | None = _load("attn_implementation")
+    fused_attention: bool | None = _load("fused_attention")
+    trust_remote_code: bool | None = _load("trust_remote_code")
+    device: str | None = _f(None, "cuda, cuda:N or cpu.", "cuda when available, else cpu")
 
     # Output
-    out: str = _f("out/eval", "Folder for results_<label>.json, eval_summary.json and eval.png.")
+    out: str = _f("out/eval", "Folder for results_<label>.json, eval_summary.json and eval.png.", "out/eval")
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values (written to eval_summary.json)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
+    def load_options(self) -> dict[str, Any]:
+        """The loading options as given (None: not given)."""
+        return {name: getattr(self, name) for name in LOAD_FIELDS}
+
 
 def help_for(name: str) -> str:
     """The `help` text of one field, reused by the Click option of the same name."""
     return next(f.metadata["help"] for f in dataclasses.fields(EvalConfig) if f.name == name)
+
+
+def shown_for(name: str) -> str | None:
+    """The default of one field as `--help` shows it (None: it has none)."""
+    return next(f.metadata.get("shown") for f in dataclasses.fields(EvalConfig) if f.name == name)
 
 
 def parse_tasks(value: str | list[str] | tuple[str, ...], where: str = "--tasks") -> tuple[str, ...]:
@@ -88,18 +110,25 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
     raw, where = read_yaml_mapping(path)
     known = {f.name for f in dataclasses.fields(EvalConfig)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known - set(RENAMED))
     if unknown:
         raise OasstError(f"{path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    for old, new in RENAMED.items():
+        if old in raw:
+            if new in raw:
+                raise OasstError(f"{where[old]}: `{old}` is the old name of `{new}`, which is set too; keep `{new}`")
+            sys.stderr.write(f"warning: {where[old]}: `{old}` is now `{new}`; rename it (the old name is read "
+                             "until the next release)\n")
+            raw[new] = raw.pop(old)
+            where[new] = where[old]
     return {key: parse_tasks(value, where[key]) if key == "tasks" else coerce(key, value, where[key])
             for key, value in raw.items()}
 
 
 # Settings that are whole numbers, and their smallest allowed value; None is allowed where the default is None.
 INTEGERS = {"num_fewshot": 0, "limit": 1, "max_batch_size": 1, "max_batch_tokens": 1}
-BOOLEANS = ("compare_base", "merge_adapter", "load_in_4bit")
-TEXTS = ("model", "adapter", "data_dir", "data", "device", "out", "dtype", "batch_size")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+BOOLEANS = ("compare_base", "merge_adapter")
+TEXTS = ("adapter", "data_dir", "data", "device", "out", "batch_size")
 
 
 def coerce(name: str, value: Any, where: str) -> Any:
@@ -107,6 +136,8 @@ def coerce(name: str, value: Any, where: str) -> Any:
     default = next(f.default for f in dataclasses.fields(EvalConfig) if f.name == name)
     if value is None and default is None:
         return None
+    if name in LOAD_FIELDS:
+        return check_value(name, value, where)
     if name in INTEGERS:
         # bool is an int to Python; NaN and inf are floats no whole number equals.
         if isinstance(value, bool) or not isinstance(value, int):
@@ -124,8 +155,6 @@ def coerce(name: str, value: Any, where: str) -> Any:
         raise OasstError(f"{where}: {name} must be text, not {value!r}")
     if "\0" in value:
         raise OasstError(f"{where}: {name} contains a NUL character")
-    if name == "dtype" and value not in DTYPES:
-        raise OasstError(f"{where}: dtype must be one of {', '.join(DTYPES)}, not {value!r}")
     return value
 
 
@@ -135,8 +164,9 @@ def resolve_config(file: Path | None, flags: dict[str, Any]) -> EvalConfig:
     if file is not None:
         cfg = dataclasses.replace(cfg, **load_config_file(file))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    if not cfg.model:
-        raise OasstError("--model is required (a model folder, a Hub name or a .gguf file)")
+    if not cfg.model and not cfg.adapter:
+        raise OasstError("--model is required (a model folder, a Hub name or a .gguf file), or --adapter DIR of an "
+                         "`oasst train` run, whose base it names")
     for name in ("model", "adapter", "data_dir", "data", "out"):
         if "\0" in (getattr(cfg, name) or ""):
             raise OasstError(f"--{name.replace('_', '-')} contains a NUL character")

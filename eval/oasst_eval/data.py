@@ -251,24 +251,32 @@ def guanaco_file(data: str | Path | None) -> Path:
 
 def guanaco_test_dataset(
     *, data: str | None = None, tokenizer: str | None = None, pretrained: Any = None,
-    gguf_file: str | None = None, **_: Any,
+    gguf_file: str | None = None, format: str = "guanaco", **_: Any,  # noqa: A002 - the --format vocabulary
 ) -> Any:
-    """lm-eval `custom_dataset` for `guanaco_test`: the held-out split of `oasst build`, with token counts."""
+    """lm-eval `custom_dataset` for `guanaco_test`: the held-out split of `oasst build` in the conversation format
+    the model was trained in (guanaco: the `text` column; chat-template: `messages` through the tokenizer's
+    template; auto: the template when the tokenizer has one), with token counts."""
     import datasets
+
+    from oasst_tools.conversation import render_chat, resolve_format
 
     name = tokenizer or (pretrained if isinstance(pretrained, str) else None)
     if name is None:
         raise OasstError("task guanaco_test needs the tokenizer to count tokens: "
                          """pass --metadata '{"tokenizer": NAME}'""")
     tok = _TOKENIZERS.get(name) or _load_tokenizer(name, gguf_file)
+    fmt = resolve_format(format, tok)
+    path = guanaco_file(data)
     rows = []
-    for row in task_rows(guanaco_file(data), "guanaco_test"):
+    for n, row in enumerate(task_rows(path, "guanaco_test"), 1):
+        # `text` is what `oasst build` rendered with oasst_tools.conversation; a chat template renders `messages`.
+        text = row["text"] if fmt == "guanaco" else render_chat(tok, row.get("messages"), f"{path} row {n}")
         # lm-eval's rolling loglikelihood scores every token of tok_encode(text): the same count, so
         # loss is per scored token (HFLM's default add_special_tokens).
         rows.append({
-            "text": row["text"],
+            "text": text,
             "message_tree_id": row.get("message_tree_id", ""),
-            "num_tokens": len(tok.encode(row["text"])),
+            "num_tokens": len(tok.encode(text)),
         })
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 

@@ -198,6 +198,22 @@ def _fmt(value: Any, stderr: Any = None, signed: bool = False) -> str:
     return f"{text} ± {stderr:.4f}" if isinstance(stderr, (int, float)) else text
 
 
+def loaded_as(base_loaded: dict[str, dict[str, Any]]) -> str:
+    """`base loaded as: model M (flag), 4-bit nf4 (adapter record), compute_dtype float32 (adapter record)` from
+    eval_summary.json's `settings.base_loaded`."""
+    parts = []
+    four_bit = base_loaded.get("load_in_4bit", {})
+    for name, entry in base_loaded.items():
+        if name in ("double_quant", "quant_type"):
+            continue  # said with load_in_4bit
+        if name == "load_in_4bit":
+            quant = base_loaded.get("quant_type", {}).get("value", "")
+            parts.append(f"{f'4-bit {quant}' if four_bit.get('value') else 'not quantized'} ({entry['from']})")
+        else:
+            parts.append(f"{name} {entry['value']} ({entry['from']})")
+    return "base loaded as: " + ", ".join(parts)
+
+
 def table(doc: dict[str, Any]) -> Table:
     """Tasks × metrics, one column per model label, plus adapter - base when both were scored."""
     labels = [k for k in ("base", "adapter") if k in doc]
@@ -222,9 +238,12 @@ def table(doc: dict[str, Any]) -> Table:
 
 
 def show(doc: dict[str, Any], written: dict[str, Path], console: Console | None = None) -> None:
-    """Print the result table and where the files went."""
+    """Print the result table, how the base model was loaded, and where the files went."""
     console = console or Console()
     console.print(table(doc))
+    base_loaded = doc["settings"].get("base_loaded")
+    if base_loaded:
+        console.print(loaded_as(base_loaded), soft_wrap=True, markup=False, highlight=False)
     seconds = doc["settings"].get("seconds", {})
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
     # markup=False: the paths are the user's and may hold `[/]`.

@@ -13,17 +13,20 @@ model's run, which needs the weights untouched), and lm-eval's prompt templates 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from oasst_model.spec import LOAD_FIELDS
 from oasst_tools.errors import OasstError
 from oasst_eval.config import EvalConfig
 from oasst_eval.data import register_tokenizer
 from oasst_eval.taskset import check_local_data, load_tasks, task_manager
+
+if TYPE_CHECKING:
+    from oasst_model.spec import ModelSpec
 
 CPU_BATCH_SIZE = 8
 
@@ -90,58 +93,28 @@ def pick_batch_size(batch_size: str, device: str) -> str | int:
     return "auto" if batch_size == "auto" else int(batch_size)
 
 
-def load(cfg: EvalConfig, device: str, adapter_config: dict[str, Any] | None) -> tuple[Any, Any]:
-    """Base model (+ adapter) and tokenizer through the shared loader of `oasst train`."""
-    import torch
+def model_spec(cfg: EvalConfig) -> ModelSpec:
+    """How the base (+ adapter) loads: the adapter's record (train_config.yaml) with the loading flags given on top,
+    or, without an adapter, the flags alone (a base model alone loads unquantized unless --load-in-4bit)."""
+    from oasst_model.spec import ModelSpec
 
-    try:
-        from oasst_model.load import load_model
-    except ImportError as exc:
-        raise OasstError(f"`oasst eval` loads models with oasst_model.load, which is missing ({exc})") from None
-
-    name, gguf_file = split_model(cfg.model)
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    model, tokenizer = load_model(
-        name,
-        load_in_4bit=cfg.load_in_4bit,
-        compute_dtype=dtype,
-        gguf_file=gguf_file,
-        device_map={"": device} if device.startswith("cuda") else None,
-    )
-    if not cfg.load_in_4bit and next(model.parameters()).device.type != torch.device(device).type:
-        model = model.to(device)
+    options = cfg.load_options()
+    options["model"] = options["model"] or None  # "" is "not given": the adapter names its base
     if cfg.adapter:
-        model = _attach(model, cfg, adapter_config or {})
+        return ModelSpec.from_adapter(cfg.adapter, **options)
+    return ModelSpec.from_options(options, load_in_4bit=False)
+
+
+def load(spec: ModelSpec, device: str) -> tuple[Any, Any]:
+    """Base model (+ adapter) and tokenizer through the model layer's one loader, in eval mode."""
+    try:
+        from oasst_model.spec import load as load_spec
+    except ImportError as exc:
+        raise OasstError(f"`oasst eval` loads models with oasst_model, which is missing ({exc})") from None
+
+    model, tokenizer = load_spec(spec, device=device)
     model.eval()
     return model, tokenizer
-
-
-def _attach(model: Any, cfg: EvalConfig, adapter_config: dict[str, Any]) -> Any:
-    from oasst_model.load import load_adapter
-
-    trained_on = adapter_config.get("base_model_name_or_path") or "an unnamed model"
-    try:
-        return load_adapter(model, cfg.adapter)
-    except OasstError:
-        raise
-    except (RuntimeError, ValueError, KeyError) as exc:
-        # Shapes or module names that do not fit mean the adapter belongs to another base model.
-        raise OasstError(
-            f"adapter {cfg.adapter} was trained on {trained_on}, not on {cfg.model}: {_misfit(str(exc))}"
-        ) from None
-
-
-def _misfit(message: str) -> str:
-    """peft's multi-line load error, shortened to its first concrete mismatch."""
-    size = re.search(r"size mismatch for (?:base_model\.model\.)?(\S+?)(?:\.default)?\.weight: copying a param "
-                     r"with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape in current model is "
-                     r"torch\.Size\(\[([\d, ]*)\]\)", message)
-    if size:
-        return f"{size.group(1)} is [{size.group(2)}] in the adapter but [{size.group(3)}] in the model"
-    first = message.strip().splitlines()[0] if message.strip() else "its weights do not load"
-    return first[:300]
 
 
 def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[list[ModelRun], dict[str, Any]]:
@@ -149,9 +122,10 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
     from oasst_model import patches
 
     patches.begin_run()
+    spec = model_spec(cfg)  # the adapter (config, weights, record) is checked first
     adapter_config = check_adapter(cfg.adapter) if cfg.adapter else None
     metadata = check_local_data(cfg.tasks, cfg.data_dir, cfg.data, cfg.num_fewshot)
-    name, gguf_file = split_model(cfg.model)
+    name, gguf_file = split_model(spec.model)
     if "guanaco_test" in cfg.tasks:
         metadata["tokenizer"] = name
         if gguf_file:
@@ -161,11 +135,17 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
     tasks = load_tasks(manager, cfg.tasks)
 
     device = pick_device(cfg.device)
+    from oasst_model.spec import device_profile
+
+    spec = spec.resolved(device_profile(device))
     batch_size = pick_batch_size(cfg.batch_size, device)
     # Printed only once the inputs are known to be good, so a bad input is the only line of output.
     log(f"oasst eval {cfg.as_dict()} device={device} batch_size={batch_size}")
+    from oasst_eval.report import loaded_as
+
+    log(loaded_as(spec.describe()))
     t0 = time.perf_counter()
-    model, tokenizer = load(cfg, device, adapter_config)
+    model, tokenizer = load(spec, device)
     load_seconds = time.perf_counter() - t0
     if "guanaco_test" in cfg.tasks:
         register_tokenizer(name, tokenizer)
@@ -176,9 +156,9 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
     from oasst_eval.fastlm import cache_jinja_templates
 
     lm = make_lm(model, tokenizer, batch_size, cfg)
-    merge = bool(cfg.adapter and cfg.merge_adapter and not cfg.load_in_4bit)
+    merge = bool(cfg.adapter and cfg.merge_adapter and not spec.load_in_4bit)
     # 4-bit weights are not re-quantized with the adapter in them (another model): it folds in per forward.
-    fold = bool(cfg.adapter and cfg.merge_adapter and cfg.load_in_4bit)
+    fold = bool(cfg.adapter and cfg.merge_adapter and spec.load_in_4bit)
     labels = (["base", "adapter"] if cfg.compare_base else ["adapter"]) if cfg.adapter else ["base"]
     runs = []
     merge_seconds = None
@@ -207,7 +187,8 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
             runs.append(_score(lm, tasks, manager, cfg, label))
     finally:
         undo()
-    settings = cfg.as_dict() | {
+    settings = cfg.as_dict() | {name: getattr(spec, name) for name in LOAD_FIELDS} | {
+        "base_loaded": spec.describe(),
         "device": device,
         "batch_size_used": {run.label: run.results["config"].get("batch_sizes") or batch_size for run in runs},
         "batch_tokens": getattr(lm, "batch_tokens", None),

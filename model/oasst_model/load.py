@@ -75,7 +75,8 @@ def load_model(
         if n == 0:
             raise OasstError(
                 f"4-bit loading of {model} quantized 0 linear layers (bitsandbytes skipped them all); "
-                "refusing to train a full-precision model by accident: use --no-4bit to train without quantization"
+                "refusing to train a full-precision model by accident: use --no-load-in-4bit to train without "
+                "quantization"
             )
         _keep_cpu_weights_unpacked(net)
         left = _unquantized_linears(net)
@@ -279,7 +280,7 @@ def _bnb_config(compute_dtype: str, quant_type: str, double_quant: bool) -> Any:
         import bitsandbytes  # noqa: F401 - only checking that it is there
     except ImportError:
         raise OasstError("4-bit loading needs bitsandbytes, which is not installed: "
-                         "pip install bitsandbytes, or pass --no-4bit") from None
+                         "pip install bitsandbytes, or pass --no-load-in-4bit") from None
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,

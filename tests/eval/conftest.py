@@ -106,8 +106,8 @@ def _train_with_oasst(out: Path) -> Path | None:
     try:
         # tiny-cpu recipe settings minus 4-bit (faster on CPU), no checkpoints or periodic evaluation.
         result = CliRunner().invoke(core_cli.cli, [
-            "train", "--model", str(STORIES), "--data", str(GUANACO), "--no-4bit", "--max-steps", str(TRAIN_STEPS),
-            "--lr", "5e-3", "--batch-size", "8", "--grad-accum", "1", "--max-length", "256", "--compute-dtype",
+            "train", "--model", str(STORIES), "--data", str(GUANACO), "--no-load-in-4bit", "--max-steps", str(TRAIN_STEPS),
+            "--learning-rate", "5e-3", "--batch-size", "8", "--grad-accum", "1", "--max-length", "256", "--compute-dtype",
             "float32", "--precision", "fp32", "--no-gradient-checkpointing", "--save-steps", "100000",
             "--eval-steps", "100000", "--quiet", "--out", str(out),
         ])

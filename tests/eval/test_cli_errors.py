@@ -101,9 +101,11 @@ def test_few_shot_hellaswag_needs_a_train_split(oasst, tmp_path: Path) -> None:
 def test_config_file_with_unknown_keys_lists_them_all(oasst, tmp_path: Path) -> None:
     (tmp_path / "eval.yaml").write_text("model: m\nbatchsize: 8\nlimt: 3\n")
     line = _only_error_line(oasst("eval", "--config", "eval.yaml"))
-    assert line.startswith("error: eval.yaml: unknown keys batchsize, limt (known: adapter, batch_size, ")
+    assert line.startswith("error: eval.yaml: unknown keys batchsize, limt (known: adapter, attn_implementation, "
+                           "batch_size, ")
 
 
 def test_missing_model_flag(oasst) -> None:
     line = _only_error_line(oasst("eval", "--tasks", "hellaswag"))
-    assert line == "error: --model is required (a model folder, a Hub name or a .gguf file)"
+    assert line == ("error: --model is required (a model folder, a Hub name or a .gguf file), or --adapter DIR of an "
+                    "`oasst train` run, whose base it names")

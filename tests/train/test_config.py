@@ -68,5 +68,6 @@ def test_help_lists_commands_without_importing_torch() -> None:
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]\n"
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "--no-4bit" in out and "--resume" in out and "--max-steps" in out
+    assert "--no-load-in-4bit" in out and "--resume" in out and "--max-steps" in out
+    assert "--no-4bit" not in out and "--lr " not in out  # the former spellings still work, hidden
     assert out.strip().endswith("HEAVY []")

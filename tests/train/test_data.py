@@ -1,4 +1,6 @@
-"""Data: Guanaco rendering, EOS appended, assistant-only loss mask checked token by token, bad datasets."""
+"""Data: Guanaco rendering, EOS appended, assistant-only loss mask checked token by token, bad datasets.
+
+Chat templates: tests/train/test_chat_template.py."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from oasst_train.data import ASSISTANT, HUMAN, read_rows, render_messages, tokenize_text
+from oasst_tools.conversation import ASSISTANT_CUE, HUMAN_STOP
+from oasst_train.data import Example, read_rows, render_messages, tokenize_text
 from tests.train.conftest import FALCON_TOKENIZER, GUANACO, STORIES, error_line
 
 CONVERSATION = [
@@ -56,7 +59,7 @@ def test_assistant_only_mask_covers_replies_and_their_terminators_token_by_token
         start = text.index(turn["content"], cursor)
         cursor = start + len(turn["content"])
         if turn["role"] == "assistant":
-            end = cursor + len(HUMAN) if i + 1 < turns else cursor
+            end = cursor + len(HUMAN_STOP) if i + 1 < turns else cursor
             loss_chars.update(range(start - 1, end))  # -1: the space after "### Assistant:"
     for position, ((a, b), bit) in enumerate(zip(enc.offset_mapping, mask[:-1], strict=True)):
         piece = tokenizer.decode([ids[position]])
@@ -66,7 +69,7 @@ def test_assistant_only_mask_covers_replies_and_their_terminators_token_by_token
     trained = tokenizer.decode([i for i, bit in zip(ids, mask, strict=True) if bit], skip_special_tokens=True)
     for turn in CONVERSATION[:turns]:
         assert (turn["content"] in trained) == (turn["role"] == "assistant")
-    assert ASSISTANT not in trained
+    assert ASSISTANT_CUE not in trained
 
 
 def test_whole_conversation_loss_keeps_every_token(stories: Path) -> None:
@@ -92,7 +95,9 @@ def test_datasets_folder_with_messages_column_is_rendered(tmp_path: Path) -> Non
     from datasets import Dataset, DatasetDict
 
     DatasetDict({"train": Dataset.from_dict({"messages": [CONVERSATION]})}).save_to_disk(tmp_path / "ds")
-    assert read_rows(str(tmp_path / "ds")) == {"train": [render_messages(CONVERSATION)]}
+    where = f"dataset {tmp_path / 'ds'}[train] row 0"
+    assert read_rows(str(tmp_path / "ds")) == {"train": [Example(None, CONVERSATION, where)]}
+    assert render_messages(read_rows(str(tmp_path / "ds"))["train"][0].messages) == render_messages(CONVERSATION)
 
 
 def test_build_folder_without_text_or_messages_is_one_clear_error(oasst, stories: Path, tmp_path: Path) -> None:
@@ -133,5 +138,5 @@ def test_a_tokenizer_that_appends_eos_itself_gets_no_second_one(stories: Path, t
     ids, mask = tokenize_text(appending, text)
     assert ids.count(appending.eos_token_id) == 1 and ids[-1] == appending.eos_token_id
     assert (ids, mask) == (want_ids, want_mask)  # same tokens, same loss mask, EOS learned only after a reply
-    row = build_dataset(appending, [text], assistant_only=True)[0]
+    row = build_dataset(appending, [text], assistant_only=True)[0][0]
     assert (row["input_ids"], row["assistant_masks"]) == (want_ids, want_mask)

@@ -22,7 +22,7 @@ def free_port() -> int:
 
 def train(out: Path, steps: int, processes: int) -> dict:
     args = ["train", "--config", str(RECIPES / "tiny-cpu.yaml"), "--model", str(STORIES), "--data", str(GUANACO),
-            "--out", str(out), "--no-4bit", "--max-steps", str(steps), "--save-steps", "1000", "--eval-rows", "8"]
+            "--out", str(out), "--no-load-in-4bit", "--max-steps", str(steps), "--save-steps", "1000", "--eval-rows", "8"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())] if processes > 1 else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}

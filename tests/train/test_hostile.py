@@ -28,7 +28,7 @@ from oasst_tools.errors import describe_os_error
 from tests.hostile import Ran, assert_refused, assert_unchanged, snapshot
 from tests.train.conftest import REPO, STORIES
 
-NO_4BIT = ("--no-4bit", "--compute-dtype", "float32", "--precision", "fp32")
+NO_4BIT = ("--no-load-in-4bit", "--compute-dtype", "float32", "--precision", "fp32")
 GOOD_ROW = {"text": "### Human: Say hi.### Assistant: Hi!"}
 HEAVY = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "safetensors", "bitsandbytes", "lm_eval")
 
@@ -65,7 +65,7 @@ BAD_ROWS = {
                                                     "object, not a string"),
     "role-missing": ({"messages": [{"content": "hi"}]}, "data/train.jsonl:2: messages[0] has no `role`"),
     "role-unknown": ({"messages": [{"role": "[bold]system[/]", "content": "hi"}]},
-                     "data/train.jsonl:2: messages[0] role '[bold]system[/]' is not user or assistant"),
+                     "data/train.jsonl:2: messages[0] role '[bold]system[/]' is not user, assistant or system"),
     "content-not-a-string": ({"messages": [{"role": "user", "content": ["hi"]}]},
                              "data/train.jsonl:2: messages[0] content must be a string, not a list"),
     "messages-checked-beside-text": ({"text": "### Human: hi", "messages": [{"role": "user", "content": None}]},
@@ -248,7 +248,8 @@ def test_bad_config_file_is_one_error_naming_file_and_line(oasst, data: Path, tm
 
 
 @pytest.mark.parametrize(("flag", "value", "expected"), [
-    ("--lr", "nan", "--lr: learning_rate must be a finite number, not nan"),
+    ("--learning-rate", "nan", "--learning-rate: learning_rate must be a finite number, not nan"),
+    ("--lr", "nan", "--learning-rate: learning_rate must be a finite number, not nan"),  # the hidden former spelling
     ("--lora-dropout", "nan", "--lora-dropout: lora_dropout must be a finite number, not nan"),
     ("--max-grad-norm", "-0.5", "--max-grad-norm: max_grad_norm must not be negative, not -0.5"),
 ])

@@ -256,7 +256,7 @@ def test_training_run_reports_fused_lora_modules(oasst: Callable[..., Any], tiny
     """The bf16 recipes' path on a CPU: 4-bit, bf16 autocast, gradient checkpointing, LoRA dropout."""
     out = tmp_path / "run"
     with CountAddmm() as counter:
-        result = oasst("train", "--model", tiny_falcon, "--data", GUANACO, "--out", out, "--4bit",
+        result = oasst("train", "--model", tiny_falcon, "--data", GUANACO, "--out", out, "--load-in-4bit",
                        "--compute-dtype", "bfloat16", "--precision", "bf16", "--gradient-checkpointing",
                        "--lora-dropout", 0.1, "--max-steps", 2, "--batch-size", 2, "--grad-accum", 1,
                        "--max-length", 64, "--eval-rows", 2, "--save-steps", 2, "--seeded-lora-dropout", "-q")

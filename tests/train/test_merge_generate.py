@@ -21,13 +21,13 @@ def test_merge_matches_base_plus_adapter_and_reloads_as_a_plain_model(oasst, sto
     from oasst_train.merge import CHECK_PROMPT
 
     out = tmp_path / "merged"
-    result = oasst("merge", stories_run, "--out", out, "--dtype", "float32")
+    result = oasst("merge", stories_run, "--out", out, "--compute-dtype", "float32")
     assert result.exit_code == 0, result.output
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert not hasattr(merged.config, "quantization_config")
     tokenizer = AutoTokenizer.from_pretrained(out)
     reference, _, settings = load_for_inference(stories_run)
-    assert settings["load_in_4bit"] is True
+    assert settings.load_in_4bit is True
     ids = tokenizer(CHECK_PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         want = reference(input_ids=ids).logits
@@ -74,7 +74,7 @@ def greeter(stories: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path_factory.mktemp("greeter") / "run"
     result = invoke("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--data", data,
-                    "--out", out, "--max-steps", 40, "--save-steps", 40, "--no-4bit", "-q")
+                    "--out", out, "--max-steps", 40, "--save-steps", 40, "--no-load-in-4bit", "-q")
     assert result.exit_code == 0, result.output
     return out
 
@@ -95,7 +95,7 @@ def _expected_stop(adapter: Path, prompt: str, budget: int) -> tuple[str, int]:
     """(reason, tokens) for greedy decoding read off transformers' generate without any stopping rule."""
     import torch
 
-    from oasst_train.data import HUMAN, guanaco_prompt
+    from oasst_tools.conversation import HUMAN_STOP, guanaco_prompt
     from oasst_train.generate import load_for_inference
 
     model, tokenizer, _ = load_for_inference(adapter)
@@ -107,7 +107,7 @@ def _expected_stop(adapter: Path, prompt: str, budget: int) -> tuple[str, int]:
     for k in range(1, len(new) + 1):
         if new[k - 1] == tokenizer.eos_token_id:
             return "eos", k
-        if HUMAN in tokenizer.decode(new[:k], skip_special_tokens=True):
+        if HUMAN_STOP in tokenizer.decode(new[:k], skip_special_tokens=True):
             return "human_turn", k
     return "max_new_tokens", budget
 
@@ -209,7 +209,7 @@ def test_reply_stops_exactly_at_the_next_human_turn_or_eos_and_streams_the_same_
         forced: dict[str, Path], stop: str, pieces: list[str], new_tokens: int) -> None:
     import torch
 
-    from oasst_train.data import guanaco_prompt
+    from oasst_tools.conversation import guanaco_prompt
     from oasst_train.generate import Chatbot
 
     bot = Chatbot.load(forced[stop])

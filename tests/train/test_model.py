@@ -52,9 +52,9 @@ def test_4bit_request_without_bitsandbytes_is_one_clear_error(oasst, stories: Pa
     from tests.train.conftest import GUANACO
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` sees when it is absent
-    result = oasst("train", "--model", stories, "--data", GUANACO, "--out", tmp_path / "out", "--4bit")
+    result = oasst("train", "--model", stories, "--data", GUANACO, "--out", tmp_path / "out", "--load-in-4bit")
     assert error_line(result) == ("error: 4-bit loading needs bitsandbytes, which is not installed: "
-                                  "pip install bitsandbytes, or pass --no-4bit")
+                                  "pip install bitsandbytes, or pass --no-load-in-4bit")
     assert not (tmp_path / "out").exists()
 
 

@@ -21,7 +21,7 @@ def test_report_to_tensorboard_writes_the_logged_losses_as_event_files_under_out
 
     out = tmp_path / "tb"
     result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--data", GUANACO,
-                   "--out", out, "--no-4bit", "--max-steps", 3, "--save-steps", 3, "--logging-steps", 1,
+                   "--out", out, "--no-load-in-4bit", "--max-steps", 3, "--save-steps", 3, "--logging-steps", 1,
                    "--eval-steps", 3, "--batch-size", 2, "--eval-rows", 2, "--report-to", "tensorboard", "-q")
     assert result.exit_code == 0, result.output
     events = sorted(tmp_path.rglob("events.out.tfevents.*"))  # tmp_path is also the working directory

@@ -20,7 +20,7 @@ STEPS = 20
 
 def _train_args(out: Path, stories: Path) -> list[str]:
     return ["train", "--config", str(RECIPES / "tiny-cpu.yaml"), "--model", str(stories), "--data", str(GUANACO),
-            "--out", str(out), "--no-4bit", "--max-steps", str(STEPS), "--save-steps", "5", "--logging-steps", "1",
+            "--out", str(out), "--no-load-in-4bit", "--max-steps", str(STEPS), "--save-steps", "5", "--logging-steps", "1",
             "--batch-size", "2", "--max-length", "128", "--eval-rows", "2", "-q"]
 
 

@@ -26,7 +26,7 @@ SUMMARY_KEYS = {"global_step", "train_loss_first", "train_loss_last", "eval_loss
 def test_tiny_falcon_4bit_run_writes_adapter_and_reports_4bit_layers(oasst, tiny_falcon: Path,
                                                                       tmp_path: Path) -> None:
     out = tmp_path / "falcon"
-    result = oasst("train", "--model", tiny_falcon, "--data", GUANACO, "--out", out, "--4bit",
+    result = oasst("train", "--model", tiny_falcon, "--data", GUANACO, "--out", out, "--load-in-4bit",
                    "--compute-dtype", "float32", "--precision", "fp32", "--max-steps", 3, "--batch-size", 2,
                    "--grad-accum", 1, "--max-length", 64, "--eval-rows", 4, "--save-steps", 3)
     assert result.exit_code == 0, result.output
@@ -127,7 +127,7 @@ def test_packing_is_refused_for_falcon_on_transformers_that_leak(tiny_falcon: Pa
 def test_packed_training_runs_and_counts_real_tokens(oasst, stories: Path, tmp_path: Path) -> None:
     out = tmp_path / "packed"
     result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--data", GUANACO,
-                   "--out", out, "--packing", "--no-4bit", "--max-steps", 3, "--eval-rows", 2, "-q")
+                   "--out", out, "--packing", "--no-load-in-4bit", "--max-steps", 3, "--eval-rows", 2, "-q")
     assert result.exit_code == 0, result.output
     summary = read_summary(out)
     assert summary["global_step"] == 3
@@ -161,7 +161,7 @@ def test_training_steps_see_labels_masked_exactly_where_the_loss_mask_says(oasst
     text = render_messages(CONVERSATION)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    result = oasst("train", "--model", stories, "--data", tmp_path / "data", "--out", tmp_path / "out", "--no-4bit",
+    result = oasst("train", "--model", stories, "--data", tmp_path / "data", "--out", tmp_path / "out", "--no-load-in-4bit",
                    "--compute-dtype", "float32", "--precision", "fp32", "--max-steps", 2, "--batch-size", 1,
                    "--grad-accum", 1, "--loss-on", loss_on, "-q")
     assert result.exit_code == 0, result.output
@@ -179,7 +179,7 @@ def test_training_steps_see_labels_masked_exactly_where_the_loss_mask_says(oasst
 
 def _train_args(out: Path, stories: Path) -> list[str]:
     return ["train", "--config", str(RECIPES / "tiny-cpu.yaml"), "--model", str(stories), "--data", str(GUANACO),
-            "--out", str(out), "--no-4bit", "--max-steps", "30", "--save-steps", "5", "--logging-steps", "1",
+            "--out", str(out), "--no-load-in-4bit", "--max-steps", "30", "--save-steps", "5", "--logging-steps", "1",
             "--batch-size", "4", "--lora-dropout", "0.1", "--eval-rows", "4", "-q"]
 
 
@@ -262,7 +262,7 @@ def test_resume_with_only_half_written_checkpoints_names_them(oasst, stories: Pa
 @pytest.mark.slow
 def test_a_finished_run_is_never_overwritten(oasst, stories_run: Path, stories: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in stories_run.rglob("*") if p.is_file()}
-    result = oasst("train", "--model", stories, "--data", GUANACO, "--out", stories_run, "--no-4bit")
+    result = oasst("train", "--model", stories, "--data", GUANACO, "--out", stories_run, "--no-load-in-4bit")
     assert error_line(result) == (f"error: {stories_run} already holds a training run; pass --resume to continue "
                                   "it, or choose another --out")
     assert before == {p: p.stat().st_mtime_ns for p in stories_run.rglob("*") if p.is_file()}

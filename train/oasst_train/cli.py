@@ -15,33 +15,33 @@ from typing import Any
 
 import click
 
+from oasst_model.flags import Option, load_options, take_aliases
 from oasst_tools.errors import OasstError
 from oasst_train.config import FIELDS, TrainConfig, field_choices, field_type
 
-# Flag names that differ from `--field-name`: the issue's `--no-4bit`, and `--lr` for brevity.
-FLAG_NAMES = {"load_in_4bit": "--4bit/--no-4bit", "learning_rate": "--lr"}
+# Former spellings, hidden from --help, still accepted for one release (the loading options' own are in
+# oasst_model.spec.OPTIONS).
+ALIASES = {"learning_rate": ("--lr",)}
 # Given explicitly (with a metavar or a short help) instead of generated.
 HANDWRITTEN = {"model", "data", "out"}
+# Defaults that read better in words than as the empty value they are.
+SHOWN = {"target_modules": "empty (QLoRA's choice)"}
 
 
 def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """One option per TrainConfig field, default None so that only flags actually given override the recipe."""
+    """One flag per TrainConfig field, named after it; default None so that only flags actually given override the
+    recipe, while --help shows the field's default."""
+    from oasst_model.flags import option, shown
+    from oasst_model.spec import OPTIONS
+
     for f in reversed(dataclasses.fields(TrainConfig)):
         if f.name in HANDWRITTEN:
             continue
         kind = field_type(f.name)
-        flag = FLAG_NAMES.get(f.name, f"--{f.name.replace('_', '-')}")
-        help_text = f.metadata["help"]
-        if kind is bool:
-            if "/" not in flag:
-                flag = f"{flag}/--no-{flag[2:]}"
-            fn = click.option(flag, f.name, default=None, help=help_text)(fn)
-        elif field_choices(f.name):
-            fn = click.option(flag, f.name, type=click.Choice(field_choices(f.name)), default=None, help=help_text)(fn)
-        elif kind is tuple:
-            fn = click.option(flag, f.name, default=None, metavar="A,B,...", help=help_text)(fn)
-        else:
-            fn = click.option(flag, f.name, type=kind, default=None, help=help_text)(fn)
+        aliases = ALIASES.get(f.name, ()) + (OPTIONS[f.name].aliases if f.name in OPTIONS else ())
+        fn = option(f.name, help=f.metadata["help"], default=SHOWN.get(f.name, shown(f.default)),
+                    kind=kind if kind is not tuple else str, choices=field_choices(f.name),
+                    metavar="A,B,..." if kind is tuple else None, aliases=aliases)(fn)
     return fn
 
 
@@ -51,8 +51,10 @@ def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--model", default=None, metavar="PATH_OR_HUB_ID", help=FIELDS["model"].metadata["help"])
 @click.option("--data", default=None, metavar="PATH_OR_HUB_ID", help=FIELDS["data"].metadata["help"])
 @click.option("--out", default=None, metavar="DIR", help=FIELDS["out"].metadata["help"])
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last complete checkpoint.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar, config or summary table.")
+@click.option("--resume", is_flag=True, cls=Option, show_default="off",
+              help="Continue the run in --out from its last complete checkpoint.")
+@click.option("--quiet", "-q", is_flag=True, cls=Option, show_default="off",
+              help="No progress bar, config or summary table.")
 @_config_options
 def train(config_file: Path | None, resume: bool, quiet: bool, **flags: Any) -> None:
     """Train a QLoRA adapter on a Guanaco-style dataset.
@@ -60,7 +62,7 @@ def train(config_file: Path | None, resume: bool, quiet: bool, **flags: Any) -> 
     \b
         oasst train --config train/recipes/tiny-cpu.yaml --data fixtures/guanaco-en --out runs/tiny
         oasst train --config train/recipes/tiny-cpu.yaml --data fixtures/guanaco-en --out runs/tiny --resume
-        oasst train --model ../shared/models/stories260K --data fixtures/guanaco-en --no-4bit \\
+        oasst train --model ../shared/models/stories260K --data fixtures/guanaco-en --no-load-in-4bit \\
                     --max-steps 60 --out runs/stories
         accelerate launch --config_file train/recipes/accelerate-2gpu.yaml -m oasst_tools train \\
                     --config train/recipes/falcon-7b-guanaco.yaml --out runs/falcon
@@ -77,14 +79,16 @@ def train(config_file: Path | None, resume: bool, quiet: bool, **flags: Any) -> 
     from oasst_train.config import resolve_config, to_dict
     from oasst_train.report import check_report_to, summary_table, tensorboard_dir
 
-    cfg = resolve_config(config_file, flags)
+    cfg = resolve_config(config_file, take_aliases(flags))
     check_report_to(cfg.report_to)
     console = Console(stderr=True, quiet=quiet)
 
-    def announce() -> None:
+    def announce(resolved: TrainConfig, device: str | None) -> None:
         # Text and Pretty, not a markup string: paths and values may hold `[/]` or `[bold]`.
         console.print(Text.assemble(("oasst train", "bold"), f" {'--resume ' if resume else ''}config:"),
-                      Pretty(to_dict(cfg)))
+                      Pretty(to_dict(resolved)))
+        if device:
+            console.print(device, markup=False, highlight=False)
 
     _quiet_libraries()
     from oasst_train.trainer import run_training
@@ -130,16 +134,19 @@ def _train_failure(exc: BaseException, out: Path, existed: bool) -> OasstError |
 @click.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the merged model.")
-@click.option("--model", default=None, help="Base model (default: the one in the adapter's train_config.yaml).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-              show_default=True, help="dtype of the merged model.")
-@click.option("--tolerance", type=float, default=None, help="Max allowed |merged - (base + adapter)| logit "
-              "difference (default: bf16 tolerance scaled to the logits).")
-def merge(adapter: Path, out: Path, model: str | None, dtype: str, tolerance: float | None) -> None:
+@load_options(inference=True, skip=("compute_dtype",))
+@click.option("--compute-dtype", "compute_dtype", cls=Option, type=click.Choice(["auto", "bfloat16", "float16",
+              "float32"]), default=None, show_default="as trained, else auto",
+              help="dtype of the merged model's weights (the dtype it computes in when loaded).")
+@click.option("--dtype", "alias__compute_dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              default=None, hidden=True)
+@click.option("--tolerance", type=float, default=None, cls=Option, show_default="bf16 tolerance x logit scale",
+              help="Max allowed |merged - (base + adapter)| logit difference.")
+def merge(adapter: Path, out: Path, tolerance: float | None, **flags: Any) -> None:
     """Merge a LoRA adapter into a 16-bit copy of its base model, and check the merged logits.
 
     The base is dequantized exactly as it was during training (when trained in 4-bit), so the merged model is
-    the one the adapter learned against.
+    the one the adapter learned against. Loading options left out are read from the adapter's train_config.yaml.
 
     \b
         oasst merge runs/stories --out runs/stories-merged
@@ -149,25 +156,27 @@ def merge(adapter: Path, out: Path, model: str | None, dtype: str, tolerance: fl
     _quiet_libraries()
     from oasst_train.merge import merge_adapter
 
-    result = merge_adapter(adapter, out, base=model, dtype=dtype, tolerance=tolerance)
+    result = merge_adapter(adapter, out, tolerance=tolerance, **take_aliases(flags))
     # markup=False: the paths are the user's and may hold `[/]`.
     Console().print(f"merged {adapter} into {out} ({result['dtype']}, {result['parameters']:,} parameters); "
                     f"max logit difference vs base + adapter: {result['max_logit_diff']:.2e} "
-                    f"(tolerance {result['tolerance']:.2e}); after rounding to {dtype}: "
+                    f"(tolerance {result['tolerance']:.2e}); after rounding to {result['dtype']}: "
                     f"{result['max_logit_diff_saved']:.2e}", markup=False, highlight=False)
 
 
 @click.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="The human turn; wrapped as `### Human: PROMPT### Assistant:`.")
-@click.option("--model", default=None, help="Base model (default: the one in the adapter's train_config.yaml).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@load_options(inference=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Stop after this many new tokens.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="0: greedy decoding.")
-@click.option("--seed", type=int, default=0, show_default=True)
-def generate(adapter: Path, prompt: str, model: str | None, max_new_tokens: int, temperature: float,
-             seed: int) -> None:
+              help="Sampling temperature; 0: greedy decoding.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
+def generate(adapter: Path, prompt: str, max_new_tokens: int, temperature: float, seed: int, **flags: Any) -> None:
     """Answer one prompt with a trained adapter, streaming tokens; stops at EOS or the next `### Human:`.
+
+    Loading options left out are read from the adapter's train_config.yaml (4-bit stays 4-bit).
 
     \b
         oasst generate runs/stories --prompt "Tell me a story about a cat."
@@ -175,21 +184,23 @@ def generate(adapter: Path, prompt: str, model: str | None, max_new_tokens: int,
     _quiet_libraries()
     from oasst_train.generate import Chatbot
 
-    bot = Chatbot.load(adapter, base=model, seed=seed)
+    bot = Chatbot.load(adapter, seed=seed, **take_aliases(flags))
     answer = bot.reply(prompt, max_new_tokens=max_new_tokens, temperature=temperature, stream=click.echo)
     click.echo(f"[stopped: {answer.stop}, {answer.new_tokens} tokens]", err=True)
 
 
 @click.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("--model", default=None, help="Base model (default: the one in the adapter's train_config.yaml).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def chat(adapter: Path, model: str | None, max_new_tokens: int, temperature: float, seed: int) -> None:
+@load_options(inference=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Stop each reply after this many new tokens.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True,
+              help="Sampling temperature; 0: greedy decoding.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
+def chat(adapter: Path, max_new_tokens: int, temperature: float, seed: int, **flags: Any) -> None:
     """Chat with a trained adapter in the Guanaco format; the conversation so far is the context.
 
-    An empty line or Ctrl-D ends the chat.
+    An empty line or Ctrl-D ends the chat. Loading options left out are read from the adapter's train_config.yaml.
 
     \b
         oasst chat runs/stories
@@ -197,7 +208,7 @@ def chat(adapter: Path, model: str | None, max_new_tokens: int, temperature: flo
     _quiet_libraries()
     from oasst_train.generate import Chatbot
 
-    bot = Chatbot.load(adapter, base=model, seed=seed)
+    bot = Chatbot.load(adapter, seed=seed, **take_aliases(flags))
     while True:
         try:
             prompt = click.prompt(click.style("you", bold=True), default="", show_default=False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from oasst_model.spec import AUTO, DeviceProfile, auto_compute_dtype, flag, option_field
 from oasst_tools.errors import OasstError
 
 
@@ -29,30 +30,27 @@ def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses.fiel
 class TrainConfig:
     """One QLoRA training run. Field order is the order of `--help` and of the saved `train_config.yaml`."""
 
-    # What goes in and out
-    model: str = _f("", "Base model: a local folder, a hub id, or a .gguf file.")
+    # What goes in and out (the loading options are defined once, in oasst_model.spec.OPTIONS)
+    model: str = option_field("model")
     data: str = _f("", "Dataset: an `oasst build` folder (train.jsonl, test.jsonl), a datasets folder or hub id "
                        "with a `text` or `messages` column.")
     out: str = _f("", "Output folder: the adapter, tokenizer, train_summary.json, loss.png, checkpoints/.")
-    trust_remote_code: bool = _f(False, "Run the model repository's own Python code (off unless you trust it).")
-    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager, flash_attention_2.")
-    fused_attention: bool = _f(True, "Falcon with sdpa: expand multi-query keys/values so fused kernels run "
-                                     "(causal, no mask, for right-padded rows; a block mask for packed rows). "
-                                     "Off: transformers' own attention.")
+    trust_remote_code: bool = option_field("trust_remote_code")
+    attn_implementation: str = option_field("attn_implementation")
+    fused_attention: bool = option_field("fused_attention")
 
     # 4-bit quantization (QLoRA)
-    load_in_4bit: bool = _f(True, "Quantize the base model's linear layers to 4 bits with bitsandbytes.")
-    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type: nf4 (QLoRA) or fp4.")
-    double_quant: bool = _f(True, "Quantize the quantization constants too (QLoRA's double quantization).")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = _f(
-        "bfloat16", "dtype of the dequantized weights in matmuls and of the unquantized layers.")
+    load_in_4bit: bool = option_field("load_in_4bit")
+    quant_type: Literal["nf4", "fp4"] = option_field("quant_type")
+    double_quant: bool = option_field("double_quant")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = option_field("compute_dtype")
 
     # LoRA
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
     target_modules: tuple[str, ...] = _f((), "Layers that get LoRA (comma-separated); empty: every linear layer "
-                                             "but the output head, as QLoRA did.")
+                                             "but the output head.")
 
     # Data
     max_length: int = _f(512, "Tokens per example; longer ones are cut (and then end without EOS).")
@@ -74,25 +72,21 @@ class TrainConfig:
                                    "paged_adamw_32bit, ...).")
     max_steps: int = _f(-1, "Optimizer steps to run; -1: run `epochs` epochs.")
     epochs: float = _f(1.0, "Epochs when max_steps is -1.")
-    precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Mixed precision of the training step.")
-    gradient_checkpointing: bool = _f(True, "Recompute activations in backward: less memory, about 30% slower.")
-    cast_norm_outputs: bool = _f(True, "Under bf16/fp16 autocast, hand LayerNorm outputs on in that dtype once instead "
-                                       "of fp32 that every following layer casts again (fewer copies).")
-    fused_lora: bool = _f(True, "Add each LoRA update inside its matmul (one addmm that scales and adds) instead of "
-                                "peft's clone, scale and add over the layer output (fewer kernels). Off: peft's own "
-                                "LoRA forward.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        AUTO, "Mixed precision of the training step; auto: fp32 on CPU, bf16 on GPU (fp16 where the GPU lacks bf16).")
+    gradient_checkpointing: bool | Literal["auto"] = _f(
+        AUTO, "Recompute activations in backward: less memory, about 30% slower; auto: on for GPU, off for CPU.")
+    cast_norm_outputs: bool = _f(True, "Under bf16/fp16 autocast, hand LayerNorm outputs on in that dtype once "
+                                       "instead of fp32 that each next layer casts again.")
+    fused_lora: bool = _f(True, "Add each LoRA update inside its matmul (one addmm) instead of peft's clone, scale "
+                                "and add. Off: peft's own LoRA forward.")
     seeded_lora_dropout: bool = _f(False, "With fused_lora, LoRA dropout keeps only its input and a seed for "
-                                         "backward and draws the mask again from the seed there, instead of keeping "
-                                         "the dropped-out input and the mask (bf16: 2 bytes per input element "
-                                         "instead of 3, and one copy where LoRA layers share an input). The masks "
-                                         "come from another random stream than peft's: same distribution, not the "
-                                         "same draws. A memory option: on an H200 it cut the fast recipe's peak from "
-                                         "88 to 64 GiB at 12% fewer tokens/s. Off: peft's dropout.")
+                                          "backward: less memory, a little slower, other draws than peft's.")
     activation_offloading: bool = _f(False, "Keep the activations saved for backward in CPU memory (trl's "
-                                            "offloading): less GPU memory for larger batches, some transfer time.")
+                                            "offloading): less GPU memory, some transfer time.")
     group_by_length: bool = _f(False, "Batch examples of similar length together (less padding).")
-    pad_to_multiple_of: int = _f(0, "Pad batch lengths to a multiple of this (0: off); 64 avoids re-planning "
-                                    "attention kernels for every new length on GPUs.")
+    pad_to_multiple_of: int = _f(0, "Pad batch lengths to a multiple of this (0: off); 64 lets GPU attention "
+                                    "kernels be reused across lengths.")
     seed: int = _f(42, "Seed for initialization, dropout and data order.")
 
     # Checkpoints and logging
@@ -106,6 +100,9 @@ class TrainConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
 REQUIRED = ("model", "data", "out")
+# Fields whose default, `auto`, is decided by the device once the run starts (resolve_auto).
+AUTO_FIELDS = ("precision", "compute_dtype", "gradient_checkpointing")
+PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def load_yaml(path: Path, origins: dict[str, str] | None = None) -> dict[str, Any]:
@@ -124,8 +121,9 @@ def load_yaml(path: Path, origins: dict[str, str] | None = None) -> dict[str, An
 
 
 def flag_name(name: str) -> str:
-    """The command-line flag of a field (`--lr` for learning_rate), for messages about a value given there."""
-    return {"learning_rate": "--lr", "load_in_4bit": "--4bit"}.get(name, f"--{name.replace('_', '-')}")
+    """The command-line flag of a field (`--learning-rate` for learning_rate), for messages about a value given
+    there."""
+    return flag(name)
 
 
 def coerce(name: str, value: Any, origin: str) -> Any:
@@ -133,6 +131,8 @@ def coerce(name: str, value: Any, origin: str) -> Any:
     kind = field_type(name)
     try:
         if kind is bool:
+            if name in AUTO_FIELDS and value == AUTO:
+                return value
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
                 return value.lower() in ("true", "yes", "1")
             if not isinstance(value, bool):
@@ -211,9 +211,66 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
     for name in ("model", "data", "out"):
         if "\0" in getattr(cfg, name):
             raise fail(name, f"{name} {getattr(cfg, name)!r} contains a NUL character")
-    if cfg.precision == "fp16" and cfg.compute_dtype == "bfloat16":
+    if cfg.precision == "fp16" and cfg.compute_dtype == "bfloat16":  # `auto` ones are checked once resolved
         raise OasstError("precision fp16 with compute_dtype bfloat16 mixes two 16-bit formats; "
                          "use precision bf16, or compute_dtype float16")
+
+
+def resolve_auto(cfg: TrainConfig, profile: DeviceProfile,
+                 saved: dict[str, Any] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """`cfg` with every `auto` field made concrete, and the choice as train_summary.json records it.
+
+    A resumed run keeps the values it started with (`saved`, its train_config.yaml). Otherwise precision and
+    compute_dtype follow each other when one is set, and the device when neither is: fp32 on CPU (bf16 matmuls are
+    emulated there and slower), bf16 on GPUs that have it, fp16 (with LoRA weights kept in fp32) on those that do
+    not. Gradient checkpointing is on for GPUs (memory) and off for CPUs (nothing to save, a third more work).
+    """
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {name: "set" for name in AUTO_FIELDS if getattr(cfg, name) != AUTO}
+    for name in AUTO_FIELDS:
+        if getattr(cfg, name) == AUTO and saved is not None and saved.get(name) not in (None, AUTO):
+            values[name] = coerce(name, saved[name], f"the resumed run's {name}")
+            origin[name] = "resumed run"
+    precision = values.get("precision", cfg.precision)
+    compute = values.get("compute_dtype", cfg.compute_dtype)
+    if precision == AUTO and compute == AUTO:
+        compute = auto_compute_dtype(profile)
+        precision = PRECISION_OF[compute]
+        origin["precision"] = origin["compute_dtype"] = f"auto ({profile.kind})"
+    elif precision == AUTO:
+        precision = PRECISION_OF[compute]
+        origin["precision"] = "auto (follows compute_dtype)"
+    elif compute == AUTO:
+        compute = {v: k for k, v in PRECISION_OF.items()}[precision]
+        origin["compute_dtype"] = "auto (follows precision)"
+    checkpointing = values.get("gradient_checkpointing", cfg.gradient_checkpointing)
+    if checkpointing == AUTO:
+        checkpointing = profile.kind != "cpu"
+        origin["gradient_checkpointing"] = f"auto ({profile.kind})"
+    resolved = replace(cfg, precision=precision, compute_dtype=compute, gradient_checkpointing=checkpointing)
+    choice: dict[str, Any] = {"device": profile.words(), "bf16_supported": profile.bf16}
+    for name in AUTO_FIELDS:
+        choice[name] = {"value": getattr(resolved, name), "from": origin[name]}
+    # fp16's loss scaling needs fp32 master weights: the trainer keeps the trainable LoRA weights in fp32.
+    choice["lora_weights_fp32"] = precision != "bf16"
+    return resolved, choice
+
+
+def device_line(choice: dict[str, Any]) -> str | None:
+    """`device: cpu -> precision fp32, compute_dtype float32, gradient_checkpointing off` for the values the device
+    decided (None when the recipe and flags set them all)."""
+    decided = [name for name in AUTO_FIELDS if choice[name]["from"].startswith("auto")]
+    if not decided:
+        return None
+
+    def value(name: str) -> str:
+        v = choice[name]["value"]
+        return ("on" if v else "off") if isinstance(v, bool) else str(v)
+
+    line = f"device: {choice['device']} -> " + ", ".join(f"{name} {value(name)}" for name in decided)
+    if choice["precision"]["value"] == "fp16":
+        line += " (LoRA weights kept in fp32 for fp16's loss scaling)"
+    return line
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -227,6 +284,8 @@ def field_type(name: str) -> type:
     origin = typing.get_origin(hint)
     if origin in (tuple, typing.Tuple):  # noqa: UP006 - get_origin returns either spelling
         return tuple
+    if origin in (typing.Union, types.UnionType) and bool in typing.get_args(hint):
+        return bool  # `bool | Literal["auto"]`: a switch that may be left to the device
     if origin is Literal or origin in (typing.Union, types.UnionType):
         return str
     return hint

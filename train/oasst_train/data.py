@@ -1,63 +1,52 @@
-"""Training rows: read a dataset, render Guanaco text, tokenize with EOS appended and an assistant-only mask.
+"""Training rows: read a dataset, encode each conversation in a format, cut it to max_length, count what is learned.
 
-    rows = read_rows("fixtures/guanaco-en")             # {"train": [...texts], "test": [...texts]}
-    ids, mask = tokenize_text(tokenizer, rows["train"][0])
+    rows = read_rows("fixtures/guanaco-en")                          # {"train": [Example...], "test": [...]}
+    dataset, report = build_dataset(tokenizer, rows["train"], format="guanaco", max_length=256)
+    report.to_dict()                                                  # rows cut, tokens trained and lost, ...
 
-Guanaco format: `### Human: {prompt}### Assistant: {reply}### Human: ...`, no separators. With loss on the
-assistant only, the loss covers each reply and what ends it: the next `### Human:` marker (where `oasst generate`
-stops) or the appended EOS. Human turns and the `### Assistant:` headers are masked.
+The formats live in `oasst_tools.conversation`: Guanaco text (EOS appended; a reply is trained with the human
+marker or EOS that ends it) or the tokenizer's chat template (assistant turns and their end-of-turn token). Both are
+cut to max_length here, the loss mask with the ids, and a row left with no token to learn from is dropped and
+counted, never trained on nothing (trl would drop it silently).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from oasst_tools.conversation import Encoded, Format, check_messages, encode, encode_guanaco, render_guanaco
+from oasst_tools.conversation import guanaco_prompt  # noqa: F401 - merge.py's check prompt imports it from here
+from oasst_tools.conversation import kind as _kind
 from oasst_tools.errors import OasstError, OasstInputError
 
-HUMAN = "### Human:"
-ASSISTANT = "### Assistant:"
-ROLE_MARKERS = {"user": HUMAN, "prompter": HUMAN, "human": HUMAN, "assistant": ASSISTANT}
-_MARKER = re.compile(r"### (?:Human|Assistant):")
 
+@dataclass(frozen=True)
+class Example:
+    """One conversation row: its Guanaco `text` and/or its `messages`, and where it was read (`file:line`)."""
 
-def guanaco_prompt(prompt: str) -> str:
-    """The generation prompt for one human turn: `### Human: {prompt}### Assistant:`."""
-    return f"{HUMAN} {prompt}{ASSISTANT}"
+    text: str | None
+    messages: list[dict[str, str]] | None
+    where: str
+
+    def conversation(self, format: Format) -> str | list[dict[str, str]]:  # noqa: A002
+        """What `format` encodes: Guanaco reads `text` (else the messages), chat templates the messages (else
+        the text, split at its markers)."""
+        if format == "guanaco":
+            return self.text if self.text is not None else self.messages  # type: ignore[return-value]
+        return self.messages if self.messages is not None else self.text  # type: ignore[return-value]
 
 
 def render_messages(messages: Sequence[dict[str, Any]], where: str = "messages") -> str:
     """A list of {role, content} turns as one Guanaco text; a turn of the wrong shape is an error at `where`."""
-    if not isinstance(messages, (list, tuple)):
-        raise OasstError(f"{where}: `messages` must be a list of {{role, content}} objects, not {_kind(messages)}")
-    parts = []
-    for i, turn in enumerate(messages):
-        if not isinstance(turn, dict):
-            raise OasstError(f"{where}: messages[{i}] must be a {{role, content}} object, not {_kind(turn)}")
-        if "role" not in turn:
-            raise OasstError(f"{where}: messages[{i}] has no `role`")
-        role = turn["role"]
-        marker = ROLE_MARKERS.get(role.lower()) if isinstance(role, str) else None
-        if marker is None:
-            raise OasstError(f"{where}: messages[{i}] role {role!r} is not user or assistant")
-        content = turn.get("content")
-        if not isinstance(content, str):
-            raise OasstError(f"{where}: messages[{i}] content must be a string, not {_kind(content)}")
-        parts.append(f"{marker} {content}")
-    return "".join(parts)
+    return render_guanaco(messages, where)
 
 
-def _kind(value: Any) -> str:
-    """How a JSON value is called in messages: `a number`, `null`, `an object`..."""
-    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
-            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def read_rows(data: str, eval_rows: int = 0) -> dict[str, list[str]]:
-    """Guanaco texts of the train split and, when there is one, the test split."""
+def read_rows(data: str, eval_rows: int = 0) -> dict[str, list[Example]]:
+    """The rows of the train split and, when there is one, the test split; every row checked."""
     path = Path(data)
     if path.is_dir() and (path / "train.jsonl").exists():
         splits = {"train": _read_jsonl(path / "train.jsonl")}
@@ -75,80 +64,111 @@ def read_rows(data: str, eval_rows: int = 0) -> dict[str, list[str]]:
 
 
 def tokenize_text(tokenizer: Any, text: str, assistant_only: bool = True) -> tuple[list[int], list[int]]:
-    """Token ids of `text` + EOS, and a 0/1 mask of the tokens that carry loss."""
-    if not tokenizer.is_fast:
-        raise OasstError(f"tokenizer of {tokenizer.name_or_path} is not a fast tokenizer; "
-                         "the assistant-only mask needs character offsets")
-    # verbose=False: rows longer than the model's window are expected here; truncation happens later.
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
-    ids = list(enc["input_ids"])
-    offsets = list(enc["offset_mapping"])
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids, offsets = ids[:-1], offsets[:-1]  # tokenizers that add EOS themselves: keep exactly one
-    ids.append(tokenizer.eos_token_id)
-    if not assistant_only:
-        return ids, [1] * len(ids)
-    spans, ends_in_reply = assistant_spans(text)
-    mask = [int(_inside(start, end, spans)) for start, end in offsets]
-    mask.append(int(ends_in_reply))
-    return ids, mask
+    """Token ids of Guanaco `text` + EOS, and a 0/1 mask of the tokens that carry loss."""
+    enc = encode_guanaco(tokenizer, text, assistant_only)
+    return enc.ids, enc.mask
 
 
-def assistant_spans(text: str) -> tuple[list[tuple[int, int]], bool]:
-    """Character spans that carry loss (reply + the `### Human:` after it), and whether the text ends in a reply."""
-    markers = list(_MARKER.finditer(text))
-    spans = []
-    for i, m in enumerate(markers):
-        if m.group() != ASSISTANT:
-            continue
-        nxt = markers[i + 1] if i + 1 < len(markers) else None
-        spans.append((m.end(), nxt.end() if nxt is not None else len(text)))
-    ends_in_reply = bool(markers) and markers[-1].group() == ASSISTANT
-    return spans, ends_in_reply
+@dataclass
+class DataReport:
+    """What one split gives the model to learn, counted before it learns it (issue 12, item 6)."""
+
+    format: str
+    max_length: int | None
+    loss_on: str
+    rows: int = 0  # rows read
+    rows_cut: int = 0  # longer than max_length: cut, the mask with the ids
+    rows_dropped: int = 0  # no token carries loss once cut: left out, never trained on nothing
+    rows_without_reply: int = 0  # of the dropped rows, those with no loss token even before the cut
+    first_dropped: str | None = None  # where the first dropped row was read (`file:line`)
+    tokens: int = 0  # every token of every row, before the cut
+    tokens_kept: int = 0  # ... after it (dropped rows included: they were cut too)
+    loss_tokens: int = 0  # tokens under the loss mask before the cut (the assistant tokens with loss_on assistant)
+    loss_tokens_trained: int = 0  # ... that survive the cut, in the rows kept
+    assistant_turns: int = 0
+    turn_ends_trained: int = 0  # replies whose closing token (end-of-turn, EOS, next human marker) is trained
+    rows_end_trained: int = 0  # rows with at least one such closing token trained: the model sees how to stop
+
+    def add(self, full: Encoded, kept: Encoded, where: str) -> bool:
+        """Count one row (before and after the cut); whether it has a token to learn from."""
+        trained = sum(kept.mask)
+        self.rows += 1
+        self.rows_cut += len(kept.ids) < len(full.ids)
+        self.tokens += len(full.ids)
+        self.tokens_kept += len(kept.ids)
+        self.loss_tokens += sum(full.mask)
+        self.assistant_turns += full.turns
+        if not trained:
+            self.rows_dropped += 1
+            self.rows_without_reply += not any(full.mask)
+            self.first_dropped = self.first_dropped or where
+            return False
+        self.loss_tokens_trained += trained
+        self.turn_ends_trained += len(kept.ends)
+        self.rows_end_trained += bool(kept.ends)
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, with the tokens lost to the cut and the share trained."""
+        out = dict(vars(self))
+        out["loss_tokens_lost"] = self.loss_tokens - self.loss_tokens_trained
+        out["share_trained"] = round(self.loss_tokens_trained / self.loss_tokens, 4) if self.loss_tokens else None
+        return out
 
 
-def build_dataset(tokenizer: Any, texts: Sequence[str], assistant_only: bool) -> Any:
-    """A `datasets.Dataset` of input_ids (+ assistant_masks), the pre-tokenized form trl's SFTTrainer accepts."""
+def build_dataset(tokenizer: Any, rows: Sequence[Example | str], assistant_only: bool = True, *,
+                  format: Format = "guanaco", max_length: int | None = None) -> tuple[Any, DataReport]:  # noqa: A002
+    """A `datasets.Dataset` of input_ids (+ assistant_masks) cut to `max_length`, the pre-tokenized form trl's
+    SFTTrainer takes, and its report; rows with no token to learn from are left out (None when none is left).
+    A plain string row is Guanaco text."""
     from datasets import Dataset
 
+    report = DataReport(format=format, max_length=max_length, loss_on="assistant" if assistant_only else "all")
     columns: dict[str, list[list[int]]] = {"input_ids": [], "assistant_masks": []}
-    for text in texts:
-        ids, mask = tokenize_text(tokenizer, text, assistant_only)
-        columns["input_ids"].append(ids)
-        columns["assistant_masks"].append(mask)
-    if assistant_only and not any(any(m) for m in columns["assistant_masks"]):
-        raise OasstError(f"no row has an `{ASSISTANT}` turn to learn from; use --loss-on all to train on "
-                         "the whole text")
+    for n, row in enumerate(rows, 1):
+        if isinstance(row, str):
+            row = Example(row, None, f"row {n}")
+        full = encode(tokenizer, row.conversation(format), format, assistant_only, row.where)
+        kept = full.cut(max_length)
+        if report.add(full, kept, row.where):
+            columns["input_ids"].append(kept.ids)
+            columns["assistant_masks"].append(kept.mask)
+    if not columns["input_ids"]:
+        return None, report
     if not assistant_only:
         del columns["assistant_masks"]
-    return Dataset.from_dict(columns)
+    return Dataset.from_dict(columns), report
 
 
-def _inside(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
-    """Whether a token starting at `start` lies in a loss span (special tokens have empty offsets: never)."""
-    if end <= start:
-        return False
-    return any(a <= start < b for a, b in spans)
+def require_trainable(report: DataReport, split: str = "train") -> None:
+    """One error line when no row of `split` is left to learn from, saying why the rows went."""
+    if report.rows > report.rows_dropped:
+        return
+    cut = report.rows_dropped - report.rows_without_reply
+    why = [f"{report.rows_without_reply} without an assistant reply"] if report.rows_without_reply else []
+    if cut:
+        why.append(f"{cut} whose replies all start after token {report.max_length}")
+    fixes = "use a larger --max-length" if cut else "use --loss-on all to train on the whole text"
+    raise OasstError(f"no {split} row has a token to learn from ({report.rows} rows: {', '.join(why)}; first: "
+                     f"{report.first_dropped}); {fixes}")
 
 
-def _row_text(row: dict[str, Any], where: str) -> str:
-    """A row's Guanaco text: its `text`, or its `messages` rendered; both are checked when both are there."""
+def _example(row: dict[str, Any], where: str) -> Example:
+    """A row's `text` and `messages`, both checked when both are there."""
     text, messages = row.get("text"), row.get("messages")
     if text is not None and not isinstance(text, str):
         raise OasstError(f"{where}: `text` must be a string, not {_kind(text)}")
-    rendered = render_messages(messages, where) if messages is not None else None
-    if text is not None:
-        return text
-    if rendered is not None:
-        return rendered
-    raise OasstError(f"{where}: row has neither a `text` string nor a `messages` list")
+    turns = check_messages(messages, where) if messages is not None else None
+    if text is None and turns is None:
+        raise OasstError(f"{where}: row has neither a `text` string nor a `messages` list")
+    return Example(text, turns, where)
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    """Texts of an `oasst build` JSONL split; every row is checked here, so a bad one is named with its line."""
+def _read_jsonl(path: Path) -> list[Example]:
+    """Rows of an `oasst build` JSONL split; every row is checked here, so a bad one is named with its line."""
     from oasst_tools.files import decode_utf8, read_bytes
 
-    texts = []
+    examples = []
     # One read: the files are a few MB, and bytes let a bad byte be reported with its line.
     for n, raw in enumerate(read_bytes(path, "data file").split(b"\n"), 1):
         if not raw.strip():
@@ -167,14 +187,14 @@ def _read_jsonl(path: Path) -> list[str]:
         if "text" not in row and "messages" not in row:
             raise OasstInputError(path, n, f"row has no `text` or `messages` column (it has: {', '.join(row)})")
         try:
-            texts.append(_row_text(row, f"{path}:{n}"))
+            examples.append(_example(row, f"{path}:{n}"))
         except OasstError as exc:
             raise OasstInputError(path, n, str(exc).removeprefix(f"{path}:{n}: ")) from None
-    return texts
+    return examples
 
 
-def _read_datasets(data: str) -> dict[str, list[str]]:
-    """Texts of a `save_to_disk` folder or a hub dataset, split by split."""
+def _read_datasets(data: str) -> dict[str, list[Example]]:
+    """Rows of a `save_to_disk` folder or a hub dataset, split by split."""
     from oasst_tools.hub import assume_offline, hub_candidate, hub_reachable, in_hub_cache, offline_reason
     from oasst_tools.files import path_problem
 
@@ -213,24 +233,18 @@ def _read_datasets(data: str) -> dict[str, list[str]]:
         loaded = datasets.DatasetDict({"train": loaded})
     if not isinstance(loaded, datasets.DatasetDict):
         raise OasstError(f"dataset {data} is not a table of rows (got {type(loaded).__name__})")
-    splits: dict[str, list[str]] = {}
+    splits: dict[str, list[Example]] = {}
     for split, name in (("train", "train"), ("test", "test"), ("test", "validation")):
         if name not in loaded or split in splits:
             continue
         table = loaded[name]
-        if "text" in table.column_names:
-            texts = list(table["text"])
-            bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-            if bad is not None:
-                raise OasstError(f"dataset {data}[{name}] row {bad}: `text` must be a string, not "
-                                 f"{_kind(texts[bad])}")
-            splits[split] = texts
-        elif "messages" in table.column_names:
-            splits[split] = [render_messages(m, f"dataset {data}[{name}] row {i}")
-                             for i, m in enumerate(table["messages"])]
-        else:
+        columns = [c for c in ("text", "messages") if c in table.column_names]
+        if not columns:
             raise OasstError(f"dataset {data} has no `text` or `messages` column (columns: "
                              f"{', '.join(table.column_names)})")
+        values = [list(table[c]) for c in columns]
+        splits[split] = [_example(dict(zip(columns, row)), f"dataset {data}[{name}] row {i}")
+                         for i, row in enumerate(zip(*values))]
     if "train" not in splits:
         raise OasstError(f"dataset {data} has no train split (splits: {', '.join(loaded)})")
     return splits

@@ -3,7 +3,8 @@
     bot = Chatbot.load(Path("runs/stories"))
     result = bot.reply("Tell me a story.", stream=print)
 
-Generation stops at EOS or when the model starts the next `### Human:` turn; the marker is never shown.
+Generation stops at EOS or when the model starts the next human turn (`conversation.HUMAN_STOP`); the marker is
+never shown.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oasst_model.spec import ModelSpec
+from oasst_tools.conversation import HUMAN_STOP, guanaco_prompt
 from oasst_tools.errors import OasstError
-from oasst_train.data import HUMAN, guanaco_prompt
 
 
 @dataclass(frozen=True)
@@ -26,60 +28,24 @@ class Reply:
     new_tokens: int
 
 
-def base_settings(adapter: Path, base: str | None = None) -> dict[str, Any]:
-    """How the adapter's base model was loaded in training (model, 4-bit settings), from train_config.yaml."""
-    from oasst_tools.files import read_yaml_mapping
-    from oasst_model.load import check_source, read_adapter_config
+def base_settings(adapter: Path, **flags: Any) -> ModelSpec:
+    """How the adapter's base model is loaded: what training recorded (train_config.yaml), with the loading flags
+    that were given (None = not given) on top. Every file is checked before torch takes its seconds to import."""
+    from oasst_model.load import check_source
 
-    adapter_config = read_adapter_config(adapter)
-    settings: dict[str, Any] = {"load_in_4bit": False, "compute_dtype": "float32"}
-    config_file = adapter / "train_config.yaml"
-    if config_file.exists():
-        saved, _ = read_yaml_mapping(config_file, "training config", hint=" (it records how the base model was "
-                                     "loaded; restore it or delete it and pass --model)")
-        settings.update({k: saved[k] for k in ("model", "load_in_4bit", "compute_dtype", "quant_type",
-                                               "double_quant", "trust_remote_code") if k in saved})
-    else:
-        settings["model"] = adapter_config.get("base_model_name_or_path")
-    if base:
-        settings["model"] = base
-    if not settings.get("model"):
-        raise OasstError(f"{adapter} does not name its base model; pass --model")
-    if not isinstance(settings["model"], str):
-        raise OasstError(f"{config_file}: model must be a string, not {settings['model']!r}")
-    for key in ("load_in_4bit", "double_quant", "trust_remote_code"):
-        if key in settings and not isinstance(settings[key], bool):
-            raise OasstError(f"{config_file}: {key} must be true or false, not {settings[key]!r}")
-    check_source(settings["model"])  # before torch loads: a missing or damaged base is one line too
-    return settings
+    spec = ModelSpec.from_adapter(adapter, **flags)
+    check_source(spec.model)  # a missing or damaged base is one line too
+    return spec
 
 
-def load_for_inference(adapter: Path, base: str | None = None,
-                       compute_dtype: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """(base + adapter model in eval mode, tokenizer, settings) as the adapter was trained."""
-    settings = base_settings(adapter, base)  # every file checked before torch takes its seconds to import
+def load_for_inference(adapter: Path, **flags: Any) -> tuple[Any, Any, ModelSpec]:
+    """(base + adapter model in eval mode, tokenizer, spec) as the adapter was trained, unless `flags` say otherwise."""
+    from oasst_model.spec import load
 
-    import torch
-
-    from oasst_model.load import load_adapter, load_model
-
-    on_gpu = torch.cuda.is_available()
-    model, tokenizer = load_model(
-        settings["model"], load_in_4bit=settings["load_in_4bit"], compute_dtype=compute_dtype or settings["compute_dtype"],
-        quant_type=settings.get("quant_type", "nf4"), double_quant=settings.get("double_quant", True),
-        device_map={"": 0} if on_gpu else None, trust_remote_code=settings.get("trust_remote_code", False),
-    )
-    if (adapter / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(adapter)  # the pad token chosen in training
-        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a damaged file
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OasstError(f"cannot load the tokenizer saved in {adapter}: {detail}") from None
-    model = load_adapter(model, str(adapter))
+    spec = base_settings(adapter, **flags)
+    model, tokenizer = load(spec)
     model.eval()
-    return model, tokenizer, settings
+    return model, tokenizer, spec
 
 
 @dataclass
@@ -93,9 +59,10 @@ class Chatbot:
     _max_context: int = field(default=2048)
 
     @classmethod
-    def load(cls, adapter: Path, base: str | None = None, seed: int = 0) -> Chatbot:
-        """A chatbot on the adapter's base model (4-bit when it was trained in 4-bit)."""
-        model, tokenizer, _ = load_for_inference(adapter, base)
+    def load(cls, adapter: Path, seed: int = 0, **flags: Any) -> Chatbot:
+        """A chatbot on the adapter's base model, loaded as trained (4-bit stays 4-bit) unless loading `flags` say
+        otherwise."""
+        model, tokenizer, _ = load_for_inference(adapter, **flags)
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         return cls(model=model, tokenizer=tokenizer, seed=seed, _max_context=int(limit))
 
@@ -118,7 +85,7 @@ class Chatbot:
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                max_new_tokens=max_new_tokens, streamer=streamer, stop_strings=[HUMAN], tokenizer=self.tokenizer,
+                max_new_tokens=max_new_tokens, streamer=streamer, stop_strings=[HUMAN_STOP], tokenizer=self.tokenizer,
                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id, **sampling,
             )
         new = out[0, ids.shape[1]:].tolist()
@@ -135,7 +102,8 @@ class Chatbot:
 
 
 class _GuanacoStreamer:
-    """A transformers streamer that emits decoded text as it grows, holding back a possible `### Human:` start."""
+    """A transformers streamer that emits decoded text as it grows, holding back a possible start of the
+    human marker."""
 
     def __init__(self, tokenizer: Any, emit: Callable[..., Any] | None) -> None:
         self.tokenizer = tokenizer
@@ -162,14 +130,15 @@ class _GuanacoStreamer:
 
     def _flush(self, final: bool) -> None:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = text.find(HUMAN)
+        cut = text.find(HUMAN_STOP)
         if cut >= 0:
             text, final, self.saw_human = text[:cut], True, True
         self.text = text
         limit = len(text)
         if not final:
-            # Hold back a tail that may grow into "### Human:" or into a multi-byte character.
-            limit -= next((n for n in range(min(len(HUMAN), len(text)), 0, -1) if HUMAN.startswith(text[-n:])), 0)
+            # Hold back a tail that may grow into the human marker or into a multi-byte character.
+            limit -= next((n for n in range(min(len(HUMAN_STOP), len(text)), 0, -1)
+                           if HUMAN_STOP.startswith(text[-n:])), 0)
             while limit > self._sent and text[limit - 1] == "\ufffd":
                 limit -= 1
         if limit > self._sent and self.emit is not None:

@@ -14,36 +14,47 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from oasst_model.spec import check_value
 from oasst_tools.errors import OasstError
 from oasst_train.data import guanaco_prompt
 
 CHECK_PROMPT = guanaco_prompt("Write two sentences about a friendly dog and explain why dogs wag their tails.")
 
 
-def merge_adapter(adapter: Path, out: Path, *, base: str | None = None, dtype: str = "bfloat16",
-                  tolerance: float | None = None) -> dict[str, Any]:
-    """Write the merged model (+ tokenizer) to `out`; returns dtype, parameters and the logit check."""
+def merge_adapter(adapter: Path, out: Path, *, compute_dtype: str | None = None, tolerance: float | None = None,
+                  **flags: Any) -> dict[str, Any]:
+    """Write the merged model (+ tokenizer) to `out`; returns dtype, parameters and the logit check.
+
+    The base loads as the adapter's train_config.yaml says, unless loading `flags` (None = not given) say otherwise;
+    `compute_dtype` is the merged model's dtype (default: the one it was trained with; auto: by device).
+    """
+    import dataclasses
+
     from oasst_tools.output import check_apart
     from oasst_tools.files import check_out_folder
     from oasst_train.generate import base_settings
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OasstError(f"--out {out} already exists and is not empty; choose another folder")
-    settings = base_settings(adapter, base)
-    check_apart(out, [("adapter", adapter), ("--model", settings.get("model"))])
+    spec = base_settings(adapter, **flags)
+    if compute_dtype is not None:
+        spec = dataclasses.replace(spec, compute_dtype=check_value("compute_dtype", compute_dtype, "--compute-dtype"))
+    check_apart(out, [("adapter", adapter), ("--model", spec.model)])
     check_out_folder(out, "--out")
 
     import torch
 
-    from oasst_train.generate import load_for_inference
-    from oasst_model.load import load_adapter, load_model
+    from oasst_model.load import load_adapter
+    from oasst_model.spec import device_profile, load
 
+    dtype = spec.resolved(device_profile()).compute_dtype
     # The check runs in float32 so that it can be tight: the reference dequantizes the same 4-bit weights whatever
     # the compute dtype, and a float32 merge differs from it only by summation order.
-    reference, tokenizer, _ = load_for_inference(adapter, base, compute_dtype="float32")
-    plain, _ = load_model(settings["model"], compute_dtype="float32",
-                          trust_remote_code=settings.get("trust_remote_code", False))
-    if settings["load_in_4bit"]:
+    reference, tokenizer = load(dataclasses.replace(spec, compute_dtype="float32"))
+    reference.eval()
+    plain, _ = load(dataclasses.replace(spec, load_in_4bit=False, compute_dtype="float32", adapter=None,
+                                        tokenizer=None), device="cpu")
+    if spec.load_in_4bit:
         _copy_dequantized(reference, plain)
     merged = load_adapter(plain, str(adapter)).merge_and_unload()
     device = next(reference.parameters()).device
@@ -82,7 +93,7 @@ def merge_adapter(adapter: Path, out: Path, *, base: str | None = None, dtype: s
             raise
         raise OasstError(f"--out {out}: {reason} (writing the merged model)") from None
     return {"dtype": dtype, "parameters": sum(p.numel() for p in merged.parameters()), "max_logit_diff": diff,
-            "tolerance": tolerance, "max_logit_diff_saved": rounded, "from_4bit": bool(settings["load_in_4bit"])}
+            "tolerance": tolerance, "max_logit_diff_saved": rounded, "from_4bit": spec.load_in_4bit}
 
 
 def _copy_dequantized(quantized: Any, plain: Any) -> None:

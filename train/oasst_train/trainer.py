@@ -18,11 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oasst_tools.errors import OasstError
 from oasst_train.checkpoints import CHECKPOINTS, require_checkpoint
-from oasst_train.config import TrainConfig, to_dict
+from oasst_train.config import AUTO, TrainConfig, device_line, to_dict
+
+if TYPE_CHECKING:
+    from oasst_model.spec import ModelSpec
 
 CONFIG_NAME = "train_config.yaml"
 SUMMARY_NAME = "train_summary.json"
@@ -101,6 +104,9 @@ class Data:
 
     train: Any
     eval: Any | None
+    format: str = "guanaco"  # the conversation format the rows were encoded in
+    # Per split: rows, rows cut by max_length, loss tokens trained and lost, rows dropped (data.DataReport.to_dict).
+    report: dict[str, Any] | None = None
 
 
 @dataclass
@@ -113,12 +119,12 @@ class Built:
 
 
 def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None, progress: bool = True,
-                 announce: Callable[[], None] | None = None) -> dict:
+                 announce: Callable[[TrainConfig, str | None], None] | None = None) -> dict:
     """Train a LoRA adapter as `cfg` says; returns the summary also written to `out/train_summary.json`.
 
-    The stages: cheap checks, `prepare_model`, `build_data`, `build_trainer`, `train`, `summarize`, then the outputs.
-    `announce` runs once the cheap checks passed (the CLI prints the resolved config then, so that a bad input is
-    the only line of output)."""
+    The stages: cheap checks, the `auto` settings resolved for the device, `prepare_model`, `build_data`,
+    `build_trainer`, `train`, `summarize`, then the outputs. `announce(resolved_cfg, device_line)` runs once the
+    cheap checks passed (the CLI prints the resolved config then, so that a bad input is the only line of output)."""
     from oasst_model.load import check_source
     from oasst_train.data import read_rows
 
@@ -127,8 +133,9 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     check_source(cfg.model)
     rows = read_rows(cfg.data, cfg.eval_rows)
     out = Path(cfg.out)
+    cfg, device_choice = resolve_device_defaults(cfg, resuming=checkpoint is not None)
     if announce is not None:
-        announce()
+        announce(cfg, device_line(device_choice))
 
     from oasst_model import patches
     from oasst_train.callbacks import ProgressCallback
@@ -142,28 +149,39 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     bar = ProgressCallback(console=console, enabled=progress)
     train(cfg, built, bar, checkpoint, has_eval=data.eval is not None)
     summary = summarize(cfg, prepared, built, bar, checkpoint)
+    summary["device_defaults"] = device_choice
     if built.trainer.is_world_process_zero():
         _save_outputs(built.trainer, prepared.tokenizer, cfg, built.targets, summary, out)
     return summary
 
 
-def prepare_model(cfg: TrainConfig) -> Prepared:
-    """Every change to the base model before LoRA, in one place: load it (4-bit with Falcon's fix, fused attention),
-    turn its KV cache off, refuse leaking packing, hand LayerNorm outputs on in the autocast dtype."""
-    import torch
+def resolve_device_defaults(cfg: TrainConfig, *, resuming: bool = False) -> tuple[TrainConfig, dict[str, Any]]:
+    """`cfg` with its `auto` settings decided, once, for this process's device (a resumed run keeps the values in
+    its train_config.yaml), checked again, and the choice as train_summary.json records it."""
+    from oasst_model.spec import device_profile
+    from oasst_train.config import resolve_auto, validate
 
+    saved = None
+    if resuming:
+        from oasst_tools.files import read_yaml_mapping
+
+        saved, _ = read_yaml_mapping(Path(cfg.out) / CONFIG_NAME, "saved config")
+    resolved, choice = resolve_auto(cfg, device_profile(), saved)
+    validate(resolved)
+    return resolved, choice
+
+
+def prepare_model(cfg: TrainConfig) -> Prepared:
+    """Every change to the base model before LoRA, in one place: load it as `model_spec(cfg)` says (4-bit with
+    Falcon's fix, fused attention), turn its KV cache off, refuse leaking packing, hand LayerNorm outputs on in the
+    autocast dtype."""
     from oasst_model.attention import fused_attention_layers
     from oasst_model.casts import cast_norm_outputs
-    from oasst_model.load import count_linear4bit, load_model
+    from oasst_model.load import count_linear4bit
+    from oasst_model.spec import load
 
     started = time.perf_counter()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    model, tokenizer = load_model(
-        cfg.model, load_in_4bit=cfg.load_in_4bit, compute_dtype=cfg.compute_dtype, quant_type=cfg.quant_type,
-        double_quant=cfg.double_quant, device_map={"": local_rank} if torch.cuda.is_available() else None,
-        attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
-        fused_attention=cfg.fused_attention,
-    )
+    model, tokenizer = load(model_spec(cfg))
     load_seconds = time.perf_counter() - started
     disable_kv_cache(model)
     if cfg.packing:
@@ -173,14 +191,35 @@ def prepare_model(cfg: TrainConfig) -> Prepared:
     return Prepared(model, tokenizer, load_seconds, count_linear4bit(model), fused_attention_layers(model))
 
 
-def build_data(cfg: TrainConfig, tokenizer: Any, rows: dict[str, list[str]]) -> Data:
-    """The train (and test) rows tokenized, with the loss mask `loss_on` asks for."""
-    from oasst_train.data import build_dataset
+def model_spec(cfg: TrainConfig) -> ModelSpec:
+    """How a run loads its base model: the loading options of `cfg` (resolved: no `auto` left)."""
+    from oasst_model.spec import LOAD_FIELDS, ModelSpec
 
+    return ModelSpec(**{name: getattr(cfg, name) for name in LOAD_FIELDS})
+
+
+def build_data(cfg: TrainConfig, tokenizer: Any, rows: dict[str, list[Any]],
+               format: str = "guanaco") -> Data:  # noqa: A002 - the --format vocabulary
+    """The train (and test) rows encoded in `format` (auto: the tokenizer's chat template when it has one, else
+    guanaco), with the loss mask `loss_on` asks for, cut to max_length; rows left with nothing to learn are dropped
+    and counted in `report`. The default stays guanaco until the adapter records the format (generate, chat and
+    eval prompt in Guanaco until then)."""
+    from oasst_tools.conversation import resolve_format
+    from oasst_train.data import build_dataset, require_trainable
+
+    fmt = resolve_format(format, tokenizer)
     assistant_only = cfg.loss_on == "assistant"
-    train_set = build_dataset(tokenizer, rows["train"], assistant_only)
-    eval_set = build_dataset(tokenizer, rows["test"], assistant_only) if rows.get("test") else None
-    return Data(train_set, eval_set)
+    train_set, train_report = build_dataset(tokenizer, rows["train"], assistant_only, format=fmt,
+                                            max_length=cfg.max_length)
+    require_trainable(train_report)
+    report = {"train": train_report.to_dict()}
+    eval_set = None
+    if rows.get("test"):
+        # A test split left with nothing to score is None (no eval loss), and its report says why.
+        eval_set, test_report = build_dataset(tokenizer, rows["test"], assistant_only, format=fmt,
+                                              max_length=cfg.max_length)
+        report["test"] = test_report.to_dict()
+    return Data(train_set, eval_set, fmt, report)
 
 
 def build_trainer(cfg: TrainConfig, prepared: Prepared, data: Data, *, fresh: bool) -> Built:
@@ -445,10 +484,11 @@ def _check_same_run(cfg: TrainConfig, out: Path) -> None:
     saved, _ = read_yaml_mapping(saved_file, "saved config", hint="; it is the config this run was started with: "
                                  "restore it, or start a new run in another --out")
     now = to_dict(cfg)
-    # `out` itself may differ: a run folder that was moved or copied resumes as well.
+    # `out` itself may differ: a run folder that was moved or copied resumes as well. A setting left `auto` takes
+    # the run's own value (resolve_device_defaults), so it changes nothing.
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
                if k in saved and k not in RESUMABLE_CHANGES and k not in ("target_modules", "out")
-               and saved[k] != now[k]]
+               and now[k] != AUTO and saved[k] != now[k]]
     if cfg.target_modules and sorted(saved.get("target_modules", [])) != sorted(cfg.target_modules):
         changed.append(f"target_modules {saved.get('target_modules')!r} -> {list(cfg.target_modules)!r}")
     if changed:
