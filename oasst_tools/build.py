@@ -1,6 +1,7 @@
 """Threads -> a dataset folder that `datasets.load_dataset` opens: one file per split, a card and a report.
 
-Every row: `text` (Guanaco format), `messages` (chat format), `message_tree_id`, `lang`, `num_turns`.
+Every row: `text` (Guanaco format), `messages` (chat format), `message_tree_id`, `lang`, `num_turns`; with
+`pairs`, preference pairs instead (`oasst_tools.pairs`: `prompt`, `chosen`, `rejected`, their ids and ranks).
 Writes go to a temporary folder beside the output, renamed at the end, so a failed or interrupted build leaves
 nothing; `output.py` keeps --out from ever being an input, a folder someone else wrote, or a race's loser.
 """
@@ -11,15 +12,17 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from oasst_tools.card import dataset_card
 from oasst_tools.conversation import ASSISTANT, HUMAN
 from oasst_tools.conversation import guanaco_text as _text
 from oasst_tools.errors import NotContiguousError, OasstError, OasstInputError
 from oasst_tools.filters import Selection, best_raw_thread, filter_labels, located, select_threads
 from oasst_tools.output import check_out, clean_stale, publish, signals_as_errors, temp_folder, write_error
+from oasst_tools.pairs import PROMPT_OUTCOMES, PairMode, pair_row, preference_pairs
 from oasst_tools.read import OnError, Progress, ReadReport, iter_raw_trees
 from oasst_tools.schema import Tree
 from oasst_tools.sources import InputInfo, check_input
@@ -52,6 +55,10 @@ class BuildConfig:
     inputs: tuple[str, ...] = field(default=(DEFAULT_HUB_ID,), metadata={"help": "Files, folders or hub ids."})
     out: Path = field(default=Path("data"), metadata={"help": "Output folder."})
     selection: Selection = field(default_factory=Selection)
+    pairs: PairMode | None = field(default=None, metadata={"help": "Write preference pairs of ranked replies "
+                                   "instead of threads: best (the best-ranked reply against each other one), "
+                                   "adjacent (each against the next in rank), all (every two with different "
+                                   "ranks)."})
     test_size: float | None = field(default=None, metadata={"help": "Fraction of trees for a test split "
                                     "(by a hash of message_tree_id), instead of the input's own splits."})
     seed: int = field(default=0, metadata={"help": "Seed of the tree hash used by --test-size."})
@@ -73,10 +80,13 @@ class BuildReport:
     seconds: float = 0.0
     # --label-max/--label-min names that no message of the input carries (a typo keeps everything).
     labels_not_found: list[str] = field(default_factory=list)
+    # With --pairs: the mode, and per split the surviving prompter messages by `pairs.PROMPT_OUTCOMES`.
+    pairs: PairMode | None = None
+    prompts: dict[str, Counter[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
+        """A JSON-ready dict (`pairs` and `prompts` only for a build of preference pairs; `rows` are its pairs)."""
+        out: dict[str, Any] = {
             "inputs": self.inputs,
             "trees_read": self.read.trees,
             "messages_read": self.read.messages,
@@ -91,6 +101,11 @@ class BuildReport:
             "labels_not_found": self.labels_not_found,
             "seconds": round(self.seconds, 3),
         }
+        if self.pairs is not None:
+            out["pairs"] = self.pairs
+            out["prompts"] = {split: {k: self.prompts.get(split, Counter())[k] for k in PROMPT_OUTCOMES}
+                              for split in sorted(self.prompts, key=lambda s: (s != "train", s))}
+        return out
 
 
 def guanaco_text(thread: Thread) -> str:
@@ -165,7 +180,7 @@ def iter_rows(
     named = {split_of(src) for src in cfg.inputs}
     input_splits = len(named - {None}) > 1 or any(not Path(src).exists() for src in cfg.inputs)
     sel = cfg.selection
-    fast = sel.mode == "top-rank"
+    fast = sel.mode == "top-rank" and cfg.pairs is None
     # The labels of --label-max/--label-min: their values are checked on every message, and a name no message
     # carries gets a warning (a typo would keep everything).
     labels = set(sel.label_max) | set(sel.label_min)
@@ -189,7 +204,13 @@ def iter_rows(
                         yield split, _record_row(raw.tree_id, thread)
                     continue
                 tree = raw.to_tree()
-                rows = [thread_row(tree, thread) for thread in select_threads(tree, sel, report.dropped)]
+                if cfg.pairs is not None:
+                    prompts: Counter[str] = Counter()
+                    rows = [pair_row(tree, pair)
+                            for pair in preference_pairs(tree, sel, cfg.pairs, report.dropped, prompts)]
+                    report.prompts.setdefault(split, Counter()).update(prompts)
+                else:
+                    rows = [thread_row(tree, thread) for thread in select_threads(tree, sel, report.dropped)]
             except OasstInputError as err:  # a label value a filter cannot compare
                 if cfg.on_error == "fail":
                     raise
@@ -243,7 +264,7 @@ def build_dataset(cfg: BuildConfig, progress: Progress | None = None) -> BuildRe
             raise write_error(exc, out) from None
         clean_stale(out)
         for attempt in range(2):
-            report = BuildReport(inputs=list(cfg.inputs))
+            report = BuildReport(inputs=list(cfg.inputs), pairs=cfg.pairs)
             report.read.skipped.update(repeats.skipped)
             report.read.skipped_first.update(repeats.skipped_first)
             started = time.perf_counter()
@@ -296,6 +317,9 @@ def _write(cfg: BuildConfig, report: BuildReport, folder: Path, progress: Progre
         for split, items in rows.items():
             pl.DataFrame(items).write_parquet(folder / f"{split}.parquet")
     if not report.rows:
+        if cfg.pairs is not None:
+            raise OasstError("no pairs selected: no surviving prompt has two replies of different ranks (see the "
+                             "filters in the command); nothing written")
         raise OasstError("no rows selected: every tree was filtered out (see the filters in the command); "
                          "nothing written")
 
@@ -314,53 +338,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     # backslashreplace: a path given with bytes that are not UTF-8 (a surrogate in Python) is still written
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
                     errors="backslashreplace")
-
-
-def dataset_card(cfg: BuildConfig, report: BuildReport) -> str:
-    """A Hugging Face dataset card: YAML header with data_files, source, filters, counts, license."""
-    ext = cfg.format
-    splits = sorted(report.rows, key=lambda s: (s != "train", s))
-    files = "\n".join(f"  - split: {s}\n    path: {s}.{ext}" for s in splits)
-    sel = cfg.selection
-    filters = {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in asdict(sel).items()}
-    counts = "\n".join(
-        f"| {split} | {lang} | {n} |" for split in splits for lang, n in sorted(report.rows_by_lang[split].items())
-    )
-    dropped = "\n".join(f"| {k} | {v} |" for k, v in sorted(report.dropped.items())) or "| (none) | 0 |"
-    return f"""---
-license: apache-2.0
-configs:
-- config_name: default
-  data_files:
-{files}
----
-# Guanaco-style conversations built by `oasst build`
-
-Built from: {", ".join(f"`{i}`" for i in cfg.inputs)} (OpenAssistant Conversations, Apache-2.0).
-Selection: `{sel.mode}`{f" (k={sel.top_k})" if sel.mode == "top-k" else ""}, following the rules in the
-oasst-tools documentation (deleted and spam messages dropped with their subtrees; best-ranked reply first:
-ranked before unranked, then rank, then oldest).
-
-Filters: `{filters}`
-Splits: {"hash of message_tree_id, test_size=" + str(cfg.test_size) + ", seed=" + str(cfg.seed)
-         if cfg.test_size is not None else "the input's own splits (validation -> test), else all train"}.
-
-Columns: `text` (`### Human: ...### Assistant: ...`), `messages` (`role`/`content`), `message_tree_id`, `lang`,
-`num_turns` (messages in the thread).
-
-| split | lang | rows |
-|---|---|---|
-{counts}
-
-Trees read: {report.read.trees}; messages read: {report.read.messages}; messages whose parent was missing
-(dropped with their subtrees): {report.read.orphaned}; bad records skipped: {sum(report.read.skipped.values())}.
-
-| dropped | count |
-|---|---|
-{dropped}
-
-License: Apache-2.0, as OpenAssistant Conversations (OASST1/OASST2).
-"""
 
 
 def parse_label_limits(items: Sequence[str], flag: str) -> dict[str, float]:

@@ -69,6 +69,11 @@ def check_messages(messages: Any, where: str = "messages") -> list[dict[str, str
     return turns
 
 
+def chat_messages(turns: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
+    """(role, text) turns as {role, content} messages with chat roles (`prompter` -> `user`), as build writes them."""
+    return [{"role": ROLES[role], "content": text} for role, text in turns]
+
+
 def kind(value: Any) -> str:
     """How a JSON value is called in messages: `a number`, `null`, `an object`..."""
     return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",

@@ -297,20 +297,26 @@ def best_reply(replies: list[dict]) -> dict:
     return replies[min(zip(keys, count()))[1]]
 
 
-def select_threads(tree: Tree, sel: Selection, dropped: Counter[str] | None = None) -> Iterator[Thread]:
-    """The threads of one tree under every rule, in depth-first order, without duplicates."""
+def surviving_root(tree: Tree, sel: Selection, dropped: Counter[str] | None = None) -> Message | None:
+    """Rules 1, 2 and 6 on one tree: its pruned root (what threads and pairs come from), or None, counted."""
     why = tree_drop_reason(tree, sel)
     if why is not None:
         if dropped is not None:
             dropped[f"tree:{why}"] += 1
-        return
+        return None
     try:
         root = prune(tree.prompt, sel, dropped)
     except OasstInputError as err:
         raise located(err, tree.source) from None
+    if root is None and dropped is not None:
+        dropped["tree:root_dropped"] += 1
+    return root
+
+
+def select_threads(tree: Tree, sel: Selection, dropped: Counter[str] | None = None) -> Iterator[Thread]:
+    """The threads of one tree under every rule, in depth-first order, without duplicates."""
+    root = surviving_root(tree, sel, dropped)
     if root is None:
-        if dropped is not None:
-            dropped["tree:root_dropped"] += 1
         return
     if sel.mode == "top-rank":
         candidates: Iterator[Thread] = iter((best_thread(root),))

@@ -10,10 +10,12 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from oasst_tools.build import BuildConfig, BuildReport, build_dataset, parse_label_limits
 from oasst_tools.filters import Selection
 from oasst_tools.output import Interrupted
+from oasst_tools.pairs import PAIR_MODES
 from oasst_tools.read import Progress
 from oasst_tools.sources import input_size
 
@@ -54,6 +56,8 @@ def _help(cls: type, name: str) -> str:
               "ranked reply at every step (Guanaco). The default.")
 @click.option("--all-threads", "mode", flag_value="all-threads", help="Every root-to-leaf thread.")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, metavar="N", help=_help(Selection, "top_k"))
+@click.option("--pairs", type=click.Choice(PAIR_MODES), default=None, help=_help(BuildConfig, "pairs")
+              + " Rows in trl's conversational preference format; not with --top-rank, --all-threads or --top-k.")
 @click.option("--tree-state", "tree_states", multiple=True, default=("ready_for_export",), show_default=True,
               help="Tree states to keep; 'any' keeps all (OASST2 has more states).")
 @click.option("--label-max", multiple=True, metavar="NAME=X", help=_help(Selection, "label_max")
@@ -75,9 +79,10 @@ def _help(cls: type, name: str) -> str:
               help=_help(BuildConfig, "on_error"))
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
 def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact: bool, mode: str,
-          top_k: int | None, tree_states: tuple[str, ...], label_max: tuple[str, ...], label_min: tuple[str, ...],
-          no_synthetic: bool, end_with_assistant: bool, min_turns: int, max_turns: int | None,
-          test_size: float | None, seed: int, format_: str, overwrite: bool, on_error: str, quiet: bool) -> None:
+          top_k: int | None, pairs: str | None, tree_states: tuple[str, ...], label_max: tuple[str, ...],
+          label_min: tuple[str, ...], no_synthetic: bool, end_with_assistant: bool, min_turns: int,
+          max_turns: int | None, test_size: float | None, seed: int, format_: str, overwrite: bool, on_error: str,
+          quiet: bool) -> None:
     """Build a Guanaco-style dataset from OpenAssistant conversation trees.
 
     \b
@@ -86,7 +91,11 @@ def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact:
         oasst build --input oasst1-train.jsonl.gz --input oasst1-valid.jsonl.gz --out guanaco
         oasst build --input 2023-04-12_oasst_ready.trees.jsonl.gz --all-threads \\
                     --label-max toxicity=0.5 --end-with-assistant --out sft
+        oasst build --input ../shared/data/oasst1/validation-en.messages.jsonl \\
+                    --lang en --pairs all --test-size 0.1 --out data/pairs-en
     """
+    if pairs is not None:
+        _check_pairs(mode, top_k, end_with_assistant, min_turns, max_turns)
     if max_turns is not None and min_turns > max_turns:
         raise click.BadParameter(f"--min-turns {min_turns} is above --max-turns {max_turns}: no thread could be kept",
                                  param_hint="'--min-turns'")
@@ -103,7 +112,7 @@ def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact:
         min_turns=min_turns,
         max_turns=max_turns,
     )
-    cfg = replace(BuildConfig(), out=out, selection=selection, test_size=test_size, seed=seed,
+    cfg = replace(BuildConfig(), out=out, selection=selection, pairs=pairs, test_size=test_size, seed=seed,
                   format=format_, overwrite=overwrite, on_error=on_error)  # type: ignore[arg-type]
     if inputs:
         cfg = replace(cfg, inputs=tuple(inputs))
@@ -116,6 +125,22 @@ def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact:
     _warn(report, cfg)
     if not quiet:
         show_summary(report, cfg.out)
+
+
+def _check_pairs(mode: str, top_k: int | None, end_with_assistant: bool, min_turns: int,
+                 max_turns: int | None) -> None:
+    """--pairs with a thread selection is a usage error; the turn rules shape threads, so each gets a warning."""
+    ctx = click.get_current_context()
+    chosen = ctx.get_parameter_source("mode") not in (None, ParameterSource.DEFAULT)
+    for flag, given in (("--top-rank", chosen and mode == "top-rank"), ("--all-threads", mode == "all-threads"),
+                        ("--top-k", top_k is not None)):
+        if given:
+            raise click.UsageError(f"--pairs and {flag} are mutually exclusive: --pairs writes preference pairs "
+                                   "instead of threads", ctx)
+    for flag, given in (("--end-with-assistant", end_with_assistant), ("--min-turns", min_turns != 1),
+                        ("--max-turns", max_turns is not None)):
+        if given:
+            click.echo(f"warning: {flag} shapes threads and is ignored with --pairs", err=True)
 
 
 @contextmanager
@@ -194,8 +219,12 @@ def show_summary(report: BuildReport, out: Path) -> None:
         table.add_row(Text(f"skipped: {reason}"), f"{count:,}")
     for reason, count in sorted(report.dropped.items()):
         table.add_row(Text(f"dropped: {reason}"), f"{count:,}")
+    for split, prompts in sorted(report.prompts.items(), key=lambda item: (item[0] != "train", item[0])):
+        for outcome, count in sorted(prompts.items()):
+            table.add_row(Text(f"prompts {split}: {outcome.replace('_', ' ')}"), f"{count:,}")
+    unit = "rows" if report.pairs is None else f"pairs ({report.pairs})"
     for split in sorted(report.rows, key=lambda s: (s != "train", s)):
         langs = ", ".join(f"{k} {v}" for k, v in report.rows_by_lang[split].most_common(5))
-        table.add_row(Text(f"rows {split} ({langs})"), f"{report.rows[split]:,}", style="bold green")
+        table.add_row(Text(f"{unit} {split} ({langs})"), f"{report.rows[split]:,}", style="bold green")
     table.caption = f"{report.seconds:.2f} s"
     stdout.print(table)

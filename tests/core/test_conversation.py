@@ -62,7 +62,7 @@ def test_loss_spans_cover_each_reply_and_the_human_marker_that_ends_it() -> None
 def test_the_marker_strings_are_written_in_one_module() -> None:
     """Code spells the markers only in oasst_tools/conversation.py; the rest import them. Lines of text for people
     that still spell out the format: the dataset card's column line, the generate command's help (two lines)."""
-    documentation = {"oasst_tools/build.py": 1, "train/oasst_train/cli.py": 2}
+    documentation = {"oasst_tools/card.py": 1, "train/oasst_train/cli.py": 2}
     found: dict[str, int] = {}
     for folder in ("oasst_tools", "train", "eval", "model"):
         for path in sorted((REPO / folder).rglob("*.py")):
