@@ -16,3 +16,39 @@ def stories() -> Path:
     if not STORIES.is_dir():
         pytest.skip(f"{STORIES} not present")
     return STORIES
+
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# Plain ChatML (Qwen2.5, SmolLM2): no `{% generation %}` markers; the assistant tokens come from rendering prefixes.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+          "{{ message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chatml_tokenizer_of(path: Path, template: str = CHATML) -> object:
+    """The tokenizer in `path` with ChatML's two special tokens, a pad token and `template` as its chat template."""
+    from transformers import AutoTokenizer
+
+    from oasst_model.load import set_pad_token
+
+    if not path.is_dir():
+        pytest.skip(f"{path} not present")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    tokenizer.chat_template = template
+    set_pad_token(tokenizer)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def chatml_model(stories: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """stories260K with ChatML's tokens (embedding grown by two rows) and a ChatML template without markers."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = chatml_tokenizer_of(stories)
+    out = tmp_path_factory.mktemp("stories-chatml")
+    model = AutoModelForCausalLM.from_pretrained(stories)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 import click
 
 from oasst_eval.config import help_for, parse_tasks, resolve_config, shown_for
-from oasst_model.flags import load_options, option, take_aliases
+from oasst_model.flags import load_options, option, take_aliases, verbose_option
 from oasst_model.spec import LOAD_FIELDS
+from oasst_tools.conversation import FORMATS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,10 +40,12 @@ def _option(name: str, **kwargs: Any) -> Callable[[F], F]:
 @_option("device")
 @_option("data_dir", metavar="DIR")
 @_option("data", metavar="DIR")
+@_option("format", choices=FORMATS)
 @_option("out", metavar="DIR")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="YAML file with any of these settings (flags win over it).")
-def eval_command(config_file: Path | None, tasks: str | None, **flags: object) -> None:
+@verbose_option
+def eval_command(config_file: Path | None, tasks: str | None, verbose: bool, **flags: object) -> None:
     """Score a model, and its adapter against it, with lm-eval-harness.
 
     Runs offline: hellaswag reads local files (--data-dir, $OASST_EVAL_DATA or the fixture subset) with
@@ -59,6 +62,7 @@ def eval_command(config_file: Path | None, tasks: str | None, **flags: object) -
 
     from oasst_eval.report import show, summary, write_outputs
     from oasst_eval.run import evaluate
+    from oasst_model.quiet import for_command
     from oasst_tools.output import check_apart
     from oasst_tools.files import check_out_folder
 
@@ -70,7 +74,9 @@ def eval_command(config_file: Path | None, tasks: str | None, **flags: object) -
     check_apart(cfg.out, [("--adapter", cfg.adapter), ("--model", cfg.model), ("--data", cfg.data),
                           ("--data-dir", cfg.data_dir)])
     check_out_folder(Path(cfg.out), "--out")
-    runs, settings = evaluate(cfg, log=lambda msg: console.print(msg, soft_wrap=True, highlight=False, markup=False))
+    for_command(verbose, long_text=_long_text)
+    runs, settings = evaluate(cfg, log=lambda msg: console.print(msg, soft_wrap=True, highlight=False, markup=False),
+                              verbose=verbose)
     doc = summary(runs, settings)
     written = write_outputs(Path(cfg.out), runs, doc)
     out = Console()
@@ -78,3 +84,9 @@ def eval_command(config_file: Path | None, tasks: str | None, **flags: object) -
         # Piped or captured output would wrap the table at 80 columns; a log file has room.
         out.width = max(out.width, 120)
     show(doc, written, out)
+
+
+def _long_text(tokens: int, maximum: int) -> str:
+    """transformers' too-long-text warning, said as what lm-eval does about it (nothing is wrong)."""
+    return (f"texts longer than the model's {maximum} tokens (one of {tokens}) are scored in windows of the model's "
+            f"length (guanaco_test) or from the end of their context (choice tasks such as hellaswag)")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from oasst_model.spec import LOAD_FIELDS, check_value, option_field
+from oasst_tools.conversation import FORMATS
 from oasst_tools.errors import OasstError
 
 # eval's `dtype` setting was renamed to train's `compute_dtype`; the old YAML key is read, with a warning, until the
@@ -47,6 +48,9 @@ class EvalConfig:
     data_dir: str | None = _f(None, "Folder with one sub-folder of split files per task, e.g. "
                                     "DIR/hellaswag/validation.jsonl[.gz].", "$OASST_EVAL_DATA, else the fixture subset")
     data: str | None = _f(None, "Output folder of `oasst build` (its test.jsonl) for the guanaco_test task.")
+    format: str | None = _f(None, "Conversation format guanaco_test scores: guanaco or chat-template (the "
+                                  "tokenizer's); auto: chat-template when the tokenizer has one.",
+                            "as the adapter was trained, else guanaco")
 
     # Scoring
     num_fewshot: int | None = _f(None, "Few-shot examples per item.", "the task's own (0 for hellaswag)")
@@ -128,7 +132,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
 # Settings that are whole numbers, and their smallest allowed value; None is allowed where the default is None.
 INTEGERS = {"num_fewshot": 0, "limit": 1, "max_batch_size": 1, "max_batch_tokens": 1}
 BOOLEANS = ("compare_base", "merge_adapter")
-TEXTS = ("adapter", "data_dir", "data", "device", "out", "batch_size")
+TEXTS = ("adapter", "data_dir", "data", "device", "out", "batch_size", "format")
 
 
 def coerce(name: str, value: Any, where: str) -> Any:
@@ -155,6 +159,8 @@ def coerce(name: str, value: Any, where: str) -> Any:
         raise OasstError(f"{where}: {name} must be text, not {value!r}")
     if "\0" in value:
         raise OasstError(f"{where}: {name} contains a NUL character")
+    if name == "format" and value not in FORMATS:
+        raise OasstError(f"{where}: format must be one of {', '.join(FORMATS)}, not {value!r}")
     return value
 
 

@@ -67,6 +67,9 @@ class FastHFLM(HFLM):
         self.max_batch_tokens = max_batch_tokens
         self.max_rows = max_rows
         self.batch_tokens: int | None = None  # measured on the first auto-sized batch, then kept
+        # Called with the number of lm-eval requests each batch answered, in place of the tqdm bar (set by
+        # oasst_eval.progress, which draws one bar over every request of a model).
+        self.answered: Callable[[int], None] | None = None
 
     # ---- tokenization -------------------------------------------------------------------------------------
 
@@ -130,7 +133,7 @@ class FastHFLM(HFLM):
                           group_fn=lambda req: req[-2] + req[-1][:-1])
         ordered = [req for chunk in re_ord.get_batched(n=0) for req in chunk]
         max_length = self.max_length  # a property that re-reads the model config on every access
-        pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0),
+        pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0 or self.answered is not None),
                     desc="Running loglikelihood requests")
         res: list[tuple[float, bool]] = []
         pending: _Batch | None = None
@@ -237,6 +240,9 @@ class FastHFLM(HFLM):
             if request_str is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
             pbar.update(1)
+        if self.answered is not None:
+            # Rolling windows (no request strings) are parts of a request lm-eval counts once, when it is whole.
+            self.answered(sum(1 for answer in batch.answers if answer[0] is not None))
         return out
 
     # ---- batch size ---------------------------------------------------------------------------------------

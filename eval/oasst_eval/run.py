@@ -12,7 +12,6 @@ model's run, which needs the weights untouched), and lm-eval's prompt templates 
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +104,15 @@ def model_spec(cfg: EvalConfig) -> ModelSpec:
     return ModelSpec.from_options(options, load_in_4bit=False)
 
 
+def scored_format(cfg: EvalConfig) -> str:
+    """The conversation format guanaco_test scores: --format, else the one the adapter was trained in, else guanaco."""
+    from oasst_model.spec import recorded_format
+
+    if cfg.format:
+        return cfg.format
+    return recorded_format(cfg.adapter) if cfg.adapter else "guanaco"
+
+
 def load(spec: ModelSpec, device: str) -> tuple[Any, Any]:
     """Base model (+ adapter) and tokenizer through the model layer's one loader, in eval mode."""
     try:
@@ -117,8 +125,10 @@ def load(spec: ModelSpec, device: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[list[ModelRun], dict[str, Any]]:
-    """Score every requested label; returns the runs and the settings actually used."""
+def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print,
+             verbose: bool = False) -> tuple[list[ModelRun], dict[str, Any]]:
+    """Score every requested label; returns the runs and the settings actually used. `verbose`: the full settings
+    and lm-eval's own progress bars instead of one rich bar per phase."""
     from oasst_model import patches
 
     patches.begin_run()
@@ -128,10 +138,10 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
     name, gguf_file = split_model(spec.model)
     if "guanaco_test" in cfg.tasks:
         metadata["tokenizer"] = name
+        metadata["format"] = scored_format(cfg)
         if gguf_file:
             metadata["gguf_file"] = gguf_file
     manager = task_manager(cfg.tasks, metadata)
-    _quiet_libraries()
     tasks = load_tasks(manager, cfg.tasks)
 
     device = pick_device(cfg.device)
@@ -140,7 +150,9 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
     spec = spec.resolved(device_profile(device))
     batch_size = pick_batch_size(cfg.batch_size, device)
     # Printed only once the inputs are known to be good, so a bad input is the only line of output.
-    log(f"oasst eval {cfg.as_dict()} device={device} batch_size={batch_size}")
+    if verbose:
+        # By default the next lines say what matters (how the model loads, device, batch size); all of it here.
+        log(f"oasst eval {cfg.as_dict()} device={device} batch_size={batch_size}")
     from oasst_eval.report import loaded_as
 
     log(loaded_as(spec.describe()))
@@ -168,7 +180,7 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
             log(f"scoring {label} on {', '.join(cfg.tasks)} ({device}, batch size {batch_size})")
             if label == "base" and cfg.adapter:
                 with model.disable_adapter():
-                    runs.append(_score(lm, tasks, manager, cfg, label))
+                    runs.append(_score(lm, tasks, manager, cfg, label, bars=not verbose))
                 continue
             if label == "adapter" and merge:
                 t0 = time.perf_counter()
@@ -182,9 +194,9 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
 
                 with merged_4bit_lora(model) as layers:
                     log(f"adapter folded into the dequantized weights of {layers} 4-bit layers at each forward")
-                    runs.append(_score(lm, tasks, manager, cfg, label))
+                    runs.append(_score(lm, tasks, manager, cfg, label, bars=not verbose))
                 continue
-            runs.append(_score(lm, tasks, manager, cfg, label))
+            runs.append(_score(lm, tasks, manager, cfg, label, bars=not verbose))
     finally:
         undo()
     settings = cfg.as_dict() | {name: getattr(spec, name) for name in LOAD_FIELDS} | {
@@ -195,6 +207,7 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> tuple[li
         "adapter_merged": "folded per forward (weights stay 4-bit)" if fold else merge,
         "merge_seconds": merge_seconds,
         "data_used": {k: v for k, v in metadata.items() if k in ("data_dir", "data")},
+        "format": metadata.get("format", cfg.format),
         "load_seconds": round(load_seconds, 2),
         "linear4bit_layers": linear4bit,
         "seconds": {run.label: round(run.seconds, 2) for run in runs},
@@ -228,14 +241,20 @@ def make_lm(model: Any, tokenizer: Any, batch_size: str | int, cfg: EvalConfig) 
     return HFLM(**common)
 
 
-def _score(lm: Any, tasks: list[Any], manager: Any, cfg: EvalConfig, label: str) -> ModelRun:
+def _score(lm: Any, tasks: list[Any], manager: Any, cfg: EvalConfig, label: str, *, bars: bool = True) -> ModelRun:
+    """lm-eval's results for `lm` on `tasks`; `bars`: our rich bars in place of lm-eval's tqdm bars."""
+    from contextlib import nullcontext
+
     from lm_eval import simple_evaluate
 
+    from oasst_eval.progress import request_bars
+
     t0 = time.perf_counter()
-    results = simple_evaluate(
-        model=lm, tasks=tasks, task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-        log_samples=True,  # per-item scores: the paired standard error of the difference needs them
-    )
+    with request_bars(lm, label) if bars else nullcontext():
+        results = simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+            log_samples=True,  # per-item scores: the paired standard error of the difference needs them
+        )
     seconds = time.perf_counter() - t0
     samples = results.pop("samples")
     items = sum(v["effective"] for v in results.get("n-samples", {}).values())
@@ -248,13 +267,3 @@ def _peak_gpu_gib(device: str) -> float | None:
     if not device.startswith("cuda"):
         return None
     return round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**30, 2)
-
-
-def _quiet_libraries() -> None:
-    """lm-eval warns about things `oasst eval` does on purpose (a model object, custom datasets); bitsandbytes and
-    `kernels` (transformers 5.25's dependency) log an optional CPU kernel they skip offline."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    for name in ("lm_eval", "transformers", "bitsandbytes", "kernels"):
-        logging.getLogger(name).setLevel(logging.ERROR)

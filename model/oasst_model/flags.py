@@ -99,3 +99,9 @@ def take_aliases(flags: dict[str, Any]) -> dict[str, Any]:
             if out.get(name) is None:
                 out[name] = value
     return out
+
+
+def verbose_option(fn: F) -> F:
+    """`-v/--verbose`, the same flag on every command that loads a model (oasst_model.quiet says what it shows)."""
+    return click.option("--verbose", "-v", is_flag=True, cls=Option, show_default="off",
+                        help="Show every library warning, log line and progress bar, and the full settings.")(fn)

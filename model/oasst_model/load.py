@@ -91,6 +91,14 @@ def load_model(
     return net, tokenizer
 
 
+def load_tokenizer(model: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer `load_model(model)` returns (GGUF fixes and pad token included), without loading the weights."""
+    source, gguf_file = _resolve_source(model, None)
+    tokenizer = _load_tokenizer(source, gguf_file, trust_remote_code)
+    set_pad_token(tokenizer)
+    return tokenizer
+
+
 def count_linear4bit(model: Any) -> int:
     """Number of `bitsandbytes.nn.Linear4bit` modules in `model` (0 when bitsandbytes is absent)."""
     try:

@@ -245,6 +245,19 @@ def _check_lm_eval_hellaswag() -> str | None:
     return describe_missing(("process_docs", missing_params(hellaswag.process_docs, ("dataset",))))
 
 
+def _check_lm_eval_request_bars() -> str | None:
+    task = _import("lm_eval.api.task")
+    if task is None:
+        return "lm_eval.api.task does not import"
+    missing = missing_attrs(task, ("tqdm", "Task"))
+    if missing:
+        return describe_missing(("lm_eval.api.task", missing))
+    # The replacement yields the documents it is handed: the loop must iterate what tqdm wraps, nothing more.
+    if "in tqdm(" not in _source(getattr(task.Task, "build_all_requests", None)):
+        return "Task.build_all_requests no longer loops over tqdm(...)"
+    return None
+
+
 def _check_autocast() -> str | None:
     import torch
 
@@ -339,6 +352,16 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         why="lm-eval re-runs process_docs over all 10,042 rows each time a task reads its documents",
         fallback="lm-eval's own process_docs, uncached (one error line if it is gone: the shipped task needs it)",
         check=_check_lm_eval_hellaswag,
+    ),
+    Patch(
+        name="lm_eval_request_bars",
+        library="lm-eval",
+        target="lm_eval.api.task.tqdm (the bar Task.build_all_requests draws per task; replaced while oasst eval "
+               "scores, without -v)",
+        written_for="lm-eval 0.4.13",
+        why="one rich bar over every task's documents instead of a tqdm bar per task and model",
+        fallback="lm-eval's own tqdm bars while requests are built",
+        check=_check_lm_eval_request_bars,
     ),
 )}
 

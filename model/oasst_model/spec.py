@@ -177,6 +177,22 @@ def check_value(name: str, value: Any, where: str) -> Any:
     return value
 
 
+def recorded_format(adapter: str | Path) -> str:
+    """The conversation format `oasst train` recorded in the adapter's train_config.yaml; guanaco for adapters
+    trained before it was recorded (Guanaco was the only format then) or without a record."""
+    from oasst_tools.conversation import FORMATS
+    from oasst_tools.files import read_yaml_mapping
+
+    record = Path(adapter) / RECORD_NAME
+    if not record.is_file():
+        return "guanaco"
+    saved, where = read_yaml_mapping(record, "training config")
+    value = saved.get("format", "guanaco")
+    if value not in FORMATS:
+        raise OasstError(f"{where['format']}: format must be one of {', '.join(FORMATS)}, not {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """What `auto` settings depend on: CPU or CUDA, the device's name, native bf16 support."""

@@ -4,7 +4,6 @@ dropped and counted, bad templates as one error line, and a real training run wh
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,9 @@ import pytest
 
 from oasst_tools.conversation import encode, encode_chat, render_chat
 from oasst_tools.errors import OasstError
+from tests.conftest import CHATML, IM_END, IM_START, chatml_tokenizer_of
 from tests.train.conftest import GUANACO, RECIPES, STORIES, error_line, read_summary
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 _OPEN = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
 _GEN_PROMPT = "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 TEMPLATES = {
@@ -28,7 +27,7 @@ TEMPLATES = {
                                "{{ message['content'] }}{% endgeneration %}{% else %}{{ message['content'] }}"
                                "{% endif %}{{ '<|im_end|>\\n' }}" + _GEN_PROMPT),
     # Plain ChatML (Qwen2.5, SmolLM2): no markers, the assistant tokens come from rendering prefixes.
-    "prefixes": _OPEN + "{{ message['content'] + '<|im_end|>\\n' }}" + _GEN_PROMPT,
+    "prefixes": CHATML,
 }
 SYSTEM_MULTI_TURN = [
     {"role": "system", "content": "You are a terse geography tutor."},
@@ -46,17 +45,7 @@ CONVERSATIONS = {
 
 def chatml_tokenizer(template: str = "prefixes", path: Path = STORIES) -> Any:
     """stories260K's tokenizer with ChatML's two special tokens and a ChatML chat template."""
-    from transformers import AutoTokenizer
-
-    from oasst_model.load import set_pad_token
-
-    if not path.is_dir():
-        pytest.skip(f"{path} not present")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
-    tokenizer.chat_template = TEMPLATES[template]
-    set_pad_token(tokenizer)
-    return tokenizer
+    return chatml_tokenizer_of(path, TEMPLATES[template])
 
 
 def chatml_by_hand(messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -216,20 +205,11 @@ def test_format_resolution_follows_the_tokenizer() -> None:
         resolve_format("chatml", plain)
 
 
-def test_tiny_cpu_recipe_data_report_matches_an_independent_count() -> None:
-    """Issue 12 item 6's figures on the tiny CPU recipe (stories260K, max_length 256, fixtures/guanaco-en), counted
-    here from the texts alone: tokens per row, and the assistant tokens as the tokens of each reply and of the
-    human marker or EOS that ends it."""
-    import yaml
-    from transformers import AutoTokenizer
-
+def independent_count(tokenizer: Any, max_length: int) -> tuple[int, int, int, int]:
+    """(rows over max_length, assistant tokens trained, assistant tokens, rows left with none) of the Guanaco
+    fixture's train split, counted from the texts alone: tokens per row, and the assistant tokens as the tokens of
+    each reply and of the human marker or EOS that ends it."""
     from oasst_tools.conversation import ASSISTANT, HUMAN, HUMAN_STOP
-    from oasst_train.data import build_dataset, read_rows
-
-    max_length = yaml.safe_load((RECIPES / "tiny-cpu.yaml").read_text())["max_length"]
-    tokenizer = AutoTokenizer.from_pretrained(STORIES)
-    rows = read_rows(str(GUANACO))["train"]
-    _, report = build_dataset(tokenizer, rows, format="guanaco", max_length=max_length)
 
     over = trained = total = dropped = 0
     for row in [json.loads(line) for line in (GUANACO / "train.jsonl").read_text(encoding="utf-8").splitlines()]:
@@ -251,6 +231,21 @@ def test_tiny_cpu_recipe_data_report_matches_an_independent_count() -> None:
         total += sum(bits)
         trained += sum(bits[:max_length])
         dropped += not any(bits[:max_length])
+    return over, trained, total, dropped
+
+
+def test_tiny_cpu_recipe_data_report_matches_an_independent_count() -> None:
+    """Issue 12 item 6's figures on the tiny CPU recipe (stories260K, max_length 256, fixtures/guanaco-en)."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from oasst_train.data import build_dataset, read_rows
+
+    max_length = yaml.safe_load((RECIPES / "tiny-cpu.yaml").read_text())["max_length"]
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    rows = read_rows(str(GUANACO))["train"]
+    _, report = build_dataset(tokenizer, rows, format="guanaco", max_length=max_length)
+    over, trained, total, dropped = independent_count(tokenizer, max_length)
     assert (report.rows, report.rows_cut, report.rows_dropped) == (171, over, dropped)
     assert (report.loss_tokens, report.loss_tokens_trained) == (total, trained)
     # What the issue saw, measured on this fixture: 161 of 171 rows exceed 256 tokens, 16.5% of assistant tokens
@@ -258,18 +253,61 @@ def test_tiny_cpu_recipe_data_report_matches_an_independent_count() -> None:
     assert (over, dropped, round(trained / total, 3)) == (161, 9, 0.165)
 
 
-@pytest.fixture(scope="session")
-def chatml_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """stories260K with ChatML's tokens (embedding grown by two rows) and a ChatML template without markers."""
-    from transformers import AutoModelForCausalLM
+def test_dry_run_prints_the_data_report_an_independent_count_gives_and_loads_no_weights(
+        oasst, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`oasst train --dry-run` on the tiny CPU recipe: the printed figures are the independent count's; the model's
+    weights are never loaded; --out, here a folder with files in it, is neither needed empty nor touched."""
+    import re
 
-    tokenizer = chatml_tokenizer()
-    out = tmp_path_factory.mktemp("stories-chatml")
-    model = AutoModelForCausalLM.from_pretrained(STORIES)
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    import yaml
+    from transformers import AutoTokenizer
+
+    import oasst_model.load
+
+    def no_weights(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("--dry-run loaded the model")
+
+    monkeypatch.setattr(oasst_model.load, "load_model", no_weights)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", STORIES, "--data", GUANACO,
+                   "--out", out, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    max_length = yaml.safe_load((RECIPES / "tiny-cpu.yaml").read_text())["max_length"]
+    over, trained, total, dropped = independent_count(AutoTokenizer.from_pretrained(STORIES), max_length)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "format: guanaco (auto: the tokenizer has no chat template)"
+    assert re.fullmatch(f"data train: 171 rows, {over} cut at {max_length} tokens, {dropped} dropped with no token "
+                        r"to learn from \(first: \S+train\.jsonl:\d+\)", lines[1]), lines[1]
+    assert lines[2].startswith(f"  {trained:,} of {total:,} assistant tokens trained ({trained / total:.1%}), "
+                               f"{total - trained:,} lost to the cut; "), lines[2]
+    assert lines[3].startswith("data test: 17 rows, ")
+    assert re.fullmatch(r"example: \S+train\.jsonl:\d+ \(\d+ tokens; trained, masked\):", lines[5]), lines[5]
+
+
+def test_dry_run_example_marks_exactly_the_trained_tokens_and_shows_markup_as_written(
+        oasst, tmp_path: Path) -> None:
+    from rich.text import Text
+    from transformers import AutoTokenizer
+
+    from oasst_tools.conversation import encode
+    from oasst_train.preview import MASKED_STYLE, TRAINED_STYLE, example_text
+
+    text = "### Human: Say [bold]hi[/bold].### Assistant: [red]Hi[/red]!"
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    enc = encode(tokenizer, text, "guanaco")
+    shown = example_text(tokenizer, enc.ids, enc.mask)
+    assert isinstance(shown, Text) and shown.plain == tokenizer.decode(enc.ids)
+    trained = "".join(shown.plain[span.start:span.end] for span in shown.spans if span.style == TRAINED_STYLE)
+    masked = "".join(shown.plain[span.start:span.end] for span in shown.spans if span.style == MASKED_STYLE)
+    assert trained == " [red]Hi[/red]!</s>" and masked.endswith("### Assistant:")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    result = oasst("train", "--model", STORIES, "--data", tmp_path / "data", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == tokenizer.decode(enc.ids)  # the markup printed as written
 
 
 @pytest.mark.slow
@@ -278,9 +316,9 @@ def test_stories_with_a_chat_template_trains_on_it_and_its_held_out_loss_falls(
     from oasst_train import trainer
 
     seen: list[Any] = []
-    # Until --format exists, the run is told its format here; run_training and everything after it are the real ones.
-    chat_build = functools.partial(trainer.build_data, format="chat-template")
-    monkeypatch.setattr(trainer, "build_data", lambda *a, **k: seen.append(chat_build(*a, **k)) or seen[-1])
+    build_data = trainer.build_data
+    monkeypatch.setattr(trainer, "build_data", lambda *a, **k: seen.append(build_data(*a, **k)) or seen[-1])
+    # No --format: auto picks the tokenizer's chat template.
     result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", chatml_model, "--data", GUANACO,
                    "--out", tmp_path / "out", "--max-steps", 40, "--eval-steps", 20, "--save-steps", 40, "-q")
     assert result.exit_code == 0, result.output
@@ -289,16 +327,14 @@ def test_stories_with_a_chat_template_trains_on_it_and_its_held_out_loss_falls(
     assert data.format == "chat-template" and im_end in data.train[0]["input_ids"]
     assert data.report["train"]["rows_end_trained"] > 0
     summary = read_summary(tmp_path / "out")
+    assert summary["format"] == "chat-template" and summary["data"] == data.report
     assert summary["global_step"] == 40
     # Measured: 4.43 -> 3.24 in 40 steps (train 4.37 -> 3.06); a clear margin.
     assert summary["eval_loss"] < summary["eval_loss_first"] - 0.5, summary
 
 
-def test_a_template_that_raises_is_one_error_line_from_oasst_train(oasst, chatml_model: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_template_that_raises_is_one_error_line_from_oasst_train(oasst, chatml_model: Path, tmp_path: Path) -> None:
     import shutil
-
-    from oasst_train import trainer
 
     model = tmp_path / "model"
     shutil.copytree(chatml_model, model)
@@ -310,7 +346,7 @@ def test_a_template_that_raises_is_one_error_line_from_oasst_train(oasst, chatml
     (tmp_path / "data").mkdir()
     rows = [{"messages": SYSTEM_MULTI_TURN[1:3]}, {"messages": SYSTEM_MULTI_TURN}]
     (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(trainer, "build_data", functools.partial(trainer.build_data, format="chat-template"))
-    result = oasst("train", "--model", model, "--data", tmp_path / "data", "--out", tmp_path / "out", "--no-4bit")
+    result = oasst("train", "--model", model, "--data", tmp_path / "data", "--out", tmp_path / "out", "--no-4bit",
+                   "--format", "chat-template")
     assert error_line(result) == (f"error: {tmp_path / 'data' / 'train.jsonl'}:2: the chat template of {model} "
                                   "fails on this conversation: System role not supported")

@@ -115,7 +115,7 @@ def test_markup_in_the_out_path_trains_and_prints_as_typed(oasst, data: Path, tm
     result = _train(oasst, "--data", "data", "--out", "[bold]run[/]", "--max-steps", 1, "--batch-size", 1)
     assert result.exit_code == 0, result.output
     assert "oasst train -> [bold]run[/]" in result.stdout  # the summary table's title, not swallowed as markup
-    assert "'out': '[bold]run[/]'" in result.stderr  # the config as given
+    assert "-> [bold]run[/] (config: [bold]run[/]/train_config.yaml)" in result.stderr  # the config line as given
     assert json.loads((tmp_path / "[bold]run[" / "]" / "train_summary.json").read_text())["global_step"] == 1
 
 

@@ -1,9 +1,12 @@
-"""Trainer callbacks: a rich progress bar with loss and real tokens/s, and a checkpoint on SIGTERM/SIGINT."""
+"""Trainer callbacks: a rich progress bar with loss and real tokens/s, a checkpoint on SIGTERM/SIGINT, and the
+run's own files written into every checkpoint."""
 
 from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
@@ -130,3 +133,16 @@ class SaveOnSignal(TrainerCallback):
         if self.received is not None:
             control.should_save = True
             control.should_training_stop = True
+
+
+class WriteOnSave(TrainerCallback):
+    """After each checkpoint the Trainer saves, `write(folder, state)` on the main process (the card, the config)."""
+
+    def __init__(self, write: Callable[[Path, Any], None]) -> None:
+        self.write = write
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Add the run's files to the checkpoint just written (`checkpoint-<global_step>`, Trainer's naming)."""
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.write(folder, state)

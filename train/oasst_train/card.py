@@ -1,6 +1,7 @@
 """The adapter's model card (README.md): what it was trained from, how, with what result, and how to load it.
 
     text = model_card(summary, config, eval_summary=None)
+    summary = progress_summary(trainer.state.log_history, step, tokens_seen)   # a checkpoint's card: losses so far
 
 peft writes an empty template (`# Model Card for Model ID`, `[More Information Needed]`) and transformers' Trainer a
 card that says "fine-tuned version of [None]"; this one says what a user of the adapter needs. Standard library and
@@ -15,6 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from oasst_tools.conversation import ASSISTANT, HUMAN, guanaco_prompt
+
+FORMAT_WORDS = {"guanaco": f"Guanaco (`{HUMAN}...{ASSISTANT}...`)", "chat-template": "the tokenizer's chat template"}
+USAGE_PROMPT = "Write a haiku about the sea."
 # train_summary.json keys shown in the results table, in order, with their labels.
 RESULT_ROWS = (
     ("global_step", "optimizer steps"), ("tokens_seen", "tokens seen (real, not padding)"),
@@ -32,12 +37,23 @@ def model_card(summary: Mapping[str, Any], config: Mapping[str, Any], *,
     data = str(config.get("data") or "")
     header = _front_matter(base, data)
     parts = [header, f"# {out_name}: a LoRA adapter for `{base}`, trained with oasst-tools\n",
-             _base_section(base, config, summary), _data_section(data, config), _training_section(config),
+             _base_section(base, config, summary), _data_section(data, config, summary), _training_section(config),
              _results_section(summary)]
     if eval_summary:
         parts.append(_eval_section(eval_summary))
     parts += [_usage_section(base, out_name, config), _license_section(base)]
     return "\n".join(part.rstrip() + "\n" for part in parts)
+
+
+def progress_summary(log_history: list[dict[str, Any]], global_step: int, tokens_seen: int) -> dict[str, Any]:
+    """The results of a run so far, from the Trainer's log history, under train_summary.json's keys."""
+    from oasst_train.report import losses
+
+    train = [v for _, v in losses(log_history, "loss")]
+    held_out = [v for _, v in losses(log_history, "eval_loss")]
+    return {"global_step": global_step, "tokens_seen": int(tokens_seen),
+            "train_loss_first": train[0] if train else None, "train_loss_last": train[-1] if train else None,
+            "eval_loss_first": held_out[0] if held_out else None, "eval_loss": held_out[-1] if held_out else None}
 
 
 def _front_matter(base: str, data: str) -> str:
@@ -65,7 +81,7 @@ def _base_section(base: str, config: Mapping[str, Any], summary: Mapping[str, An
             "(`oasst generate`, `oasst chat` and `oasst eval --adapter` read it from `train_config.yaml`).\n")
 
 
-def _data_section(data: str, config: Mapping[str, Any]) -> str:
+def _data_section(data: str, config: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     lines = ["## Data", ""]
     report = _build_report(data)
     if report:
@@ -86,8 +102,18 @@ def _data_section(data: str, config: Mapping[str, Any]) -> str:
     else:
         lines.append("(not recorded)")
     loss = "assistant replies only (human turns masked)" if config.get("loss_on") == "assistant" else "every token"
-    lines.append(f"Loss on {loss}; rows cut at {config.get('max_length')} tokens"
+    fmt = config.get("format") or summary.get("format") or "guanaco"
+    lines.append(f"Format {FORMAT_WORDS.get(fmt, fmt)}; loss on {loss}; rows cut at {config.get('max_length')} tokens"
                  f"{'; packed' if config.get('packing') else ''}.")
+    for split, r in (summary.get("data") or {}).items():
+        if not isinstance(r, Mapping) or not r.get("loss_tokens"):
+            continue
+        what = "assistant tokens" if r.get("loss_on") == "assistant" else "tokens"
+        lines.append(f"The {split} split as trained: {r['rows']:,} rows, {r['rows_cut']:,} cut at "
+                     f"{r['max_length']} tokens, {r['rows_dropped']:,} dropped with no token to learn from; "
+                     f"{r['loss_tokens_trained']:,} of {r['loss_tokens']:,} {what} trained "
+                     f"({r['loss_tokens_trained'] / r['loss_tokens']:.1%}); {r['rows_end_trained']:,} rows with "
+                     "the end of a reply trained.")
     return "\n".join(lines) + "\n"
 
 
@@ -127,6 +153,13 @@ def _eval_section(eval_summary: Mapping[str, Any]) -> str:
 
 
 def _usage_section(base: str, out_name: str, config: Mapping[str, Any]) -> str:
+    if config.get("format") == "chat-template":
+        prompt = (f"messages = [{{\"role\": \"user\", \"content\": \"{USAGE_PROMPT}\"}}]\n"
+                  "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n"
+                  "ids = tokenizer(prompt, add_special_tokens=False, return_tensors=\"pt\").input_ids")
+    else:
+        prompt = (f"prompt = {json.dumps(guanaco_prompt(USAGE_PROMPT))}  # the Guanaco format it learned\n"
+                  "ids = tokenizer(prompt, return_tensors=\"pt\").input_ids")
     quant = ""
     if config.get("load_in_4bit"):
         quant = (f"\nbnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"{config.get('quant_type', 'nf4')}\",\n"
@@ -136,7 +169,7 @@ def _usage_section(base: str, out_name: str, config: Mapping[str, Any]) -> str:
     return f"""## Use
 
 ```console
-oasst generate {out_name} --prompt "Write a haiku about the sea."
+oasst generate {out_name} --prompt "{USAGE_PROMPT}"
 oasst chat {out_name}
 oasst eval --adapter {out_name} --tasks hellaswag
 ```
@@ -151,6 +184,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 base = AutoModelForCausalLM.from_pretrained("{base}"{load_args})
 model = PeftModel.from_pretrained(base, "{out_name}")
 tokenizer = AutoTokenizer.from_pretrained("{out_name}")
+{prompt}
+print(tokenizer.decode(model.generate(input_ids=ids, max_new_tokens=128)[0][ids.shape[1]:]))
 ```
 """
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from oasst_model.flags import Option, load_options, take_aliases
+from oasst_model.flags import Option, load_options, take_aliases, verbose_option
 from oasst_tools.errors import OasstError
 from oasst_train.config import FIELDS, TrainConfig, field_choices, field_type
 
@@ -55,22 +54,26 @@ def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Continue the run in --out from its last complete checkpoint.")
 @click.option("--quiet", "-q", is_flag=True, cls=Option, show_default="off",
               help="No progress bar, config or summary table.")
+@click.option("--dry-run", is_flag=True, cls=Option, show_default="off",
+              help="Load the tokenizer only, print the data report and one example with its loss mask; write nothing.")
+@verbose_option
 @_config_options
-def train(config_file: Path | None, resume: bool, quiet: bool, **flags: Any) -> None:
-    """Train a QLoRA adapter on a Guanaco-style dataset.
+def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, verbose: bool, **flags: Any) -> None:
+    """Train a QLoRA adapter on a conversation dataset (Guanaco text or chat-template messages).
 
     \b
         oasst train --config train/recipes/tiny-cpu.yaml --data fixtures/guanaco-en --out runs/tiny
         oasst train --config train/recipes/tiny-cpu.yaml --data fixtures/guanaco-en --out runs/tiny --resume
+        oasst train --config train/recipes/tiny-cpu.yaml --data fixtures/guanaco-en --dry-run
         oasst train --model ../shared/models/stories260K --data fixtures/guanaco-en --no-load-in-4bit \\
                     --max-steps 60 --out runs/stories
         accelerate launch --config_file train/recipes/accelerate-2gpu.yaml -m oasst_tools train \\
                     --config train/recipes/falcon-7b-guanaco.yaml --out runs/falcon
 
-    Writes the adapter (safetensors), tokenizer, train_config.yaml, train_summary.json and loss.png to --out,
-    and resumable checkpoints to --out/checkpoints. SIGTERM or Ctrl-C saves a checkpoint at the end of the current
-    step and exits 1; the same command with --resume continues from it. --report-to tensorboard writes its event
-    files to --out/runs (tensorboard --logdir runs/tiny/runs).
+    Writes the adapter (safetensors), tokenizer, model card (README.md), train_config.yaml, train_summary.json and
+    loss.png to --out, and resumable checkpoints (each with its card) to --out/checkpoints. SIGTERM or Ctrl-C saves
+    a checkpoint at the end of the current step and exits 1; the same command with --resume continues from it.
+    --report-to tensorboard writes its event files to --out/runs (tensorboard --logdir runs/tiny/runs).
     """
     from rich.console import Console
     from rich.pretty import Pretty
@@ -79,18 +82,27 @@ def train(config_file: Path | None, resume: bool, quiet: bool, **flags: Any) -> 
     from oasst_train.config import resolve_config, to_dict
     from oasst_train.report import check_report_to, summary_table, tensorboard_dir
 
+    if dry_run:
+        _quiet_libraries(verbose)
+        _dry_run(config_file, resume, flags)
+        return
     cfg = resolve_config(config_file, take_aliases(flags))
     check_report_to(cfg.report_to)
     console = Console(stderr=True, quiet=quiet)
 
-    def announce(resolved: TrainConfig, device: str | None) -> None:
+    def announce(resolved: TrainConfig, lines: list[str]) -> None:
         # Text and Pretty, not a markup string: paths and values may hold `[/]` or `[bold]`.
-        console.print(Text.assemble(("oasst train", "bold"), f" {'--resume ' if resume else ''}config:"),
-                      Pretty(to_dict(resolved)))
-        if device:
-            console.print(device, markup=False, highlight=False)
+        head = Text.assemble(("oasst train", "bold"), " --resume" if resume else "")
+        if verbose:
+            console.print(Text.assemble(head, " config:"), Pretty(to_dict(resolved)))
+        else:
+            # One line: the whole config is in OUT/train_config.yaml, and -v prints it.
+            console.print(Text.assemble(head, f" {resolved.model} on {resolved.data} -> {resolved.out} (config: "
+                                              f"{Path(resolved.out) / 'train_config.yaml'})"), soft_wrap=True)
+        for line in lines:
+            console.print(line, markup=False, highlight=False)
 
-    _quiet_libraries()
+    _quiet_libraries(verbose)
     from oasst_train.trainer import run_training
 
     out = Path(cfg.out)
@@ -105,6 +117,20 @@ def train(config_file: Path | None, resume: bool, quiet: bool, **flags: Any) -> 
         raise failure from None
     if not quiet:
         Console().print(summary_table(summary, f"oasst train -> {cfg.out}"))
+
+
+def _dry_run(config_file: Path | None, resume: bool, flags: dict[str, Any]) -> None:
+    """`oasst train --dry-run`: the data report and one example on stdout; --out is neither needed nor touched."""
+    from rich.console import Console
+
+    from oasst_train.config import REQUIRED, resolve_config
+
+    cfg = resolve_config(config_file, take_aliases(flags), required=tuple(n for n in REQUIRED if n != "out"))
+    if resume:
+        click.echo("warning: --resume does nothing with --dry-run", err=True)
+    from oasst_train.preview import dry_run
+
+    dry_run(cfg, Console())
 
 
 def _train_failure(exc: BaseException, out: Path, existed: bool) -> OasstError | None:
@@ -142,7 +168,8 @@ def _train_failure(exc: BaseException, out: Path, existed: bool) -> OasstError |
               default=None, hidden=True)
 @click.option("--tolerance", type=float, default=None, cls=Option, show_default="bf16 tolerance x logit scale",
               help="Max allowed |merged - (base + adapter)| logit difference.")
-def merge(adapter: Path, out: Path, tolerance: float | None, **flags: Any) -> None:
+@verbose_option
+def merge(adapter: Path, out: Path, tolerance: float | None, verbose: bool, **flags: Any) -> None:
     """Merge a LoRA adapter into a 16-bit copy of its base model, and check the merged logits.
 
     The base is dequantized exactly as it was during training (when trained in 4-bit), so the merged model is
@@ -153,7 +180,7 @@ def merge(adapter: Path, out: Path, tolerance: float | None, **flags: Any) -> No
     """
     from rich.console import Console
 
-    _quiet_libraries()
+    _quiet_libraries(verbose)
     from oasst_train.merge import merge_adapter
 
     result = merge_adapter(adapter, out, tolerance=tolerance, **take_aliases(flags))
@@ -164,51 +191,70 @@ def merge(adapter: Path, out: Path, tolerance: float | None, **flags: Any) -> No
                     f"{result['max_logit_diff_saved']:.2e}", markup=False, highlight=False)
 
 
+def _format_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--format of generate and chat: train's flag of the same name, defaulting to what the adapter recorded."""
+    from oasst_tools.conversation import FORMATS
+
+    return click.option("--format", "format_", type=click.Choice(FORMATS), default=None, cls=Option,
+                        show_default="as trained, else guanaco",
+                        help="Conversation format of the prompts: guanaco or chat-template (the tokenizer's); auto: "
+                             "chat-template when the tokenizer has one.")(fn)
+
+
 @click.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True, help="The human turn; wrapped as `### Human: PROMPT### Assistant:`.")
+@click.option("--prompt", required=True, help="The human turn; wrapped as `### Human: PROMPT### Assistant:` in the "
+                                              "Guanaco format, by the chat template otherwise.")
+@_format_option
 @load_options(inference=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Stop after this many new tokens.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Sampling temperature; 0: greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
-def generate(adapter: Path, prompt: str, max_new_tokens: int, temperature: float, seed: int, **flags: Any) -> None:
-    """Answer one prompt with a trained adapter, streaming tokens; stops at EOS or the next `### Human:`.
+@verbose_option
+def generate(adapter: Path, prompt: str, format_: str | None, max_new_tokens: int, temperature: float, seed: int,
+             verbose: bool, **flags: Any) -> None:
+    """Answer one prompt with a trained adapter, streaming tokens; stops at EOS or where the model starts the next
+    human turn (Guanaco) or ends its own (chat templates).
 
-    Loading options left out are read from the adapter's train_config.yaml (4-bit stays 4-bit).
+    The format and the loading options left out are read from the adapter's train_config.yaml (4-bit stays 4-bit).
 
     \b
         oasst generate runs/stories --prompt "Tell me a story about a cat."
     """
-    _quiet_libraries()
+    _quiet_libraries(verbose)
     from oasst_train.generate import Chatbot
 
-    bot = Chatbot.load(adapter, seed=seed, **take_aliases(flags))
+    bot = Chatbot.load(adapter, seed=seed, format=format_, **take_aliases(flags))
     answer = bot.reply(prompt, max_new_tokens=max_new_tokens, temperature=temperature, stream=click.echo)
     click.echo(f"[stopped: {answer.stop}, {answer.new_tokens} tokens]", err=True)
 
 
 @click.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
+@_format_option
 @load_options(inference=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Stop each reply after this many new tokens.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True,
               help="Sampling temperature; 0: greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
-def chat(adapter: Path, max_new_tokens: int, temperature: float, seed: int, **flags: Any) -> None:
-    """Chat with a trained adapter in the Guanaco format; the conversation so far is the context.
+@verbose_option
+def chat(adapter: Path, format_: str | None, max_new_tokens: int, temperature: float, seed: int, verbose: bool,
+         **flags: Any) -> None:
+    """Chat with a trained adapter in the format it was trained in; the conversation so far is the context.
 
-    An empty line or Ctrl-D ends the chat. Loading options left out are read from the adapter's train_config.yaml.
+    An empty line or Ctrl-D ends the chat. The format and the loading options left out are read from the adapter's
+    train_config.yaml.
 
     \b
         oasst chat runs/stories
     """
-    _quiet_libraries()
+    _quiet_libraries(verbose)
     from oasst_train.generate import Chatbot
 
-    bot = Chatbot.load(adapter, seed=seed, **take_aliases(flags))
+    bot = Chatbot.load(adapter, seed=seed, format=format_, **take_aliases(flags))
     while True:
         try:
             prompt = click.prompt(click.style("you", bold=True), default="", show_default=False)
@@ -228,18 +274,11 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-def _quiet_libraries() -> None:
-    """Silence per-file loading bars and info logs of transformers/datasets/bitsandbytes (before they import)."""
-    import logging
-    import os
+def _quiet_libraries(verbose: bool = False) -> None:
+    """Library output that does not concern the user silenced until the command returns (oasst_model.quiet);
+    `verbose` (-v) keeps all of it. Training data never reaches transformers' too-long-text warning: rows are
+    tokenized with verbose=False and cut to --max-length, which the data report counts."""
+    from oasst_model.quiet import for_command
 
-    for name, value in (("TOKENIZERS_PARALLELISM", "false"), ("TRANSFORMERS_VERBOSITY", "error"),
-                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")):
-        os.environ.setdefault(name, value)
-    # bitsandbytes 0.50 warns on import that an optional CPU kernel package is missing; it works without it.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # transformers 5.25 pulls in `kernels`, which bitsandbytes asks for a CPU kernel; offline, it logs that it skips
-    # a trust check for a kernel it then does not use.
-    logging.getLogger("kernels").setLevel(logging.ERROR)
-    # peft/trl still call the pre-5.24 name; nothing for a user to act on. Drop with transformers v6.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    for_command(verbose)
+

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from oasst_model.spec import AUTO, DeviceProfile, auto_compute_dtype, flag, option_field
+from oasst_tools.conversation import ASSISTANT, HUMAN
 from oasst_tools.errors import OasstError
 
 
@@ -53,6 +54,9 @@ class TrainConfig:
                                              "but the output head.")
 
     # Data
+    format: Literal["auto", "guanaco", "chat-template"] = _f(  # noqa: A003 - the --format vocabulary
+        "auto", f"Conversation format: guanaco (`{HUMAN}...{ASSISTANT}...`) or chat-template (the tokenizer's); "
+                "auto: chat-template when the tokenizer has one.")
     max_length: int = _f(512, "Tokens per example; longer ones are cut (and then end without EOS).")
     loss_on: Literal["assistant", "all"] = _f(
         "assistant", "Loss on assistant replies only (human turns masked) or on the whole conversation.")
@@ -164,7 +168,8 @@ def coerce(name: str, value: Any, origin: str) -> Any:
         raise OasstError(f"{origin}: {name} must be {kind_name}, not {value!r}") from None
 
 
-def resolve_config(config_file: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+def resolve_config(config_file: Path | None, overrides: dict[str, Any],
+                   required: tuple[str, ...] = REQUIRED) -> TrainConfig:
     """Defaults, then the YAML recipe, then flags (only those given); checked once, then frozen."""
     origins: dict[str, str] = {}
     values = load_yaml(config_file, origins) if config_file is not None else {}
@@ -173,18 +178,18 @@ def resolve_config(config_file: Path | None, overrides: dict[str, Any]) -> Train
             origins[name] = flag_name(name)
             values[name] = coerce(name, value, origins[name])
     cfg = replace(TrainConfig(), **values)
-    validate(cfg, origins)
+    validate(cfg, origins, required)
     return cfg
 
 
-def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
+def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: tuple[str, ...] = REQUIRED) -> None:
     """One clear line for the first value that cannot work, starting with where it was set (`recipe.yaml:7: `,
     `--lr: `) when `origins` knows."""
     def fail(name: str, message: str) -> OasstError:
         where = (origins or {}).get(name)
         return OasstError(f"{where}: {message}" if where else message)
 
-    missing = [name for name in REQUIRED if not getattr(cfg, name)]
+    missing = [name for name in required if not getattr(cfg, name)]
     if missing:
         raise OasstError(f"missing {', '.join(missing)}: give --{' --'.join(missing)} or set them in --config")
     # NaN compares false with everything, so every range check below would let it through: finite first.

@@ -1,4 +1,5 @@
-"""`oasst train`: checks -> prepare_model -> build_data -> build_trainer -> train -> summarize -> save (trl SFT).
+"""`oasst train`: checks -> build_data (tokenizer only) -> prepare_model -> build_trainer -> train -> summarize ->
+save (trl SFT; what is written, and where: oasst_train.outputs).
 
     summary = run_training(resolve_config(Path("train/recipes/tiny-cpu.yaml"), {}), resume=False)
 
@@ -10,9 +11,6 @@ Multi-GPU and multi-node through accelerate, nothing home-made:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -21,39 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oasst_tools.errors import OasstError
-from oasst_train.checkpoints import CHECKPOINTS, require_checkpoint
-from oasst_train.config import AUTO, TrainConfig, device_line, to_dict
+from oasst_train.checkpoints import CHECKPOINTS
+from oasst_train.config import TrainConfig, device_line
+from oasst_train.outputs import CONFIG_NAME, check_out, checkpoint_writer, save_outputs, saved_config, write_config
 
 if TYPE_CHECKING:
     from oasst_model.spec import ModelSpec
 
-CONFIG_NAME = "train_config.yaml"
-SUMMARY_NAME = "train_summary.json"
-# Knobs that may change between a run and its --resume without breaking the data order or the optimizer state.
-RESUMABLE_CHANGES = {"max_steps", "epochs", "save_steps", "save_total_limit", "eval_steps", "logging_steps",
-                     "report_to", "eval_rows"}
 # transformers 5.17 lets packed Falcon sequences attend to each other (0.31 max logit difference); 5.24 does not.
 PACKING_MIN_TRANSFORMERS = "5.24.0"
-
-
-def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses to overwrite an earlier run."""
-    from oasst_tools.output import check_apart
-    from oasst_tools.files import check_out_folder
-
-    out = Path(cfg.out)
-    check_apart(out, [("--data", cfg.data), ("--model", cfg.model)])
-    if resume:
-        if out.exists() and not out.is_dir():
-            raise OasstError(f"--out {out} is a file, not a folder")
-        checkpoint = require_checkpoint(out)
-        _check_same_run(cfg, out)
-        check_out_folder(out, "--out")  # the run writes new checkpoints and the adapter there
-        return checkpoint
-    check_out_folder(out, "--out")
-    if out.is_dir() and any((out / name).exists() for name in (CHECKPOINTS, SUMMARY_NAME, "adapter_config.json")):
-        raise OasstError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
-    return None
 
 
 def check_targets(model: Any, targets: list[str]) -> None:
@@ -104,7 +78,7 @@ class Data:
 
     train: Any
     eval: Any | None
-    format: str = "guanaco"  # the conversation format the rows were encoded in
+    format: str  # the conversation format the rows were encoded in
     # Per split: rows, rows cut by max_length, loss tokens trained and lost, rows dropped (data.DataReport.to_dict).
     report: dict[str, Any] | None = None
 
@@ -119,12 +93,13 @@ class Built:
 
 
 def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None, progress: bool = True,
-                 announce: Callable[[TrainConfig, str | None], None] | None = None) -> dict:
+                 announce: Callable[[TrainConfig, list[str]], None] | None = None) -> dict:
     """Train a LoRA adapter as `cfg` says; returns the summary also written to `out/train_summary.json`.
 
-    The stages: cheap checks, the `auto` settings resolved for the device, `prepare_model`, `build_data`,
-    `build_trainer`, `train`, `summarize`, then the outputs. `announce(resolved_cfg, device_line)` runs once the
-    cheap checks passed (the CLI prints the resolved config then, so that a bad input is the only line of output)."""
+    The stages: cheap checks, the `auto` settings and the format resolved, `build_data` (tokenizer only),
+    `prepare_model`, `build_trainer`, `train`, `summarize`, then the outputs. `announce(resolved_cfg, lines)` runs
+    once the cheap checks passed, with the lines that say what the device and the tokenizer decided (the CLI prints
+    the resolved config then, so that a bad input is the only line of output); the data report goes to `console`."""
     from oasst_model.load import check_source
     from oasst_train.data import read_rows
 
@@ -134,24 +109,34 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     rows = read_rows(cfg.data, cfg.eval_rows)
     out = Path(cfg.out)
     cfg, device_choice = resolve_device_defaults(cfg, resuming=checkpoint is not None)
-    if announce is not None:
-        announce(cfg, device_line(device_choice))
 
     from oasst_model import patches
-    from oasst_train.callbacks import ProgressCallback
+    from oasst_model.load import load_tokenizer
+    from oasst_train.callbacks import ProgressCallback, WriteOnSave
+    from oasst_train.preview import report_lines, run_format
 
     patches.begin_run()
+    # The tokenizer alone decides the format and encodes the rows: a template that fails, or data with nothing to
+    # learn, is one line before the weights load.
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    cfg, format_line = run_format(cfg, tokenizer, saved_config(out) if checkpoint is not None else None)
+    if announce is not None:
+        announce(cfg, [line for line in (device_line(device_choice), format_line) if line])
+    data = build_data(cfg, tokenizer, rows)
+    if console is not None:
+        for line in report_lines(data.report):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     prepared = prepare_model(cfg)
-    data = build_data(cfg, prepared.tokenizer, rows)
     out.mkdir(parents=True, exist_ok=True)
     built = build_trainer(cfg, prepared, data, fresh=checkpoint is None)
-    _write_config(cfg, out / CONFIG_NAME, built.targets)
+    write_config(cfg, out / CONFIG_NAME, built.targets)
+    built.trainer.add_callback(WriteOnSave(checkpoint_writer(cfg, built.targets, data.report)))
     bar = ProgressCallback(console=console, enabled=progress)
     train(cfg, built, bar, checkpoint, has_eval=data.eval is not None)
     summary = summarize(cfg, prepared, built, bar, checkpoint)
-    summary["device_defaults"] = device_choice
+    summary.update(device_defaults=device_choice, format=cfg.format, data=data.report)
     if built.trainer.is_world_process_zero():
-        _save_outputs(built.trainer, prepared.tokenizer, cfg, built.targets, summary, out)
+        save_outputs(built.trainer, prepared.tokenizer, cfg, built.targets, summary, out)
     return summary
 
 
@@ -161,11 +146,7 @@ def resolve_device_defaults(cfg: TrainConfig, *, resuming: bool = False) -> tupl
     from oasst_model.spec import device_profile
     from oasst_train.config import resolve_auto, validate
 
-    saved = None
-    if resuming:
-        from oasst_tools.files import read_yaml_mapping
-
-        saved, _ = read_yaml_mapping(Path(cfg.out) / CONFIG_NAME, "saved config")
+    saved = saved_config(Path(cfg.out)) if resuming else None
     resolved, choice = resolve_auto(cfg, device_profile(), saved)
     validate(resolved)
     return resolved, choice
@@ -198,16 +179,14 @@ def model_spec(cfg: TrainConfig) -> ModelSpec:
     return ModelSpec(**{name: getattr(cfg, name) for name in LOAD_FIELDS})
 
 
-def build_data(cfg: TrainConfig, tokenizer: Any, rows: dict[str, list[Any]],
-               format: str = "guanaco") -> Data:  # noqa: A002 - the --format vocabulary
-    """The train (and test) rows encoded in `format` (auto: the tokenizer's chat template when it has one, else
+def build_data(cfg: TrainConfig, tokenizer: Any, rows: dict[str, list[Any]]) -> Data:
+    """The train (and test) rows encoded in `cfg.format` (auto: the tokenizer's chat template when it has one, else
     guanaco), with the loss mask `loss_on` asks for, cut to max_length; rows left with nothing to learn are dropped
-    and counted in `report`. The default stays guanaco until the adapter records the format (generate, chat and
-    eval prompt in Guanaco until then)."""
+    and counted in `report`."""
     from oasst_tools.conversation import resolve_format
     from oasst_train.data import build_dataset, require_trainable
 
-    fmt = resolve_format(format, tokenizer)
+    fmt = resolve_format(cfg.format, tokenizer)
     assistant_only = cfg.loss_on == "assistant"
     train_set, train_report = build_dataset(tokenizer, rows["train"], assistant_only, format=fmt,
                                             max_length=cfg.max_length)
@@ -327,6 +306,9 @@ def _build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, train_set: Any,
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          processing_class=tokenizer, peft_config=lora)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress bar shows the loss
+    # trl 1.16 writes a card saying "fine-tuned version of [None]" into checkpoints/ at every save; each checkpoint
+    # gets the run's own card instead (WriteOnSave).
+    trainer.create_model_card = lambda *args, **kwargs: None
     if cfg.precision != "bf16":
         # trl 1.16 casts a quantized model's LoRA weights to bf16; fp16's gradient scaler then fails at the first
         # optimizer step ("_amp_foreach_non_finite_check_and_unscale_cuda not implemented for 'BFloat16'") and
@@ -430,66 +412,3 @@ def _summary(cfg: TrainConfig, trainer: Any, bar: Any, linear4bit: int, load_sec
         "world_size": world,
         "log_history": history,
     }
-
-
-def _save_outputs(trainer: Any, tokenizer: Any, cfg: TrainConfig, targets: list[str], summary: dict[str, Any],
-                  out: Path) -> None:
-    """Adapter, tokenizer, config, loss.png and summary, written to a temp folder and renamed into `out`."""
-    from oasst_train.report import plot_losses
-
-    tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_config(cfg, tmp / CONFIG_NAME, targets)
-        plot_losses(trainer.state.log_history, tmp / "loss.png")
-        (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-        # The summary goes last: its presence says every other file of the run is in place.
-        names = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == SUMMARY_NAME)
-        for name in names:
-            os.replace(tmp / name, out / name)
-        tmp.rmdir()
-    except BaseException:
-        # A full disk or a size limit mid-save: no half-written adapter folder is left behind.
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_config(cfg: TrainConfig, path: Path, targets: list[str]) -> None:
-    """The resolved config as YAML, with the LoRA targets actually used."""
-    import yaml
-
-    values = to_dict(dataclasses.replace(cfg, target_modules=tuple(targets)))
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text("# resolved by oasst train; rerun with: oasst train --config " + path.name + "\n"
-                       + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        from oasst_tools.files import write_error
-
-        raise write_error(exc, path, "the run's config") from None
-
-
-def _check_same_run(cfg: TrainConfig, out: Path) -> None:
-    """Refuse a --resume whose config would change the data order or the optimizer's meaning."""
-    from oasst_tools.files import read_yaml_mapping
-
-    saved_file = out / CONFIG_NAME
-    if not saved_file.is_file():
-        return
-    saved, _ = read_yaml_mapping(saved_file, "saved config", hint="; it is the config this run was started with: "
-                                 "restore it, or start a new run in another --out")
-    now = to_dict(cfg)
-    # `out` itself may differ: a run folder that was moved or copied resumes as well. A setting left `auto` takes
-    # the run's own value (resolve_device_defaults), so it changes nothing.
-    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
-               if k in saved and k not in RESUMABLE_CHANGES and k not in ("target_modules", "out")
-               and now[k] != AUTO and saved[k] != now[k]]
-    if cfg.target_modules and sorted(saved.get("target_modules", [])) != sorted(cfg.target_modules):
-        changed.append(f"target_modules {saved.get('target_modules')!r} -> {list(cfg.target_modules)!r}")
-    if changed:
-        raise OasstError(f"--resume: the config differs from the run in {out}: {'; '.join(changed)}")

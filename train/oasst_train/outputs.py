@@ -1,0 +1,148 @@
+"""What `oasst train` writes: the adapter folder (adapter, tokenizer, model card, config, loss.png, summary, renamed
+into --out at the end), the run's config and card in every checkpoint, and the checks that keep a new run from
+overwriting an old one and a --resume from changing what it continues.
+
+    checkpoint = check_out(cfg, resume=False)          # None: a fresh run
+    save_outputs(trainer, tokenizer, cfg, targets, summary, Path(cfg.out))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from oasst_tools.errors import OasstError
+from oasst_train.checkpoints import CHECKPOINTS, require_checkpoint
+from oasst_train.config import AUTO, TrainConfig, to_dict
+
+CONFIG_NAME = "train_config.yaml"
+SUMMARY_NAME = "train_summary.json"
+# Knobs that may change between a run and its --resume without breaking the data order or the optimizer state.
+RESUMABLE_CHANGES = {"max_steps", "epochs", "save_steps", "save_total_limit", "eval_steps", "logging_steps",
+                     "report_to", "eval_rows"}
+
+
+def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite an earlier run."""
+    from oasst_tools.output import check_apart
+    from oasst_tools.files import check_out_folder
+
+    out = Path(cfg.out)
+    check_apart(out, [("--data", cfg.data), ("--model", cfg.model)])
+    if resume:
+        if out.exists() and not out.is_dir():
+            raise OasstError(f"--out {out} is a file, not a folder")
+        checkpoint = require_checkpoint(out)
+        _check_same_run(cfg, out)
+        check_out_folder(out, "--out")  # the run writes new checkpoints and the adapter there
+        return checkpoint
+    check_out_folder(out, "--out")
+    if out.is_dir() and any((out / name).exists() for name in (CHECKPOINTS, SUMMARY_NAME, "adapter_config.json")):
+        raise OasstError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
+    return None
+
+
+def save_outputs(trainer: Any, tokenizer: Any, cfg: TrainConfig, targets: list[str], summary: dict[str, Any],
+                 out: Path) -> None:
+    """Adapter, tokenizer, model card, config, loss.png and summary, written to a temp folder and renamed into
+    `out`."""
+    from oasst_train.report import plot_losses
+
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_config(cfg, tmp / CONFIG_NAME, targets)
+        _write_card(tmp, summary, cfg, targets, cfg.out)  # in place of peft's empty template
+        plot_losses(trainer.state.log_history, tmp / "loss.png")
+        (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        # The summary goes last: its presence says every other file of the run is in place.
+        names = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == SUMMARY_NAME)
+        for name in names:
+            os.replace(tmp / name, out / name)
+        tmp.rmdir()
+    except BaseException:
+        # A full disk or a size limit mid-save: no half-written adapter folder is left behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def checkpoint_writer(cfg: TrainConfig, targets: list[str],
+                      data_report: dict[str, Any]) -> Callable[[Path, Any], None]:
+    """What each checkpoint gets beside the Trainer's files: train_config.yaml, so that generate, chat, merge and
+    eval load it as the run does, and the model card so far."""
+    from oasst_train.card import progress_summary
+
+    def write(folder: Path, state: Any) -> None:
+        write_config(cfg, folder / CONFIG_NAME, targets)
+        summary = progress_summary(state.log_history, state.global_step, state.num_input_tokens_seen)
+        summary.update(format=cfg.format, data=data_report)
+        _write_card(folder, summary, cfg, targets, str(Path(cfg.out) / CHECKPOINTS / folder.name))
+
+    return write
+
+
+def _write_card(folder: Path, summary: dict[str, Any], cfg: TrainConfig, targets: list[str], name: str) -> None:
+    """The model card (card.model_card) as `folder`/README.md."""
+    from oasst_tools.files import write_error
+    from oasst_train.card import model_card
+
+    config = to_dict(dataclasses.replace(cfg, target_modules=tuple(targets)))
+    path = folder / "README.md"
+    try:
+        path.write_text(model_card(summary, config, out_name=name), encoding="utf-8")
+    except OSError as exc:
+        raise write_error(exc, path, "the model card") from None
+
+
+def saved_config(out: Path) -> dict[str, Any]:
+    """The train_config.yaml of the run in `out` (a --resume continues it)."""
+    from oasst_tools.files import read_yaml_mapping
+
+    saved, _ = read_yaml_mapping(out / CONFIG_NAME, "saved config")
+    return saved
+
+
+def write_config(cfg: TrainConfig, path: Path, targets: list[str]) -> None:
+    """The resolved config as YAML, with the LoRA targets actually used."""
+    import yaml
+
+    values = to_dict(dataclasses.replace(cfg, target_modules=tuple(targets)))
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text("# resolved by oasst train; rerun with: oasst train --config " + path.name + "\n"
+                       + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        from oasst_tools.files import write_error
+
+        raise write_error(exc, path, "the run's config") from None
+
+
+def _check_same_run(cfg: TrainConfig, out: Path) -> None:
+    """Refuse a --resume whose config would change the data order or the optimizer's meaning."""
+    from oasst_tools.files import read_yaml_mapping
+
+    saved_file = out / CONFIG_NAME
+    if not saved_file.is_file():
+        return
+    saved, _ = read_yaml_mapping(saved_file, "saved config", hint="; it is the config this run was started with: "
+                                 "restore it, or start a new run in another --out")
+    now = to_dict(cfg)
+    # `out` itself may differ: a run folder that was moved or copied resumes as well. A setting left `auto` takes
+    # the run's own value (resolve_device_defaults), so it changes nothing.
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+               if k in saved and k not in RESUMABLE_CHANGES and k not in ("target_modules", "out")
+               and now[k] != AUTO and saved[k] != now[k]]
+    if cfg.target_modules and sorted(saved.get("target_modules", [])) != sorted(cfg.target_modules):
+        changed.append(f"target_modules {saved.get('target_modules')!r} -> {list(cfg.target_modules)!r}")
+    if changed:
+        raise OasstError(f"--resume: the config differs from the run in {out}: {'; '.join(changed)}")
