@@ -103,6 +103,20 @@ def count_rows(path: Path) -> int:
     return sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
 
 
+def generate_sample(run_dir: Path, data: Path) -> dict[str, Any]:
+    """`oasst generate`'s path on the trained adapter with no --format: the format it records, the rendered prompt
+    of the first held-out conversation's opening turn, the greedy reply and why it stopped."""
+    from oasst_train.generate import Chatbot
+
+    row = json.loads((data / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    prompt = row["messages"][0]["content"]
+    bot = Chatbot.load(run_dir)
+    context = bot.context(prompt)
+    reply = bot.reply(prompt, max_new_tokens=96)
+    return {"format": bot.format, "prompt": prompt, "rendered_prompt": context, "reply": reply.text,
+            "stop": reply.stop, "new_tokens": reply.new_tokens}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, default=SMOL_DIR / GGUF_NAME,
@@ -111,6 +125,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="an `oasst build` folder (default: bench/data/guanaco-top-rank, built if missing)")
     parser.add_argument("--oasst-messages", type=Path, default=None, help="flat OASST messages to build from")
+    parser.add_argument("--format", default="chat-template", choices=("chat-template", "guanaco", "auto"),
+                        help="conversation format to train in (oasst train --format)")
     parser.add_argument("--epochs", type=float, default=3.0, help="sets max_steps from the train rows")
     parser.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
     parser.add_argument("--evals", type=int, default=6, help="evaluations on the test split besides step 0")
@@ -177,6 +193,7 @@ def main() -> None:
     elif args.max_steps:
         overrides["max_steps"] = args.max_steps
     run_dir = args.run_dir or work / "run"
+    overrides["format"] = args.format
     cfg = resolve_config(recipe, {"model": model, "data": str(data), "out": str(run_dir), "save_steps": 100_000,
                                   **overrides})
     print(f"recipe {recipe.relative_to(REPO)} with {overrides}; {train_rows} train / {test_rows} test rows; "
@@ -190,9 +207,10 @@ def main() -> None:
         summary = run_training(cfg, progress=True)
     except OasstError as exc:
         sys.exit(f"error: {exc}")
+    wall = time.perf_counter() - started
+    sample = generate_sample(run_dir, data)
     if gguf is not None and gguf.parent == work:  # the joined copy; the adapter stays in run_dir
         gguf.unlink()
-    wall = time.perf_counter() - started
     history = summary.pop("log_history")
     eval_curve = [[e["step"], round(e["eval_loss"], 4)] for e in history if "eval_loss" in e]
     train_curve = [[e["step"], round(e["loss"], 4)] for e in history if "loss" in e]
@@ -232,13 +250,15 @@ def main() -> None:
         "linear4bit_layers": summary["linear4bit_layers"],
         "trainable_parameters": summary["trainable_parameters"],
         "lora_target_modules": summary["lora_target_modules"],
+        "format": summary.get("format"),
+        "generate_sample": sample,
         "eval_curve": eval_curve,
         "train_curve": train_curve,
         "train_summary": summary,
         "run_dir": str(run_dir),
     }
     results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"train_smollm2{'-smoke' if args.cpu_smoke else ''}-{today}.json"
+    path = results_dir / f"train_smollm2{'-smoke' if args.cpu_smoke else ''}-{summary.get('format')}-{today}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(path)
@@ -252,7 +272,7 @@ def print_table(r: dict[str, Any], path: Path) -> None:
     def f(value: Any, fmt: str) -> str:
         return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
-    table = Table(title=f"{'CPU smoke: ' if r['smoke'] else ''}QLoRA {r['model_name']} on Guanaco "
+    table = Table(title=f"{'CPU smoke: ' if r['smoke'] else ''}QLoRA {r['model_name']} on Guanaco, {r['format']} "
                         f"({r['data']['train_rows']} train / {r['data']['eval_rows_used']} held-out rows)")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -268,6 +288,8 @@ def print_table(r: dict[str, Any], path: Path) -> None:
         ("trainable parameters", f(r["trainable_parameters"], ",d")),
         ("load / wall s", f"{r['load_seconds']:.1f} / {r['wall_seconds']:.1f}"),
         ("device", str(r["device"])),
+        ("generate: format / stop / new tokens", f"{r['generate_sample']['format']} / {r['generate_sample']['stop']} / "
+                                                 f"{r['generate_sample']['new_tokens']}"),
     ):
         table.add_row(what, value)
     Console(width=120).print(table)
