@@ -49,7 +49,8 @@ def eval_command(config_file: Path | None, tasks: str | None, verbose: bool, **f
     """Score a model, and its adapter against it, with lm-eval-harness.
 
     Runs offline: hellaswag reads local files (--data-dir, $OASST_EVAL_DATA or the fixture subset) with
-    lm-eval's own preprocessing and metrics; guanaco_test scores per-token loss on `oasst build`'s test.jsonl.
+    lm-eval's own preprocessing and metrics; guanaco_test scores per-token loss on `oasst build`'s test.jsonl;
+    guanaco_pairs scores how often the chosen reply of a held-out pair (`oasst build --pairs`) is the likelier one.
 
     The adapter's base loads as it was trained (its train_config.yaml: 4-bit stays 4-bit), unless flags say
     otherwise; the results table and eval_summary.json say how it was loaded.
@@ -57,6 +58,7 @@ def eval_command(config_file: Path | None, tasks: str | None, verbose: bool, **f
     \b
         oasst eval --adapter runs/tiny --compare-base --tasks hellaswag,guanaco_test --data out/build --limit 40
         oasst eval --model HuggingFaceTB/SmolLM2-135M-Instruct --tasks hellaswag --data-dir ../shared/data
+        oasst eval --adapter runs/tiny --compare-base --tasks guanaco_pairs --data out/pairs
     """
     from rich.console import Console
 

@@ -41,15 +41,16 @@ class EvalConfig:
                                    "trained unless loading flags say otherwise.")
     compare_base: bool = _f(False, "Also score the base model without the adapter, on the same items, and show "
                                    "the difference.", "off")
-    tasks: tuple[str, ...] = _f(("hellaswag",), "Comma-separated lm-eval task names; hellaswag and guanaco_test "
-                                                "run offline.", "hellaswag")
+    tasks: tuple[str, ...] = _f(("hellaswag",), "Comma-separated lm-eval task names; hellaswag, guanaco_test and "
+                                                "guanaco_pairs run offline.", "hellaswag")
 
     # Data
     data_dir: str | None = _f(None, "Folder with one sub-folder of split files per task, e.g. "
                                     "DIR/hellaswag/validation.jsonl[.gz].", "$OASST_EVAL_DATA, else the fixture subset")
-    data: str | None = _f(None, "Output folder of `oasst build` (its test.jsonl) for the guanaco_test task.")
-    format: str | None = _f(None, "Conversation format guanaco_test scores: guanaco or chat-template (the "
-                                  "tokenizer's); auto: chat-template when the tokenizer has one.",
+    data: str | None = _f(None, "Output folder of `oasst build` (its test.jsonl) for the guanaco_test task, or of "
+                                "`oasst build --pairs` for guanaco_pairs.")
+    format: str | None = _f(None, "Conversation format guanaco_test and guanaco_pairs score: guanaco or chat-template "
+                                  "(the tokenizer's); auto: chat-template when the tokenizer has one.",
                             "as the adapter was trained, else guanaco")
 
     # Scoring

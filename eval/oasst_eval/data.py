@@ -22,6 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from oasst_tools.conversation import ROLES
 from oasst_tools.errors import OasstError, OasstInputError, describe_os_error
 
 DATA_ENV = "OASST_EVAL_DATA"
@@ -133,6 +134,9 @@ def _check_hellaswag_row(row: dict[str, Any]) -> str | None:
 
 def _check_guanaco_row(row: dict[str, Any]) -> str | None:
     """What is wrong with one `oasst build` test row for guanaco_test, or None."""
+    if "text" not in row and "chosen" in row:
+        return ("row is a preference pair (`prompt`, `chosen`, `rejected`), not a conversation: score the test.jsonl "
+                "of `oasst build --pairs` with --tasks guanaco_pairs")
     if "text" not in row:
         return f"row has no `text` (it has: {', '.join(map(str, row))})"
     if not isinstance(row["text"], str):
@@ -142,12 +146,67 @@ def _check_guanaco_row(row: dict[str, Any]) -> str | None:
     return None
 
 
-_CHECKS = {"hellaswag": _check_hellaswag_row, "guanaco_test": _check_guanaco_row}
-_ROWS: dict[tuple[str, int, int, str], list[dict[str, Any]]] = {}
+def _check_pair_row(row: dict[str, Any]) -> str | None:
+    """What is wrong with one `oasst build --pairs` test row for guanaco_pairs, or None."""
+    if "chosen" not in row and ("text" in row or "messages" in row):
+        return ("row is a conversation thread (`text`, `messages`), not a preference pair: guanaco_pairs scores the "
+                "test.jsonl of `oasst build --pairs best|adjacent|all --test-size F`")
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in row:
+            return f"row has no `{key}` (it has: {', '.join(map(str, row))})"
+    prompt = row["prompt"]
+    if not isinstance(prompt, list) or not prompt:
+        return f"`prompt` must be a non-empty list of {{role, content}} messages, not {_shape(prompt)}"
+    for i, turn in enumerate(prompt):
+        problem = _check_turn(turn, f"prompt[{i}]")
+        if problem is not None:
+            return problem
+    if ROLES[prompt[-1]["role"].lower()] != "user":
+        return f"`prompt` must end with a user turn, which the replies answer, not {prompt[-1]['role']!r}"
+    for key in ("chosen", "rejected"):
+        value = row[key]
+        if not isinstance(value, list) or len(value) != 1:
+            return f"`{key}` must be a list with one assistant message, not {_shape(value)}"
+        problem = _check_turn(value[0], f"{key}[0]", "assistant")
+        if problem is not None:
+            return problem
+    return None
+
+
+def _check_turn(turn: Any, name: str, role: str | None = None) -> str | None:
+    """What is wrong with one {role, content} message of a pair (`role`: the one it must have), or None."""
+    if not isinstance(turn, dict):
+        return f"`{name}` must be a {{role, content}} object, not {_kind(turn)}"
+    given = turn.get("role")
+    chat_role = ROLES.get(given.lower()) if isinstance(given, str) else None
+    if chat_role is None:
+        return f"`{name}` role must be user, assistant or system, not {given!r}"[:200]
+    if role is not None and chat_role != role:
+        return f"`{name}` role must be {role}, not {given!r}"[:200]
+    content = turn.get("content")
+    if not isinstance(content, str):
+        return f"`{name}` content must be a string, not {_kind(content)}"
+    if not content.strip():
+        return f"`{name}` content is empty"
+    return None
+
+
+def _shape(value: Any) -> str:
+    """How an error names a value that should be a list: `a list of 2`, `a string`..."""
+    return f"a list of {len(value)}" if isinstance(value, list) else _kind(value)
+
+
+_CHECKS = {"hellaswag": _check_hellaswag_row, "guanaco_test": _check_guanaco_row, "guanaco_pairs": _check_pair_row}
+_ROWS: dict[tuple[str, int, int, str], list[tuple[int, dict[str, Any]]]] = {}
 
 
 def task_rows(path: Path, task: str) -> list[dict[str, Any]]:
-    """Every row of one task's data file, each checked (one error naming `path:line` for the first bad one).
+    """Every row of one task's data file, each checked (one error naming `path:line` for the first bad one)."""
+    return [row for _, row in numbered_task_rows(path, task)]
+
+
+def numbered_task_rows(path: Path, task: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of every row of one task's data file, each checked as `task_rows` does.
 
     Read once per file version: `oasst eval` checks the files before a model loads, and lm-eval reads them again
     through `custom_dataset` later.
@@ -164,7 +223,7 @@ def task_rows(path: Path, task: str) -> list[dict[str, Any]]:
             problem = check(row)
             if problem is not None:
                 raise OasstInputError(path, lineno, problem)
-            rows.append(row)
+            rows.append((lineno, row))
         if not rows:
             raise OasstError(f"{path}: no rows to score")
         if len(_ROWS) >= 8:
@@ -221,8 +280,13 @@ def hellaswag_process_docs(dataset: Any) -> Any:
 
 
 def register_tokenizer(name: str, tokenizer: Any) -> None:
-    """Let `guanaco_test` count tokens with an already-loaded tokenizer instead of loading `name` again."""
+    """Let `guanaco_test` and `guanaco_pairs` use an already-loaded tokenizer instead of loading `name` again."""
     _TOKENIZERS[name] = tokenizer
+
+
+def loaded_tokenizer(name: str, gguf_file: str | None = None) -> Any:
+    """The tokenizer registered under `name`, else `name` loaded (once) with transformers."""
+    return _TOKENIZERS.get(name) or _load_tokenizer(name, gguf_file)
 
 
 @cache
@@ -233,11 +297,13 @@ def _load_tokenizer(name: str, gguf_file: str | None) -> Any:
     return AutoTokenizer.from_pretrained(name, **kwargs)
 
 
-def guanaco_file(data: str | Path | None) -> Path:
-    """`test.jsonl` of an `oasst build` output folder (`--data`, else $OASST_EVAL_GUANACO)."""
+def guanaco_file(data: str | Path | None, task: str = "guanaco_test") -> Path:
+    """`test.jsonl` of an `oasst build` output folder (`--data`, else $OASST_EVAL_GUANACO); guanaco_pairs wants one
+    built with `--pairs`."""
+    build = "`oasst build --pairs MODE --test-size F`" if task == "guanaco_pairs" else "`oasst build`"
     data = data or os.environ.get(GUANACO_ENV)
     if not data:
-        raise OasstError("task guanaco_test needs --data DIR: the output folder of `oasst build` (with test.jsonl)")
+        raise OasstError(f"task {task} needs --data DIR: the output folder of {build} (with test.jsonl)")
     path = Path(data)
     path = path if path.is_file() else path / "test.jsonl"
     if not path.is_file():
@@ -245,7 +311,7 @@ def guanaco_file(data: str | Path | None) -> Path:
 
         problem = path_problem(path)
         raise OasstError(f"{path} not found" + (f" ({problem})" if problem else "")
-                         + ": --data must be an `oasst build` output folder with test.jsonl")
+                         + f": --data must be an {build} output folder with test.jsonl")
     return path
 
 
@@ -264,7 +330,7 @@ def guanaco_test_dataset(
     if name is None:
         raise OasstError("task guanaco_test needs the tokenizer to count tokens: "
                          """pass --metadata '{"tokenizer": NAME}'""")
-    tok = _TOKENIZERS.get(name) or _load_tokenizer(name, gguf_file)
+    tok = loaded_tokenizer(name, gguf_file)
     fmt = resolve_format(format, tok)
     path = guanaco_file(data)
     rows = []

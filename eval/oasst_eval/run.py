@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from oasst_model.spec import ModelSpec
 
 CPU_BATCH_SIZE = 8
+# Tasks that render `oasst build` output in the model's conversation format, with its tokenizer.
+FORMAT_TASKS = ("guanaco_test", "guanaco_pairs")
 
 
 @dataclass
@@ -105,7 +107,8 @@ def model_spec(cfg: EvalConfig) -> ModelSpec:
 
 
 def scored_format(cfg: EvalConfig) -> str:
-    """The conversation format guanaco_test scores: --format, else the one the adapter was trained in, else guanaco."""
+    """The conversation format guanaco_test and guanaco_pairs score: --format, else the one the adapter was trained
+    in, else guanaco."""
     from oasst_model.spec import recorded_format
 
     if cfg.format:
@@ -136,7 +139,7 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print,
     adapter_config = check_adapter(cfg.adapter) if cfg.adapter else None
     metadata = check_local_data(cfg.tasks, cfg.data_dir, cfg.data, cfg.num_fewshot)
     name, gguf_file = split_model(spec.model)
-    if "guanaco_test" in cfg.tasks:
+    if any(task in FORMAT_TASKS for task in cfg.tasks):
         metadata["tokenizer"] = name
         metadata["format"] = scored_format(cfg)
         if gguf_file:
@@ -159,7 +162,7 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print,
     t0 = time.perf_counter()
     model, tokenizer = load(spec, device)
     load_seconds = time.perf_counter() - t0
-    if "guanaco_test" in cfg.tasks:
+    if any(task in FORMAT_TASKS for task in cfg.tasks):
         register_tokenizer(name, tokenizer)
     from oasst_model.load import count_linear4bit
 
@@ -175,6 +178,10 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print,
     runs = []
     merge_seconds = None
     undo = cache_jinja_templates()
+    if "guanaco_pairs" in cfg.tasks:
+        from oasst_eval.preference import set_window
+
+        set_window(lm.max_length)  # pairs with a reply longer than this are left out (lm-eval would stop on them)
     try:
         for label in labels:
             log(f"scoring {label} on {', '.join(cfg.tasks)} ({device}, batch size {batch_size})")
@@ -199,6 +206,8 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print,
             runs.append(_score(lm, tasks, manager, cfg, label, bars=not verbose))
     finally:
         undo()
+        if "guanaco_pairs" in cfg.tasks:
+            set_window(None)
     settings = cfg.as_dict() | {name: getattr(spec, name) for name in LOAD_FIELDS} | {
         "base_loaded": spec.describe(),
         "device": device,

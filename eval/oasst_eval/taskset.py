@@ -51,9 +51,12 @@ def check_local_data(
                 if path is not None:
                     task_rows(path, task)
             metadata["data_dir"] = str(root.resolve())
-        if task == "guanaco_test":
-            path = guanaco_file(data)
-            task_rows(path, "guanaco_test")
+        if task in ("guanaco_test", "guanaco_pairs"):
+            if num_fewshot and task == "guanaco_pairs":
+                raise OasstError(f"--num-fewshot {num_fewshot}: guanaco_pairs is scored zero-shot; its only split is "
+                                 "the test pairs, which lm-eval would show the model as examples")
+            path = guanaco_file(data, task)
+            task_rows(path, task)
             metadata["data"] = str(path.resolve())
     return metadata
 

@@ -82,7 +82,7 @@ def test_hub_only_task_offline(oasst, stories: Path) -> None:
     line = _only_error_line(oasst("eval", "--model", stories, "--tasks", "arc_easy"))
     assert line == ("error: task arc_easy needs the Hub dataset allenai/ai2_arc, which is not cached and cannot be "
                     "downloaded offline (Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled)); "
-                    "tasks with local data: guanaco_test, hellaswag")
+                    "tasks with local data: guanaco_pairs, guanaco_test, hellaswag")
 
 
 def test_compare_base_needs_an_adapter(oasst) -> None:
