@@ -13,6 +13,7 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 .venv/bin/oasst build --input fixtures/oasst1/validation-en-sample.messages.jsonl \
     --input fixtures/oasst1/en-20.trees.jsonl.gz --lang en --top-rank --test-size 0.25 --seed 1 --out "$OUT/data"
 .venv/bin/oasst train --config train/recipes/tiny-cpu.yaml --data "$OUT/data" --out "$OUT/adapter" --max-steps 12 --eval-steps 4
-.venv/bin/oasst eval --model ../shared/models/stories260K --adapter "$OUT/adapter" --compare-base \
+# No --model: the adapter records its base and how it was loaded (4-bit NF4, float32 compute), and eval loads it so.
+.venv/bin/oasst eval --adapter "$OUT/adapter" --compare-base \
     --tasks hellaswag,guanaco_test --data "$OUT/data" --limit 40 --out "$OUT/eval"
 echo "demo outputs: $OUT/data $OUT/adapter $OUT/eval"

@@ -49,6 +49,21 @@ def shown(default: Any) -> str | None:
     return str(default)
 
 
+class AutoInt(click.ParamType):
+    """A whole number, or `auto` (the device decides when the run starts)."""
+
+    name = "integer|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """`auto` as it is, anything else as click's INT reads it."""
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return click.INT.convert(value, param, ctx)
+
+
+AUTO_INT = AutoInt()
+
+
 def option(name: str, *, help: str, default: str | None = None, kind: Any = str,  # noqa: A002 - click's word
            choices: tuple[str, ...] = (), metavar: str | None = None, aliases: tuple[str, ...] = ()) -> Callable[[F], F]:
     """The flag of setting `name` (value None unless given; `default` is the text `--help` shows), plus its hidden

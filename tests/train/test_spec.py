@@ -103,21 +103,32 @@ def _cfg(**values: Any) -> TrainConfig:
 def test_defaults_are_auto_until_the_run_starts() -> None:
     cfg = TrainConfig()
     assert (cfg.precision, cfg.compute_dtype, cfg.gradient_checkpointing) == ("auto", "auto", "auto")
+    assert (cfg.batch_size, cfg.grad_accum) == ("auto", "auto")
 
 
 def test_a_cpu_run_picks_fp32_and_no_checkpointing() -> None:
     cfg, choice = resolve_auto(_cfg(), CPU)
     assert (cfg.precision, cfg.compute_dtype, cfg.gradient_checkpointing) == ("fp32", "float32", False)
     assert choice["precision"] == {"value": "fp32", "from": "auto (cpu)"}
-    assert device_line(choice) == "device: cpu -> precision fp32, compute_dtype float32, gradient_checkpointing off"
+    assert (cfg.batch_size, cfg.grad_accum) == (16, 1)  # 16 rows per step, in one pass
+    assert device_line(choice) == ("device: cpu -> precision fp32, compute_dtype float32, gradient_checkpointing off, "
+                                   "batch_size 16, grad_accum 1")
+
+
+def test_a_batch_shape_given_by_half_keeps_that_half() -> None:
+    cfg, choice = resolve_auto(_cfg(batch_size=2), CPU)
+    assert (cfg.batch_size, cfg.grad_accum) == (2, 1) and choice["batch_size"]["from"] == "set"
+    cfg, _ = resolve_auto(_cfg(grad_accum=8), H100)
+    assert (cfg.batch_size, cfg.grad_accum) == (4, 8)
 
 
 def test_a_gpu_run_picks_bf16_and_checkpointing() -> None:
     cfg, choice = resolve_auto(_cfg(), H100)
     assert (cfg.precision, cfg.compute_dtype, cfg.gradient_checkpointing) == ("bf16", "bfloat16", True)
     assert choice["lora_weights_fp32"] is False
+    assert (cfg.batch_size, cfg.grad_accum) == (4, 4)
     assert device_line(choice) == ("device: cuda (NVIDIA H100) -> precision bf16, compute_dtype bfloat16, "
-                                   "gradient_checkpointing on")
+                                   "gradient_checkpointing on, batch_size 4, grad_accum 4")
 
 
 def test_a_gpu_without_bf16_falls_back_to_fp16_with_fp32_lora_weights() -> None:
@@ -125,7 +136,8 @@ def test_a_gpu_without_bf16_falls_back_to_fp16_with_fp32_lora_weights() -> None:
     assert (cfg.precision, cfg.compute_dtype, cfg.gradient_checkpointing) == ("fp16", "float16", True)
     assert choice["lora_weights_fp32"] is True and choice["bf16_supported"] is False
     assert device_line(choice) == ("device: cuda (Tesla T4, no bf16) -> precision fp16, compute_dtype float16, "
-                                   "gradient_checkpointing on (LoRA weights kept in fp32 for fp16's loss scaling)")
+                                   "gradient_checkpointing on, batch_size 4, grad_accum 4 (LoRA weights kept in fp32 "
+                                   "for fp16's loss scaling)")
 
 
 def test_one_of_precision_and_compute_dtype_set_decides_the_other() -> None:
@@ -146,9 +158,11 @@ def test_a_recipe_keeps_its_values_and_prints_no_device_line() -> None:
 
 
 def test_a_resumed_run_keeps_the_values_it_started_with() -> None:
-    saved = {"precision": "fp32", "compute_dtype": "float32", "gradient_checkpointing": False}
+    saved = {"precision": "fp32", "compute_dtype": "float32", "gradient_checkpointing": False, "batch_size": 16,
+             "grad_accum": 1}
     cfg, choice = resolve_auto(_cfg(), H100, saved)  # started on a CPU, resumed on a GPU
     assert (cfg.precision, cfg.compute_dtype, cfg.gradient_checkpointing) == ("fp32", "float32", False)
+    assert (cfg.batch_size, cfg.grad_accum) == (16, 1)  # the same data order and steps as it started with
     assert {choice[k]["from"] for k in saved} == {"resumed run"} and device_line(choice) is None
 
 

@@ -25,6 +25,15 @@ RESULT_ROWS = (
     ("global_step", "optimizer steps"), ("tokens_seen", "tokens seen (real, not padding)"),
     ("train_loss_first", "train loss, first logged"), ("train_loss_last", "train loss, last logged"),
     ("eval_loss_first", "held-out loss before training"), ("eval_loss", "held-out loss after training"),
+    ("reward_accuracy_first", "DPO reward accuracy, first logged"),
+    ("reward_accuracy_last", "DPO reward accuracy, last logged"),
+    ("reward_margin_first", "DPO reward margin, first logged"),
+    ("reward_margin_last", "DPO reward margin, last logged"),
+    ("logps_chosen_last", "log-prob of the chosen replies, last logged"),
+    ("logps_rejected_last", "log-prob of the rejected replies, last logged"),
+    ("eval_reward_accuracy_first", "held-out reward accuracy before training"),
+    ("eval_reward_accuracy_last", "held-out reward accuracy after training"),
+    ("eval_reward_margin_last", "held-out reward margin after training"),
     ("linear4bit_layers", "4-bit linear layers"), ("trainable_parameters", "trainable parameters"),
     ("real_tokens_per_second", "real tokens per second"), ("device", "device"),
 )
@@ -35,7 +44,7 @@ def model_card(summary: Mapping[str, Any], config: Mapping[str, Any], *,
     """README.md for a finished adapter: YAML header, base model, data, training, results, evaluation, usage."""
     base = str(config.get("model") or summary.get("base_model") or "unknown base model")
     data = str(config.get("data") or "")
-    header = _front_matter(base, data)
+    header = _front_matter(base, data, str(config.get("method") or "sft"))
     parts = [header, f"# {out_name}: a LoRA adapter for `{base}`, trained with oasst-tools\n",
              _base_section(base, config, summary), _data_section(data, config, summary), _training_section(config),
              _results_section(summary)]
@@ -56,12 +65,12 @@ def progress_summary(log_history: list[dict[str, Any]], global_step: int, tokens
             "eval_loss_first": held_out[0] if held_out else None, "eval_loss": held_out[-1] if held_out else None}
 
 
-def _front_matter(base: str, data: str) -> str:
+def _front_matter(base: str, data: str, method: str) -> str:
     import yaml
 
     meta: dict[str, Any] = {"base_model": base, "library_name": "peft", "license": "apache-2.0",
                             "pipeline_tag": "text-generation",
-                            "tags": ["lora", "qlora", "oasst-tools", "sft", "openassistant"]}
+                            "tags": ["lora", "qlora", "oasst-tools", method, "openassistant"]}
     inputs = _build_report(data).get("inputs") or []
     hub_ids = [i for i in inputs if isinstance(i, str) and "/" in i and not Path(i).exists()]
     if hub_ids:
@@ -102,10 +111,17 @@ def _data_section(data: str, config: Mapping[str, Any], summary: Mapping[str, An
     else:
         lines.append("(not recorded)")
     loss = "assistant replies only (human turns masked)" if config.get("loss_on") == "assistant" else "every token"
+    if config.get("method") == "dpo":
+        loss = "the chosen and the rejected reply of each preference pair (DPO)"
     fmt = config.get("format") or summary.get("format") or "guanaco"
     lines.append(f"Format {FORMAT_WORDS.get(fmt, fmt)}; loss on {loss}; rows cut at {config.get('max_length')} tokens"
                  f"{'; packed' if config.get('packing') else ''}.")
     for split, r in (summary.get("data") or {}).items():
+        if isinstance(r, Mapping) and r.get("method") == "dpo" and r.get("reply_tokens"):
+            lines.append(f"The {split} split as trained: {r['rows']:,} pairs, {r['rows_cut']:,} cut at "
+                         f"{r['max_length']} tokens, {r['rows_dropped']:,} dropped (the prompt alone fills them); "
+                         f"{r['reply_tokens_trained']:,} of {r['reply_tokens']:,} reply tokens scored "
+                         f"({r['reply_tokens_trained'] / r['reply_tokens']:.1%}).")
         if not isinstance(r, Mapping) or not r.get("loss_tokens"):
             continue
         what = "assistant tokens" if r.get("loss_on") == "assistant" else "tokens"
@@ -124,11 +140,27 @@ def _training_section(config: Mapping[str, Any]) -> str:
     lines = ["## Training", "",
              f"LoRA r {config.get('lora_r')}, alpha {config.get('lora_alpha')}, dropout {config.get('lora_dropout')} "
              f"on {', '.join(config.get('target_modules') or []) or 'every linear layer'}; "
-             f"{batch[0]} x {batch[1]} sequences per optimizer step, learning rate {config.get('learning_rate')} "
+             f"{batch[0]} x {batch[1]} {'pairs' if config.get('method') == 'dpo' else 'sequences'} per optimizer "
+             f"step, learning rate {config.get('learning_rate')} "
              f"({config.get('lr_scheduler')}), {config.get('optim')}, precision {config.get('precision')}.",
+             *_method_lines(config),
              "", "The resolved configuration (`train_config.yaml`, rerun with `oasst train --config train_config.yaml`):",
              "", "```yaml", yaml.safe_dump(dict(config), sort_keys=False).rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _method_lines(config: Mapping[str, Any]) -> list[str]:
+    """What the method sentence says: SFT, or DPO with its loss, beta and reference (none for older records)."""
+    if config.get("method") == "sft":
+        return ["", "Method: supervised fine-tuning (trl's SFTTrainer)."]
+    if config.get("method") != "dpo":
+        return []
+    start = config.get("init_adapter")
+    reference = (f"the SFT adapter `{start}` (a frozen copy), which this adapter continues from" if start
+                 else "the base model (this adapter disabled)")
+    return ["", f"Method: DPO on preference pairs (trl's DPOTrainer), loss type {config.get('loss_type')}, beta "
+                f"{config.get('beta')}; reference model: {reference}. Dropout is off while training (trl's choice: "
+                "the policy and the reference are scored alike)."]
 
 
 def _results_section(summary: Mapping[str, Any]) -> str:
@@ -139,6 +171,9 @@ def _results_section(summary: Mapping[str, Any]) -> str:
             continue
         lines.append(f"| {label} | {_number(value)} |")
     lines += ["", "`loss.png` plots the training and held-out loss; `train_summary.json` has every figure."]
+    if summary.get("method") == "dpo":
+        lines.append("`dpo.png` plots the reward accuracy, the reward margin and the replies' log-probs; rewards are "
+                     "beta x (policy - reference) log-probs, each figure a mean over its logging window.")
     return "\n".join(lines) + "\n"
 
 

@@ -24,13 +24,14 @@ ALIASES = {"learning_rate": ("--lr",)}
 # Given explicitly (with a metavar or a short help) instead of generated.
 HANDWRITTEN = {"model", "data", "out"}
 # Defaults that read better in words than as the empty value they are.
-SHOWN = {"target_modules": "empty (QLoRA's choice)"}
+SHOWN = {"target_modules": "empty (QLoRA's choice)", "init_adapter": "none"}
+METAVARS = {"init_adapter": "DIR"}
 
 
 def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """One flag per TrainConfig field, named after it; default None so that only flags actually given override the
     recipe, while --help shows the field's default."""
-    from oasst_model.flags import option, shown
+    from oasst_model.flags import AUTO_INT, option, shown
     from oasst_model.spec import OPTIONS
 
     for f in reversed(dataclasses.fields(TrainConfig)):
@@ -38,9 +39,11 @@ def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             continue
         kind = field_type(f.name)
         aliases = ALIASES.get(f.name, ()) + (OPTIONS[f.name].aliases if f.name in OPTIONS else ())
+        if kind is int and f.default == "auto":
+            kind = AUTO_INT
         fn = option(f.name, help=f.metadata["help"], default=SHOWN.get(f.name, shown(f.default)),
                     kind=kind if kind is not tuple else str, choices=field_choices(f.name),
-                    metavar="A,B,..." if kind is tuple else None, aliases=aliases)(fn)
+                    metavar="A,B,..." if kind is tuple else METAVARS.get(f.name), aliases=aliases)(fn)
     return fn
 
 
@@ -59,10 +62,13 @@ def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @verbose_option
 @_config_options
 def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, verbose: bool, **flags: Any) -> None:
-    """Train a QLoRA adapter on a conversation dataset (Guanaco text or chat-template messages).
+    """Train a QLoRA adapter on a conversation dataset (Guanaco text or chat-template messages), or with --method
+    dpo on the preference pairs of `oasst build --pairs` (from a fresh adapter, or --init-adapter an SFT one).
 
     \b
         oasst train --config train/recipes/tiny-cpu.yaml --data fixtures/guanaco-en --out runs/tiny
+        oasst train --config train/recipes/tiny-cpu-dpo.yaml --data data/pairs --init-adapter runs/tiny \\
+                    --out runs/tiny-dpo
         oasst train --config train/recipes/tiny-cpu.yaml --data fixtures/guanaco-en --out runs/tiny --resume
         oasst train --config train/recipes/tiny-cpu.yaml --data fixtures/guanaco-en --dry-run
         oasst train --model ../shared/models/stories260K --data fixtures/guanaco-en --no-load-in-4bit \\
@@ -71,7 +77,7 @@ def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, ve
                     --config train/recipes/falcon-7b-guanaco.yaml --out runs/falcon
 
     Writes the adapter (safetensors), tokenizer, model card (README.md), train_config.yaml, train_summary.json and
-    loss.png to --out, and resumable checkpoints (each with its card) to --out/checkpoints. SIGTERM or Ctrl-C saves
+    loss.png (and dpo.png: reward accuracy and margin) to --out, and resumable checkpoints (each with its card) to --out/checkpoints. SIGTERM or Ctrl-C saves
     a checkpoint at the end of the current step and exits 1; the same command with --resume continues from it.
     --report-to tensorboard writes its event files to --out/runs (tensorboard --logdir runs/tiny/runs).
     """

@@ -20,6 +20,12 @@ from oasst_tools.conversation import ASSISTANT, HUMAN
 from oasst_tools.errors import OasstError
 
 
+# trl 1.16's DPO losses (DPOConfig.loss_type; trl keeps no list of them, tests/train/test_dpo.py compares this one
+# with its documentation). exo_pair is left out: it needs label_smoothing > 0, which no flag sets.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+                  "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses.field's vocabulary
     """A dataclass field whose help text is also its command-line flag's help."""
     if isinstance(default, (list, tuple)):
@@ -33,12 +39,22 @@ class TrainConfig:
 
     # What goes in and out (the loading options are defined once, in oasst_model.spec.OPTIONS)
     model: str = option_field("model")
-    data: str = _f("", "Dataset: an `oasst build` folder (train.jsonl, test.jsonl), a datasets folder or hub id "
-                       "with a `text` or `messages` column.")
+    data: str = _f("", "Dataset: an `oasst build` folder (train.jsonl, test.jsonl; built --pairs for method dpo), a "
+                       "datasets folder or hub id with a `text` or `messages` column.")
     out: str = _f("", "Output folder: the adapter, tokenizer, train_summary.json, loss.png, checkpoints/.")
     trust_remote_code: bool = option_field("trust_remote_code")
     attn_implementation: str = option_field("attn_implementation")
     fused_attention: bool = option_field("fused_attention")
+
+    # Method: supervised fine-tuning on conversations, or DPO on preference pairs (oasst_train.dpo)
+    method: Literal["sft", "dpo"] = _f("sft", "sft: learn the replies of conversation rows; dpo: prefer the chosen "
+                                              "reply of each preference pair (an `oasst build --pairs` folder) over "
+                                              "the rejected one.")
+    beta: float = _f(0.1, "DPO: how far the adapter may move from the reference model (higher: less far).")
+    loss_type: Literal[DPO_LOSS_TYPES] = _f(  # type: ignore[valid-type]
+        "sigmoid", "DPO loss as trl 1.16 names it (sigmoid: the DPO paper's).")
+    init_adapter: str = _f("", "DPO: start from this SFT adapter folder (trained on, and a frozen copy of it is the "
+                               "reference); empty: a fresh adapter, with the base model as the reference.")
 
     # 4-bit quantization (QLoRA)
     load_in_4bit: bool = option_field("load_in_4bit")
@@ -65,8 +81,9 @@ class TrainConfig:
     eval_rows: int = _f(0, "Evaluate on at most this many test rows (0: all).")
 
     # Optimization
-    batch_size: int = _f(4, "Examples per device per forward pass.")
-    grad_accum: int = _f(4, "Forward passes per optimizer step.")
+    batch_size: int | Literal["auto"] = _f(AUTO, "Examples per device per forward pass; auto: 4 on GPU, 16 on CPU "
+                                                 "(one pass per step: no accelerator memory to save).")
+    grad_accum: int | Literal["auto"] = _f(AUTO, "Forward passes per optimizer step; auto: 4 on GPU, 1 on CPU.")
     learning_rate: float = _f(2e-4, "Peak learning rate.")
     lr_scheduler: str = _f("constant", "Learning-rate schedule: constant, cosine, linear, constant_with_warmup.")
     warmup_steps: int = _f(0, "Linear warm-up steps.")
@@ -105,7 +122,11 @@ class TrainConfig:
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
 REQUIRED = ("model", "data", "out")
 # Fields whose default, `auto`, is decided by the device once the run starts (resolve_auto).
-AUTO_FIELDS = ("precision", "compute_dtype", "gradient_checkpointing")
+AUTO_FIELDS = ("precision", "compute_dtype", "gradient_checkpointing", "batch_size", "grad_accum")
+# (GPU, CPU) values of the batch shape left to the device: 16 rows per optimizer step on both. A CPU has no
+# accelerator memory to save, and each extra forward pass there costs its fixed work again (measured: 5 no-recipe
+# steps of stories260K 5.5 s in 4 passes of 4 rows, 4.8 s in one of 16; bench/train_device_defaults.py).
+AUTO_BATCH = {"batch_size": (4, 16), "grad_accum": (4, 1)}
 PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -150,6 +171,8 @@ def coerce(name: str, value: Any, origin: str) -> Any:
                 raise ValueError
             return tuple(item.strip() for item in items if item.strip())
         if kind is int:
+            if name in AUTO_FIELDS and value == AUTO:
+                return value
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
@@ -179,7 +202,19 @@ def resolve_config(config_file: Path | None, overrides: dict[str, Any],
             values[name] = coerce(name, value, origins[name])
     cfg = replace(TrainConfig(), **values)
     validate(cfg, origins, required)
+    warn_ignored(cfg, origins)
     return cfg
+
+
+def warn_ignored(cfg: TrainConfig, origins: dict[str, str]) -> None:
+    """One warning line per setting given (in the recipe or as a flag) that the chosen method does not use."""
+    unused = ("beta", "loss_type") if cfg.method == "sft" else ("loss_on",)
+    for name in unused:
+        if name in origins:
+            import click
+
+            why = "DPO scores the replies of each pair only" if name == "loss_on" else "it is a DPO setting"
+            click.echo(f"warning: {origins[name]}: {name} is ignored with method {cfg.method} ({why})", err=True)
 
 
 def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: tuple[str, ...] = REQUIRED) -> None:
@@ -199,7 +234,7 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: 
             raise fail(f.name, f"{f.name} must be a finite number, not {value}")
     positive = ("lora_r", "lora_alpha", "max_length", "batch_size", "grad_accum", "save_steps", "logging_steps")
     for name in positive:
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) != AUTO and getattr(cfg, name) < 1:
             raise fail(name, f"{name} must be at least 1, not {getattr(cfg, name)}")
     for name in ("eval_steps", "eval_rows", "warmup_steps", "pad_to_multiple_of", "save_total_limit",
                  "weight_decay", "max_grad_norm"):
@@ -213,7 +248,19 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: 
         raise fail("lora_dropout", f"lora_dropout must be in [0, 1), not {cfg.lora_dropout}")
     if cfg.learning_rate <= 0:
         raise fail("learning_rate", f"learning_rate must be positive, not {cfg.learning_rate}")
-    for name in ("model", "data", "out"):
+    if cfg.beta <= 0:
+        raise fail("beta", f"beta must be positive, not {cfg.beta}")
+    if cfg.method == "sft" and cfg.init_adapter:
+        raise fail("init_adapter", "init_adapter is for method dpo (the SFT adapter DPO starts from); with method "
+                                   "sft, leave it empty")
+    if cfg.method == "dpo" and cfg.packing:
+        raise fail("packing", "packing does not apply to method dpo (each pair is scored as its own two rows); "
+                              "set packing false")
+    if cfg.method == "dpo" and cfg.group_by_length:
+        # transformers' length-grouped sampler reads an input_ids column; trl's pair rows have prompt_ids etc.
+        raise fail("group_by_length", "group_by_length does not apply to method dpo (its sampler needs "
+                                      "conversation rows); set group_by_length false")
+    for name in ("model", "data", "out", "init_adapter"):
         if "\0" in getattr(cfg, name):
             raise fail(name, f"{name} {getattr(cfg, name)!r} contains a NUL character")
     if cfg.precision == "fp16" and cfg.compute_dtype == "bfloat16":  # `auto` ones are checked once resolved
@@ -252,7 +299,14 @@ def resolve_auto(cfg: TrainConfig, profile: DeviceProfile,
     if checkpointing == AUTO:
         checkpointing = profile.kind != "cpu"
         origin["gradient_checkpointing"] = f"auto ({profile.kind})"
-    resolved = replace(cfg, precision=precision, compute_dtype=compute, gradient_checkpointing=checkpointing)
+    shape: dict[str, int] = {}
+    for name, (gpu, cpu) in AUTO_BATCH.items():
+        shape[name] = values.get(name, getattr(cfg, name))
+        if shape[name] == AUTO:
+            shape[name] = cpu if profile.kind == "cpu" else gpu
+            origin[name] = f"auto ({profile.kind})"
+    resolved = replace(cfg, precision=precision, compute_dtype=compute, gradient_checkpointing=checkpointing,
+                       **shape)
     choice: dict[str, Any] = {"device": profile.words(), "bf16_supported": profile.bf16}
     for name in AUTO_FIELDS:
         choice[name] = {"value": getattr(resolved, name), "from": origin[name]}
@@ -291,6 +345,8 @@ def field_type(name: str) -> type:
         return tuple
     if origin in (typing.Union, types.UnionType) and bool in typing.get_args(hint):
         return bool  # `bool | Literal["auto"]`: a switch that may be left to the device
+    if origin in (typing.Union, types.UnionType) and int in typing.get_args(hint):
+        return int  # `int | Literal["auto"]`: a number that may be left to the device
     if origin is Literal or origin in (typing.Union, types.UnionType):
         return str
     return hint

@@ -13,7 +13,7 @@ counted, never trained on nothing (trl would drop it silently).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,12 @@ from oasst_tools.conversation import Encoded, Format, check_messages, encode, en
 from oasst_tools.conversation import guanaco_prompt  # noqa: F401 - merge.py's check prompt imports it from here
 from oasst_tools.conversation import kind as _kind
 from oasst_tools.errors import OasstError, OasstInputError
+
+
+# The columns of a preference-pair row (`oasst build --pairs`, trl's preference format): method dpo reads them.
+PAIR_COLUMNS = frozenset({"prompt", "chosen", "rejected"})
+PAIRS_NOT_FOR_SFT = ("holds preference pairs (prompt, chosen, rejected), as `oasst build --pairs` writes them: train "
+                     "them with --method dpo, or build conversations (without --pairs) for --method sft")
 
 
 @dataclass(frozen=True)
@@ -164,11 +170,11 @@ def _example(row: dict[str, Any], where: str) -> Example:
     return Example(text, turns, where)
 
 
-def _read_jsonl(path: Path) -> list[Example]:
-    """Rows of an `oasst build` JSONL split; every row is checked here, so a bad one is named with its line."""
+def jsonl_rows(path: Path, columns: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) of every non-empty line of a JSONL split; a line that is not a JSON object is an error
+    naming its line and the `columns` a row should have."""
     from oasst_tools.files import decode_utf8, read_bytes
 
-    examples = []
     # One read: the files are a few MB, and bytes let a bad byte be reported with its line.
     for n, raw in enumerate(read_bytes(path, "data file").split(b"\n"), 1):
         if not raw.strip():
@@ -183,8 +189,17 @@ def _read_jsonl(path: Path) -> list[Example]:
         except RecursionError:
             raise OasstInputError(path, n, "JSON nested too deeply") from None
         if not isinstance(row, dict):
-            raise OasstInputError(path, n, f"a row must be a JSON object with `text` or `messages`, not {_kind(row)}")
+            raise OasstInputError(path, n, f"a row must be a JSON object with {columns}, not {_kind(row)}")
+        yield n, row
+
+
+def _read_jsonl(path: Path) -> list[Example]:
+    """Rows of an `oasst build` JSONL split; every row is checked here, so a bad one is named with its line."""
+    examples = []
+    for n, row in jsonl_rows(path, "`text` or `messages`"):
         if "text" not in row and "messages" not in row:
+            if PAIR_COLUMNS <= row.keys():
+                raise OasstError(f"{path} {PAIRS_NOT_FOR_SFT}")
             raise OasstInputError(path, n, f"row has no `text` or `messages` column (it has: {', '.join(row)})")
         try:
             examples.append(_example(row, f"{path}:{n}"))
@@ -239,6 +254,8 @@ def _read_datasets(data: str) -> dict[str, list[Example]]:
             continue
         table = loaded[name]
         columns = [c for c in ("text", "messages") if c in table.column_names]
+        if not columns and PAIR_COLUMNS <= set(table.column_names):
+            raise OasstError(f"dataset {data} {PAIRS_NOT_FOR_SFT}")
         if not columns:
             raise OasstError(f"dataset {data} has no `text` or `messages` column (columns: "
                              f"{', '.join(table.column_names)})")

@@ -49,19 +49,24 @@ def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
 
 def save_outputs(trainer: Any, tokenizer: Any, cfg: TrainConfig, targets: list[str], summary: dict[str, Any],
                  out: Path) -> None:
-    """Adapter, tokenizer, model card, config, loss.png and summary, written to a temp folder and renamed into
-    `out`."""
+    """Adapter, tokenizer, model card, config, loss.png (and dpo.png) and summary, written to a temp folder and
+    renamed into `out`."""
     from oasst_train.report import plot_losses
 
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        trainer.model.save_pretrained(tmp)
+        # Only the trained adapter: DPO from an --init-adapter also holds trl's frozen reference copy, `ref`.
+        trainer.model.save_pretrained(tmp, selected_adapters=["default"])
         tokenizer.save_pretrained(tmp)
         write_config(cfg, tmp / CONFIG_NAME, targets)
         _write_card(tmp, summary, cfg, targets, cfg.out)  # in place of peft's empty template
         plot_losses(trainer.state.log_history, tmp / "loss.png")
+        if cfg.method == "dpo":
+            from oasst_train.dpo import plot
+
+            plot(trainer.state.log_history, tmp / "dpo.png")
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         # The summary goes last: its presence says every other file of the run is in place.
         names = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == SUMMARY_NAME)
@@ -83,7 +88,11 @@ def checkpoint_writer(cfg: TrainConfig, targets: list[str],
     def write(folder: Path, state: Any) -> None:
         write_config(cfg, folder / CONFIG_NAME, targets)
         summary = progress_summary(state.log_history, state.global_step, state.num_input_tokens_seen)
-        summary.update(format=cfg.format, data=data_report)
+        summary.update(format=cfg.format, data=data_report, method=cfg.method)
+        if cfg.method == "dpo":
+            from oasst_train.dpo import figures
+
+            summary.update(figures(state.log_history))
         _write_card(folder, summary, cfg, targets, str(Path(cfg.out) / CHECKPOINTS / folder.name))
 
     return write

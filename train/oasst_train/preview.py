@@ -104,6 +104,10 @@ def dry_run(cfg: TrainConfig, console: Any) -> dict[str, Any]:
     from oasst_train.data import read_rows
     from oasst_train.trainer import build_data
 
+    if cfg.method == "dpo":
+        from oasst_train.dpo import dry_run as dry_run_pairs
+
+        return dry_run_pairs(cfg, console)
     check_source(cfg.model)
     rows = read_rows(cfg.data, cfg.eval_rows)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)

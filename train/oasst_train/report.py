@@ -132,6 +132,11 @@ def summary_table(summary: dict[str, Any], title: str) -> Any:
                                      f"{num(summary['train_loss_last'], '.4f')}"),
         ("eval loss first -> last", f"{num(summary['eval_loss_first'], '.4f')} -> "
                                     f"{num(summary['eval_loss'], '.4f')}"),
+        *([("reward accuracy first -> last", f"{num(summary.get('reward_accuracy_first'), '.3f')} -> "
+                                             f"{num(summary.get('reward_accuracy_last'), '.3f')}"),
+           ("reward margin first -> last", f"{num(summary.get('reward_margin_first'), '.4f')} -> "
+                                           f"{num(summary.get('reward_margin_last'), '.4f')}")]
+          if summary.get("method") == "dpo" else []),
         ("real tokens/s", num(summary["real_tokens_per_second"], ",.0f")),
         ("tokens seen", num(summary["tokens_seen"], ",d")),
         ("4-bit layers", num(summary["linear4bit_layers"], ",d")),
@@ -142,3 +147,25 @@ def summary_table(summary: dict[str, Any], title: str) -> Any:
     for what, value in rows:
         table.add_row(what, escape(value))  # the device name comes from the system, the title from the user
     return table
+
+
+def replica_checksums(model: Any) -> list[str]:
+    """A digest of the trainable weights from every process, rank order: data-parallel replicas must agree.
+
+    A collective under torch.distributed: every rank calls it (run_training does, before rank 0 writes).
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    mine = digest.hexdigest()[:16]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, mine)
+        return [str(g) for g in gathered]
+    return [mine]

@@ -1,5 +1,5 @@
 """`oasst train`: checks -> build_data (tokenizer only) -> prepare_model -> build_trainer -> train -> summarize ->
-save (trl SFT; what is written, and where: oasst_train.outputs).
+save (trl SFT, or DPO on preference pairs: oasst_train.dpo; what is written, and where: oasst_train.outputs).
 
     summary = run_training(resolve_config(Path("train/recipes/tiny-cpu.yaml"), {}), resume=False)
 
@@ -10,7 +10,6 @@ Multi-GPU and multi-node through accelerate, nothing home-made:
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import time
 from collections.abc import Callable
@@ -101,12 +100,15 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     once the cheap checks passed, with the lines that say what the device and the tokenizer decided (the CLI prints
     the resolved config then, so that a bad input is the only line of output); the data report goes to `console`."""
     from oasst_model.load import check_source
+    from oasst_train import dpo
     from oasst_train.data import read_rows
 
     # Cheap checks first: a typo should not cost the ten seconds of importing torch and transformers.
+    is_dpo = cfg.method == "dpo"
+    cfg, reference_line = dpo.adopt_init_adapter(cfg)  # before check_out: a --resume compares the adopted values
     checkpoint = check_out(cfg, resume)
     check_source(cfg.model)
-    rows = read_rows(cfg.data, cfg.eval_rows)
+    rows = dpo.read_pairs(cfg.data, cfg.eval_rows) if is_dpo else read_rows(cfg.data, cfg.eval_rows)
     out = Path(cfg.out)
     cfg, device_choice = resolve_device_defaults(cfg, resuming=checkpoint is not None)
 
@@ -121,20 +123,22 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     cfg, format_line = run_format(cfg, tokenizer, saved_config(out) if checkpoint is not None else None)
     if announce is not None:
-        announce(cfg, [line for line in (device_line(device_choice), format_line) if line])
-    data = build_data(cfg, tokenizer, rows)
+        announce(cfg, [line for line in (device_line(device_choice), format_line, reference_line) if line])
+    data = dpo.build_pairs(cfg, tokenizer, rows) if is_dpo else build_data(cfg, tokenizer, rows)
     if console is not None:
-        for line in report_lines(data.report):
+        for line in dpo.report_lines(data.report) if is_dpo else report_lines(data.report):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
     prepared = prepare_model(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    built = build_trainer(cfg, prepared, data, fresh=checkpoint is None)
+    built = (dpo.build_trainer if is_dpo else build_trainer)(cfg, prepared, data, fresh=checkpoint is None)
     write_config(cfg, out / CONFIG_NAME, built.targets)
     built.trainer.add_callback(WriteOnSave(checkpoint_writer(cfg, built.targets, data.report)))
     bar = ProgressCallback(console=console, enabled=progress)
     train(cfg, built, bar, checkpoint, has_eval=data.eval is not None)
     summary = summarize(cfg, prepared, built, bar, checkpoint)
-    summary.update(device_defaults=device_choice, format=cfg.format, data=data.report)
+    summary.update(device_defaults=device_choice, format=cfg.format, data=data.report, method=cfg.method)
+    if is_dpo:
+        summary.update(dpo.figures(built.trainer.state.log_history))
     if built.trainer.is_world_process_zero():
         save_outputs(built.trainer, prepared.tokenizer, cfg, built.targets, summary, out)
     return summary
@@ -245,7 +249,7 @@ def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, 
 def summarize(cfg: TrainConfig, prepared: Prepared, built: Built, bar: Any, checkpoint: Path | None) -> dict:
     """What `train_summary.json` records: steps, losses, tokens/s, memory, 4-bit layers, the patches that ran."""
     from oasst_model import patches
-    from oasst_train.report import device_name, peak_memory_bytes, versions
+    from oasst_train.report import device_name, peak_memory_bytes, replica_checksums, versions
 
     trainer = built.trainer
     summary = _summary(cfg, trainer, bar, prepared.linear4bit, prepared.load_seconds, checkpoint)
@@ -259,52 +263,34 @@ def summarize(cfg: TrainConfig, prepared: Prepared, built: Built, bar: Any, chec
     return summary
 
 
-def replica_checksums(model: Any) -> list[str]:
-    """A digest of the trainable weights from every process, rank order: data-parallel replicas must agree.
-
-    A collective under torch.distributed: every rank calls it (run_training does, before rank 0 writes).
-    """
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().numpy().tobytes())
-    mine = digest.hexdigest()[:16]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, mine)
-        return [str(g) for g in gathered]
-    return [mine]
-
-
 def _build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, train_set: Any, eval_set: Any,
                    targets: list[str], fresh: bool = True) -> Any:
-    """An SFTTrainer over pre-tokenized rows with a LoRA adapter on `targets`.
-
-    A fresh run evaluates once before its first step (the baseline the final eval loss is compared with) through
-    `eval_on_start`, inside train(): an evaluate() before train() marks the model as prepared for inference and
-    accelerate then skips the DistributedDataParallel wrap, so every rank trained its own replica (caught by the
-    replica checksums of tests/train/test_distributed.py). The entry lands in the checkpointed log history, so a
-    --resume keeps it.
-    """
-    from peft import LoraConfig
-    from transformers import PrinterCallback
+    """An SFTTrainer over pre-tokenized rows with a LoRA adapter on `targets`."""
     from trl import SFTConfig, SFTTrainer
 
-    eval_steps = cfg.eval_steps or None
-    try:
-        args = _sft_config(SFTConfig, cfg, eval_set, eval_steps, fresh)
-    except ValueError as exc:  # an optimizer or schedule name transformers does not know
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OasstError(f"the training settings were refused: {detail[:400]}") from None
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    from oasst_train.arguments import trainer_config
+
+    args = trainer_config(SFTConfig, cfg, has_eval=eval_set is not None, fresh=fresh, max_length=cfg.max_length,
+                          packing=cfg.packing, packing_strategy="bfd")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                         processing_class=tokenizer, peft_config=lora)
+                         processing_class=tokenizer, peft_config=lora_config(cfg, targets))
+    finish_trainer(trainer, cfg)
+    return trainer
+
+
+def lora_config(cfg: TrainConfig, targets: list[str]) -> Any:
+    """The peft LoraConfig of a fresh adapter on `targets`."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+def finish_trainer(trainer: Any, cfg: TrainConfig) -> None:
+    """What every trl trainer of a run needs once built: no log printer, no trl card, LoRA weights in fp32 unless
+    the run is bf16."""
+    from transformers import PrinterCallback
+
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress bar shows the loss
     # trl 1.16 writes a card saying "fine-tuned version of [None]" into checkpoints/ at every save; each checkpoint
     # gets the run's own card instead (WriteOnSave).
@@ -316,73 +302,6 @@ def _build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, train_set: Any,
         for param in trainer.model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-    return trainer
-
-
-def _sft_config(SFTConfig: type, cfg: TrainConfig, eval_set: Any, eval_steps: int | None,  # noqa: N803
-                fresh: bool) -> Any:
-    """The SFTConfig of a run (its own function so that a name transformers refuses becomes one error line)."""
-    import torch
-
-    return SFTConfig(
-        output_dir=str(Path(cfg.out) / CHECKPOINTS),
-        max_steps=cfg.max_steps,
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        optim=cfg.optim,
-        bf16=cfg.precision == "bf16",
-        fp16=cfg.precision == "fp16",
-        pad_to_multiple_of=cfg.pad_to_multiple_of or None,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        max_length=cfg.max_length,
-        packing=cfg.packing,
-        packing_strategy="bfd",
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit or None,
-        eval_strategy="steps" if eval_set is not None and eval_steps else "no",
-        eval_on_start=eval_set is not None and fresh,
-        eval_steps=eval_steps,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True,
-        ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
-        activation_offloading=cfg.activation_offloading,
-        **_sampler_args(SFTConfig, cfg.group_by_length),
-        **_checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
-    )
-
-
-def _sampler_args(config_class: type, group_by_length: bool) -> dict[str, Any]:
-    """The length-grouped sampler under its current name (`train_sampling_strategy` replaced `group_by_length`)."""
-    if not group_by_length:
-        return {}
-    names = {f.name for f in dataclasses.fields(config_class)}
-    if "train_sampling_strategy" in names:
-        return {"train_sampling_strategy": "group_by_length"}
-    return {"group_by_length": True}
-
-
-def _checkpointing_args(config_class: type, enabled: bool) -> dict[str, Any]:
-    """Activation checkpointing under its current name (5.24 renamed `gradient_checkpointing`, which it mirrors)."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    args: dict[str, Any] = {prefix: enabled}
-    if enabled:
-        args[f"{prefix}_kwargs"] = {"use_reentrant": False}
-    return args
 
 
 def _summary(cfg: TrainConfig, trainer: Any, bar: Any, linear4bit: int, load_seconds: float,
