@@ -238,3 +238,30 @@ def protobuf_fields(data: bytes) -> list[tuple[int, Any]]:
             raise ValueError(f"protobuf wire type {wire_type} (a group) does not occur in a sentencepiece model")
         fields.append((key >> 3, value))
     return fields
+
+
+def kill_at_first_checkpoint(out: Path, args: list[Any] | tuple[Any, ...]) -> int:
+    """Run `oasst ARGS` (which trains into `out`) in its own process and kill -9 it as soon as it has written a
+    complete checkpoint; returns that checkpoint's step. The run must not have finished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from oasst_train.checkpoints import last_complete_checkpoint
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "oasst_tools", *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while last_complete_checkpoint(out) is None:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (out / "train_summary.json").exists()
+    return int(last_complete_checkpoint(out).name.split("-")[1])

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from oasst_train.checkpoints import last_complete_checkpoint
-from tests.train.conftest import GUANACO, RECIPES, REPO, STORIES, error_line, invoke, read_summary
+from tests.train.conftest import (GUANACO, RECIPES, REPO, STORIES, error_line, invoke, kill_at_first_checkpoint,
+                                  read_summary)
 
 TREES = REPO / "fixtures" / "oasst1" / "en-20.trees.jsonl.gz"
 RECIPE = RECIPES / "tiny-cpu-dpo.yaml"
@@ -338,21 +334,7 @@ def test_dpo_from_sft_kill_9_then_resume_reaches_the_same_losses_as_an_uninterru
             if "loss" in e}
 
     killed = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "oasst_tools", *_resume_args(killed, stories_run, pairs)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while last_complete_checkpoint(killed) is None:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no checkpoint within 180 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert not (killed / "train_summary.json").exists()
-    stopped_at = int(last_complete_checkpoint(killed).name.split("-")[1])
+    stopped_at = kill_at_first_checkpoint(killed, _resume_args(killed, stories_run, pairs))
     assert stopped_at < 12
 
     result = oasst(*_resume_args(killed, stories_run, pairs), "--resume")

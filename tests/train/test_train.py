@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +11,8 @@ import pytest
 import yaml
 
 from oasst_train.checkpoints import last_complete_checkpoint
-from tests.train.conftest import GUANACO, RECIPES, REPO, STORIES_STEPS, error_line, read_summary
+from tests.train.conftest import (GUANACO, RECIPES, STORIES_STEPS, error_line, kill_at_first_checkpoint,
+                                  read_summary)
 
 SUMMARY_KEYS = {"global_step", "train_loss_first", "train_loss_last", "eval_loss", "linear4bit_layers",
                 "trainable_parameters", "real_tokens_per_second", "peak_memory_bytes", "versions"}
@@ -191,21 +187,7 @@ def test_kill_9_then_resume_reaches_the_same_losses_as_an_uninterrupted_run(oass
     want = {e["step"]: e["loss"] for e in read_summary(straight)["log_history"] if "loss" in e}
 
     killed = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "oasst_tools", *_train_args(killed, stories)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while last_complete_checkpoint(killed) is None:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no checkpoint within 180 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert not (killed / "train_summary.json").exists()
-    stopped_at = int(last_complete_checkpoint(killed).name.split("-")[1])
+    stopped_at = kill_at_first_checkpoint(killed, _train_args(killed, stories))
     assert stopped_at < 30
 
     result = oasst(*_train_args(killed, stories), "--resume")
