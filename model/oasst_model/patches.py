@@ -76,6 +76,15 @@ def _import(module: str) -> Any:
         return None
 
 
+def _module_with(name: str, attrs: Iterable[str]) -> tuple[Any, str | None]:
+    """(module `name`, None) when it imports and has `attrs`; else (None, what is wrong), as the checks word it."""
+    module = _import(name)
+    if module is None:
+        return None, f"{name} does not import"
+    missing = missing_attrs(module, attrs)
+    return (None, describe_missing((name, missing))) if missing else (module, None)
+
+
 def describe_missing(*parts: tuple[str, list[str]]) -> str | None:
     """One phrase from (what, missing names) pairs, or None when nothing is missing."""
     found = [f"{what} lacks {', '.join(names)}" for what, names in parts if names]
@@ -92,12 +101,9 @@ FALCON_CONFIG_ATTRS = ("multi_query", "new_decoder_architecture", "alibi", "atte
 
 
 def _check_falcon_attention() -> str | None:
-    falcon = _import(FALCON)
-    if falcon is None:
-        return f"{FALCON} does not import"
-    missing = missing_attrs(falcon, ("FalconAttention", "FalconModel", "apply_rotary_pos_emb"))
-    if missing:
-        return describe_missing((FALCON, missing))
+    falcon, problem = _module_with(FALCON, ("FalconAttention", "FalconModel", "apply_rotary_pos_emb"))
+    if problem:
+        return problem
     return describe_missing(
         ("FalconAttention.forward", missing_params(falcon.FalconAttention.forward, FALCON_ATTENTION_PARAMS)),
         ("FalconModel.forward", missing_params(falcon.FalconModel.forward, ("attention_mask", "position_ids"))),
@@ -228,12 +234,9 @@ def check_hflm_instance(lm: Any) -> str | None:
 
 
 def _check_lm_eval_templates() -> str | None:
-    utils = _import("lm_eval.utils")
-    if utils is None:
-        return "lm_eval.utils does not import"
-    missing = missing_attrs(utils, ("apply_template", "env"))
-    if missing:
-        return describe_missing(("lm_eval.utils", missing))
+    utils, problem = _module_with("lm_eval.utils", ("apply_template", "env"))
+    if problem:
+        return problem
     return describe_missing(("lm_eval.utils.apply_template", missing_params(utils.apply_template, ("template", "doc"))),
                      ("lm_eval.utils.env", missing_attrs(utils.env, ("from_string",))))
 
@@ -246,12 +249,9 @@ def _check_lm_eval_hellaswag() -> str | None:
 
 
 def _check_lm_eval_request_bars() -> str | None:
-    task = _import("lm_eval.api.task")
-    if task is None:
-        return "lm_eval.api.task does not import"
-    missing = missing_attrs(task, ("tqdm", "Task"))
-    if missing:
-        return describe_missing(("lm_eval.api.task", missing))
+    task, problem = _module_with("lm_eval.api.task", ("tqdm", "Task"))
+    if problem:
+        return problem
     # The replacement yields the documents it is handed: the loop must iterate what tqdm wraps, nothing more.
     if "in tqdm(" not in _source(getattr(task.Task, "build_all_requests", None)):
         return "Task.build_all_requests no longer loops over tqdm(...)"
