@@ -207,17 +207,26 @@ def _format_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                              "chat-template when the tokenizer has one.")(fn)
 
 
+def _sampling_options(*, stop: str, temperature: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--max-new-tokens, --temperature and --seed of generate and chat (`stop`: the first one's help)."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")(fn)
+        fn = click.option("--temperature", type=click.FloatRange(min=0), default=temperature, show_default=True,
+                          help="Sampling temperature; 0: greedy decoding.")(fn)
+        return click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+                            help=stop)(fn)
+
+    return decorate
+
+
 @click.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="The human turn; wrapped as `### Human: PROMPT### Assistant:` in the "
                                               "Guanaco format, by the chat template otherwise.")
 @_format_option
 @load_options(inference=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Stop after this many new tokens.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Sampling temperature; 0: greedy decoding.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
+@_sampling_options(stop="Stop after this many new tokens.", temperature=0.0)
 @verbose_option
 def generate(adapter: Path, prompt: str, format_: str | None, max_new_tokens: int, temperature: float, seed: int,
              verbose: bool, **flags: Any) -> None:
@@ -241,11 +250,7 @@ def generate(adapter: Path, prompt: str, format_: str | None, max_new_tokens: in
 @click.argument("adapter", type=click.Path(path_type=Path))
 @_format_option
 @load_options(inference=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Stop each reply after this many new tokens.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True,
-              help="Sampling temperature; 0: greedy decoding.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
+@_sampling_options(stop="Stop each reply after this many new tokens.", temperature=0.7)
 @verbose_option
 def chat(adapter: Path, format_: str | None, max_new_tokens: int, temperature: float, seed: int, verbose: bool,
          **flags: Any) -> None:
