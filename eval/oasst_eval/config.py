@@ -61,6 +61,8 @@ class EvalConfig:
     max_batch_size: int | None = _f(None, "Upper bound on rows per batch with auto.", "none: the token budget decides")
     max_batch_tokens: int = _f(16384, "Upper bound of the auto token budget (rows x padded length per batch).",
                                "16384")
+    shared_context: bool = _f(True, "Score the choices of one context (a multiple-choice item) from one packed row "
+                                    "that runs the context once; same log-likelihoods, fewer tokens.", "on")
     merge_adapter: bool = _f(True, "Merge a 16/32-bit adapter into the weights before scoring (no cost per token); "
                                    "fold it in per forward on 4-bit. Off: peft's forward.", "on")
 
@@ -132,7 +134,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 # Settings that are whole numbers, and their smallest allowed value; None is allowed where the default is None.
 INTEGERS = {"num_fewshot": 0, "limit": 1, "max_batch_size": 1, "max_batch_tokens": 1}
-BOOLEANS = ("compare_base", "merge_adapter")
+BOOLEANS = ("compare_base", "merge_adapter", "shared_context")
 TEXTS = ("adapter", "data_dir", "data", "device", "out", "batch_size", "format")
 
 

@@ -8,7 +8,10 @@
   results are read, so the GPU does not idle while Python does the bookkeeping;
 - `batch_size="auto"` means a token budget per batch measured from GPU memory, not lm-eval's row-count search
   (capped at 64 rows and sized for full-vocabulary logits this class never builds);
-- the (context, continuation) pairs are tokenized in one batched call, each distinct string once.
+- the (context, continuation) pairs are tokenized in one batched call, each distinct string once;
+- with `shared_context` (the default), the requests of one context (a multiple-choice item's choices) are scored
+  from one packed row with a block mask: the context runs once (oasst_eval.shared). Checked on the first batch
+  against the unshared path; a model whose attention does not honour the mask falls back with one warning.
 
 Everything that decides a score is lm-eval's: its `Collator` order and context grouping, its truncation, its
 right padding with id 0, `log_softmax(dtype=softmax_dtype)` then `argmax` for the greedy check, the leading
@@ -31,6 +34,8 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import Collator, _add_special_kwargs, has_bos_prefix
 from tqdm import tqdm
+
+from oasst_eval import shared
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +60,24 @@ class _Batch:
     greedy_rows: torch.Tensor  # gathered row index of every greedy check
     logprobs: torch.Tensor | None = None  # filled once the model ran
     greedy_ok: torch.Tensor | None = None
+    indices: list[int] | None = None  # shared path: the request index of each answer
 
 
 class FastHFLM(HFLM):
     """`HFLM` whose loglikelihood computes logits only where lm-eval reads them (decoder-only models)."""
 
     def __init__(self, *args: Any, max_batch_tokens: int = MAX_BATCH_TOKENS, max_rows: int | None = None,
-                 **kwargs: Any) -> None:
-        """As `HFLM`; with `batch_size="auto"`, batches hold at most `max_batch_tokens` tokens and `max_rows` rows."""
+                 shared_context: bool = True, **kwargs: Any) -> None:
+        """As `HFLM`; with `batch_size="auto"`, batches hold at most `max_batch_tokens` tokens and `max_rows` rows;
+        `shared_context`: score the choices of one context from one packed row (oasst_eval.shared)."""
         super().__init__(*args, **kwargs)
         self.max_batch_tokens = max_batch_tokens
         self.max_rows = max_rows
+        self.shared_context = shared_context
+        # What the shared path did: requests scored shared, model tokens fed, and its first-batch check against
+        # the unshared path (requests compared, largest log-likelihood difference); eval_summary.json keeps it.
+        self.shared_stats: dict[str, Any] = {"requests": 0, "tokens": 0, "unshared_tokens": 0, "checked": 0,
+                                             "max_abs_diff": None}
         self.batch_tokens: int | None = None  # measured on the first auto-sized batch, then kept
         # Called with the number of lm-eval requests each batch answered, in place of the tqdm bar (set by
         # oasst_eval.progress, which draws one bar over every request of a model).
@@ -124,6 +136,27 @@ class FastHFLM(HFLM):
         """`HFLM._loglikelihood_tokens` for decoder-only models, logits only at the continuation positions."""
         if self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        max_length = self.max_length  # a property that re-reads the model config on every access
+        pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0 or self.answered is not None),
+                    desc="Running loglikelihood requests")
+        groups, rest = [], list(range(len(requests)))
+        if self.shared_context and self._mask_kind() is not None:
+            groups, rest = shared.plan(requests, max_length)
+        answers: list[tuple[float, bool] | None] = [None] * len(requests)
+        if groups:
+            for i, answer in self._score_shared(requests, groups, override_bs, pbar):
+                answers[i] = answer
+        if rest:
+            subset = [requests[i] for i in rest]
+            for i, answer in zip(rest, self._score_unshared(subset, override_bs, max_length, pbar), strict=True):
+                answers[i] = answer
+        pbar.close()
+        assert all(a is not None for a in answers)
+        return answers  # type: ignore[return-value]
+
+    def _score_unshared(self, requests: list[Request], override_bs: int | None, max_length: int,
+                        pbar: Any) -> list[tuple[float, bool]]:
+        """lm-eval's row per request (its order, grouping and truncation), logits only where they are read."""
 
         def sort_key(req: Request) -> tuple[int, tuple[int, ...]]:
             toks = req[1] + req[2]
@@ -132,9 +165,6 @@ class FastHFLM(HFLM):
         re_ord = Collator(requests, sort_fn=sort_key, group_by="contexts" if self.logits_cache else None,
                           group_fn=lambda req: req[-2] + req[-1][:-1])
         ordered = [req for chunk in re_ord.get_batched(n=0) for req in chunk]
-        max_length = self.max_length  # a property that re-reads the model config on every access
-        pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0 or self.answered is not None),
-                    desc="Running loglikelihood requests")
         res: list[tuple[float, bool]] = []
         pending: _Batch | None = None
         for chunk in self._chunks(ordered, override_bs, max_length):
@@ -145,7 +175,6 @@ class FastHFLM(HFLM):
             pending = batch
         if pending is not None:
             res.extend(self._finish(pending, pbar))
-        pbar.close()
         return re_ord.get_original(res)
 
     def _chunks(self, ordered: list[Request], override_bs: int | None, max_length: int) -> Iterator[list[Request]]:
@@ -198,7 +227,144 @@ class FastHFLM(HFLM):
         batch.greedy_ok = logp.argmax(dim=-1)[batch.greedy_rows] == batch.tokens
         return batch
 
-    def _head_logits(self, rows: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    # ---- shared contexts ----------------------------------------------------------------------------------
+
+    def _mask_kind(self) -> str | None:
+        """How the model takes a block mask ("bool" sdpa, "float" eager), or None: no sharing for this model (one
+        line in the patch report says why)."""
+        from oasst_model import patches
+
+        if not patches.applies("lm_eval_shared_context"):
+            return None
+        model = self.model
+        config = getattr(model, "config", None)
+        impl = getattr(config, "_attn_implementation", None)
+        kind = shared.MASK_KINDS.get(impl)
+        forward = getattr(model, "get_base_model", lambda: model)().forward
+        if kind is None:
+            why = f"attention implementation {impl} takes no block mask from the caller"
+        elif getattr(config, "alibi", False) or "alibi" in str(getattr(config, "position_embedding_type", "")):
+            why = "ALiBi builds its position bias from a 2-D padding mask"
+        elif missing := patches.missing_params(forward, ("attention_mask", "position_ids")):
+            why = f"{type(model).__name__}.forward takes no {', '.join(missing)}"
+        else:
+            return kind
+        patches.not_applicable("lm_eval_shared_context", why)
+        return None
+
+    def _score_shared(self, requests: list[Request], groups: list[shared.Group], override_bs: int | None,
+                      pbar: Any) -> Iterator[tuple[int, tuple[float, bool]]]:
+        """(request index, answer) for every request of `groups`, each group one packed row.
+
+        The first batch this instance scores is also scored unshared and compared: a model whose attention ignores or misreads the
+        block mask (a custom model, a changed transformers) gives other numbers there, and then every request
+        takes the unshared path, with one warning line.
+        """
+        from oasst_model import patches
+
+        if override_bs or self.batch_size != "auto":
+            budget, per_batch = None, override_bs or int(self.batch_size)
+        else:
+            budget, per_batch = self._batch_tokens(max(g.length for g in groups)), None
+        chunks = list(shared.batches(groups, budget, per_batch, self.max_rows))
+        pending: _Batch | None = None
+        for n, chunk in enumerate(chunks):
+            batch = self._run_shared(chunk, requests)
+            if n == 0 and not self.shared_stats["checked"]:
+                # Once per instance: the attention path does not change between tasks or with the adapter.
+                problem, reference = self._check_shared(batch, chunk, requests)
+                if problem is not None:
+                    patches.fallback("lm_eval_shared_context", problem, seen_at_run_time=True)
+                    self.shared_context = False
+                    yield from self._count(reference, pbar)
+                    rest = sorted(i for g in (x for c in chunks[1:] for x in c) for m in g.members for i in m)
+                    answers = self._score_unshared([requests[i] for i in rest], override_bs, self.max_length, pbar)
+                    yield from zip(rest, answers, strict=True)
+                    return
+                patches.activated("lm_eval_shared_context", once=True)
+            if pending is not None:
+                yield from zip(pending.indices or [], self._finish(pending, pbar), strict=True)
+            pending = batch
+        if pending is not None:
+            yield from zip(pending.indices or [], self._finish(pending, pbar), strict=True)
+
+    def _check_shared(self, batch: _Batch, chunk: list[shared.Group],
+                      requests: list[Request]) -> tuple[str | None, list[tuple[int, tuple[float, bool]]]]:
+        """(None, []) when the shared answers of `batch` equal the unshared ones up to rounding of the model's
+        dtype; else (what differs, the unshared answers). Reads `batch` back (it is finished again later)."""
+        import copy
+
+        assert batch.indices is not None
+        probe = copy.copy(batch)
+        answered, self.answered = self.answered, None
+        try:
+            quiet = tqdm(disable=True)
+            ours = self._finish(probe, quiet)
+            indices = sorted(batch.indices)
+            theirs = dict(zip(indices, self._score_unshared([requests[i] for i in indices], None,
+                                                            self.max_length, quiet), strict=True))
+        finally:
+            self.answered = answered
+        dtype = getattr(self.model, "dtype", torch.float32)
+        atol, rtol = (1e-3, 1e-4) if dtype in (torch.float32, torch.float64) else (0.05, 0.01)
+        worst, where = 0.0, None
+        for i, (value, _) in zip(batch.indices, ours, strict=True):
+            diff = abs(value - theirs[i][0])
+            if diff > worst:
+                worst = diff
+            if diff > atol + rtol * abs(theirs[i][0]) and where is None:
+                where = (i, value, theirs[i][0])
+        self.shared_stats["checked"] += len(ours)
+        self.shared_stats["max_abs_diff"] = max(worst, self.shared_stats["max_abs_diff"] or 0.0)
+        if where is None:
+            return None, []
+        i, value, expected = where
+        return (f"request {i}: shared log-likelihood {value:.4f}, unshared {expected:.4f}; the model's attention "
+                "does not honour a block mask"), list(theirs.items())
+
+    def _count(self, answers: list[tuple[int, tuple[float, bool]]],
+               pbar: Any) -> Iterator[tuple[int, tuple[float, bool]]]:
+        """`answers` as they are, counted on the progress bar (they were computed with it off)."""
+        pbar.update(len(answers))
+        if self.answered is not None:
+            self.answered(len(answers))
+        yield from answers
+
+    def _run_shared(self, chunk: list[shared.Group], requests: list[Request]) -> _Batch:
+        """Queue the packed rows of `chunk` on the device, as `_run` does for unshared rows."""
+        packed = shared.pack(chunk)
+        gather: list[int] = []
+        answers, greedy_starts, tokens, rows, indices = [], [], [], [], []
+        for group, spans in zip(chunk, packed.gather, strict=True):
+            for continuation, members, span in zip(group.continuations, group.members, spans, strict=True):
+                start = len(gather)
+                gather.extend(span)
+                for i in members:
+                    answers.append((requests[i][0], len(tokens), len(continuation)))
+                    greedy_starts.append(len(rows))
+                    tokens.extend(continuation)
+                    rows.extend(range(start, start + len(continuation)))
+                    indices.append(i)
+                    self.shared_stats["unshared_tokens"] += len(_input_tokens(requests[i], self.max_length))
+        self.shared_stats["requests"] += len(indices)
+        self.shared_stats["tokens"] += int((packed.segments >= 0).sum())
+        device = self.device
+        row_index = _to_device(torch.tensor(rows, dtype=torch.long), device)
+        batch = _Batch(answers=answers, greedy_starts=greedy_starts,
+                       tokens=_to_device(torch.tensor(tokens, dtype=torch.long), device),
+                       logprob_rows=row_index, greedy_rows=row_index, indices=indices)
+        segments = _to_device(packed.segments, device)
+        kind = shared.MASK_KINDS[self.model.config._attn_implementation]
+        dtype = self.mixed_precision_dtype or getattr(self.model, "dtype", torch.float32)
+        mask = shared.block_mask(segments, kind, dtype)
+        logits = self._head_logits(_to_device(packed.input_ids, device), _to_device(torch.tensor(gather), device),
+                                   attention_mask=mask, position_ids=_to_device(packed.position_ids, device))
+        logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+        batch.logprobs = logp[row_index, batch.tokens]
+        batch.greedy_ok = logp.argmax(dim=-1)[row_index] == batch.tokens
+        return batch
+
+    def _head_logits(self, rows: torch.Tensor, gather: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
         """Logits [len(gather), vocab] of the flat positions `gather`, the head applied to those positions only.
 
         A pre-hook on the output embedding picks the positions out of the final hidden states, so the model's own
@@ -214,7 +380,13 @@ class FastHFLM(HFLM):
 
         handle = head.register_forward_pre_hook(pick)
         try:
-            logits = self._model_call(rows)
+            if model_kwargs:
+                # HFLM._model_call's no_grad and autocast, with the mask and positions it cannot pass.
+                with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                     enabled=self.mixed_precision_dtype is not None):
+                    logits = self.model(input_ids=rows, **model_kwargs).logits
+            else:
+                logits = self._model_call(rows)
         finally:
             handle.remove()
         if len(shapes) != 1 or tuple(shapes[0][:2]) != tuple(rows.shape) or logits.shape[:2] != (1, len(gather)):

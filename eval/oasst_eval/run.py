@@ -213,6 +213,7 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print,
         "device": device,
         "batch_size_used": {run.label: run.results["config"].get("batch_sizes") or batch_size for run in runs},
         "batch_tokens": getattr(lm, "batch_tokens", None),
+        "shared_context_used": getattr(lm, "shared_stats", None),
         "adapter_merged": "folded per forward (weights stay 4-bit)" if fold else merge,
         "merge_seconds": merge_seconds,
         "data_used": {k: v for k, v in metadata.items() if k in ("data_dir", "data")},
@@ -239,7 +240,8 @@ def make_lm(model: Any, tokenizer: Any, batch_size: str | int, cfg: EvalConfig) 
     if patches.applies("lm_eval_fast_loglikelihood"):
         from oasst_eval.fastlm import FastHFLM
 
-        lm = FastHFLM(**common, max_rows=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens)
+        lm = FastHFLM(**common, max_rows=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens,
+                      shared_context=cfg.shared_context)
         problem = patches.check_hflm_instance(lm)  # attributes HFLM sets in __init__
         if problem is None:
             patches.activated("lm_eval_fast_loglikelihood")

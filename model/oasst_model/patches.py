@@ -233,6 +233,14 @@ def check_hflm_instance(lm: Any) -> str | None:
     return describe_missing(("HFLM instance", missing_attrs(lm, HFLM_INSTANCE_ATTRS)))
 
 
+def _check_shared_context() -> str | None:
+    masking, problem = _module_with("transformers.masking_utils", ("create_causal_mask",))
+    if problem:
+        return problem
+    return describe_missing(("create_causal_mask", missing_params(masking.create_causal_mask,
+                                                                  ("attention_mask", "position_ids"))))
+
+
 def _check_lm_eval_templates() -> str | None:
     utils, problem = _module_with("lm_eval.utils", ("apply_template", "env"))
     if problem:
@@ -336,6 +344,17 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         check=_check_lm_eval_loglikelihood,
     ),
     Patch(
+        name="lm_eval_shared_context",
+        library="transformers",
+        target="the model's forward with a caller's [batch, 1, query, key] attention mask and position ids "
+               "(transformers.masking_utils.create_causal_mask returns a 4-D mask as it is), under FastHFLM",
+        written_for="transformers 5.17, 5.24, 5.25 (sdpa and eager attention)",
+        why="a multiple-choice context runs once for all its choices (HellaSwag: half the model tokens)",
+        fallback="one row per request (FastHFLM's unshared path; also when the first batch's shared and unshared "
+                 "log-likelihoods differ)",
+        check=_check_shared_context,
+    ),
+    Patch(
         name="lm_eval_template_cache",
         library="lm-eval",
         target="lm_eval.utils.apply_template (replaced during oasst eval)",
@@ -394,15 +413,23 @@ def applies(name: str, *, problem: str | None = None) -> bool:
     return False
 
 
-def fallback(name: str, problem: str) -> None:
-    """Record that patch `name` is off because its target changed, and say so once on stderr."""
+def fallback(name: str, problem: str, *, seen_at_run_time: bool = False) -> None:
+    """Record that patch `name` is off because its target changed (or, `seen_at_run_time`, because a check of its
+    results failed), and say so once on stderr."""
     patch = PATCHES[name]
     _RUN[name] = f"fallback: {problem}"
     if name not in _WARNED:
         _WARNED.add(name)
-        sys.stderr.write(f"warning: patch {name} is off: {patch.library} {installed(patch.library)} changed its "
-                         f"target ({problem}); running {patch.fallback} (written for {patch.written_for})\n")
+        why = (f"{problem} ({patch.library} {installed(patch.library)})" if seen_at_run_time else
+               f"{patch.library} {installed(patch.library)} changed its target ({problem})")
+        sys.stderr.write(f"warning: patch {name} is off: {why}; running {patch.fallback} (written for "
+                         f"{patch.written_for})\n")
         sys.stderr.flush()
+
+
+def not_applicable(name: str, why: str) -> None:
+    """Record that patch `name` has nothing to do for this model (`why`), without a warning."""
+    _RUN.setdefault(name, f"not needed: {why}")
 
 
 def activated(name: str, count: int = 1, *, once: bool = False) -> None:

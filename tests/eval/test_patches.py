@@ -31,7 +31,8 @@ def test_changed_lm_eval_internals_score_with_lm_evals_own_hflm(oasst, stories: 
     _, fast = _eval(oasst, tmp_path / "fast", "--model", stories, "--adapter", adapter_dir)
     states = {k: v["state"] for k, v in fast["settings"]["patches"].items()}
     assert states == {"lm_eval_fast_loglikelihood": "active", "lm_eval_template_cache": "active",
-                      "lm_eval_hellaswag_docs_cache": "active", "lm_eval_request_bars": "active"}
+                      "lm_eval_hellaswag_docs_cache": "active", "lm_eval_request_bars": "active",
+                      "lm_eval_shared_context": "active"}
 
     # A release that renames a helper FastHFLM imports and changes apply_template's signature.
     monkeypatch.delattr(lm_eval.models.utils, "_add_special_kwargs")
@@ -79,3 +80,28 @@ def test_a_changed_4bit_lora_target_runs_peft_forward_with_the_same_scores(oasst
     assert "adapter folded into the dequantized weights of 0 4-bit layers" in result.stderr
     assert fallback["adapter"]["hellaswag"]["acc"] == folded["adapter"]["hellaswag"]["acc"]
     assert fallback["adapter"]["hellaswag"]["acc_norm"] == folded["adapter"]["hellaswag"]["acc_norm"]
+
+
+@pytest.mark.slow
+def test_shared_context_off_or_changed_scores_the_same(oasst, stories: Path, adapter_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--no-shared-context, and a transformers whose mask handling changed, score exactly what sharing scores."""
+    _, shared = _eval(oasst, tmp_path / "shared", "--model", stories, "--adapter", adapter_dir, "--compare-base")
+    used = shared["settings"]["shared_context_used"]
+    assert used["requests"] > 0 and used["tokens"] < 0.6 * used["unshared_tokens"] and used["checked"] > 0
+
+    result, off = _eval(oasst, tmp_path / "off", "--model", stories, "--adapter", adapter_dir, "--compare-base",
+                        "--no-shared-context")
+    assert off["settings"]["shared_context"] is False and off["settings"]["shared_context_used"]["requests"] == 0
+    assert "lm_eval_shared_context" not in off["settings"]["patches"] and not _warnings(result)
+
+    _changed(monkeypatch, "lm_eval_shared_context", "create_causal_mask lacks position_ids")
+    result, changed = _eval(oasst, tmp_path / "changed", "--model", stories, "--adapter", adapter_dir,
+                            "--compare-base")
+    (warned,) = _warnings(result)
+    assert "lm_eval_shared_context is off: transformers" in warned and "create_causal_mask lacks" in warned
+    assert changed["settings"]["patches"]["lm_eval_shared_context"]["state"] == "fallback"
+    for label in ("base", "adapter"):
+        for metric in ("acc", "acc_norm"):
+            assert off[label]["hellaswag"][metric] == shared[label]["hellaswag"][metric]
+            assert changed[label]["hellaswag"][metric] == shared[label]["hellaswag"][metric]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import STORIES  # noqa: F401 - re-exported for test modules
+from tests.conftest import FALCON_TOKENIZER, STORIES  # noqa: F401 - re-exported for test modules
 
 # One thread: on a shared 2-core machine, two OpenMP threads wait on each other and every op costs ~10 ms.
 os.environ["OMP_NUM_THREADS"] = "1"
@@ -20,7 +19,6 @@ os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORM
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "models"
-FALCON_TOKENIZER = SHARED / "falcon-7b-tokenizer"
 GUANACO = REPO / "fixtures" / "guanaco-en"
 RECIPES = REPO / "train" / "recipes"
 # The stories260K run most tests share: tiny-cpu recipe (4-bit), fewer steps.
@@ -74,25 +72,6 @@ def error_line(result: Any) -> str:
 def read_summary(out: Path) -> dict[str, Any]:
     """train_summary.json of a finished run."""
     return json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="session")
-def tiny_falcon(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Falcon-7B's architecture and real tokenizer, scaled down to 2 layers of width 64, random weights."""
-    import torch
-    from transformers import FalconConfig, FalconForCausalLM
-
-    if not FALCON_TOKENIZER.is_dir():
-        pytest.skip(f"{FALCON_TOKENIZER} not present")
-    out = tmp_path_factory.mktemp("falcon-tiny")
-    config = json.loads((FALCON_TOKENIZER / "config.json").read_text(encoding="utf-8"))
-    config.pop("auto_map")  # names remote code; the native FalconForCausalLM is what we test
-    config.update(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
-    torch.manual_seed(0)
-    FalconForCausalLM(FalconConfig(**config)).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy2(FALCON_TOKENIZER / name, out / name)
-    return out
 
 
 @pytest.fixture(scope="session")
