@@ -256,9 +256,9 @@ class FastHFLM(HFLM):
                       pbar: Any) -> Iterator[tuple[int, tuple[float, bool]]]:
         """(request index, answer) for every request of `groups`, each group one packed row.
 
-        The first batch this instance scores is also scored unshared and compared: a model whose attention ignores or misreads the
-        block mask (a custom model, a changed transformers) gives other numbers there, and then every request
-        takes the unshared path, with one warning line.
+        The first batch this instance scores is also scored unshared and compared: a model whose attention ignores
+        or misreads the block mask (a custom model, a changed transformers) gives other numbers there, and then
+        every request takes the unshared path, with one warning line.
         """
         from oasst_model import patches
 
@@ -272,7 +272,7 @@ class FastHFLM(HFLM):
             batch = self._run_shared(chunk, requests)
             if n == 0 and not self.shared_stats["checked"]:
                 # Once per instance: the attention path does not change between tasks or with the adapter.
-                problem, reference = self._check_shared(batch, chunk, requests)
+                problem, reference = self._check_shared(batch, requests)
                 if problem is not None:
                     patches.fallback("lm_eval_shared_context", problem, seen_at_run_time=True)
                     self.shared_context = False
@@ -288,7 +288,7 @@ class FastHFLM(HFLM):
         if pending is not None:
             yield from zip(pending.indices or [], self._finish(pending, pbar), strict=True)
 
-    def _check_shared(self, batch: _Batch, chunk: list[shared.Group],
+    def _check_shared(self, batch: _Batch,
                       requests: list[Request]) -> tuple[str | None, list[tuple[int, tuple[float, bool]]]]:
         """(None, []) when the shared answers of `batch` equal the unshared ones up to rounding of the model's
         dtype; else (what differs, the unshared answers). Reads `batch` back (it is finished again later)."""
@@ -345,7 +345,8 @@ class FastHFLM(HFLM):
                     tokens.extend(continuation)
                     rows.extend(range(start, start + len(continuation)))
                     indices.append(i)
-                    self.shared_stats["unshared_tokens"] += len(_input_tokens(requests[i], self.max_length))
+                    # Shared requests are never truncated: lm-eval's row is context + continuation[:-1].
+                    self.shared_stats["unshared_tokens"] += len(requests[i][1]) + len(requests[i][2]) - 1
         self.shared_stats["requests"] += len(indices)
         self.shared_stats["tokens"] += int((packed.segments >= 0).sum())
         device = self.device
