@@ -22,7 +22,8 @@ What the fused path does, per forward of the whole model (decided once, not per 
 
 Written for transformers 5.17 and 5.24 (`forward(hidden_states, alibi, attention_mask, ...)`, `_split_heads`) and
 5.25 (`forward(hidden_states, attention_mask, ...)`, heads split inline): arguments are read by name from the
-installed signature. The patch registry (oasst_model.patches, `falcon_fused_attention`) checks the target before
+installed signature; heads are split here, by views, in the layouts of all three (transformers' list index syncs
+the host with the GPU at every layer). The patch registry (oasst_model.patches, `falcon_fused_attention`) checks the target before
 switching anything and leaves transformers' own attention in place, with a warning, when it changed.
 """
 
@@ -214,14 +215,13 @@ def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
 
 
 def _split_heads(self: Any, fused_qkv: Any) -> tuple[Any, Any, Any]:
-    """Query [B, L, heads, D] and key, value [B, L, kv_heads or heads, D] from the fused QKV projection.
+    """Query [B, L, heads, D] and key, value [B, L, kv_heads or heads, D] from the fused QKV projection, as views.
 
-    transformers' own `_split_heads` where it has one (5.17, 5.24: the path the GPU benchmarks measured); the same
-    layouts here for 5.25, which split inline.
+    The layouts of transformers' `_split_heads` (5.17, 5.24; 5.25 splits inline), by slicing only: transformers
+    picks the key and value heads with a list index (`qkv[..., [-2], :]`), which copies an index tensor from host
+    memory to the GPU at every layer, a host-device synchronization (3.8 s of a 12 s HellaSwag run on an H200 waited
+    there), and copies the key and value. The values are the same.
     """
-    own = getattr(self, "_split_heads", None)
-    if own is not None:
-        return own(fused_qkv)
     batch, length, _ = fused_qkv.shape
     config = self.config
     if config.new_decoder_architecture:
@@ -230,6 +230,6 @@ def _split_heads(self: Any, fused_qkv: Any) -> tuple[Any, Any, Any]:
         return grouped[..., :-2, :].flatten(2, 3), grouped[..., -2, :], grouped[..., -1, :]
     if config.multi_query:
         qkv = fused_qkv.view(batch, length, self.num_heads + 2, self.head_dim)
-        return qkv[..., :-2, :], qkv[..., [-2], :], qkv[..., [-1], :]
+        return qkv[..., :-2, :], qkv[..., -2:-1, :], qkv[..., -1:, :]
     qkv = fused_qkv.view(batch, length, self.num_heads, 3, self.head_dim)
     return qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]

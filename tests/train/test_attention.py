@@ -168,3 +168,24 @@ def test_models_other_than_falcon_are_left_alone(stories: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(stories)
     assert use_fused_attention(model) == 0
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_heads_are_split_by_views_with_transformers_values(tiny_falcon: Path, layout: str) -> None:
+    """No list index (transformers' `[..., [-2], :]` copies an index tensor to the GPU and syncs at every layer):
+    keys and values are views of the fused projection, and hold what transformers' split gives."""
+    plain, _ = _pair(tiny_falcon, layout)
+    layer = plain.transformer.h[0].self_attention
+    fused_qkv = layer.query_key_value(torch.randn(2, 5, plain.config.hidden_size))
+    ours = attention._split_heads(layer, fused_qkv)
+    storage = fused_qkv.untyped_storage().data_ptr()
+    # Grouped queries interleave with their group's key and value: gathering them is a copy in any split.
+    views = ours[1:] if layout == "grouped" else ours
+    assert all(t.untyped_storage().data_ptr() == storage for t in views)
+    if hasattr(layer, "_split_heads"):
+        theirs = layer._split_heads(fused_qkv)
+        assert torch.equal(ours[0], theirs[0])
+        for mine, reference in zip(ours[1:], theirs[1:], strict=True):
+            # transformers broadcasts grouped keys to every query head; the fused path expands them itself.
+            groups = reference.shape[2] // mine.shape[2]
+            assert torch.equal(mine.repeat_interleave(groups, dim=2), reference)
