@@ -159,9 +159,27 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print,
     from oasst_eval.report import loaded_as
 
     log(loaded_as(spec.describe()))
-    t0 = time.perf_counter()
-    model, tokenizer = load(spec, device)
-    load_seconds = time.perf_counter() - t0
+    from oasst_eval.envinfo import prefetch_env_info
+
+    # lm-eval's environment report (seconds of subprocesses) is gathered while the model loads.
+    undo_env = prefetch_env_info()
+    try:
+        t0 = time.perf_counter()
+        model, tokenizer = load(spec, device)
+        load_seconds = time.perf_counter() - t0
+        return _scored(cfg, spec, device, batch_size, model, tokenizer, load_seconds, tasks, manager, metadata,
+                       adapter_config, name, log, verbose)
+    finally:
+        undo_env()
+
+
+def _scored(cfg: EvalConfig, spec: Any, device: str, batch_size: str | int, model: Any, tokenizer: Any,
+            load_seconds: float, tasks: list[Any], manager: Any, metadata: dict[str, Any],
+            adapter_config: dict[str, Any] | None, name: str, log: Callable[[str], None],
+            verbose: bool) -> tuple[list[ModelRun], dict[str, Any]]:
+    """Score the loaded model (and its base), then the settings eval_summary.json records."""
+    from oasst_model import patches
+
     if any(task in FORMAT_TASKS for task in cfg.tasks):
         register_tokenizer(name, tokenizer)
     from oasst_model.load import count_linear4bit

@@ -241,6 +241,20 @@ def _check_shared_context() -> str | None:
                                                                   ("attention_mask", "position_ids"))))
 
 
+def _check_lm_eval_env_info() -> str | None:
+    evaluator, problem = _module_with("lm_eval.evaluator", ("add_env_info", "get_git_commit_hash", "simple_evaluate"))
+    if problem:
+        return problem
+    _, problem = _module_with("lm_eval.loggers.utils", ("get_commit_from_path",))
+    if problem:
+        return problem
+    # simple_evaluate must look both names up in its module when it runs (not hold its own references).
+    source = _source(evaluator.simple_evaluate)
+    missing = [name for name in ("add_env_info(", "get_git_commit_hash(") if name not in source]
+    return describe_missing(("lm_eval.evaluator.add_env_info", missing_params(evaluator.add_env_info, ("storage",))),
+                            ("simple_evaluate", [name.rstrip("(") + " call" for name in missing]))
+
+
 def _check_lm_eval_templates() -> str | None:
     utils, problem = _module_with("lm_eval.utils", ("apply_template", "env"))
     if problem:
@@ -353,6 +367,16 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         fallback="one row per request (FastHFLM's unshared path; also when the first batch's shared and unshared "
                  "log-likelihoods differ)",
         check=_check_shared_context,
+    ),
+    Patch(
+        name="lm_eval_env_info_prefetch",
+        library="lm-eval",
+        target="lm_eval.evaluator.add_env_info and get_git_commit_hash (replaced during oasst eval)",
+        written_for="lm-eval 0.4.13",
+        why="the environment report simple_evaluate writes after every run (torch's collect_env: pip list, "
+            "nvidia-smi, ...; git describe) costs 2-3 s per run; gathered once, in a thread, while the model loads",
+        fallback="lm-eval's own report, gathered inside each simple_evaluate",
+        check=_check_lm_eval_env_info,
     ),
     Patch(
         name="lm_eval_template_cache",

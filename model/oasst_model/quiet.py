@@ -81,6 +81,23 @@ class _Explain(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+_PARALLELISM_OURS = False  # whether TOKENIZERS_PARALLELISM=false is our default, not the user's
+
+
+@contextmanager
+def tokenizer_threads() -> Iterator[None]:
+    """Let a fast tokenizer use its thread pool for one batched call that forks nothing meanwhile (`quiet` turns
+    the pool off for the whole command; the user's own TOKENIZERS_PARALLELISM is left alone)."""
+    if not _PARALLELISM_OURS or os.environ.get("TOKENIZERS_PARALLELISM") != "false":
+        yield
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 @contextmanager
 def quiet(verbose: bool = False, *, long_text: LongText | None = None) -> Iterator[None]:
     """Silence library output that does not concern the user until the block exits; `verbose`: change nothing.
@@ -88,7 +105,10 @@ def quiet(verbose: bool = False, *, long_text: LongText | None = None) -> Iterat
     `long_text(tokens, maximum)` turns transformers' "Token indices sequence length is longer than ..." into one
     line of the command's own (printed once), or returns None when the command handles long texts itself."""
     # Not output: tokenizers warns after a fork once its thread pool ran, and a forked pool can deadlock.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    global _PARALLELISM_OURS
+    if "TOKENIZERS_PARALLELISM" not in os.environ:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        _PARALLELISM_OURS = True
     if verbose:
         yield
         return

@@ -119,3 +119,20 @@ def test_request_bars_turn_lm_evals_bars_off_and_put_everything_back() -> None:
     assert lm.calls == [("loglikelihood", 3, True), ("loglikelihood_rolling", 2, True)]
     assert lm_eval_task.tqdm is original_tqdm
     assert "loglikelihood" not in vars(lm) and lm.answered is None
+
+
+def test_tokenizer_threads_only_where_the_pool_is_off_by_our_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from oasst_model import quiet
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    monkeypatch.setattr(quiet, "_PARALLELISM_OURS", False)
+    with quiet.quiet():
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+        with quiet.tokenizer_threads():
+            assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    # The user's own setting stays as it is, inside and out.
+    monkeypatch.setattr(quiet, "_PARALLELISM_OURS", False)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    with quiet.quiet(), quiet.tokenizer_threads():
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
