@@ -83,6 +83,10 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "fast-packed": (FAST, {"packing": True}),
     "fast-nodropout": (FAST, {"lora_dropout": 0.0}),
     "fast-unfused-16": (FAST, {"fused_attention": False, "batch_size": 16}),
+    # Regional torch.compile of the decoder layers (#14): the first steps compile (left out as warm-up when the
+    # run has enough steps; run these with --steps 30 or more).
+    "fast-compiled": (FAST, {"compile_layers": True}),
+    "colab-compiled": (COLAB, {"compile_layers": True}),
 }
 DEFAULT = ("classic", "colab", "fast")
 

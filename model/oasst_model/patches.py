@@ -241,6 +241,17 @@ def _check_shared_context() -> str | None:
                                                                   ("attention_mask", "position_ids"))))
 
 
+def _check_compile() -> str | None:
+    import torch
+
+    dynamo, problem = _module_with("torch._dynamo", ("config",))
+    if problem:
+        return problem
+    return describe_missing(("torch.nn.Module", missing_attrs(torch.nn.Module, ("compile",))),
+                            ("torch._dynamo.config", missing_attrs(dynamo.config,
+                                                                   ("suppress_errors", "cache_size_limit"))))
+
+
 def _check_lm_eval_env_info() -> str | None:
     evaluator, problem = _module_with("lm_eval.evaluator", ("add_env_info", "get_git_commit_hash", "simple_evaluate"))
     if problem:
@@ -377,6 +388,16 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
             "nvidia-smi, ...; git describe) costs 2-3 s per run; gathered once, in a thread, while the model loads",
         fallback="lm-eval's own report, gathered inside each simple_evaluate",
         check=_check_lm_eval_env_info,
+    ),
+    Patch(
+        name="compile_layers",
+        library="torch",
+        target="torch.nn.Module.compile on each decoder block (transformers' _no_split_modules), "
+               "torch._dynamo.config.suppress_errors / cache_size_limit (train option compile_layers)",
+        written_for="torch 2.11.0, 2.13.0",
+        why="fuses the element-wise kernels between a layer's matrix products; one compilation for all layers",
+        fallback="eager layers (and, per block, eager where dynamo cannot compile)",
+        check=_check_compile,
     ),
     Patch(
         name="lm_eval_template_cache",

@@ -103,6 +103,8 @@ class TrainConfig:
                                 "and add. Off: peft's own LoRA forward.")
     seeded_lora_dropout: bool = _f(False, "With fused_lora, LoRA dropout keeps only its input and a seed for "
                                           "backward: less memory, a little slower, other draws than peft's.")
+    compile_layers: bool = _f(False, "torch.compile each decoder layer (one compilation shared by all): fuses the "
+                                     "element-wise work between matmuls; the first steps compile.")
     activation_offloading: bool = _f(False, "Keep the activations saved for backward in CPU memory (trl's "
                                             "offloading): less GPU memory, some transfer time.")
     group_by_length: bool = _f(False, "Batch examples of similar length together (less padding).")

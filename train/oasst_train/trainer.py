@@ -84,11 +84,13 @@ class Data:
 
 @dataclass
 class Built:
-    """The trainer, with the LoRA adapter on `targets`, and the LoRA modules switched to the fused forward."""
+    """The trainer, with the LoRA adapter on `targets`, the LoRA modules switched to the fused forward, and the
+    decoder layers compiled (compile_layers)."""
 
     trainer: Any
     targets: list[str]
     fused_lora: int
+    compiled_layers: int = 0
 
 
 def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None, progress: bool = True,
@@ -215,7 +217,17 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, data: Data, *, fresh: bo
     trainer = _build_trainer(cfg, prepared.model, prepared.tokenizer, data.train, data.eval, targets, fresh=fresh)
     # SFTTrainer wraps the model in LoRA (get_peft_model from peft_config): the LoRA modules exist only from here on.
     fused = fuse_lora_forward(trainer.model, seeded_dropout=cfg.seeded_lora_dropout) if cfg.fused_lora else 0
-    return Built(trainer, targets, fused)
+    return Built(trainer, targets, fused, compile_blocks(cfg, trainer.model))
+
+
+def compile_blocks(cfg: TrainConfig, model: Any) -> int:
+    """Compile the decoder layers when `compile_layers` asks for it (last: after LoRA and the fused forwards, which
+    the compiled graph then contains)."""
+    if not cfg.compile_layers:
+        return 0
+    from oasst_model.compiled import compile_layers
+
+    return compile_layers(model)
 
 
 def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, has_eval: bool) -> None:
@@ -257,10 +269,20 @@ def summarize(cfg: TrainConfig, prepared: Prepared, built: Built, bar: Any, chec
                    step_seconds=[round(s, 4) for s in bar.step_seconds], steady_window=bar.steady_window(),
                    fused_attention_layers=prepared.fused_attention_layers, fused_lora_modules=built.fused_lora,
                    # True only where it replaced a dropout: fused modules and a dropout to replace (p 0 is Identity).
-                   seeded_lora_dropout=bool(built.fused_lora and cfg.seeded_lora_dropout and cfg.lora_dropout > 0))
+                   seeded_lora_dropout=bool(built.fused_lora and cfg.seeded_lora_dropout and cfg.lora_dropout > 0),
+                   compiled_layers=built.compiled_layers, compiled_graphs=_compiled_graphs(built))
     summary.update(peak_memory_bytes=peak_memory_bytes(), versions=versions(), device=device_name(),
                    replica_checksums=replica_checksums(trainer.model), patches=patches.report())
     return summary
+
+
+def _compiled_graphs(built: Built) -> int | None:
+    """Graphs torch.compile built for the compiled layers (None: compile_layers was off)."""
+    if not built.compiled_layers:
+        return None
+    from oasst_model.compiled import compiled_graphs
+
+    return compiled_graphs()
 
 
 def _build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, train_set: Any, eval_set: Any,

@@ -1,0 +1,95 @@
+"""`compile_layers`: the decoder layers compiled with torch.compile train exactly as the eager layers do."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from oasst_model import compiled
+from tests.train.conftest import GUANACO, read_summary
+
+STEPS = 4
+ARGS = ("--load-in-4bit", "--lora-dropout", 0.1, "--max-steps", STEPS, "--batch-size", 2, "--grad-accum", 1,
+        "--max-length", 64, "--eval-rows", 2, "--save-steps", STEPS, "--logging-steps", 1, "-q")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    """Each test compiles from scratch (dynamo caches compiled code per code object for the process)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _run(oasst: Callable[..., Any], model: Path, out: Path, *extra: object) -> tuple[list[float], dict[str, Any]]:
+    result = oasst("train", "--model", model, "--data", GUANACO, "--out", out, *ARGS, *extra)
+    assert result.exit_code == 0, result.output
+    summary = read_summary(out)
+    return [h["loss"] for h in summary["log_history"] if "loss" in h], summary
+
+
+def _lora_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_compiled_graph_trains_exactly_as_eager(oasst: Callable[..., Any], tiny_falcon: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, checkpointing: bool) -> None:
+    """The traced graph (dynamo + AOT autograd, no code generation) of the 4-bit Falcon layers with fused attention,
+    fused LoRA and LoRA dropout: the same losses and LoRA weights, bit for bit, with and without recomputation."""
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    flags = ("--gradient-checkpointing",) if checkpointing else ("--no-gradient-checkpointing",)
+    eager, _ = _run(oasst, tiny_falcon, tmp_path / "eager", *flags)
+    ours, summary = _run(oasst, tiny_falcon, tmp_path / "compiled", *flags, "--compile-layers")
+    assert len(ours) == STEPS and ours == eager
+    reference = _lora_weights(tmp_path / "eager")
+    got = _lora_weights(tmp_path / "compiled")
+    assert reference.keys() == got.keys() and all(torch.equal(got[k], reference[k]) for k in reference)
+    assert summary["compiled_layers"] == 2 and summary["compiled_graphs"] > 0
+    assert summary["patches"]["compile_layers"]["state"] == "active"
+    assert summary["patches"]["compile_layers"]["places"] == 2
+
+
+@pytest.mark.slow
+def test_inductor_code_trains_as_eager(oasst: Callable[..., Any], stories: Path, tmp_path: Path) -> None:
+    """Inductor's generated kernels (C++ on a CPU, Triton on a GPU) on stories260K (Llama): fp32 losses within
+    rounding of the eager ones, and the config and summary say the layers ran compiled."""
+    eager, off = _run(oasst, stories, tmp_path / "eager", "--lora-dropout", 0.0)
+    ours, summary = _run(oasst, stories, tmp_path / "compiled", "--lora-dropout", 0.0, "--compile-layers")
+    assert ours == pytest.approx(eager, rel=1e-4)
+    assert summary["compiled_layers"] == 5 and summary["compiled_graphs"] > 0  # stories260K's 5 LlamaDecoderLayers
+    assert off["compiled_layers"] == 0 and off["compiled_graphs"] is None
+    assert "compile_layers" not in off["patches"]
+
+
+def test_a_model_without_repeated_blocks_compiles_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from oasst_model import patches
+
+    patches.begin_run()
+    assert compiled.compile_layers(torch.nn.Sequential(torch.nn.Linear(2, 2))) == 0
+    entry = patches.report()["compile_layers"]
+    assert entry["state"] == "not needed" and "no repeated block" in entry["detail"]
+
+
+def test_a_changed_torch_compiles_nothing_with_one_warning(tiny_falcon: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from oasst_model import patches
+    from oasst_model.load import load_model
+
+    patches.begin_run()
+    patch = patches.PATCHES["compile_layers"]
+    monkeypatch.setitem(patches.PATCHES, "compile_layers",
+                        type(patch)(**{**vars(patch), "check": lambda: "torch.nn.Module lacks compile"}))
+    model, _ = load_model(str(tiny_falcon), compute_dtype="float32")
+    assert len(compiled.decoder_blocks(model)) == 2
+    assert compiled.compile_layers(model) == 0
+    assert all(getattr(block, "_compiled_call_impl", None) is None for block in compiled.decoder_blocks(model))
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: patch")]
+    assert line.startswith("warning: patch compile_layers is off: torch ") and "eager layers" in line
