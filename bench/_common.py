@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import metadata
+from typing import Any
 
 # `python -c` code that runs `oasst` with the train plug-in registered in-process: the GPU machine runs the repo
 # from PYTHONPATH, without installed entry points.
@@ -37,3 +38,17 @@ def machine() -> dict[str, object]:
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def add_trainer_callback(make: Callable[[], Any]) -> None:
+    """Give every trainer `oasst train` builds in this process the callback `make()` returns (instrumentation)."""
+    import oasst_train.trainer as trainer_module
+
+    build = trainer_module._build_trainer
+
+    def with_callback(*args: Any, **kwargs: Any) -> Any:
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(make())
+        return trainer
+
+    trainer_module._build_trainer = with_callback

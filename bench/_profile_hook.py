@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-import oasst_train.trainer as trainer_module
+from _common import add_trainer_callback  # bench/ is on sys.path (the launcher puts it there)
 
 START_STEP, STEPS = 6, 3
 
@@ -46,13 +46,4 @@ class ProfileSteps(TrainerCallback):
             self.prof = None
 
 
-_original = trainer_module._build_trainer
-
-
-def _with_profiler(*args: Any, **kwargs: Any) -> Any:
-    trainer = _original(*args, **kwargs)
-    trainer.add_callback(ProfileSteps())
-    return trainer
-
-
-trainer_module._build_trainer = _with_profiler
+add_trainer_callback(ProfileSteps)

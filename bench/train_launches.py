@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from _common import machine, versions  # bench/ is on sys.path when run as a script
+from _common import add_trainer_callback, machine, versions  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "bench" / "data" / "falcon7b-random"
@@ -88,14 +88,7 @@ def count(recipe: Path, overrides: dict[str, Any]) -> dict[str, Any]:
                         ops[event.name[6:]] += 1
                 self.prof = None
 
-    build = trainer_module._build_trainer
-
-    def with_profile(*args: Any, **kwargs: Any) -> Any:
-        trainer = build(*args, **kwargs)
-        trainer.add_callback(Profile())
-        return trainer
-
-    trainer_module._build_trainer = with_profile
+    add_trainer_callback(Profile)
     out = Path(tempfile.mkdtemp(prefix="train-launches-"))
     values = {"model": str(MODEL), "data": str(DATA), "out": str(out / "run"), "max_steps": PROFILED_FROM + PROFILED,
               "save_steps": 1000, "eval_steps": 1000, "max_length": 128} | overrides
