@@ -17,14 +17,18 @@ truncate (context + continuation fits the model's window), and whose whole input
 request with another context (lm-eval's one-token logits cache would group those; they keep lm-eval's path).
 Everything else goes through FastHFLM's unshared path unchanged.
 
-Pure tensor building here; `FastHFLM` runs the rows (oasst_eval.fastlm).
+The plan, the rows and the mask are built by the functions here; `SharedContextScoring` is the part of
+`FastHFLM` (oasst_eval.fastlm) that runs them and checks them against the unshared path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from oasst_eval.fastlm import Request, _Batch
 
 # Attention implementations whose forward takes a ready [batch, 1, query, key] mask from the caller as it is:
 # sdpa as booleans (True: may attend), eager as an additive float mask.
@@ -169,3 +173,156 @@ def batches(groups: Sequence[Group], budget: int | None, requests_per_batch: int
                 j += 1
         yield ordered[i:j]
         i = j
+
+
+class SharedContextScoring:
+    """FastHFLM's shared-context path: score each group of `plan` from one packed row, the first batch checked.
+
+    A mixin of `FastHFLM` (an lm-eval `HFLM`): it reads the model, device, batch settings and dtypes HFLM keeps,
+    FastHFLM's `shared_context` / `shared_stats` / `answered`, and runs rows through FastHFLM's `_head_logits`,
+    `_finish`, `_score_unshared` and `_batch_tokens`.
+    """
+
+    def _mask_kind(self) -> str | None:
+        """How the model takes a block mask ("bool" sdpa, "float" eager), or None: no sharing for this model (one
+        line in the patch report says why)."""
+        from oasst_model import patches
+
+        if not patches.applies("lm_eval_shared_context"):
+            return None
+        model = self.model
+        config = getattr(model, "config", None)
+        impl = getattr(config, "_attn_implementation", None)
+        kind = MASK_KINDS.get(impl)
+        forward = getattr(model, "get_base_model", lambda: model)().forward
+        if kind is None:
+            why = f"attention implementation {impl} takes no block mask from the caller"
+        elif getattr(config, "alibi", False) or "alibi" in str(getattr(config, "position_embedding_type", "")):
+            why = "ALiBi builds its position bias from a 2-D padding mask"
+        elif missing := patches.missing_params(forward, ("attention_mask", "position_ids")):
+            why = f"{type(model).__name__}.forward takes no {', '.join(missing)}"
+        else:
+            return kind
+        patches.not_applicable("lm_eval_shared_context", why)
+        return None
+
+    def _score_shared(self, requests: list[Request], groups: list[Group], override_bs: int | None,
+                      pbar: Any) -> Iterator[tuple[int, tuple[float, bool]]]:
+        """(request index, answer) for every request of `groups`, each group one packed row.
+
+        The first batch this instance scores is also scored unshared and compared: a model whose attention ignores
+        or misreads the block mask (a custom model, a changed transformers) gives other numbers there, and then
+        every request takes the unshared path, with one warning line.
+        """
+        from oasst_model import patches
+
+        if override_bs or self.batch_size != "auto":
+            budget, per_batch = None, override_bs or int(self.batch_size)
+        else:
+            budget, per_batch = self._batch_tokens(max(g.length for g in groups)), None
+        chunks = list(batches(groups, budget, per_batch, self.max_rows))
+        pending: _Batch | None = None
+        for n, chunk in enumerate(chunks):
+            batch = self._run_shared(chunk, requests)
+            if n == 0 and not self.shared_stats["checked"]:
+                # Once per instance: the attention path does not change between tasks or with the adapter.
+                problem, reference = self._check_shared(batch, requests)
+                if problem is not None:
+                    patches.fallback("lm_eval_shared_context", problem, seen_at_run_time=True)
+                    self.shared_context = False
+                    yield from self._count(reference, pbar)
+                    rest = sorted(i for g in (x for c in chunks[1:] for x in c) for m in g.members for i in m)
+                    answers = self._score_unshared([requests[i] for i in rest], override_bs, self.max_length, pbar)
+                    yield from zip(rest, answers, strict=True)
+                    return
+                patches.activated("lm_eval_shared_context", once=True)
+            if pending is not None:
+                yield from zip(pending.indices or [], self._finish(pending, pbar), strict=True)
+            pending = batch
+        if pending is not None:
+            yield from zip(pending.indices or [], self._finish(pending, pbar), strict=True)
+
+    def _check_shared(self, batch: _Batch,
+                      requests: list[Request]) -> tuple[str | None, list[tuple[int, tuple[float, bool]]]]:
+        """(None, []) when the shared answers of `batch` equal the unshared ones up to rounding of the model's
+        dtype; else (what differs, the unshared answers). Reads `batch` back (it is finished again later)."""
+        import copy
+
+        import torch
+        from tqdm import tqdm
+
+        assert batch.indices is not None
+        probe = copy.copy(batch)
+        answered, self.answered = self.answered, None
+        try:
+            quiet = tqdm(disable=True)
+            ours = self._finish(probe, quiet)
+            indices = sorted(batch.indices)
+            theirs = dict(zip(indices, self._score_unshared([requests[i] for i in indices], None,
+                                                            self.max_length, quiet), strict=True))
+        finally:
+            self.answered = answered
+        dtype = getattr(self.model, "dtype", torch.float32)
+        atol, rtol = (1e-3, 1e-4) if dtype in (torch.float32, torch.float64) else (0.05, 0.01)
+        worst, where = 0.0, None
+        for i, (value, _) in zip(batch.indices, ours, strict=True):
+            diff = abs(value - theirs[i][0])
+            if diff > worst:
+                worst = diff
+            if diff > atol + rtol * abs(theirs[i][0]) and where is None:
+                where = (i, value, theirs[i][0])
+        self.shared_stats["checked"] += len(ours)
+        self.shared_stats["max_abs_diff"] = max(worst, self.shared_stats["max_abs_diff"] or 0.0)
+        if where is None:
+            return None, []
+        i, value, expected = where
+        return (f"request {i}: shared log-likelihood {value:.4f}, unshared {expected:.4f}; the model's attention "
+                "does not honour a block mask"), list(theirs.items())
+
+    def _count(self, answers: list[tuple[int, tuple[float, bool]]],
+               pbar: Any) -> Iterator[tuple[int, tuple[float, bool]]]:
+        """`answers` as they are, counted on the progress bar (they were computed with it off)."""
+        pbar.update(len(answers))
+        if self.answered is not None:
+            self.answered(len(answers))
+        yield from answers
+
+    def _run_shared(self, chunk: list[Group], requests: list[Request]) -> _Batch:
+        """Queue the packed rows of `chunk` on the device, as `_run` does for unshared rows."""
+        import torch
+        import torch.nn.functional as F
+
+        from oasst_eval.fastlm import _Batch, _to_device
+
+        packed = pack(chunk)
+        gather: list[int] = []
+        answers, greedy_starts, tokens, rows, indices = [], [], [], [], []
+        for group, spans in zip(chunk, packed.gather, strict=True):
+            for continuation, members, span in zip(group.continuations, group.members, spans, strict=True):
+                start = len(gather)
+                gather.extend(span)
+                for i in members:
+                    answers.append((requests[i][0], len(tokens), len(continuation)))
+                    greedy_starts.append(len(rows))
+                    tokens.extend(continuation)
+                    rows.extend(range(start, start + len(continuation)))
+                    indices.append(i)
+                    # Shared requests are never truncated: lm-eval's row is context + continuation[:-1].
+                    self.shared_stats["unshared_tokens"] += len(requests[i][1]) + len(requests[i][2]) - 1
+        self.shared_stats["requests"] += len(indices)
+        self.shared_stats["tokens"] += int((packed.segments >= 0).sum())
+        device = self.device
+        row_index = _to_device(torch.tensor(rows, dtype=torch.long), device)
+        batch = _Batch(answers=answers, greedy_starts=greedy_starts,
+                       tokens=_to_device(torch.tensor(tokens, dtype=torch.long), device),
+                       logprob_rows=row_index, greedy_rows=row_index, indices=indices)
+        segments = _to_device(packed.segments, device)
+        kind = MASK_KINDS[self.model.config._attn_implementation]
+        dtype = self.mixed_precision_dtype or getattr(self.model, "dtype", torch.float32)
+        mask = block_mask(segments, kind, dtype)
+        logits = self._head_logits(_to_device(packed.input_ids, device), _to_device(torch.tensor(gather), device),
+                                   attention_mask=mask, position_ids=_to_device(packed.position_ids, device))
+        logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+        batch.logprobs = logp[row_index, batch.tokens]
+        batch.greedy_ok = logp.argmax(dim=-1)[row_index] == batch.tokens
+        return batch
