@@ -93,3 +93,25 @@ def test_a_changed_torch_compiles_nothing_with_one_warning(tiny_falcon: Path, mo
     assert all(getattr(block, "_compiled_call_impl", None) is None for block in compiled.decoder_blocks(model))
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: patch")]
     assert line.startswith("warning: patch compile_layers is off: torch ") and "eager layers" in line
+
+
+@pytest.mark.slow
+def test_dpo_with_compiled_layers_trains_as_eager(oasst: Callable[..., Any], stories: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """DPO runs the compiled layers twice per pair (the policy, and the reference with the adapter disabled): the
+    same losses and reward margin as eager."""
+    from tests.train.conftest import RECIPES
+    from tests.train.test_dpo import TREES
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    data = tmp_path / "pairs"
+    assert oasst("build", "--input", TREES, "--pairs", "best", "--out", data).exit_code == 0
+    figures = []
+    for name, extra in (("eager", ()), ("compiled", ("--compile-layers",))):
+        out = tmp_path / name
+        result = oasst("train", "--config", RECIPES / "tiny-cpu-dpo.yaml", "--model", stories, "--data", data,
+                       "--out", out, "--max-steps", 3, "--logging-steps", 1, *extra, "-q")
+        assert result.exit_code == 0, result.output
+        summary = read_summary(out)
+        figures.append(([h["loss"] for h in summary["log_history"] if "loss" in h], summary["reward_margin_last"]))
+    assert figures[1] == figures[0]
