@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 PATCH = "lm_eval_env_info_prefetch"
@@ -31,12 +32,14 @@ def _git_hash() -> str | None:
         return get_commit_from_path(os.getcwd())
 
 
-def prefetch_env_info() -> Callable[[], None]:
-    """Start gathering lm-eval's environment report in a thread and make `simple_evaluate` use it; returns undo."""
+@contextmanager
+def env_info_prefetched() -> Iterator[None]:
+    """Gather lm-eval's environment report in a thread from here on, and make `simple_evaluate` use it inside."""
     from oasst_model import patches
 
     if not patches.applies(PATCH):
-        return lambda: None
+        yield
+        return
     from lm_eval import evaluator
 
     own_add, own_git = evaluator.add_env_info, evaluator.get_git_commit_hash
@@ -67,8 +70,7 @@ def prefetch_env_info() -> Callable[[], None]:
 
     evaluator.add_env_info, evaluator.get_git_commit_hash = add_env_info, get_git_commit_hash
     patches.activated(PATCH)
-
-    def undo() -> None:
+    try:
+        yield
+    finally:
         evaluator.add_env_info, evaluator.get_git_commit_hash = own_add, own_git
-
-    return undo

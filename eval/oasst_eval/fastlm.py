@@ -62,6 +62,12 @@ class _Batch:
     greedy_ok: torch.Tensor | None = None
     indices: list[int] | None = None  # shared path: the request index of each answer
 
+    def score(self, logits: torch.Tensor, softmax_dtype: torch.dtype) -> None:
+        """Fill `logprobs` and `greedy_ok` from the gathered logits [gathered, vocab], as lm-eval computes them."""
+        logp = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
+        self.logprobs = logp[self.logprob_rows, self.tokens]
+        self.greedy_ok = logp.argmax(dim=-1)[self.greedy_rows] == self.tokens
+
 
 class FastHFLM(shared.SharedContextScoring, HFLM):
     """`HFLM` whose loglikelihood computes logits only where lm-eval reads them (decoder-only models)."""
@@ -224,10 +230,8 @@ class FastHFLM(shared.SharedContextScoring, HFLM):
             logprob_rows=_to_device(torch.tensor(logprob_rows, dtype=torch.long), device),
             greedy_rows=_to_device(torch.tensor(greedy_rows, dtype=torch.long), device),
         )
-        logits = self._head_logits(_to_device(rows, device), _to_device(torch.tensor(gather), device))
-        logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)  # [gathered, vocab], as lm-eval
-        batch.logprobs = logp[batch.logprob_rows, batch.tokens]
-        batch.greedy_ok = logp.argmax(dim=-1)[batch.greedy_rows] == batch.tokens
+        batch.score(self._head_logits(_to_device(rows, device), _to_device(torch.tensor(gather), device)),
+                    self.softmax_dtype)
         return batch
 
     def _head_logits(self, rows: torch.Tensor, gather: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:

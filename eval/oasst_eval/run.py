@@ -159,73 +159,59 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print,
     from oasst_eval.report import loaded_as
 
     log(loaded_as(spec.describe()))
-    from oasst_eval.envinfo import prefetch_env_info
+    from oasst_eval.envinfo import env_info_prefetched
 
     # lm-eval's environment report (seconds of subprocesses) is gathered while the model loads.
-    undo_env = prefetch_env_info()
-    try:
+    with env_info_prefetched():
         t0 = time.perf_counter()
         model, tokenizer = load(spec, device)
         load_seconds = time.perf_counter() - t0
-        return _scored(cfg, spec, device, batch_size, model, tokenizer, load_seconds, tasks, manager, metadata,
-                       adapter_config, name, log, verbose)
-    finally:
-        undo_env()
+        if any(task in FORMAT_TASKS for task in cfg.tasks):
+            register_tokenizer(name, tokenizer)
+        from oasst_model.load import count_linear4bit
 
+        linear4bit = count_linear4bit(model)
 
-def _scored(cfg: EvalConfig, spec: Any, device: str, batch_size: str | int, model: Any, tokenizer: Any,
-            load_seconds: float, tasks: list[Any], manager: Any, metadata: dict[str, Any],
-            adapter_config: dict[str, Any] | None, name: str, log: Callable[[str], None],
-            verbose: bool) -> tuple[list[ModelRun], dict[str, Any]]:
-    """Score the loaded model (and its base), then the settings eval_summary.json records."""
-    from oasst_model import patches
+        from oasst_eval.fastlm import cache_jinja_templates
 
-    if any(task in FORMAT_TASKS for task in cfg.tasks):
-        register_tokenizer(name, tokenizer)
-    from oasst_model.load import count_linear4bit
-
-    linear4bit = count_linear4bit(model)
-
-    from oasst_eval.fastlm import cache_jinja_templates
-
-    lm = make_lm(model, tokenizer, batch_size, cfg)
-    merge = bool(cfg.adapter and cfg.merge_adapter and not spec.load_in_4bit)
-    # 4-bit weights are not re-quantized with the adapter in them (another model): it folds in per forward.
-    fold = bool(cfg.adapter and cfg.merge_adapter and spec.load_in_4bit)
-    labels = (["base", "adapter"] if cfg.compare_base else ["adapter"]) if cfg.adapter else ["base"]
-    runs = []
-    merge_seconds = None
-    undo = cache_jinja_templates()
-    if "guanaco_pairs" in cfg.tasks:
-        from oasst_eval.preference import set_window
-
-        set_window(lm.max_length)  # pairs with a reply longer than this are left out (lm-eval would stop on them)
-    try:
-        for label in labels:
-            log(f"scoring {label} on {', '.join(cfg.tasks)} ({device}, batch size {batch_size})")
-            if label == "base" and cfg.adapter:
-                with model.disable_adapter():
-                    runs.append(_score(lm, tasks, manager, cfg, label, bars=not verbose))
-                continue
-            if label == "adapter" and merge:
-                t0 = time.perf_counter()
-                # In place: the LoRA product is added to each wrapped layer's weight; the wrappers then call only
-                # their base layer (peft's public merge, so lm-eval keeps the model object it was given).
-                model.merge_adapter()
-                merge_seconds = round(time.perf_counter() - t0, 2)
-                log(f"adapter merged into the weights in {merge_seconds} s")
-            if label == "adapter" and fold:
-                from oasst_eval.lora4bit import merged_4bit_lora
-
-                with merged_4bit_lora(model) as layers:
-                    log(f"adapter folded into the dequantized weights of {layers} 4-bit layers at each forward")
-                    runs.append(_score(lm, tasks, manager, cfg, label, bars=not verbose))
-                continue
-            runs.append(_score(lm, tasks, manager, cfg, label, bars=not verbose))
-    finally:
-        undo()
+        lm = make_lm(model, tokenizer, batch_size, cfg)
+        merge = bool(cfg.adapter and cfg.merge_adapter and not spec.load_in_4bit)
+        # 4-bit weights are not re-quantized with the adapter in them (another model): it folds in per forward.
+        fold = bool(cfg.adapter and cfg.merge_adapter and spec.load_in_4bit)
+        labels = (["base", "adapter"] if cfg.compare_base else ["adapter"]) if cfg.adapter else ["base"]
+        runs = []
+        merge_seconds = None
+        undo = cache_jinja_templates()
         if "guanaco_pairs" in cfg.tasks:
-            set_window(None)
+            from oasst_eval.preference import set_window
+
+            set_window(lm.max_length)  # pairs with a reply longer than this are left out (lm-eval would stop on them)
+        try:
+            for label in labels:
+                log(f"scoring {label} on {', '.join(cfg.tasks)} ({device}, batch size {batch_size})")
+                if label == "base" and cfg.adapter:
+                    with model.disable_adapter():
+                        runs.append(_score(lm, tasks, manager, cfg, label, bars=not verbose))
+                    continue
+                if label == "adapter" and merge:
+                    t0 = time.perf_counter()
+                    # In place: the LoRA product is added to each wrapped layer's weight; the wrappers then call only
+                    # their base layer (peft's public merge, so lm-eval keeps the model object it was given).
+                    model.merge_adapter()
+                    merge_seconds = round(time.perf_counter() - t0, 2)
+                    log(f"adapter merged into the weights in {merge_seconds} s")
+                if label == "adapter" and fold:
+                    from oasst_eval.lora4bit import merged_4bit_lora
+
+                    with merged_4bit_lora(model) as layers:
+                        log(f"adapter folded into the dequantized weights of {layers} 4-bit layers at each forward")
+                        runs.append(_score(lm, tasks, manager, cfg, label, bars=not verbose))
+                    continue
+                runs.append(_score(lm, tasks, manager, cfg, label, bars=not verbose))
+        finally:
+            undo()
+            if "guanaco_pairs" in cfg.tasks:
+                set_window(None)
     settings = cfg.as_dict() | {name: getattr(spec, name) for name in LOAD_FIELDS} | {
         "base_loaded": spec.describe(),
         "device": device,

@@ -231,7 +231,8 @@ class SharedContextScoring:
                     patches.fallback("lm_eval_shared_context", problem, seen_at_run_time=True)
                     self.shared_context = False
                     yield from self._count(reference, pbar)
-                    rest = sorted(i for g in (x for c in chunks[1:] for x in c) for m in g.members for i in m)
+                    rest = sorted(i for later in chunks[1:] for group in later for members in group.members
+                                  for i in members)
                     answers = self._score_unshared([requests[i] for i in rest], override_bs, self.max_length, pbar)
                     yield from zip(rest, answers, strict=True)
                     return
@@ -245,18 +246,15 @@ class SharedContextScoring:
     def _check_shared(self, batch: _Batch,
                       requests: list[Request]) -> tuple[str | None, list[tuple[int, tuple[float, bool]]]]:
         """(None, []) when the shared answers of `batch` equal the unshared ones up to rounding of the model's
-        dtype; else (what differs, the unshared answers). Reads `batch` back (it is finished again later)."""
-        import copy
-
+        dtype; else (what differs, the unshared answers)."""
         import torch
         from tqdm import tqdm
 
         assert batch.indices is not None
-        probe = copy.copy(batch)
         answered, self.answered = self.answered, None
         try:
             quiet = tqdm(disable=True)
-            ours = self._finish(probe, quiet)
+            ours = self._finish(batch, quiet)  # reads the batch only: it is finished again, counted, later
             indices = sorted(batch.indices)
             theirs = dict(zip(indices, self._score_unshared([requests[i] for i in indices], None,
                                                             self.max_length, quiet), strict=True))
@@ -290,7 +288,6 @@ class SharedContextScoring:
     def _run_shared(self, chunk: list[Group], requests: list[Request]) -> _Batch:
         """Queue the packed rows of `chunk` on the device, as `_run` does for unshared rows."""
         import torch
-        import torch.nn.functional as F
 
         from oasst_eval.fastlm import _Batch, _to_device
 
@@ -320,9 +317,7 @@ class SharedContextScoring:
         kind = MASK_KINDS[self.model.config._attn_implementation]
         dtype = self.mixed_precision_dtype or getattr(self.model, "dtype", torch.float32)
         mask = block_mask(segments, kind, dtype)
-        logits = self._head_logits(_to_device(packed.input_ids, device), _to_device(torch.tensor(gather), device),
-                                   attention_mask=mask, position_ids=_to_device(packed.position_ids, device))
-        logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-        batch.logprobs = logp[row_index, batch.tokens]
-        batch.greedy_ok = logp.argmax(dim=-1)[row_index] == batch.tokens
+        batch.score(self._head_logits(_to_device(packed.input_ids, device), _to_device(torch.tensor(gather), device),
+                                      attention_mask=mask, position_ids=_to_device(packed.position_ids, device)),
+                    self.softmax_dtype)
         return batch
