@@ -369,3 +369,11 @@ def token_loss(items: Sequence[tuple[float, int]]) -> float:
     total_ll = sum(ll for ll, _ in items)
     total_tokens = sum(n for _, n in items)
     return -total_ll / total_tokens
+
+
+def move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's `TemplateLM._encode_pair` split: the context's trailing whitespace moves to the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation

@@ -36,6 +36,7 @@ from lm_eval.models.utils import Collator, _add_special_kwargs, has_bos_prefix
 from tqdm import tqdm
 
 from oasst_eval import shared
+from oasst_eval.data import move_trailing_space
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,7 @@ class FastHFLM(shared.SharedContextScoring, HFLM):
         if self.backend != "causal" or not getattr(self.tokenizer, "is_fast", False) or self.enable_thinking:
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         pairs = [req.args for req in requests]
-        split = []
-        for context, continuation in pairs:
-            # TemplateLM._encode_pair: trailing spaces of the context move to the continuation.
-            n_spaces = len(context) - len(context.rstrip())
-            if n_spaces > 0:
-                continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
-            split.append((context, continuation))
+        split = [move_trailing_space(context, continuation) for context, continuation in pairs]
         encoded = self._encode_all([s for c, k in split if c for s in (c + k, c)])
         new_reqs: list[Request] = []
         for (context, continuation), (raw_context, raw_continuation) in zip(split, pairs, strict=True):

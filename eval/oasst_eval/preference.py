@@ -32,7 +32,7 @@ from typing import Any
 
 from oasst_tools.conversation import ASSISTANT_CUE, chat_prompt, render_chat, render_guanaco, resolve_format
 from oasst_tools.errors import OasstError
-from oasst_eval.data import guanaco_file, loaded_tokenizer, numbered_task_rows
+from oasst_eval.data import guanaco_file, loaded_tokenizer, move_trailing_space, numbered_task_rows
 
 TASK = "guanaco_pairs"
 _WINDOW: dict[str, int | None] = {"tokens": None}  # the scored model's window, set by `oasst eval` for one run
@@ -105,9 +105,7 @@ def choice_tokens(tokenizer: Any, context: str, choice: str) -> int:
     """How many tokens lm-eval scores for `choice` after `context` (TemplateLM._encode_pair with HFLM's default
     special tokens: the context's trailing whitespace moves to the choice; the choice's tokens are what the whole
     adds to the context's)."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, choice = context[:-n_spaces], context[-n_spaces:] + choice
+    context, choice = move_trailing_space(context, choice)
     # verbose=False: replies longer than the model's window are expected; they are left out later, with a warning.
     whole = tokenizer(context + choice, verbose=False)["input_ids"]
     return len(whole) - len(tokenizer(context, verbose=False)["input_ids"])
