@@ -213,9 +213,8 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, data: Data, *, fresh: bo
     from trl import DPOConfig, DPOTrainer
 
     from oasst_model.load import load_adapter, lora_target_modules
-    from oasst_model.lora_fused import fuse_lora_forward
     from oasst_train.arguments import trainer_config
-    from oasst_train.trainer import Built, check_targets, compile_blocks, finish_trainer, lora_config
+    from oasst_train.trainer import check_targets, finish_trainer, lora_config, with_fast_paths
 
     model, peft_config, start = prepared.model, None, {}
     if cfg.init_adapter:
@@ -243,8 +242,7 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, data: Data, *, fresh: bo
         for name, param in trainer.model.named_parameters():
             if name in start:
                 param.data = start[name].float()
-    fused = fuse_lora_forward(trainer.model, seeded_dropout=cfg.seeded_lora_dropout) if cfg.fused_lora else 0
-    return Built(trainer, targets, fused, compile_blocks(cfg, trainer.model))
+    return with_fast_paths(cfg, trainer, targets)
 
 
 def figures(log_history: Sequence[dict[str, Any]]) -> dict[str, float | None]:

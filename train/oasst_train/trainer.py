@@ -210,24 +210,26 @@ def build_data(cfg: TrainConfig, tokenizer: Any, rows: dict[str, list[Any]]) -> 
 def build_trainer(cfg: TrainConfig, prepared: Prepared, data: Data, *, fresh: bool) -> Built:
     """The SFTTrainer with LoRA on the configured (or every linear) layer, and the LoRA modules' fused forward."""
     from oasst_model.load import lora_target_modules
-    from oasst_model.lora_fused import fuse_lora_forward
 
     targets = list(cfg.target_modules) or lora_target_modules(prepared.model)
     check_targets(prepared.model, targets)
     trainer = _build_trainer(cfg, prepared.model, prepared.tokenizer, data.train, data.eval, targets, fresh=fresh)
     # SFTTrainer wraps the model in LoRA (get_peft_model from peft_config): the LoRA modules exist only from here on.
+    return with_fast_paths(cfg, trainer, targets)
+
+
+def with_fast_paths(cfg: TrainConfig, trainer: Any, targets: list[str]) -> Built:
+    """`trainer` once its model has the LoRA modules: their fused forward (fused_lora), then the decoder layers
+    compiled (compile_layers, last: the compiled graph contains the fused forwards)."""
+    from oasst_model.lora_fused import fuse_lora_forward
+
     fused = fuse_lora_forward(trainer.model, seeded_dropout=cfg.seeded_lora_dropout) if cfg.fused_lora else 0
-    return Built(trainer, targets, fused, compile_blocks(cfg, trainer.model))
+    compiled = 0
+    if cfg.compile_layers:
+        from oasst_model.compiled import compile_layers
 
-
-def compile_blocks(cfg: TrainConfig, model: Any) -> int:
-    """Compile the decoder layers when `compile_layers` asks for it (last: after LoRA and the fused forwards, which
-    the compiled graph then contains)."""
-    if not cfg.compile_layers:
-        return 0
-    from oasst_model.compiled import compile_layers
-
-    return compile_layers(model)
+        compiled = compile_layers(trainer.model)
+    return Built(trainer, targets, fused, compiled)
 
 
 def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, has_eval: bool) -> None:
