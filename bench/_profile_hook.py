@@ -9,7 +9,8 @@ from transformers import TrainerCallback
 
 from _common import add_trainer_callback  # bench/ is on sys.path (the launcher puts it there)
 
-START_STEP, STEPS = 6, 3
+# Which steps: OASST_PROFILE_START (train_throughput.py puts them last, outside its steady figure).
+START_STEP, STEPS = int(os.environ.get("OASST_PROFILE_START", "6")), 3
 
 
 class ProfileSteps(TrainerCallback):
@@ -32,7 +33,8 @@ class ProfileSteps(TrainerCallback):
         if self.prof is not None and state.global_step == START_STEP + STEPS:
             import torch
 
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
             averages = self.prof.key_averages()
             text = averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)

@@ -44,6 +44,7 @@ RECIPES = REPO / "train" / "recipes"
 RESULTS = REPO / "bench" / "results" / f"train_throughput-{datetime.now(timezone.utc).date()}.json"
 BF16_TFLOPS = 790.0  # measured bf16 dense matmul ceiling of the H200 (../shared/docs/gpu.md)
 FLOPS_PER_TOKEN = 4 * 6.9e9
+PROFILED_STEPS = 3  # _profile_hook.STEPS
 
 # The notebook's settings (r 64, alpha 16, dropout 0.1, Falcon's four linears, batch 4 x accumulation 4,
 # max length 512, fp16, paged AdamW 32-bit, group_by_length, gradient checkpointing, NF4 without double quant,
@@ -193,7 +194,9 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
            "--eval-rows", "32", "--logging-steps", "1", "-q"]
     print(f"running {name} ...", flush=True)
     started = time.perf_counter()
-    env = os.environ | ({"OASST_PROFILE_OUT": str(work / f"{name}.profile.txt")} if args.profile else {})
+    # Profiled steps come last and are left out of the steady figure below (the profiler slows them).
+    env = os.environ | ({"OASST_PROFILE_OUT": str(work / f"{name}.profile.txt"),
+                         "OASST_PROFILE_START": str(args.steps - PROFILED_STEPS)} if args.profile else {})
     # The run itself inside the sampler (until 2026-11-29's fourth call it ran after the sampler had stopped).
     with SmiSampler() as smi:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -204,13 +207,24 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         return {"error": tail[-1] if tail else "failed", "wall_seconds": round(wall, 1)}
     summary = json.loads((out / "train_summary.json").read_text())
     profile = work / f"{name}.profile.txt"
+    kernels = None
     if profile.is_file():
-        print(profile.read_text())
+        text = profile.read_text()
+        print(text)
+        head = text.splitlines()[:2]  # "... N ms GPU time per step" / "N kernels per step"
+        kernels = {"gpu_ms_per_step": float(head[0].split(": ")[1].split(" ms")[0]),
+                   "kernels_per_step": int(head[1].split()[0]), "top": text.splitlines()[2:24]}
     history = summary.pop("log_history", [])
     values = recipe_values(base, overrides)
     per_step = values["batch_size"] * values.get("grad_accum", 1)
     losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry and "step" in entry]
-    steady = summary["steady_tokens_per_second"]
+    steady, window = summary["steady_tokens_per_second"], summary.get("steady_window")
+    if kernels and summary.get("step_tokens"):
+        seconds, tokens = summary["step_seconds"], summary["step_tokens"]
+        skip, end = summary["warmup_steps"], len(seconds) - PROFILED_STEPS
+        steady = sum(tokens[skip:end]) / sum(seconds[skip:end])
+        if window:
+            window = [window[0], window[1] - sum(seconds[end:])]
     return {
         "settings": {k: values[k] for k in ("precision", "batch_size", "grad_accum", "gradient_checkpointing",
                                              "optim", "fused_attention", "cast_norm_outputs", "fused_lora",
@@ -225,7 +239,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         "mfu": steady * FLOPS_PER_TOKEN / (BF16_TFLOPS * 1e12),
         "peak_allocated_gib": summary["peak_memory_bytes"] / 2**30 if summary.get("peak_memory_bytes") else None,
         "peak_nvidia_smi_gib": (smi.peak_mib() or 0) / 1024 or None,
-        "gpu_busy_percent": smi.busy(summary.get("steady_window")),
+        "gpu_busy_percent": smi.busy(window),
+        "profile": kernels,
         "gpu_sampler": {"source": smi.source, "samples": len(smi.samples), "error": smi.error},
         "linear4bit_layers": summary["linear4bit_layers"],
         "fused_attention_layers": summary.get("fused_attention_layers"),
@@ -313,7 +328,7 @@ def table(call: dict[str, Any]) -> None:
     runs = call["runs"]
     base = runs.get("classic", {}).get("steady_tokens_per_second")
     print(f"\n{'config':24s} {'tok/s':>7s} {'x classic':>9s} {'MFU':>6s} {'alloc GiB':>9s} {'smi GiB':>8s} "
-          f"{'busy %':>6s} {'4bit':>4s} {'loss@equal':>10s}")
+          f"{'busy %':>6s} {'4bit':>4s} {'loss@equal':>10s} {'kernels/step':>12s}")
     for name, r in runs.items():
         if "error" in r:
             print(f"{name:24s} ERROR {r['error'][:90]}")
@@ -323,7 +338,8 @@ def table(call: dict[str, Any]) -> None:
         print(f"{name:24s} {tps:7.0f} {tps / base if base else float('nan'):9.2f} {r['mfu']:6.1%} "
               f"{r['peak_allocated_gib'] or 0:9.1f} {r['peak_nvidia_smi_gib'] or 0:8.1f} "
               f"{r['gpu_busy_percent'] or 0:6.0f} {r['linear4bit_layers']:4d} "
-              f"{loss if loss is not None else float('nan'):10.4f}")
+              f"{loss if loss is not None else float('nan'):10.4f} "
+              f"{(r.get('profile') or {}).get('kernels_per_step', '-'):>12}")
     micro = call.get("attention_microbench")
     if micro:
         print("\nattention layer 16x512 fwd+bwd: " + ", ".join(
@@ -349,7 +365,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--note", default="", help="what this call's code had that earlier calls did not")
     parser.add_argument("--profile", action="store_true",
-                        help="profile 3 steady steps of each run with torch.profiler; print the top CUDA kernels")
+                        help="profile the last 3 steps of each run with torch.profiler (left out of its steady "
+                             "tokens/s): kernels per step, GPU ms per step, the top CUDA kernels")
     args = parser.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(CONFIGS) - {"attention"})

@@ -32,6 +32,9 @@ def test_tiny_falcon_4bit_run_writes_adapter_and_reports_4bit_layers(oasst, tiny
     assert summary["linear4bit_layers"] == 8  # 2 layers x Falcon's 4 linear modules
     assert summary["lora_target_modules"] == ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
     assert summary["real_tokens_per_second"] > 0 and summary["peak_memory_bytes"] > 0
+    # Per-step figures (bench/train_throughput.py recomputes tokens/s over chosen steps from them).
+    assert len(summary["step_tokens"]) == len(summary["step_seconds"]) == 3
+    assert sum(summary["step_tokens"]) == summary["tokens_seen"]
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "train_config.yaml",
                  "loss.png"):
         assert (out / name).is_file(), name

@@ -268,7 +268,8 @@ def summarize(cfg: TrainConfig, prepared: Prepared, built: Built, bar: Any, chec
     trainer = built.trainer
     summary = _summary(cfg, trainer, bar, prepared.linear4bit, prepared.load_seconds, checkpoint)
     summary.update(steady_tokens_per_second=bar.steady_tokens_per_second, warmup_steps=bar.warmup_steps(),
-                   step_seconds=[round(s, 4) for s in bar.step_seconds], steady_window=bar.steady_window(),
+                   step_seconds=[round(s, 4) for s in bar.step_seconds], step_tokens=list(bar.step_tokens),
+                   steady_window=bar.steady_window(),
                    fused_attention_layers=prepared.fused_attention_layers, fused_lora_modules=built.fused_lora,
                    # True only where it replaced a dropout: fused modules and a dropout to replace (p 0 is Identity).
                    seeded_lora_dropout=bool(built.fused_lora and cfg.seeded_lora_dropout and cfg.lora_dropout > 0),

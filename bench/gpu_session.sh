@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One call of a GPU session, on the GPU machine from the repo root: `bash bench/gpu_session.sh PHASE [ARGS...]`.
+#   eval     bench/eval_falcon_speed.py run --limit 2000 (its default configurations) ARGS
+#   train    bench/train_throughput.py ARGS (e.g. --steps 30 --profile --only classic,colab,...)
+#   smollm2  bench/eval_hellaswag_smollm2.py on the GGUF joined from the parts gathered so far, ARGS
+# Every phase first makes what it needs and a cold machine lacks: the carried wheels (.whl, .whl-lmeval, see
+# ../shared/docs/gpu.md) unpacked once into $SITE, the random Falcon-7B (eval_falcon_speed.py prepare, ~2 min).
+# The SmolLM2 GGUF (98 MB) cannot travel in one call (64 MiB): carry one of bench/data/smollm2-3/gguf.part-NN per
+# call; each call adds what it carried to /root/smol, where the smollm2 phase joins them (sha256 checked).
+# Results go to $OUT (the device's fetched folder) when set, else bench/results.
+set -euo pipefail
+phase=${1:?phase: eval, train or smollm2}
+shift
+SITE=${SITE:-/root/site}
+RESULTS=${OUT:-bench/results}
+DAY=$(date -u +%F)
+if [ ! -f "$SITE/.done" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl .whl-lmeval/*.whl
+    touch "$SITE/.done"
+fi
+export PYTHONPATH="$SITE:$PWD:$PWD/model:$PWD/train:$PWD/eval"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p /root/smol
+cp bench/data/smollm2-3/gguf.part-* /root/smol/ 2>/dev/null || true
+echo "gguf parts gathered: $(ls /root/smol | tr '\n' ' ')"
+if [ "$phase" != smollm2 ] && [ ! -f bench/data/falcon7b-random/model.safetensors.index.json ]; then
+    python3 bench/eval_falcon_speed.py prepare
+fi
+case $phase in
+    eval) python3 bench/eval_falcon_speed.py run --limit 2000 --results "$RESULTS/eval_falcon_speed-$DAY-2.json" "$@" \
+              2>&1 | grep -v -e '^Map' -e 'it/s]' ;;
+    train) python3 bench/train_throughput.py --results "$RESULTS/train_throughput-$DAY.json" "$@" ;;
+    smollm2) python3 bench/eval_hellaswag_smollm2.py --gguf /root/smol/SmolLM2-135M-Instruct.Q4_1.gguf \
+                 --out "$RESULTS/eval_hellaswag_smollm2-$DAY.json" "$@" ;;
+    *) echo "unknown phase $phase" >&2; exit 2 ;;
+esac
