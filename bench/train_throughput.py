@@ -88,6 +88,10 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     # run has enough steps; run these with --steps 30 or more).
     "fast-compiled": (FAST, {"compile_layers": True}),
     "colab-compiled": (COLAB, {"compile_layers": True}),
+    # torch's fused AdamW (a few multi-tensor kernels) instead of bitsandbytes' paged one (one kernel per tensor,
+    # 256 LoRA tensors): the same fp32 states, so the same memory unless the GPU runs out and pages.
+    "colab-fusedadam": (COLAB, {"optim": "adamw_torch_fused"}),
+    "colab-compiled-fusedadam": (COLAB, {"compile_layers": True, "optim": "adamw_torch_fused"}),
 }
 DEFAULT = ("classic", "colab", "fast")
 
@@ -219,9 +223,9 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     per_step = values["batch_size"] * values.get("grad_accum", 1)
     losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry and "step" in entry]
     steady, window = summary["steady_tokens_per_second"], summary.get("steady_window")
-    if kernels and summary.get("step_tokens"):
-        seconds, tokens = summary["step_seconds"], summary["step_tokens"]
-        skip, end = summary["warmup_steps"], len(seconds) - PROFILED_STEPS
+    seconds, tokens = summary["step_seconds"], summary.get("step_tokens")
+    skip, end = summary["warmup_steps"], len(seconds) - PROFILED_STEPS
+    if kernels and tokens and end > skip:
         steady = sum(tokens[skip:end]) / sum(seconds[skip:end])
         if window:
             window = [window[0], window[1] - sum(seconds[end:])]
