@@ -77,7 +77,7 @@ def test_shared_loglikelihoods_equal_lm_eval(stories: Path, fresh_patches: None,
     _assert_same(ours, theirs)
     stats = lm.shared_stats
     assert stats["requests"] == len(requests)
-    assert stats["checked"] > 0 and stats["max_abs_diff"] < 1e-3
+    assert 0 < stats["checked"] <= 64 and stats["max_abs_diff"] < 1e-3
     # Each context once instead of four times: HellaSwag endings are short next to their contexts.
     assert stats["tokens"] < 0.6 * stats["unshared_tokens"]
     assert patches.report()["lm_eval_shared_context"]["state"] == "active"
@@ -97,10 +97,13 @@ def test_shared_on_falcon_fused_attention(tiny_falcon: Path, fresh_patches: None
     assert lm.shared_stats["requests"] == len(requests)
 
 
+@pytest.mark.parametrize("check_requests", [64, 2])
 def test_a_leaking_mask_falls_back_to_the_unshared_path(stories: Path, fresh_patches: None,
                                                         monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """A model whose attention lets endings see each other is caught by the first-batch check."""
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        check_requests: int) -> None:
+    """A model whose attention lets endings see each other is caught by the first-batch check; every request is
+    then scored unshared (with 2 checked, the unchecked rest of the first batch too)."""
     import torch
 
     from oasst_eval import shared
@@ -112,6 +115,7 @@ def test_a_leaking_mask_falls_back_to_the_unshared_path(stories: Path, fresh_pat
         return torch.ones(width, width, dtype=torch.bool).tril()[None, None].expand(len(segments), 1, width, width)
 
     monkeypatch.setattr(shared, "block_mask", causal_only)
+    monkeypatch.setattr(shared, "CHECK_REQUESTS", check_requests)
     model, tokenizer = _model(stories)
     requests = _instances(_hellaswag_pairs())
     theirs = _lm_eval_answers(model, tokenizer, requests)
