@@ -9,19 +9,19 @@ Shared by `oasst train`, `oasst merge`, `oasst generate`, `oasst chat` and the `
 What this module guarantees that a bare `from_pretrained` does not:
 - a 4-bit request really quantizes (Falcon's `FalconLinear` included) and fails loudly when nothing was;
 - the tokenizer has a pad token distinct from EOS, so EOS stays a trained, generated token;
-- no remote code runs unless asked; a `.gguf` path is accepted as the model.
+- no remote code runs unless asked; a `.gguf` path is accepted as the model (its own steps: `from_gguf`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from oasst_model.from_gguf import _gguf_in_4bit, _match_gguf_special_tokens
 from oasst_tools.errors import OasstError, describe_os_error
 
 log = logging.getLogger(__name__)
@@ -328,42 +328,6 @@ def _load_tokenizer(source: str, gguf_file: str | None, trust_remote_code: bool)
         raise OasstError(f"cannot load the tokenizer of {source}: {_first_line(exc)}") from None
 
 
-def _match_gguf_special_tokens(tokenizer: Any, path: Path) -> None:
-    """Give a GGUF tokenizer the BOS/EOS the file declares, and its add-BOS rule, with one warning when they differ.
-
-    transformers 5.17 converts a sentencepiece ("llama") GGUF vocabulary with EOS = `<s>` (the BOS) and without
-    adding BOS (5.24 reads the file's ids): trained that way, a model learns to end its replies with BOS. Delete when
-    transformers < 5.24 is no longer supported.
-    """
-    import gguf
-
-    fields = gguf.GGUFReader(str(path)).fields
-
-    def scalar(key: str) -> Any:
-        entry = fields.get(key)
-        return entry.parts[entry.data[0]].tolist()[0] if entry is not None and entry.data else None
-
-    fixed = []
-    for role in ("bos", "eos"):
-        want = scalar(f"tokenizer.ggml.{role}_token_id")
-        if want is not None and 0 <= want < len(tokenizer) and getattr(tokenizer, f"{role}_token_id") != want:
-            before = getattr(tokenizer, f"{role}_token")
-            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(want))
-            fixed.append(f"{role} {before!r} -> {tokenizer.convert_ids_to_tokens(want)!r}")
-    add_bos = scalar("tokenizer.ggml.add_bos_token")
-    if add_bos is not None and tokenizer.bos_token_id is not None:
-        adds = tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
-        if bool(add_bos) != adds and hasattr(tokenizer, "update_post_processor"):
-            tokenizer.add_bos_token = bool(add_bos)
-            tokenizer.update_post_processor()
-            fixed.append(f"add BOS {adds} -> {bool(add_bos)}")
-    if fixed:
-        import transformers
-
-        sys.stderr.write(f"warning: transformers {transformers.__version__} read the tokenizer of {path} otherwise "
-                         f"than the file declares; corrected: {'; '.join(fixed)}\n")
-
-
 def _from_pretrained(source: str, config: Any, kwargs: dict[str, Any]) -> Any:
     """`AutoModelForCausalLM.from_pretrained` with Falcon's linear layers made quantizable."""
     from transformers import AutoModelForCausalLM
@@ -381,42 +345,6 @@ def _from_pretrained(source: str, config: Any, kwargs: dict[str, Any]) -> Any:
                 raise
             # check_model_folder reads headers only; a file damaged inside its tensor data shows up here.
             raise OasstError(f"cannot load model {source}: a weights file is damaged ({_first_line(exc)})") from None
-
-
-def _gguf_in_4bit(source: str, config: Any, kwargs: dict[str, Any]) -> Any:
-    """A GGUF model quantized to 4 bits: dequantized to a float32 folder first, since transformers refuses to
-    quantize a GGUF load ("You cannot combine Quantization and loading a model from a GGUF file", 5.17 and 5.24).
-
-    The folder lives only for the load; the model keeps the GGUF path as its name (adapters record it).
-    """
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    gguf_file = kwargs["gguf_file"]
-    plain = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(source, config=config, **(plain | {"dtype": torch.float32}))
-    except (OSError, ValueError) as exc:
-        raise OasstError(f"cannot load model {source}/{gguf_file}: {_first_line(exc)}") from None
-    # The weights are plain floats now, but transformers still marks the model GGUF-quantized and will not save
-    # it; a model built from the same config without the mark takes the same state dict.
-    float_config = loaded.config
-    if hasattr(float_config, "quantization_config"):
-        del float_config.quantization_config
-    rebuilt = AutoModelForCausalLM.from_config(float_config, dtype=torch.float32)
-    rebuilt.load_state_dict(loaded.state_dict(), strict=True)
-    del loaded
-    with tempfile.TemporaryDirectory(prefix="oasst-gguf-") as folder:
-        rebuilt.save_pretrained(folder)
-        del rebuilt
-        rest = {k: v for k, v in kwargs.items() if k != "gguf_file"}
-        with _plain_falcon_linear(enabled=float_config.model_type == "falcon"):
-            net = AutoModelForCausalLM.from_pretrained(folder, **rest)
-    name = str(Path(source) / gguf_file)
-    net.config._name_or_path = net.name_or_path = name
-    return net
 
 
 @contextlib.contextmanager
