@@ -249,6 +249,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         "linear4bit_layers": summary["linear4bit_layers"],
         "fused_attention_layers": summary.get("fused_attention_layers"),
         "fused_lora_modules": summary.get("fused_lora_modules"),
+        "compiled_graphs": summary.get("compiled_graphs"),
+        "compiled_graph_breaks": summary.get("compiled_graph_breaks"),
         "trainable_parameters": summary["trainable_parameters"],
         "load_seconds": summary["load_seconds"],
         "train_loss_first": summary["train_loss_first"],

@@ -206,7 +206,10 @@ def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
             value = value[:, :, None].expand(batch, kv_heads, groups, value.shape[2], head_dim).flatten(1, 2)
     attention_mask = given.get("attention_mask")
     if plan.mode == "causal" or (plan.mode == "given" and attention_mask is None):
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=length > 1, **extra)
+        # Keys are as long as queries here (an empty cache at most), so causal is right for one token too. A plain
+        # True, not `length > 1`: under torch.compile with symbolic lengths that is a SymBool, which sdpa refuses,
+        # and the graph broke around every attention call (4 compiled regions per layer on a GPU).
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, **extra)
     else:
         mask = plan.mask if plan.mode == "block" else attention_mask
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, **extra)

@@ -65,3 +65,11 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def graph_breaks() -> int:
+    """Graph breaks torch.compile met in this process so far (each splits a compiled block into more regions, with
+    eager code and a host round trip between them)."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))

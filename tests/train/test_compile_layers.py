@@ -53,6 +53,7 @@ def test_compiled_graph_trains_exactly_as_eager(oasst: Callable[..., Any], tiny_
     got = _lora_weights(tmp_path / "compiled")
     assert reference.keys() == got.keys() and all(torch.equal(got[k], reference[k]) for k in reference)
     assert summary["compiled_layers"] == 2 and summary["compiled_graphs"] > 0
+    assert summary["compiled_graph_breaks"] == 0
     assert summary["patches"]["compile_layers"]["state"] == "active"
     assert summary["patches"]["compile_layers"]["places"] == 2
 
@@ -115,3 +116,24 @@ def test_dpo_with_compiled_layers_trains_as_eager(oasst: Callable[..., Any], sto
         summary = read_summary(out)
         figures.append(([h["loss"] for h in summary["log_history"] if "loss" in h], summary["reward_margin_last"]))
     assert figures[1] == figures[0]
+
+
+def test_falcon_layers_compile_without_graph_breaks_as_lengths_change(tiny_falcon: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of new lengths make the compiled layers symbolic in the length; the fused attention must still trace
+    whole (sdpa refuses a SymBool `is_causal`: that broke every layer into several regions on a GPU)."""
+    from torch._dynamo.utils import counters
+
+    from oasst_model.attention import fused_attention_layers
+    from oasst_model.load import load_model
+
+    monkeypatch.setattr(compiled, "BACKEND", "eager")  # graph breaks are dynamo's: no code generation needed
+    model, _ = load_model(str(tiny_falcon), compute_dtype="float32")
+    model.train()
+    assert fused_attention_layers(model) == 2
+    assert compiled.compile_layers(model) == 2
+    for length in (16, 24, 40):  # the second length makes dynamo recompile with a symbolic one
+        ids = torch.randint(0, 1000, (2, length))
+        model(input_ids=ids).logits.float().sum().backward()
+    assert compiled.graph_breaks() == 0, dict(counters["graph_break"])
+    assert compiled.compiled_graphs() >= 2
