@@ -257,7 +257,9 @@ def measure(name: str, limit: int, work: Path, profile: bool = False) -> dict[st
                "peak_gpu_memory_gib": settings["peak_gpu_memory_gib"],
                "linear4bit_layers": settings["linear4bit_layers"],
                "batch_tokens": settings.get("batch_tokens"), "adapter_merged": settings.get("adapter_merged"),
-               "shared_context_used": settings.get("shared_context_used")}
+               "shared_context_used": settings.get("shared_context_used"),
+               # tokenizing and scoring inside FastHFLM (GPU included); the rest of `seconds` is lm-eval's own
+               "loglikelihood_seconds": settings.get("loglikelihood_seconds")}
     row["items_per_second"] = row["items"] / row["seconds"]
     row["wall_seconds"] = round(wall, 1)
     return row

@@ -24,6 +24,7 @@ Usage (what `oasst_eval.run` does):
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,9 @@ class FastHFLM(shared.SharedContextScoring, HFLM):
         self.shared_stats: dict[str, Any] = {"requests": 0, "tokens": 0, "unshared_tokens": 0, "checked": 0,
                                              "max_abs_diff": None}
         self.batch_tokens: int | None = None  # measured on the first auto-sized batch, then kept
+        # Wall seconds inside loglikelihood: tokenizing, and scoring until the last answer is read back (GPU work
+        # included). The rest of a simple_evaluate is lm-eval's own (requests, metrics): eval_summary.json keeps it.
+        self.seconds: dict[str, float] = {"tokenize": 0.0, "score": 0.0}
         # Called with the number of lm-eval requests each batch answered, in place of the tqdm bar (set by
         # oasst_eval.progress, which draws one bar over every request of a model).
         self.answered: Callable[[int], None] | None = None
@@ -96,6 +100,7 @@ class FastHFLM(shared.SharedContextScoring, HFLM):
         """lm-eval's `TemplateLM.loglikelihood`, tokenizing every distinct string once, in one batched call."""
         if self.backend != "causal" or not getattr(self.tokenizer, "is_fast", False) or self.enable_thinking:
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        started = time.perf_counter()
         pairs = [req.args for req in requests]
         split = [move_trailing_space(context, continuation) for context, continuation in pairs]
         encoded = self._encode_all([s for c, k in split if c for s in (c + k, c)])
@@ -112,7 +117,11 @@ class FastHFLM(shared.SharedContextScoring, HFLM):
                 whole, context_enc = encoded[context + continuation], encoded[context]
                 continuation_enc = whole[len(context_enc):]
             new_reqs.append(((raw_context, raw_continuation), context_enc, continuation_enc))
-        return self._loglikelihood_tokens(new_reqs, disable_tqdm=disable_tqdm)
+        scoring = time.perf_counter()
+        self.seconds["tokenize"] += scoring - started
+        answers = self._loglikelihood_tokens(new_reqs, disable_tqdm=disable_tqdm)
+        self.seconds["score"] += time.perf_counter() - scoring
+        return answers
 
     def _encode_all(self, strings: Sequence[str]) -> dict[str, list[int]]:
         """`HFLM.tok_encode` of each distinct string, batched per set of special-token arguments."""

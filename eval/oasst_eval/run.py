@@ -218,6 +218,8 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print,
         "batch_size_used": {run.label: run.results["config"].get("batch_sizes") or batch_size for run in runs},
         "batch_tokens": getattr(lm, "batch_tokens", None),
         "shared_context_used": getattr(lm, "shared_stats", None),
+        "loglikelihood_seconds": ({k: round(v, 2) for k, v in lm.seconds.items()} if hasattr(lm, "seconds")
+                                  else None),
         "adapter_merged": "folded per forward (weights stay 4-bit)" if fold else merge,
         "merge_seconds": merge_seconds,
         "data_used": {k: v for k, v in metadata.items() if k in ("data_dir", "data")},

@@ -89,6 +89,10 @@ def test_shared_context_off_or_changed_scores_the_same(oasst, stories: Path, ada
     _, shared = _eval(oasst, tmp_path / "shared", "--model", stories, "--adapter", adapter_dir, "--compare-base")
     used = shared["settings"]["shared_context_used"]
     assert used["requests"] > 0 and used["tokens"] < 0.6 * used["unshared_tokens"] and used["checked"] > 0
+    # Time inside FastHFLM (both models: --compare-base) is part of the two simple_evaluate spans, never more.
+    inside = shared["settings"]["loglikelihood_seconds"]
+    assert inside["score"] > 0 and inside["tokenize"] > 0
+    assert inside["score"] + inside["tokenize"] <= sum(shared["settings"]["seconds"].values()) + 0.02
 
     result, off = _eval(oasst, tmp_path / "off", "--model", stories, "--adapter", adapter_dir, "--compare-base",
                         "--no-shared-context")
