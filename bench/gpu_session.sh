@@ -7,6 +7,9 @@
 # ../shared/docs/gpu.md) unpacked once into $SITE, the random Falcon-7B (eval_falcon_speed.py prepare, ~2 min).
 # The SmolLM2 GGUF (98 MB) cannot travel in one call (64 MiB): carry one of bench/data/smollm2-3/gguf.part-NN per
 # call; each call adds what it carried to /root/smol, where the smollm2 phase joins them (sha256 checked).
+# Carry (64 MiB per call in all): .whl and .whl-lmeval (git-ignored wheel folders), bench/data/falcon-7b-tokenizer,
+# bench/data/hellaswag, bench/data/guanaco-all (`oasst build --input ../shared/data/oasst1/validation-en.messages.jsonl
+# --all-threads --test-size 0.05 --out bench/data/guanaco-all`) and one GGUF part: about 59 MiB.
 # Results go to $OUT (the device's fetched folder) when set, else bench/results.
 set -euo pipefail
 phase=${1:?phase: eval, train or smollm2}
