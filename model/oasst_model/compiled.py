@@ -60,16 +60,11 @@ def compile_layers(model: Any) -> int:
     return len(blocks)
 
 
-def compiled_graphs() -> int:
-    """Graphs torch.compile built in this process so far (0 when every compiled block fell back to eager)."""
+def compile_stats() -> dict[str, int]:
+    """What torch.compile did in this process so far: `compiled_graphs` built (0: every compiled block fell back to
+    eager) and `compiled_graph_breaks` met (each splits a block into more regions, with eager code and a host round
+    trip between them). The keys are train_summary.json's."""
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"]["unique_graphs"])
-
-
-def graph_breaks() -> int:
-    """Graph breaks torch.compile met in this process so far (each splits a compiled block into more regions, with
-    eager code and a host round trip between them)."""
-    from torch._dynamo.utils import counters
-
-    return int(sum(counters["graph_break"].values()))
+    return {"compiled_graphs": int(counters["stats"]["unique_graphs"]),
+            "compiled_graph_breaks": int(sum(counters["graph_break"].values()))}

@@ -274,29 +274,19 @@ def summarize(cfg: TrainConfig, prepared: Prepared, built: Built, bar: Any, chec
                    fused_attention_layers=prepared.fused_attention_layers, fused_lora_modules=built.fused_lora,
                    # True only where it replaced a dropout: fused modules and a dropout to replace (p 0 is Identity).
                    seeded_lora_dropout=bool(built.fused_lora and cfg.seeded_lora_dropout and cfg.lora_dropout > 0),
-                   compiled_layers=built.compiled_layers, compiled_graphs=_compiled_graphs(built),
-                   compiled_graph_breaks=_compiled_graph_breaks(built))
+                   compiled_layers=built.compiled_layers, **_compile_stats(built))
     summary.update(peak_memory_bytes=peak_memory_bytes(), versions=versions(), device=device_name(),
                    replica_checksums=replica_checksums(trainer.model), patches=patches.report())
     return summary
 
 
-def _compiled_graph_breaks(built: Built) -> int | None:
-    """Graph breaks inside the compiled layers (None: compile_layers was off)."""
+def _compile_stats(built: Built) -> dict[str, int | None]:
+    """compiled_graphs and compiled_graph_breaks of the compiled layers (None each: compile_layers was off)."""
     if not built.compiled_layers:
-        return None
-    from oasst_model.compiled import graph_breaks
+        return {"compiled_graphs": None, "compiled_graph_breaks": None}
+    from oasst_model.compiled import compile_stats
 
-    return graph_breaks()
-
-
-def _compiled_graphs(built: Built) -> int | None:
-    """Graphs torch.compile built for the compiled layers (None: compile_layers was off)."""
-    if not built.compiled_layers:
-        return None
-    from oasst_model.compiled import compiled_graphs
-
-    return compiled_graphs()
+    return compile_stats()
 
 
 def _build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, train_set: Any, eval_set: Any,
