@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -9,12 +10,15 @@ from transformers import TrainerCallback
 
 from _common import add_trainer_callback  # bench/ is on sys.path (the launcher puts it there)
 
-# Which steps: OASST_PROFILE_START (train_throughput.py puts them last, outside its steady figure).
-START_STEP, STEPS = int(os.environ.get("OASST_PROFILE_START", "6")), 3
+# Which steps: OASST_PROFILE_START and OASST_PROFILE_STEPS (train_throughput.py puts them last, outside its steady
+# figure).
+START_STEP = int(os.environ.get("OASST_PROFILE_START", "6"))
+STEPS = int(os.environ.get("OASST_PROFILE_STEPS", "3"))
 
 
 class ProfileSteps(TrainerCallback):
-    """Profile optimizer steps START_STEP .. START_STEP + STEPS - 1; write the top kernels to OASST_PROFILE_OUT."""
+    """Profile optimizer steps START_STEP .. START_STEP + STEPS - 1; write the top kernels to OASST_PROFILE_OUT
+    (text) and the per-step figures to OASST_PROFILE_OUT.json."""
 
     def __init__(self) -> None:
         self.prof: Any = None
@@ -43,8 +47,12 @@ class ProfileSteps(TrainerCallback):
             total_cuda = sum(e.self_device_time_total for e in kernels) / 1e3 / STEPS
             counts = sum(e.count for e in kernels) // STEPS
             header = f"profile of steps {START_STEP}-{START_STEP + STEPS - 1}: {total_cuda:.0f} ms GPU time per step\n"
-            with open(os.environ["OASST_PROFILE_OUT"], "w") as fh:
+            path = os.environ["OASST_PROFILE_OUT"]
+            with open(path, "w") as fh:
                 fh.write(header + f"{counts} kernels per step\n" + text)
+            with open(path + ".json", "w") as fh:
+                json.dump({"gpu_ms_per_step": round(total_cuda, 1), "kernels_per_step": counts,
+                           "top": text.splitlines()}, fh)
             self.prof = None
 
 

@@ -44,7 +44,7 @@ RECIPES = REPO / "train" / "recipes"
 RESULTS = REPO / "bench" / "results" / f"train_throughput-{datetime.now(timezone.utc).date()}.json"
 BF16_TFLOPS = 790.0  # measured bf16 dense matmul ceiling of the H200 (../shared/docs/gpu.md)
 FLOPS_PER_TOKEN = 4 * 6.9e9
-PROFILED_STEPS = 3  # _profile_hook.STEPS
+PROFILED_STEPS = 3  # with --profile, the last steps of each run (bench/_profile_hook.py reads the count from env)
 
 # The notebook's settings (r 64, alpha 16, dropout 0.1, Falcon's four linears, batch 4 x accumulation 4,
 # max length 512, fp16, paged AdamW 32-bit, group_by_length, gradient checkpointing, NF4 without double quant,
@@ -200,7 +200,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     started = time.perf_counter()
     # Profiled steps come last and are left out of the steady figure below (the profiler slows them).
     env = os.environ | ({"OASST_PROFILE_OUT": str(work / f"{name}.profile.txt"),
-                         "OASST_PROFILE_START": str(args.steps - PROFILED_STEPS)} if args.profile else {})
+                         "OASST_PROFILE_START": str(args.steps - PROFILED_STEPS),
+                         "OASST_PROFILE_STEPS": str(PROFILED_STEPS)} if args.profile else {})
     # The run itself inside the sampler (until 2026-11-29's fourth call it ran after the sampler had stopped).
     with SmiSampler() as smi:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -211,13 +212,10 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         return {"error": tail[-1] if tail else "failed", "wall_seconds": round(wall, 1)}
     summary = json.loads((out / "train_summary.json").read_text())
     profile = work / f"{name}.profile.txt"
-    kernels = None
     if profile.is_file():
-        text = profile.read_text()
-        print(text)
-        head = text.splitlines()[:2]  # "... N ms GPU time per step" / "N kernels per step"
-        kernels = {"gpu_ms_per_step": float(head[0].split(": ")[1].split(" ms")[0]),
-                   "kernels_per_step": int(head[1].split()[0]), "top": text.splitlines()[2:24]}
+        print(profile.read_text())
+    figures = profile.with_name(profile.name + ".json")
+    kernels = json.loads(figures.read_text()) if figures.is_file() else None
     history = summary.pop("log_history", [])
     values = recipe_values(base, overrides)
     per_step = values["batch_size"] * values.get("grad_accum", 1)
