@@ -17,7 +17,6 @@ What the user named is checked first, without torch, by `locate` (`check_source`
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +26,6 @@ from oasst_model.from_gguf import _gguf_in_4bit, _match_gguf_special_tokens
 # check_source and check_model_folder are re-exported: callers import them from here.
 from oasst_model.locate import _resolve_source, check_model_folder, check_source  # noqa: F401
 from oasst_tools.errors import OasstError
-
-log = logging.getLogger(__name__)
 
 DTYPES = ("bfloat16", "float16", "float32")
 
