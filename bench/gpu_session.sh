@@ -10,13 +10,19 @@
 # Carry (64 MiB per call in all): .whl and .whl-lmeval (git-ignored wheel folders), bench/data/falcon-7b-tokenizer,
 # bench/data/hellaswag, bench/data/guanaco-all (`oasst build --input ../shared/data/oasst1/validation-en.messages.jsonl
 # --all-threads --test-size 0.05 --out bench/data/guanaco-all`) and one GGUF part: about 59 MiB.
-# Results go to $OUT (the device's fetched folder) when set, else bench/results.
+# Results go to $OUT (the device's fetched folder) when set, else bench/results; eval and smollm2 files carry the
+# time (each is one machine's runs: a second call the same day must not replace the first), train's calls append.
 set -euo pipefail
 phase=${1:?phase: eval, train or smollm2}
 shift
+case $phase in
+    eval|train|smollm2) ;;
+    *) echo "unknown phase $phase (eval, train or smollm2)" >&2; exit 2 ;;  # before minutes of set-up
+esac
 SITE=${SITE:-/root/site}
 RESULTS=${OUT:-bench/results}
 DAY=$(date -u +%F)
+STAMP=$(date -u +%F-%H%M)
 if [ ! -f "$SITE/.done" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl .whl-lmeval/*.whl
     touch "$SITE/.done"
@@ -30,10 +36,9 @@ if [ "$phase" != smollm2 ] && [ ! -f bench/data/falcon7b-random/model.safetensor
     python3 bench/eval_falcon_speed.py prepare
 fi
 case $phase in
-    eval) python3 bench/eval_falcon_speed.py run --limit 2000 --results "$RESULTS/eval_falcon_speed-$DAY-2.json" "$@" \
+    eval) python3 bench/eval_falcon_speed.py run --limit 2000 --results "$RESULTS/eval_falcon_speed-$STAMP.json" "$@" \
               2>&1 | grep -v -e '^Map' -e 'it/s]' ;;
     train) python3 bench/train_throughput.py --results "$RESULTS/train_throughput-$DAY.json" "$@" ;;
     smollm2) python3 bench/eval_hellaswag_smollm2.py --gguf /root/smol/SmolLM2-135M-Instruct.Q4_1.gguf \
-                 --out "$RESULTS/eval_hellaswag_smollm2-$DAY.json" "$@" ;;
-    *) echo "unknown phase $phase" >&2; exit 2 ;;
+                 --out "$RESULTS/eval_hellaswag_smollm2-$STAMP.json" "$@" ;;
 esac
