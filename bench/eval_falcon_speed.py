@@ -24,6 +24,10 @@ lm_eval_bs64, oasst_nf4_adapter, oasst_nf4_adapter_unshared, oasst_nf4_adapter_t
     oasst_nf4_adapter_peft       the same with --no-merge-adapter: peft's own unmerged adapter forward
     oasst_nf4_adapter_unshared   the same with --no-shared-context: one row per request (the shared-context
                                  lever's effect; every oasst configuration shares contexts by default)
+    oasst_nf4_adapter_cudnn      oasst_nf4_adapter with --cudnn-attention (torch's own sdpa choice, cuDNN on an
+                                 H100/H200, which plans every new batch shape; the default turns it off since
+                                 2026-12-06; bench/sdpa_backends.py times it alone; not run by default). The
+                                 2026-12-06 H100 calls named the default-to-be `oasst_nf4_adapter_nocudnn`.
     oasst_bf16_adapter_unshared  the bf16 one with --no-shared-context (not run by default)
     oasst_nf4_adapter_tok32k     folded, token budget capped at 32,768 (not run by default)
     oasst_nf4_adapter_tok64k     folded, token budget capped at 65,536 (not run by default)
@@ -66,7 +70,7 @@ DEFAULT_CONFIGS = ("lm_eval_bs64", "oasst_nf4_adapter", "oasst_nf4_adapter_unsha
 ALL_CONFIGS = DEFAULT_CONFIGS + ("lm_eval_auto", "oasst_bf16_adapter_unmerged", "oasst_bf16_adapter_bs64",
                                  "oasst_nf4_adapter_peft", "lm_eval_bs1", "oasst_bf16_base",
                                  "oasst_bf16_adapter_tok4k", "oasst_bf16_adapter_tok64k", "oasst_nf4_adapter_tok64k",
-                                 "oasst_bf16_adapter_unshared")
+                                 "oasst_bf16_adapter_unshared", "oasst_nf4_adapter_cudnn")
 # Extra `oasst eval` flags per configuration, beyond --adapter / --load-in-4bit read from the name.
 OASST_FLAGS = {
     "oasst_bf16_adapter_unmerged": ["--no-merge-adapter"],
@@ -75,6 +79,7 @@ OASST_FLAGS = {
     "oasst_bf16_adapter_tok64k": ["--max-batch-tokens", "65536"],
     "oasst_nf4_adapter_peft": ["--no-merge-adapter"],
     "oasst_nf4_adapter_unshared": ["--no-shared-context"],
+    "oasst_nf4_adapter_cudnn": ["--cudnn-attention"],
     "oasst_bf16_adapter_unshared": ["--no-shared-context"],
     "oasst_nf4_adapter_tok32k": ["--max-batch-tokens", "32768"],
     "oasst_nf4_adapter_tok64k": ["--max-batch-tokens", "65536"],

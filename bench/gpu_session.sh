@@ -28,7 +28,8 @@ if [ ! -f "$SITE/.done" ]; then
     touch "$SITE/.done"
 fi
 export PYTHONPATH="$SITE:$PWD:$PWD/model:$PWD/train:$PWD/eval"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# TOKENIZERS_PARALLELISM stays unset, as for a user: oasst eval then tokenizes its batch on every core.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p /root/smol
 cp bench/data/smollm2-3/gguf.part-* /root/smol/ 2>/dev/null || true
 echo "gguf parts gathered: $(ls /root/smol | tr '\n' ' ')"

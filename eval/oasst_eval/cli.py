@@ -36,6 +36,7 @@ def _option(name: str, **kwargs: Any) -> Callable[[F], F]:
 @_option("max_batch_size", kind=click.IntRange(min=1))
 @_option("max_batch_tokens", kind=click.IntRange(min=1))
 @_option("shared_context", kind=bool)
+@_option("cudnn_attention", kind=bool)
 @_option("merge_adapter", kind=bool)
 @load_options(inference=True, skip=("model",))
 @_option("device")

@@ -63,6 +63,10 @@ class EvalConfig:
                                "16384")
     shared_context: bool = _f(True, "Score the choices of one context (a multiple-choice item) from one packed row "
                                     "that runs the context once; same log-likelihoods, fewer tokens.", "on")
+    cudnn_attention: bool = _f(False, "Let sdpa pick cuDNN's attention kernels. Off: flash or memory-efficient "
+                                      "kernels (the same scores up to rounding), as cuDNN builds a plan for every "
+                                      "new batch shape (30-150 ms each on an H100) and eval's batches seldom "
+                                      "repeat one.", "off")
     merge_adapter: bool = _f(True, "Merge a 16/32-bit adapter into the weights before scoring (no cost per token); "
                                    "fold it in per forward on 4-bit. Off: peft's forward.", "on")
 
@@ -134,7 +138,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 # Settings that are whole numbers, and their smallest allowed value; None is allowed where the default is None.
 INTEGERS = {"num_fewshot": 0, "limit": 1, "max_batch_size": 1, "max_batch_tokens": 1}
-BOOLEANS = ("compare_base", "merge_adapter", "shared_context")
+BOOLEANS = ("compare_base", "merge_adapter", "shared_context", "cudnn_attention")
 TEXTS = ("adapter", "data_dir", "data", "device", "out", "batch_size", "format")
 
 

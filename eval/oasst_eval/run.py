@@ -265,9 +265,10 @@ def _score(lm: Any, tasks: list[Any], manager: Any, cfg: EvalConfig, label: str,
     from lm_eval import simple_evaluate
 
     from oasst_eval.progress import request_bars
+    from oasst_model.attention import cudnn_sdpa
 
     t0 = time.perf_counter()
-    with request_bars(lm, label) if bars else nullcontext():
+    with request_bars(lm, label) if bars else nullcontext(), cudnn_sdpa(cfg.cudnn_attention):
         results = simple_evaluate(
             model=lm, tasks=tasks, task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
             log_samples=True,  # per-item scores: the paired standard error of the difference needs them

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import inspect
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # How keys/values reach the kernel: "expand" (a stride-0 view over heads) or "gqa" (sdpa's enable_gqa).
@@ -92,6 +94,31 @@ def use_fused_attention(model: Any) -> int:
                 switched += 1
     patches.activated("falcon_fused_attention", switched)
     return switched
+
+
+@contextmanager
+def cudnn_sdpa(enabled: bool) -> Iterator[None]:
+    """Inside the block sdpa may pick cuDNN's attention kernels only when `enabled`; torch's switch is restored.
+
+    Why eval turns it off: cuDNN builds an execution plan the first time a process meets a (rows, heads, length)
+    shape, 30-150 ms each on an H100 (bench/sdpa_backends.py: 0.6 s for 13 shared-context shapes, 1.2 s for 20
+    unshared ones, forward only), and eval's token-budget batches seldom repeat a shape. Flash and memory-efficient
+    kernels start at once and are within ~15% of it warm. `enabled` leaves torch's own choice alone. A torch
+    without the switch (no cuDNN attention) changes nothing.
+    """
+    import torch
+
+    switch = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)
+    state = getattr(torch.backends.cuda, "cudnn_sdp_enabled", None)
+    if enabled or switch is None or state is None:
+        yield
+        return
+    before = bool(state())
+    switch(False)
+    try:
+        yield
+    finally:
+        switch(before)
 
 
 def _forward_params(cls: type) -> tuple[str, ...]:

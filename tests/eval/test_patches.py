@@ -109,3 +109,47 @@ def test_shared_context_off_or_changed_scores_the_same(oasst, stories: Path, ada
         for metric in ("acc", "acc_norm"):
             assert off[label]["hellaswag"][metric] == shared[label]["hellaswag"][metric]
             assert changed[label]["hellaswag"][metric] == shared[label]["hellaswag"][metric]
+
+
+def test_cudnn_attention_is_off_while_scoring_unless_asked(oasst, stories: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuDNN attention is switched off around scoring by default (cuDNN plans every new batch shape), on with
+    --cudnn-attention or `cudnn_attention: true`; torch's own switch is back as it was after; scores are the same."""
+    import torch
+
+    seen: list[bool] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    _, off = _eval(oasst, tmp_path / "off", "--model", stories)
+    assert seen and not any(seen) and off["settings"]["cudnn_attention"] is False
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored
+
+    seen.clear()
+    (tmp_path / "eval.yaml").write_text("cudnn_attention: true\n")
+    _, on = _eval(oasst, tmp_path / "on", "--model", stories, "--config", tmp_path / "eval.yaml")
+    assert seen and all(seen) and on["settings"]["cudnn_attention"] is True
+    seen.clear()
+    _, flag = _eval(oasst, tmp_path / "flag", "--model", stories, "--cudnn-attention")
+    assert seen and all(seen) and flag["settings"]["cudnn_attention"] is True
+    for metric in ("acc", "acc_norm"):
+        assert on["base"]["hellaswag"][metric] == off["base"]["hellaswag"][metric]
+
+
+def test_cudnn_sdpa_without_the_switch_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch without cuDNN attention's switch (older, or a build without it): the block runs, nothing raised."""
+    import torch
+
+    from oasst_model.attention import cudnn_sdpa
+
+    with cudnn_sdpa(False):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.delattr(torch.backends.cuda, "enable_cudnn_sdp")
+    with cudnn_sdpa(False):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
