@@ -63,10 +63,10 @@ class EvalConfig:
                                "16384")
     shared_context: bool = _f(True, "Score the choices of one context (a multiple-choice item) from one packed row "
                                     "that runs the context once; same log-likelihoods, fewer tokens.", "on")
-    cudnn_attention: bool = _f(False, "Let sdpa pick cuDNN's attention kernels. Off: flash or memory-efficient "
-                                      "kernels (the same scores up to rounding), as cuDNN builds a plan for every "
-                                      "new batch shape (30-150 ms each on an H100) and eval's batches seldom "
-                                      "repeat one.", "off")
+    # Off by default: cuDNN builds a plan per new batch shape (30-150 ms on an H100), and eval batches seldom repeat
+    # one (bench/sdpa_backends.py).
+    cudnn_attention: bool = _f(False, "Let sdpa use cuDNN attention; off: flash or memory-efficient kernels, which "
+                                      "need no plan per new batch shape.", "off")
     merge_adapter: bool = _f(True, "Merge a 16/32-bit adapter into the weights before scoring (no cost per token); "
                                    "fold it in per forward on 4-bit. Off: peft's forward.", "on")
 
