@@ -92,6 +92,10 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     # 256 LoRA tensors): the same fp32 states, so the same memory unless the GPU runs out and pages.
     "colab-fusedadam": (COLAB, {"optim": "adamw_torch_fused"}),
     "colab-compiled-fusedadam": (COLAB, {"compile_layers": True, "optim": "adamw_torch_fused"}),
+    # sdpa without cuDNN attention (flash / memory-efficient): no plan per new batch shape (bench/sdpa_backends.py:
+    # 0.1-1.3 s per training shape on an H100, forward + backward) against cuDNN's faster kernels once planned.
+    "colab-compiled-nocudnn": (COLAB, {"compile_layers": True, "cudnn_attention": False}),
+    "fast-compiled-nocudnn": (FAST, {"compile_layers": True, "cudnn_attention": False}),
 }
 DEFAULT = ("classic", "colab", "fast")
 

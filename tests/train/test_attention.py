@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -189,3 +190,33 @@ def test_heads_are_split_by_views_with_transformers_values(tiny_falcon: Path, la
             # transformers broadcasts grouped keys to every query head; the fused path expands them itself.
             groups = reference.shape[2] // mine.shape[2]
             assert torch.equal(mine.repeat_interleave(groups, dim=2), reference)
+
+
+def test_cudnn_attention_off_while_training_when_asked(oasst: Any, stories: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """--no-cudnn-attention switches cuDNN attention off for every step and evaluation (recorded in the run's
+    config), torch's own switch is back afterwards; by default torch keeps its choice."""
+    import torch
+    import yaml
+
+    from tests.train.conftest import GUANACO
+
+    seen: list[bool] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    args = ("--model", stories, "--data", GUANACO, "--max-steps", 2, "--batch-size", 2, "--grad-accum", 1,
+            "--max-length", 64, "--eval-rows", 2, "--save-steps", 2, "-q")
+    result = oasst("train", *args, "--out", tmp_path / "off", "--no-cudnn-attention")
+    assert result.exit_code == 0, result.output
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert yaml.safe_load((tmp_path / "off" / "train_config.yaml").read_text())["cudnn_attention"] is False
+    seen.clear()
+    result = oasst("train", *args, "--out", tmp_path / "on")
+    assert result.exit_code == 0, result.output
+    assert seen and all(seen)

@@ -105,6 +105,11 @@ class TrainConfig:
                                           "backward: less memory, a little slower, other draws than peft's.")
     compile_layers: bool = _f(False, "torch.compile each decoder layer (one compilation shared by all): fuses the "
                                      "element-wise work between matmuls; the first steps compile.")
+    # On by default here, off in eval: a training run repeats its batch shapes (pad_to_multiple_of, group_by_length),
+    # so cuDNN's plan per new shape is paid a few dozen times while its kernels run every step
+    # (bench/sdpa_backends.py; eval's batches seldom repeat a shape).
+    cudnn_attention: bool = _f(True, "Let sdpa use cuDNN attention (torch's own choice); off: flash or "
+                                     "memory-efficient kernels, which need no plan per new batch shape.")
     activation_offloading: bool = _f(False, "Keep the activations saved for backward in CPU memory (trl's "
                                             "offloading): less GPU memory, some transfer time.")
     group_by_length: bool = _f(False, "Batch examples of similar length together (less padding).")

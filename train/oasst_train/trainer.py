@@ -238,6 +238,7 @@ def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, 
     one error line; the last step is evaluated when the schedule did not."""
     import torch
 
+    from oasst_model.attention import cudnn_sdpa
     from oasst_train.callbacks import SaveOnSignal
 
     trainer = built.trainer
@@ -247,18 +248,20 @@ def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     stopper.install()
-    try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    finally:
-        stopper.uninstall()
-    state = trainer.state
-    if stopper.received is not None:
-        name = signal.Signals(stopper.received).name
-        raise OasstError(f"stopped by {name} at step {state.global_step}; checkpoint saved in "
-                         f"{Path(cfg.out) / CHECKPOINTS}; continue with the same command and --resume")
-    evaluated_last = any("eval_loss" in e and e.get("step") == state.global_step for e in state.log_history)
-    if has_eval and not evaluated_last:
-        trainer.evaluate()
+    # Set before the first step: compiled layers pick their attention kernel when they are traced.
+    with cudnn_sdpa(cfg.cudnn_attention):
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            stopper.uninstall()
+        state = trainer.state
+        if stopper.received is not None:
+            name = signal.Signals(stopper.received).name
+            raise OasstError(f"stopped by {name} at step {state.global_step}; checkpoint saved in "
+                             f"{Path(cfg.out) / CHECKPOINTS}; continue with the same command and --resume")
+        evaluated_last = any("eval_loss" in e and e.get("step") == state.global_step for e in state.log_history)
+        if has_eval and not evaluated_last:
+            trainer.evaluate()
 
 
 def summarize(cfg: TrainConfig, prepared: Prepared, built: Built, bar: Any, checkpoint: Path | None) -> dict:
