@@ -117,14 +117,9 @@ def test_cudnn_attention_is_off_while_scoring_unless_asked(oasst, stories: Path,
     --cudnn-attention or `cudnn_attention: true`; torch's own switch is back as it was after; scores are the same."""
     import torch
 
-    seen: list[bool] = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    from tests.sdpa import record_cudnn_switch
 
-    def recording(*args: object, **kwargs: object) -> object:
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    seen = record_cudnn_switch(monkeypatch)
     assert torch.backends.cuda.cudnn_sdp_enabled()
     _, off = _eval(oasst, tmp_path / "off", "--model", stories)
     assert seen and not any(seen) and off["settings"]["cudnn_attention"] is False

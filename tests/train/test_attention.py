@@ -199,16 +199,10 @@ def test_cudnn_attention_off_while_training_when_asked(oasst: Any, stories: Path
     import torch
     import yaml
 
+    from tests.sdpa import record_cudnn_switch
     from tests.train.conftest import GUANACO
 
-    seen: list[bool] = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def recording(*args: object, **kwargs: object) -> object:
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    seen = record_cudnn_switch(monkeypatch)
     args = ("--model", stories, "--data", GUANACO, "--max-steps", 2, "--batch-size", 2, "--grad-accum", 1,
             "--max-length", 64, "--eval-rows", 2, "--save-steps", 2, "-q")
     result = oasst("train", *args, "--out", tmp_path / "off", "--no-cudnn-attention")
