@@ -11,7 +11,10 @@ Shapes are Falcon-7B's (71 query heads, one key/value head expanded as the fused
 64, bf16) at the eval token budget (16,384 tokens: rows = 16384 // width):
 - `block`: the shared-context rows (a context of 40% of the row, then 4 endings), a boolean block mask, 13 widths;
 - `causal`: the unshared rows, `is_causal=True`, 20 widths;
-- `train`: 8 rows, widths in steps of 64 (pad_to_multiple_of 64), forward + backward, `is_causal=True`.
+- `train`: 8 rows, widths in steps of 64 (pad_to_multiple_of 64), forward + backward, `is_causal=True`;
+- `decode`: what `oasst generate` / `chat` run per new token: one row, one query against a key cache one longer at
+  every step (64 steps from 128 keys), no mask. torch's cuDNN check accepts one query (not one key), so if cuDNN
+  comes first every token is a new shape.
 Each (mode, backend) runs in its own process, so no plan cache carries over from another backend.
 """
 
@@ -33,6 +36,7 @@ MODES = {
     "block": [344 - 20 * i for i in range(13)],
     "causal": [190 - 7 * i for i in range(20)],
     "train": [256 + 64 * i for i in range(8)],
+    "decode": [128 + i for i in range(64)],
 }
 BACKENDS = ["default", "cudnn", "efficient", "flash", "math"]
 WARM_CALLS = 5
@@ -58,12 +62,13 @@ def one(mode: str, backend: str) -> dict[str, object]:
     chosen = {"cudnn": [SDPBackend.CUDNN_ATTENTION], "efficient": [SDPBackend.EFFICIENT_ATTENTION],
               "flash": [SDPBackend.FLASH_ATTENTION], "math": [SDPBackend.MATH]}.get(backend)
     dev = torch.device("cuda")
-    rows_of = (lambda w: 8) if mode == "train" else (lambda w: BUDGET // w)
+    rows_of = {"train": lambda w: 8, "decode": lambda w: 1}.get(mode, lambda w: BUDGET // w)
     shapes = []
     for width in MODES[mode]:
         rows = rows_of(width)
         grad = mode == "train"
-        q = torch.randn(rows, HEADS, width, HEAD_DIM, device=dev, dtype=torch.bfloat16, requires_grad=grad)
+        queries = 1 if mode == "decode" else width
+        q = torch.randn(rows, HEADS, queries, HEAD_DIM, device=dev, dtype=torch.bfloat16, requires_grad=grad)
         kv = torch.randn(rows, 2, width, HEAD_DIM, device=dev, dtype=torch.bfloat16, requires_grad=grad)
         mask = None
         if mode == "block":
@@ -72,7 +77,9 @@ def one(mode: str, backend: str) -> dict[str, object]:
         def call() -> None:
             k = kv[:, :1].expand(rows, HEADS, width, HEAD_DIM)
             v = kv[:, 1:].expand(rows, HEADS, width, HEAD_DIM)
-            if mask is None:
+            if mode == "decode":  # the newest token sees every cached key: no mask, not causal
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            elif mask is None:
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -110,8 +117,9 @@ class _null:
 def main() -> None:
     """Every (mode, backend) in its own process; a table last and the JSON in bench/results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    stamp = f"{datetime.now(timezone.utc):%F-%H%M}"
     parser.add_argument("--results", type=Path,
-                        default=Path(__file__).parent / "results" / f"sdpa_backends-{datetime.now(timezone.utc):%F}.json")
+                        default=Path(__file__).parent / "results" / f"sdpa_backends-{stamp}.json")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "BACKEND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -128,10 +136,11 @@ def main() -> None:
                 "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
     import torch
 
+    rows = {"train": "8", "decode": "1 (one query)"}
     result = {"benchmark": "sdpa first-call and warm cost per shape and backend (Falcon-7B heads)",
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "versions": versions(["torch"]), "cudnn": torch.backends.cudnn.version(), "modes": {
-                  m: {"widths": w, "rows": "8" if m == "train" else f"{BUDGET} // width"} for m, w in MODES.items()},
+              "versions": versions(["torch"]), "cudnn": torch.backends.cudnn.version(),
+              "modes": {m: {"widths": w, "rows": rows.get(m, f"{BUDGET} // width")} for m, w in MODES.items()},
               "runs": runs}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=1) + "\n")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oasst_model.attention import CUDNN_ATTENTION_HELP
 from oasst_model.spec import LOAD_FIELDS, check_value, option_field
 from oasst_tools.conversation import FORMATS
 from oasst_tools.errors import OasstError
@@ -65,8 +66,7 @@ class EvalConfig:
                                     "that runs the context once; same log-likelihoods, fewer tokens.", "on")
     # Off by default: cuDNN builds a plan per new batch shape (30-150 ms on an H100), and eval batches seldom repeat
     # one (bench/sdpa_backends.py).
-    cudnn_attention: bool = _f(False, "Let sdpa use cuDNN attention; off: flash or memory-efficient kernels, which "
-                                      "need no plan per new batch shape.", "off")
+    cudnn_attention: bool = _f(False, CUDNN_ATTENTION_HELP, "off")
     merge_adapter: bool = _f(True, "Merge a 16/32-bit adapter into the weights before scoring (no cost per token); "
                                    "fold it in per forward on 4-bit. Off: peft's forward.", "on")
 

@@ -35,6 +35,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+# The `cudnn_attention` setting's help, one text for train, eval, generate and chat (their defaults differ: see
+# `cudnn_sdpa`).
+CUDNN_ATTENTION_HELP = ("Let sdpa use cuDNN attention; off: flash or memory-efficient kernels, which need no plan per "
+                        "new batch shape.")
+
 # How keys/values reach the kernel: "expand" (a stride-0 view over heads) or "gqa" (sdpa's enable_gqa).
 # The GPU benchmark times both; expand is the one measured to reach cuDNN attention on the H200.
 KV_MODE = "expand"
@@ -100,11 +105,13 @@ def use_fused_attention(model: Any) -> int:
 def cudnn_sdpa(enabled: bool) -> Iterator[None]:
     """Inside the block sdpa may pick cuDNN's attention kernels only when `enabled`; torch's switch is restored.
 
-    Why eval turns it off: cuDNN builds an execution plan the first time a process meets a (rows, heads, length)
-    shape, 30-150 ms each on an H100 (bench/sdpa_backends.py: 0.6 s for 13 shared-context shapes, 1.2 s for 20
-    unshared ones, forward only), and eval's token-budget batches seldom repeat a shape. Flash and memory-efficient
-    kernels start at once and are within ~15% of it warm. `enabled` leaves torch's own choice alone. A torch
-    without the switch (no cuDNN attention) changes nothing.
+    Why eval, generate and chat turn it off: cuDNN builds an execution plan the first time a process meets a
+    (rows, heads, queries, keys) shape, 30-150 ms each on an H100 (bench/sdpa_backends.py: 0.6 s for 13
+    shared-context shapes, 1.2 s for 20 unshared ones, forward only). Eval's token-budget batches seldom repeat a
+    shape, and decoding meets a new key length at every token (torch's cuDNN check accepts one query). Flash and
+    memory-efficient kernels start at once and are within ~15% of it warm. Training repeats its shapes and keeps
+    torch's choice by default. `enabled` leaves torch's own choice alone. A torch without the switch (no cuDNN
+    attention) changes nothing.
     """
     import torch
 

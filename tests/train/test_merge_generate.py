@@ -239,3 +239,26 @@ def test_generate_command_prints_the_answer_up_to_the_stop_and_says_why_it_stopp
     assert result.exit_code == 0, result.output
     assert result.stdout == stdout
     assert result.stderr.strip().splitlines()[-1] == reason
+
+
+@pytest.mark.slow
+def test_generate_and_chat_keep_cudnn_attention_off_unless_asked(oasst, stories_run: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding meets a new key length at every token (a new cuDNN plan each): cuDNN attention is off while
+    generating unless --cudnn-attention; torch's switch is back afterwards; the answer is the same."""
+    import torch
+
+    from tests.sdpa import record_cudnn_switch
+
+    seen = record_cudnn_switch(monkeypatch)
+    off = oasst("generate", stories_run, "--prompt", "Tell me a story.", "--max-new-tokens", 8)
+    assert off.exit_code == 0, off.output
+    assert seen and not any(seen) and torch.backends.cuda.cudnn_sdp_enabled()
+    seen.clear()
+    on = oasst("generate", stories_run, "--prompt", "Tell me a story.", "--max-new-tokens", 8, "--cudnn-attention")
+    assert on.exit_code == 0, on.output
+    assert seen and all(seen) and on.stdout == off.stdout
+    seen.clear()
+    chat = oasst("chat", stories_run, "--max-new-tokens", 4, input="Hello\n\n")
+    assert chat.exit_code == 0, chat.output
+    assert seen and not any(seen)

@@ -120,3 +120,13 @@ def test_inference_commands_take_the_loading_flags(oasst, monkeypatch: pytest.Mo
     (given,) = seen
     assert (given["model"], given["load_in_4bit"], given["compute_dtype"], given["quant_type"]) == (
         "base", False, "float32", None)  # None: as the adapter's record says
+
+
+def test_cudnn_attention_is_one_flag_with_one_help_where_it_applies() -> None:
+    """train, eval, generate and chat share the setting's name, flag pair and help (defaults differ by design)."""
+    from oasst_model.attention import CUDNN_ATTENTION_HELP
+
+    for name in ("train", "eval", "generate", "chat"):
+        (param,) = [p for p in _commands()[name].params if p.name == "cudnn_attention"]
+        assert param.opts == ["--cudnn-attention"] and param.secondary_opts == ["--no-cudnn-attention"], name
+        assert param.help == CUDNN_ATTENTION_HELP, name

@@ -207,6 +207,15 @@ def _format_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                              "chat-template when the tokenizer has one.")(fn)
 
 
+def _cudnn_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--cudnn-attention of generate and chat: eval's and train's setting of the same name, off here (every new
+    token is a new key length, a new cuDNN plan)."""
+    from oasst_model.attention import CUDNN_ATTENTION_HELP
+
+    return click.option("--cudnn-attention/--no-cudnn-attention", "cudnn_attention", default=False, cls=Option,
+                        show_default="off", help=CUDNN_ATTENTION_HELP)(fn)
+
+
 def _sampling_options(*, stop: str, temperature: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """--max-new-tokens, --temperature and --seed of generate and chat (`stop`: the first one's help)."""
 
@@ -227,9 +236,10 @@ def _sampling_options(*, stop: str, temperature: float) -> Callable[[Callable[..
 @_format_option
 @load_options(inference=True)
 @_sampling_options(stop="Stop after this many new tokens.", temperature=0.0)
+@_cudnn_option
 @verbose_option
 def generate(adapter: Path, prompt: str, format_: str | None, max_new_tokens: int, temperature: float, seed: int,
-             verbose: bool, **flags: Any) -> None:
+             cudnn_attention: bool, verbose: bool, **flags: Any) -> None:
     """Answer one prompt with a trained adapter, streaming tokens; stops at EOS or where the model starts the next
     human turn (Guanaco) or ends its own (chat templates).
 
@@ -241,7 +251,7 @@ def generate(adapter: Path, prompt: str, format_: str | None, max_new_tokens: in
     _quiet_libraries(verbose)
     from oasst_train.generate import Chatbot
 
-    bot = Chatbot.load(adapter, seed=seed, format=format_, **take_aliases(flags))
+    bot = Chatbot.load(adapter, seed=seed, format=format_, cudnn_attention=cudnn_attention, **take_aliases(flags))
     answer = bot.reply(prompt, max_new_tokens=max_new_tokens, temperature=temperature, stream=click.echo)
     click.echo(f"[stopped: {answer.stop}, {answer.new_tokens} tokens]", err=True)
 
@@ -251,9 +261,10 @@ def generate(adapter: Path, prompt: str, format_: str | None, max_new_tokens: in
 @_format_option
 @load_options(inference=True)
 @_sampling_options(stop="Stop each reply after this many new tokens.", temperature=0.7)
+@_cudnn_option
 @verbose_option
-def chat(adapter: Path, format_: str | None, max_new_tokens: int, temperature: float, seed: int, verbose: bool,
-         **flags: Any) -> None:
+def chat(adapter: Path, format_: str | None, max_new_tokens: int, temperature: float, seed: int,
+         cudnn_attention: bool, verbose: bool, **flags: Any) -> None:
     """Chat with a trained adapter in the format it was trained in; the conversation so far is the context.
 
     An empty line or Ctrl-D ends the chat. The format and the loading options left out are read from the adapter's
@@ -265,7 +276,7 @@ def chat(adapter: Path, format_: str | None, max_new_tokens: int, temperature: f
     _quiet_libraries(verbose)
     from oasst_train.generate import Chatbot
 
-    bot = Chatbot.load(adapter, seed=seed, format=format_, **take_aliases(flags))
+    bot = Chatbot.load(adapter, seed=seed, format=format_, cudnn_attention=cudnn_attention, **take_aliases(flags))
     while True:
         try:
             prompt = click.prompt(click.style("you", bold=True), default="", show_default=False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from oasst_model.attention import CUDNN_ATTENTION_HELP
 from oasst_model.spec import AUTO, DeviceProfile, auto_compute_dtype, flag, option_field
 from oasst_tools.conversation import ASSISTANT, HUMAN
 from oasst_tools.errors import OasstError
@@ -108,8 +109,7 @@ class TrainConfig:
     # On by default here, off in eval: a training run repeats its batch shapes (pad_to_multiple_of, group_by_length),
     # so cuDNN's plan per new shape is paid a few dozen times while its kernels run every step
     # (bench/sdpa_backends.py; eval's batches seldom repeat a shape).
-    cudnn_attention: bool = _f(True, "Let sdpa use cuDNN attention (torch's own choice); off: flash or "
-                                     "memory-efficient kernels, which need no plan per new batch shape.")
+    cudnn_attention: bool = _f(True, CUDNN_ATTENTION_HELP)
     activation_offloading: bool = _f(False, "Keep the activations saved for backward in CPU memory (trl's "
                                             "offloading): less GPU memory, some transfer time.")
     group_by_length: bool = _f(False, "Batch examples of similar length together (less padding).")

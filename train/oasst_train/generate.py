@@ -60,11 +60,12 @@ class Chatbot:
     format: str = "guanaco"  # noqa: A003 - the --format vocabulary
     history: str = ""  # Guanaco: the text so far
     messages: list[dict[str, str]] = field(default_factory=list)  # chat templates: the turns so far
+    cudnn_attention: bool = False  # off: decoding meets a new key length at every token (oasst_model.attention)
     _max_context: int = field(default=2048)
 
     @classmethod
     def load(cls, adapter: Path, seed: int = 0, format: str | None = None,  # noqa: A002 - the --format vocabulary
-             **flags: Any) -> Chatbot:
+             cudnn_attention: bool = False, **flags: Any) -> Chatbot:
         """A chatbot on the adapter's base model, loaded as trained (4-bit stays 4-bit) unless loading `flags` say
         otherwise, in the format the adapter was trained in unless `format` says otherwise."""
         from oasst_model.spec import load, recorded_format
@@ -76,7 +77,7 @@ class Chatbot:
         model.eval()
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         return cls(model=model, tokenizer=tokenizer, seed=seed, format=resolve_format(requested, tokenizer),
-                   _max_context=int(limit))
+                   cudnn_attention=cudnn_attention, _max_context=int(limit))
 
     def context(self, prompt: str) -> str:
         """The text the model continues to answer `prompt` after the conversation so far, in the bot's format."""
@@ -89,6 +90,7 @@ class Chatbot:
         """Answer `prompt` (after the history when `keep`), streaming text pieces to `stream(text, nl=False)`."""
         import torch
 
+        from oasst_model.attention import cudnn_sdpa
         from oasst_tools.conversation import turn_end_ids
 
         guanaco = self.format == "guanaco"
@@ -107,7 +109,7 @@ class Chatbot:
         stops = {"stop_strings": [HUMAN_STOP], "tokenizer": self.tokenizer} if guanaco else {}
         torch.manual_seed(self.seed)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        with torch.inference_mode():
+        with torch.inference_mode(), cudnn_sdpa(self.cudnn_attention):
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                 max_new_tokens=max_new_tokens, streamer=streamer, eos_token_id=[eos, *ends],
