@@ -57,6 +57,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from _common import machine, versions  # bench/ is on sys.path when run as a script
 
@@ -187,47 +188,86 @@ def run_oasst(argv: list[str]) -> None:
     """`oasst ARGV` with the eval plug-in registered by hand: the GPU machine has the repo, not an install.
 
     With OASST_BENCH_PROFILE=FILE the scoring runs under cProfile and the functions with the most own time are
-    written to FILE: host work shows as own time, waits for the GPU as the own time of the reads that sync.
+    written to FILE: host work shows as own time, waits for the GPU as the own time of the reads that sync. With
+    OASST_BENCH_KERNELS=FILE it runs under torch.profiler instead and FILE gets the GPU time and the CUDA kernels by
+    their own device time: what the scoring's GPU seconds are made of (GEMMs, dequantization, attention, ...).
     """
     import oasst_tools.cli as core_cli
 
     core_cli.DISCOVER_ENTRY_POINTS = False
     core_cli.EXTRA_COMMANDS["eval"] = "oasst_eval.cli:eval_command"
-    profile_out = os.environ.get("OASST_BENCH_PROFILE")
-    if not profile_out:
+    profile_out, kernels_out = os.environ.get("OASST_BENCH_PROFILE"), os.environ.get("OASST_BENCH_KERNELS")
+    if not profile_out and not kernels_out:
         core_cli.main(argv)
         return
-    import cProfile
-    import io
-    import pstats
-
     import oasst_eval.run as eval_run
 
-    profiler = cProfile.Profile()
+    if profile_out:
+        import cProfile
+
+        profiler: Any = cProfile.Profile()
+        start, stop = profiler.enable, profiler.disable
+    else:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        profiler = torch.profiler.profile(activities=activities)
+
+        def stop() -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            profiler.__exit__(None, None, None)
+
+        start = profiler.__enter__
     score = eval_run._score
 
     def profiled_score(*args: object, **kwargs: object) -> object:
-        profiler.enable()
+        start()
         try:
             return score(*args, **kwargs)
         finally:
-            profiler.disable()
+            stop()
 
     eval_run._score = profiled_score
     try:
         core_cli.main(argv)  # exits through SystemExit; the profile is written on the way out
     finally:
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-        Path(profile_out).write_text(text.getvalue())
+        if profile_out:
+            import io
+            import pstats
+
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+            Path(profile_out).write_text(text.getvalue())
+        else:
+            Path(kernels_out).write_text(_kernel_table(profiler))
 
 
-def measure(name: str, limit: int, work: Path, profile: bool = False) -> dict[str, object]:
-    """Run one configuration in a fresh process and return its numbers (and print its profile with `profile`)."""
+def _kernel_table(profiler: Any) -> str:
+    """GPU milliseconds, kernel count and the top CUDA kernels by own device time of a finished torch.profiler."""
+    import torch
+
+    averages = profiler.key_averages()
+    # Kernels only: the CPU ops that launch them report the same device time again.
+    kernels = sorted((e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in kernels) / 1e3
+    lines = [f"{total:.0f} ms GPU time in {sum(e.count for e in kernels)} kernels while scoring",
+             f"{'ms':>9} {'share':>6} {'calls':>7}  kernel"]
+    for e in kernels[:25]:
+        ms = e.self_device_time_total / 1e3
+        lines.append(f"{ms:9.1f} {ms / max(total, 1e-9):6.1%} {e.count:7d}  {e.key[:90]}")
+    return "\n".join(lines) + "\n"
+
+
+def measure(name: str, limit: int, work: Path, profile: str | None = None) -> dict[str, object]:
+    """Run one configuration in a fresh process and return its numbers (and print its `profile`: "host", cProfile's
+    functions, or "kernels", torch.profiler's CUDA kernels)."""
     env = os.environ | OFFLINE
     profile_file = work / f"{name}.profile.txt"
     if profile and not name.startswith("lm_eval_"):
-        env["OASST_BENCH_PROFILE"] = str(profile_file)
+        env["OASST_BENCH_KERNELS" if profile == "kernels" else "OASST_BENCH_PROFILE"] = str(profile_file)
     log = work / f"{name}.log"
     if name.startswith("lm_eval_"):
         batch = {"lm_eval_bs64": "64", "lm_eval_auto": "auto", "lm_eval_bs1": "1"}[name]
@@ -248,7 +288,8 @@ def measure(name: str, limit: int, work: Path, profile: bool = False) -> dict[st
     text = log.read_text()
     if profile_file.is_file():
         lines = profile_file.read_text().splitlines()
-        print(f"--- {name}: functions with the most own time while scoring ---")
+        what = "CUDA kernels by own GPU time" if profile == "kernels" else "functions with the most own time"
+        print(f"--- {name}: {what} while scoring ---")
         print("\n".join(line[:150] for line in lines if line.strip())[:6000])
     if proc.returncode != 0:
         return {"error": text[-2000:], "wall_seconds": round(wall, 1)}
@@ -312,7 +353,7 @@ def hardware_floor(limit: int) -> dict[str, float | int]:
             "shared_items_per_second": items / shared_seconds}
 
 
-def run(limit: int, configs: list[str], results_file: Path, profile: bool = False, merge: bool = False) -> None:
+def run(limit: int, configs: list[str], results_file: Path, profile: str | None = None, merge: bool = False) -> None:
     """Measure the configurations, merge them into the results file, print the table."""
     if not (MODEL_DIR / "config.json").is_file() or not (ADAPTER_DIR / "adapter_config.json").is_file():
         sys.exit(f"{MODEL_DIR} or {ADAPTER_DIR} missing: run `python {Path(__file__).name} prepare` first")
@@ -384,8 +425,9 @@ def main() -> None:
                             "compare with care)")
     p_run.add_argument("--only", default=",".join(DEFAULT_CONFIGS),
                        help=f"comma-separated, from {', '.join(ALL_CONFIGS)}")
-    p_run.add_argument("--profile", action="store_true",
-                       help="run the oasst configurations under cProfile and print where the scoring time goes")
+    p_run.add_argument("--profile", nargs="?", const="host", choices=("host", "kernels"),
+                       help="run the oasst configurations under cProfile (host, the default) or torch.profiler "
+                            "(kernels: the CUDA kernels' GPU time) and print where the scoring time goes")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(tiny=args.tiny)
