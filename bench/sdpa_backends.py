@@ -25,6 +25,7 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def one(mode: str, backend: str) -> dict[str, object]:
                 out.sum().backward()
 
         try:
-            with sdpa_kernel(chosen) if chosen else _null():
+            with sdpa_kernel(chosen) if chosen else nullcontext():
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 call()
@@ -104,14 +105,6 @@ def one(mode: str, backend: str) -> dict[str, object]:
     return {"shapes": shapes, "cold_s": round(sum(s["cold_ms"] for s in shapes) / 1e3, 3),
             "warm_s": round(sum(s["warm_ms"] for s in shapes) / 1e3, 4),
             "first_call_extra_s": round(sum(s["cold_ms"] - s["warm_ms"] for s in shapes) / 1e3, 3)}
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main() -> None:

@@ -115,6 +115,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     cfg, device_choice = resolve_device_defaults(cfg, resuming=checkpoint is not None)
 
     from oasst_model import patches
+    from oasst_model.attention import cudnn_sdpa
     from oasst_model.load import load_tokenizer
     from oasst_train.callbacks import ProgressCallback, WriteOnSave
     from oasst_train.preview import report_lines, run_format
@@ -137,7 +138,9 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
         write_config(cfg, out / CONFIG_NAME, built.targets)
     built.trainer.add_callback(WriteOnSave(checkpoint_writer(cfg, built.targets, data.report)))
     bar = ProgressCallback(console=console, enabled=progress)
-    train(cfg, built, bar, checkpoint, has_eval=data.eval is not None)
+    # Around every step and evaluation, set before the first: compiled layers pick their attention kernel as they trace.
+    with cudnn_sdpa(cfg.cudnn_attention):
+        train(cfg, built, bar, checkpoint, has_eval=data.eval is not None)
     summary = summarize(cfg, prepared, built, bar, checkpoint)
     summary.update(device_defaults=device_choice, format=cfg.format, data=data.report, method=cfg.method)
     if is_dpo:
@@ -238,7 +241,6 @@ def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, 
     one error line; the last step is evaluated when the schedule did not."""
     import torch
 
-    from oasst_model.attention import cudnn_sdpa
     from oasst_train.callbacks import SaveOnSignal
 
     trainer = built.trainer
@@ -248,20 +250,18 @@ def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     stopper.install()
-    # Set before the first step: compiled layers pick their attention kernel when they are traced.
-    with cudnn_sdpa(cfg.cudnn_attention):
-        try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        finally:
-            stopper.uninstall()
-        state = trainer.state
-        if stopper.received is not None:
-            name = signal.Signals(stopper.received).name
-            raise OasstError(f"stopped by {name} at step {state.global_step}; checkpoint saved in "
-                             f"{Path(cfg.out) / CHECKPOINTS}; continue with the same command and --resume")
-        evaluated_last = any("eval_loss" in e and e.get("step") == state.global_step for e in state.log_history)
-        if has_eval and not evaluated_last:
-            trainer.evaluate()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        stopper.uninstall()
+    state = trainer.state
+    if stopper.received is not None:
+        name = signal.Signals(stopper.received).name
+        raise OasstError(f"stopped by {name} at step {state.global_step}; checkpoint saved in "
+                         f"{Path(cfg.out) / CHECKPOINTS}; continue with the same command and --resume")
+    evaluated_last = any("eval_loss" in e and e.get("step") == state.global_step for e in state.log_history)
+    if has_eval and not evaluated_last:
+        trainer.evaluate()
 
 
 def summarize(cfg: TrainConfig, prepared: Prepared, built: Built, bar: Any, checkpoint: Path | None) -> dict:
