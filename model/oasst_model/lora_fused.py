@@ -140,7 +140,10 @@ def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     if convert:
         x = self._cast_input_dtype(x, lora_a.weight.dtype)
     dropout = self.lora_dropout[name]
-    if self._oasst_seeded_dropout and _seeded_dropout_applies(dropout, lora_a, x):
+    # Inside a compiled layer the seeded Function would break the graph (a Generator made per call, a seed read
+    # back with .item()): peft's dropout runs there, which inductor fuses with its neighbours.
+    seeded = self._oasst_seeded_dropout and not torch.compiler.is_compiling()
+    if seeded and _seeded_dropout_applies(dropout, lora_a, x):
         h = _seeded_dropout_linear().apply(x, lora_a.weight, dropout.p, _draw_seed())
     else:
         h = lora_a(dropout(x))

@@ -118,6 +118,18 @@ def test_dpo_with_compiled_layers_trains_as_eager(oasst: Callable[..., Any], sto
     assert figures[1] == figures[0]
 
 
+def test_seeded_lora_dropout_does_not_break_the_compiled_graph(oasst: Callable[..., Any], tiny_falcon: Path,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded dropout's Function makes a Generator and reads a seed back per call, which dynamo cannot trace (29
+    graph breaks in this run before): inside compiled layers peft's dropout runs instead, and the run still learns."""
+    monkeypatch.setattr(compiled, "BACKEND", "eager")  # graph breaks are dynamo's: no code generation needed
+    losses, summary = _run(oasst, tiny_falcon, tmp_path / "seeded", "--no-gradient-checkpointing", "--compile-layers",
+                           "--seeded-lora-dropout")
+    assert summary["compiled_graphs"] > 0
+    assert summary["compiled_graph_breaks"] == 0
+    assert len(losses) == STEPS and all(loss == loss for loss in losses)
+
+
 def test_falcon_layers_compile_without_graph_breaks_as_lengths_change(tiny_falcon: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches of new lengths make the compiled layers symbolic in the length; the fused attention must still trace
