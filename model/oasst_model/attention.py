@@ -13,9 +13,12 @@ What the fused path does, per forward of the whole model (decided once, not per 
   every query head (a view) and `is_causal=True` without a mask. Exact for every real token: with right
   padding a real token never sees a pad token under a causal mask. Pad positions get other (finite) values
   than before; nothing reads them (their labels are -100).
-- packed rows (position ids restart inside a row, as trl's padding-free collator makes them): a block-diagonal
-  causal mask built here from the position ids, so packed examples never see each other whatever the
-  installed transformers does with position ids (5.17 lets them leak; ../shared/docs/gpu.md).
+- packed rows (position ids restart inside a row, as trl's padding-free collator makes them): each example attends
+  to itself only, whatever the installed transformers does with position ids (5.17 lets them leak;
+  ../shared/docs/gpu.md). On a GPU, flash attention's variable-length kernel (`torch.nn.attention.varlen`, patch
+  `varlen_attention`) with the example boundaries read from the position ids: the work of each example alone.
+  Elsewhere, or where torch lacks that kernel: a block-diagonal causal mask through sdpa, which computes (and
+  masks) every pair of tokens in the row: quadratic in the row, 16,384 tokens for a padding-free batch of 32 x 512.
 - anything else (left padding, a 4-D mask from the caller): the mask transformers built, with expanded keys.
 - decoding with a filled KV cache, ALiBi models, `output_attentions`, attention dropout in training: transformers'
   own forward, unchanged.
@@ -23,8 +26,9 @@ What the fused path does, per forward of the whole model (decided once, not per 
 Written for transformers 5.17 and 5.24 (`forward(hidden_states, alibi, attention_mask, ...)`, `_split_heads`) and
 5.25 (`forward(hidden_states, attention_mask, ...)`, heads split inline): arguments are read by name from the
 installed signature; heads are split here, by views, in the layouts of all three (transformers' list index syncs
-the host with the GPU at every layer). The patch registry (oasst_model.patches, `falcon_fused_attention`) checks the target before
-switching anything and leaves transformers' own attention in place, with a warning, when it changed.
+the host with the GPU at every layer). The patch registry (oasst_model.patches, `falcon_fused_attention`) checks
+the target before switching anything and leaves transformers' own attention in place, with a warning, when it
+changed.
 """
 
 from __future__ import annotations
@@ -43,16 +47,19 @@ CUDNN_ATTENTION_HELP = ("Let sdpa use cuDNN attention; off: flash or memory-effi
 # How keys/values reach the kernel: "expand" (a stride-0 view over heads) or "gqa" (sdpa's enable_gqa).
 # The GPU benchmark times both; expand is the one measured to reach cuDNN attention on the H200.
 KV_MODE = "expand"
+# Devices torch's variable-length attention runs on (flash attention: CUDA only); tests add "cpu" with a reference.
+VARLEN_DEVICES = ("cuda",)
 
 
 class _Plan:
     """What the current forward pass's attention layers do; set by a pre-hook on the Falcon body."""
 
-    __slots__ = ("mode", "mask")
+    __slots__ = ("mode", "mask", "varlen")
 
     def __init__(self) -> None:
-        self.mode: str | None = None  # None: transformers' forward; "causal", "block", "given"
+        self.mode: str | None = None  # None: transformers' forward; "causal", "block", "given", "varlen"
         self.mask: Any = None
+        self.varlen: Any = None  # "varlen": (example boundaries [N + 1] int32, longest example bound, kernel kwargs)
 
 
 def use_fused_attention(model: Any) -> int:
@@ -111,8 +118,8 @@ def cudnn_sdpa(enabled: bool) -> Iterator[None]:
     shape, and decoding meets a new key length at every token (torch's cuDNN check accepts one query). Flash and
     memory-efficient kernels start at once; warm they are slower (memory-efficient: 1.2x causal, 1.7-2x under the
     shared-context block mask), which costs eval ~0.2 s where the plans cost 0.6-4 s (H100, 2,000 HellaSwag
-    items, fresh machine: 190 -> 299 items/s). Training repeats its shapes and keeps torch's choice by default. `enabled` leaves torch's own choice alone. A torch without the switch (no cuDNN
-    attention) changes nothing.
+    items, fresh machine: 190 -> 299 items/s). Training repeats its shapes and keeps torch's choice by default.
+    `enabled` leaves torch's own choice alone. A torch without the switch (no cuDNN attention) changes nothing.
     """
     import torch
 
@@ -169,6 +176,11 @@ def _planner(body: Any, plan: _Plan) -> Any:
         given = dict(zip(names, args, strict=False))
         given.update(kwargs)
         plan.mode, plan.mask = _decide(given)
+        plan.varlen = None
+        if plan.mode == "block":
+            plan.varlen = _varlen_plan(given)
+            if plan.varlen is not None:
+                plan.mode, plan.mask = "varlen", None
 
     return hook
 
@@ -200,6 +212,67 @@ def _decide(given: dict[str, Any]) -> tuple[str | None, Any]:
     return "causal", None
 
 
+def _varlen_plan(given: dict[str, Any]) -> tuple[Any, int, dict[str, Any]] | None:
+    """(boundaries, longest-example bound, kernel keywords) for a packed batch the varlen kernel can run, else None.
+
+    Every row of the batch is one run of tokens; an example starts at each position id 0 and at each row's start.
+    The bound is the longest example rounded up to a power of two: the kernel only sizes its grid by it, and under
+    torch.compile each distinct value is a recompilation (Guanaco rows: nearly always 512).
+    """
+    import torch
+
+    from oasst_model import patches
+
+    position_ids = given.get("position_ids")
+    embeds = given.get("inputs_embeds")
+    ids = given.get("input_ids")
+    batch = (ids if ids is not None else embeds).shape[0] if (ids is not None or embeds is not None) else None
+    if (given.get("attention_mask") is not None or position_ids is None
+            or position_ids.dim() != 2 or position_ids.shape[0] != batch
+            or position_ids.device.type not in VARLEN_DEVICES):
+        return None  # padding to hide, or no kernel on this device: the block mask does it
+    if not patches.applies("varlen_attention"):
+        return None
+    rows, length = position_ids.shape
+    starts = (position_ids == 0).cpu()  # one host sync per forward of the model, not per layer
+    starts[:, 0] = True
+    edges = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    boundaries = torch.cat([edges, torch.tensor([rows * length])]).to(torch.int32)
+    longest = int((boundaries[1:] - boundaries[:-1]).max())
+    patches.activated("varlen_attention", once=True)
+    return boundaries.to(position_ids.device), 1 << (longest - 1).bit_length(), _varlen_kwargs()
+
+
+def _varlen_kwargs() -> dict[str, Any]:
+    """Keywords that make the installed `varlen_attn` causal and let keys have fewer heads than queries.
+
+    torch 2.10 takes `is_causal`; later releases `window_size=(-1, 0)` and, from 2.13, `enable_gqa` (before it, the
+    flash kernel took fewer key heads as they came).
+    """
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kwargs: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return kwargs
+
+
+def _varlen_attention(query: Any, key: Any, value: Any, varlen: tuple[Any, int, dict[str, Any]]) -> Any:
+    """Causal attention within each packed example: [B, L, heads, D] queries, [B, L, kv_heads, D] keys/values."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    boundaries, longest, kwargs = varlen
+    batch, length, heads, head_dim = query.shape
+    tokens = batch * length
+    out = varlen_attn(query.reshape(tokens, heads, head_dim), key.reshape(tokens, key.shape[2], head_dim),
+                      value.reshape(tokens, value.shape[2], head_dim), boundaries, boundaries, longest, longest,
+                      **kwargs)
+    return out.view(batch, length, heads * head_dim)
+
+
 def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
     """FalconAttention.forward (rotary, no ALiBi) with fused sdpa kernels; falls back to the original otherwise.
 
@@ -227,6 +300,10 @@ def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
     if layer_past is not None:
         # Only reached on a prefill (the planner hands a filled cache to the original forward).
         key, value = layer_past.update(key, value, self.layer_idx)
+    if plan.mode == "varlen":
+        # Back to [B, L, heads, D], where every token's heads are adjacent: the kernel's [tokens, heads, D].
+        out = _varlen_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), plan.varlen)
+        return self.dense(out), None
     extra: dict[str, Any] = {}
     kv_heads = key.shape[1]
     if kv_heads != heads:

@@ -25,7 +25,7 @@ from typing import Any
 from oasst_model.targets import (FALCON, FALCON_ATTENTION_ATTRS, FALCON_ATTENTION_PARAMS,  # noqa: F401
                                  FALCON_CONFIG_ATTRS, HFLM_INSTANCE_ATTRS, check_hflm_instance, check_lora_module,
                                  describe_missing, installed, missing_attrs, missing_params)
-from oasst_model.targets import (_bnb_packs_for_cpu, _check_autocast, _check_bnb_cpu_packing, _check_bnb_fold, _check_compile, _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag, _check_lm_eval_loglikelihood, _check_lm_eval_request_bars, _check_lm_eval_templates, _check_peft_lora, _check_shared_context, _falcon_linear_subclass)
+from oasst_model.targets import (_bnb_packs_for_cpu, _check_autocast, _check_bnb_cpu_packing, _check_bnb_fold, _check_compile, _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag, _check_lm_eval_loglikelihood, _check_lm_eval_request_bars, _check_lm_eval_templates, _check_peft_lora, _check_shared_context, _check_varlen, _falcon_linear_subclass)
 
 # A check returns None when the target is as the patch expects, else what changed (one short phrase).
 Check = Callable[[], "str | None"]
@@ -68,6 +68,16 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         why="multi-query keys/values expanded so sdpa's fused kernels run; a leak-free block mask for packed rows",
         fallback="transformers' own FalconAttention.forward (packing then refused on transformers < 5.24)",
         check=_check_falcon_attention,
+    ),
+    Patch(
+        name="varlen_attention",
+        library="torch",
+        target="torch.nn.attention.varlen.varlen_attn (called by the fused Falcon attention for packed rows on a GPU)",
+        written_for="torch 2.10 (is_causal) to 2.13 (window_size, enable_gqa)",
+        why="packed examples attend within themselves only, each at its own length, instead of through a mask over "
+            "every pair of tokens in the row",
+        fallback="the block-diagonal mask through sdpa (the same values, quadratic in the packed row)",
+        check=_check_varlen,
     ),
     Patch(
         name="fused_lora",

@@ -222,6 +222,17 @@ def _check_compile() -> str | None:
                                                                    ("suppress_errors", "cache_size_limit"))))
 
 
+def _check_varlen() -> str | None:
+    varlen, problem = _module_with("torch.nn.attention.varlen", ("varlen_attn",))
+    if problem:
+        return problem
+    missing = missing_params(varlen.varlen_attn, ("query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k"))
+    params = inspect.signature(varlen.varlen_attn).parameters
+    if "window_size" not in params and "is_causal" not in params:
+        missing.append("window_size or is_causal")
+    return describe_missing(("varlen_attn", missing))
+
+
 def _check_lm_eval_env_info() -> str | None:
     evaluator, problem = _module_with("lm_eval.evaluator", ("add_env_info", "get_git_commit_hash", "simple_evaluate"))
     if problem:

@@ -214,3 +214,173 @@ def test_cudnn_attention_off_while_training_when_asked(oasst: Any, stories: Path
     result = oasst("train", *args, "--out", tmp_path / "on")
     assert result.exit_code == 0, result.output
     assert seen and all(seen)
+
+
+def _reference_varlen(calls: list[tuple[list[int], int]], *, old_signature: bool = False) -> Any:
+    """A CPU stand-in for torch's flash varlen kernel, with its signature: causal sdpa over each example alone.
+
+    `old_signature`: torch 2.10's `is_causal` parameter instead of `window_size` and `enable_gqa`."""
+
+    def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+            cu_seq_k: torch.Tensor, max_q: int, max_k: int, causal: bool, gqa: bool) -> torch.Tensor:
+        assert causal and cu_seq_q is cu_seq_k and max_q == max_k
+        assert cu_seq_q.dtype == torch.int32 and query.dim() == key.dim() == 3
+        # Like the kernel: keys with fewer heads only when asked (the old signature's kernel took them as they came).
+        assert gqa or key.shape[1] == query.shape[1] or old_signature
+        bounds = cu_seq_q.tolist()
+        calls.append((bounds, max_q))
+        outs = []
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            assert end - start <= max_q
+            q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=key.shape[1] != query.shape[1]).transpose(0, 1))
+        return torch.cat(outs)
+
+    if old_signature:
+        def varlen_attn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+                        cu_seq_k: torch.Tensor, max_q: int, max_k: int, is_causal: bool = False,
+                        return_aux: Any = None) -> torch.Tensor:
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, False)
+    else:
+        def varlen_attn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+                        cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, return_aux: Any = None,
+                        scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                        enable_gqa: bool = False) -> torch.Tensor:
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), enable_gqa)
+    return varlen_attn
+
+
+@pytest.fixture
+def varlen_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[int], int]]:
+    """The varlen kernel as the fused attention would meet it on a GPU, here on the CPU; records each call."""
+    import torch.nn.attention.varlen as varlen
+
+    calls: list[tuple[list[int], int]] = []
+    monkeypatch.setattr(varlen, "varlen_attn", _reference_varlen(calls))
+    monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cuda", "cpu"))
+    return calls
+
+
+def _packed_batch(lengths: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Rows of packed examples (position ids restart per example; `pad` trailing pad tokens, each at position 0,
+    as trl's padding-free collator pads to a multiple); returns ids, position ids and the examples."""
+    seqs = _ids([n for row in lengths for n in row], seed=3)
+    ids, positions, at = [], [], 0
+    for row in lengths:
+        ids.append(torch.cat([*seqs[at:at + len(row)], torch.zeros(pad, dtype=torch.long)]))
+        positions.append(torch.cat([*(torch.arange(n) for n in row), torch.zeros(pad, dtype=torch.long)]))
+        at += len(row)
+    return torch.stack(ids), torch.stack(positions), seqs
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_packed_rows_on_the_varlen_kernel_match_the_block_mask(tiny_falcon: Path, layout: str,
+                                                               varlen_calls: list[tuple[list[int], int]],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two packed rows with trl's padding tail: the varlen path gets every example's boundaries (row starts and
+    pad tokens included) and gives the logits the block mask gives, each example's logits as alone."""
+    _, fused = _pair(tiny_falcon, layout)
+    _forbid_fallback(fused)
+    ids, positions, seqs = _packed_batch([[11, 23, 7, 3], [30, 14]], pad=3)
+    with torch.no_grad():
+        varlen = fused(ids, position_ids=positions).logits
+        assert fused.transformer._oasst_plan.mode == "varlen"
+        monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cuda",))
+        block = fused(ids, position_ids=positions).logits
+        assert fused.transformer._oasst_plan.mode == "block"
+        flat = varlen.reshape(-1, varlen.shape[-1])
+        start = 0
+        for i, seq in enumerate(seqs):
+            alone = fused(seq[None]).logits[0]
+            assert (flat[start:start + len(seq)] - alone).abs().max() < TOL
+            start += len(seq) + (3 if i in (3, 5) else 0)  # the pad tail ends each row
+    assert (varlen - block).abs().max() < TOL
+    row = ids.shape[1]  # 47 tokens a row
+    bounds = [0, 11, 34, 41, 44, 45, 46, row, row + 30, row + 44, row + 45, row + 46, 2 * row]
+    assert varlen_calls == [(bounds, 32)] * 2  # each layer; the longest example (30) rounded up to a power of two
+
+
+def test_varlen_training_gradients_equal_the_block_mask(tiny_falcon: Path,
+                                                        varlen_calls: list[tuple[list[int], int]],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    _, fused = _pair(tiny_falcon)
+    _forbid_fallback(fused)
+    fused.train()
+    ids, positions, _ = _packed_batch([[13, 19, 6]], pad=2)
+    weight = fused.transformer.h[0].self_attention.query_key_value.weight
+    grads = []
+    for devices in (("cuda", "cpu"), ("cuda",)):
+        monkeypatch.setattr(attention, "VARLEN_DEVICES", devices)
+        fused.zero_grad()
+        fused(ids, position_ids=positions).logits.square().mean().backward()
+        grads.append(weight.grad.clone())
+    assert len(varlen_calls) == 2
+    assert (grads[0] - grads[1]).abs().max() < 1e-4 * grads[1].abs().max()
+
+
+def test_varlen_kernel_with_torch_2_10_signature(tiny_falcon: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.10's varlen_attn says causal with `is_causal` and has no `enable_gqa`."""
+    import torch.nn.attention.varlen as varlen
+
+    calls: list[tuple[list[int], int]] = []
+    monkeypatch.setattr(varlen, "varlen_attn", _reference_varlen(calls, old_signature=True))
+    monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cuda", "cpu"))
+    _, fused = _pair(tiny_falcon)
+    ids, positions, seqs = _packed_batch([[9, 15]])
+    with torch.no_grad():
+        packed = fused(ids, position_ids=positions).logits[0]
+        alone = fused(seqs[1][None]).logits[0]
+    assert calls and (packed[9:] - alone).abs().max() < TOL
+
+
+def test_varlen_steps_aside_for_a_padding_mask_or_a_changed_torch(tiny_falcon: Path,
+                                                                  varlen_calls: list[tuple[list[int], int]],
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A padding mask in the batch, or a torch whose varlen_attn changed: the block mask, and (for the changed
+    torch) one warning line naming the patch."""
+    import torch.nn.attention.varlen as varlen
+
+    from oasst_model import patches
+
+    _, fused = _pair(tiny_falcon)
+    _forbid_fallback(fused)
+    ids, positions, _ = _packed_batch([[9, 15]])
+    with torch.no_grad():
+        fused(ids, position_ids=positions, attention_mask=torch.ones_like(ids))
+        assert fused.transformer._oasst_plan.mode == "block"
+        assert not varlen_calls
+        patches.begin_run()
+        monkeypatch.delattr(varlen, "varlen_attn")
+        reference = fused(ids, position_ids=positions).logits
+        assert fused.transformer._oasst_plan.mode == "block"
+    err = capsys.readouterr().err
+    assert err.count("warning: patch varlen_attention is off: torch ") == 1 and "lacks varlen_attn" in err
+    assert patches.report()["varlen_attention"]["state"] == "fallback"
+    assert torch.isfinite(reference).all()
+
+
+@pytest.mark.slow
+def test_packed_training_run_on_the_varlen_kernel_learns_as_on_the_block_mask(
+        oasst: Any, tiny_falcon: Path, tmp_path: Path, varlen_calls: list[tuple[list[int], int]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`oasst train --packing` through trl's padding-free batches: every step's attention goes to the varlen kernel,
+    with the same losses as the block mask, and train_summary.json records the patch."""
+    from tests.train.conftest import GUANACO, read_summary
+
+    args = ("--model", tiny_falcon, "--data", GUANACO, "--packing", "--no-load-in-4bit", "--max-steps", 3,
+            "--batch-size", 2, "--grad-accum", 1, "--max-length", 512, "--lora-dropout", 0.0, "--eval-rows", 2,
+            "--save-steps", 3, "--logging-steps", 1, "-q")
+    runs = {}
+    for name, devices in (("varlen", ("cuda", "cpu")), ("block", ("cuda",))):
+        monkeypatch.setattr(attention, "VARLEN_DEVICES", devices)
+        result = oasst("train", *args, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        runs[name] = read_summary(tmp_path / name)
+    losses = {name: [h["loss"] for h in s["log_history"] if "loss" in h] for name, s in runs.items()}
+    assert len(losses["varlen"]) == 3 and losses["varlen"] == pytest.approx(losses["block"], rel=1e-5)
+    assert len(varlen_calls) >= 3 * 2  # 3 steps, a forward of 2 layers each
+    assert max(len(bounds) for bounds, _ in varlen_calls) > 4  # bins of 512 tokens hold several examples
+    assert runs["varlen"]["patches"]["varlen_attention"]["state"] == "active"
+    assert "varlen_attention" not in runs["block"]["patches"]
