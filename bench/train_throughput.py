@@ -95,6 +95,8 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "fast-packed": (FAST, {"packing": True, "batch_size": 20}),
     "fast-packed-compiled": (FAST, {"packing": True, "batch_size": 20, "compile_layers": True}),
     "fast-packed-compiled-10": (FAST, {"packing": True, "batch_size": 10, "compile_layers": True}),
+    # The Colab-class recipe packed: 5 rows of 512 x 2 hold ~16 examples per step, as its 8 x 2 does.
+    "colab-packed-compiled": (COLAB, {"packing": True, "batch_size": 5, "compile_layers": True}),
     # torch's fused AdamW (a few multi-tensor kernels) instead of bitsandbytes' paged one (one kernel per tensor,
     # 256 LoRA tensors): the same fp32 states, so the same memory unless the GPU runs out and pages.
     "colab-fusedadam": (COLAB, {"optim": "adamw_torch_fused"}),
@@ -266,13 +268,17 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         "train_loss_last": summary["train_loss_last"],
         "loss_by_step": losses,
         "step_seconds": summary.get("step_seconds"),
+        "step_tokens": tokens,
         "wall_seconds": round(wall, 1),
         "versions": summary.get("versions"),
     }
 
 
 def loss_at_equal_samples(runs: dict[str, dict[str, Any]]) -> None:
-    """Add `loss_at_samples`: each run's mean loss over the last quarter of the samples all runs of a call saw."""
+    """Add `loss_at_samples`: each run's mean loss over the last quarter of the samples all runs of a call saw.
+
+    A packed row holds several examples, so for packed runs rows are not samples: `loss_at_equal_tokens` is the
+    comparison that holds across packing."""
     done = {n: r for n, r in runs.items() if "loss_by_step" in r and r["loss_by_step"]}
     if not done:
         return
@@ -281,6 +287,33 @@ def loss_at_equal_samples(runs: dict[str, dict[str, Any]]) -> None:
         window = [loss for step, loss in run["loss_by_step"]
                   if 0.75 * common < step * run["rows_per_step"] <= common]
         run["loss_at_samples"] = {"samples": common, "mean_loss": sum(window) / len(window) if window else None}
+
+
+def loss_at_equal_tokens(runs: dict[str, dict[str, Any]]) -> None:
+    """Add `loss_at_tokens`: each run's mean loss over the steps that end in the last quarter of the real tokens
+    all runs of a call trained on (packed or not). Runs recorded without per-step tokens use their mean tokens per
+    step (`approximate`)."""
+    done = {n: r for n, r in runs.items() if r.get("loss_by_step") and r.get("step_seconds")}
+    if not done:
+        return
+    cumulative = {}
+    for name, run in done.items():
+        tokens = run.get("step_tokens")
+        if not tokens:
+            seconds = run["step_seconds"]
+            tokens = [run["all_steps_tokens_per_second"] * sum(seconds) / len(seconds)] * len(seconds)
+        total, ends = 0.0, []
+        for count in tokens:
+            total += count
+            ends.append(total)
+        cumulative[name] = ends
+    common = min(ends[-1] for ends in cumulative.values())
+    for name, run in done.items():
+        ends = cumulative[name]
+        window = [loss for step, loss in run["loss_by_step"]
+                  if step <= len(ends) and 0.75 * common < ends[step - 1] <= common]
+        run["loss_at_tokens"] = {"tokens": round(common), "mean_loss": sum(window) / len(window) if window else None,
+                                 "approximate": not run.get("step_tokens")}
 
 
 def attention_microbench() -> dict[str, Any]:
@@ -344,17 +377,17 @@ def table(call: dict[str, Any]) -> None:
     runs = call["runs"]
     base = runs.get("classic", {}).get("steady_tokens_per_second")
     print(f"\n{'config':24s} {'tok/s':>7s} {'x classic':>9s} {'MFU':>6s} {'alloc GiB':>9s} {'smi GiB':>8s} "
-          f"{'busy %':>6s} {'4bit':>4s} {'loss@equal':>10s} {'kernels/step':>12s}")
+          f"{'busy %':>6s} {'4bit':>4s} {'loss@tokens':>11s} {'kernels/step':>12s}")
     for name, r in runs.items():
         if "error" in r:
             print(f"{name:24s} ERROR {r['error'][:90]}")
             continue
         tps = r["steady_tokens_per_second"]
-        loss = (r.get("loss_at_samples") or {}).get("mean_loss")
+        loss = (r.get("loss_at_tokens") or {}).get("mean_loss")
         print(f"{name:24s} {tps:7.0f} {tps / base if base else float('nan'):9.2f} {r['mfu']:6.1%} "
               f"{r['peak_allocated_gib'] or 0:9.1f} {r['peak_nvidia_smi_gib'] or 0:8.1f} "
               f"{r['gpu_busy_percent'] or 0:6.0f} {r['linear4bit_layers']:4d} "
-              f"{loss if loss is not None else float('nan'):10.4f} "
+              f"{loss if loss is not None else float('nan'):11.4f} "
               f"{(r.get('profile') or {}).get('kernels_per_step', '-'):>12}")
     micro = call.get("attention_microbench")
     if micro:
@@ -413,6 +446,7 @@ def main() -> None:
         call["runs"][name] = run_config(name, args, work) | {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         loss_at_equal_samples(call["runs"])
+        loss_at_equal_tokens(call["runs"])
         save(result, args.results)
     save(result, args.results)
     table(call)

@@ -47,8 +47,10 @@ CUDNN_ATTENTION_HELP = ("Let sdpa use cuDNN attention; off: flash or memory-effi
 # How keys/values reach the kernel: "expand" (a stride-0 view over heads) or "gqa" (sdpa's enable_gqa).
 # The GPU benchmark times both; expand is the one measured to reach cuDNN attention on the H200.
 KV_MODE = "expand"
-# Devices torch's variable-length attention runs on (flash attention: CUDA only); tests add "cpu" with a reference.
+# Where torch's variable-length attention runs (flash attention: CUDA, compute capability 8.0 or newer, half
+# precision, head dims up to 256 in multiples of 8); tests add "cpu" and float32 with a reference kernel.
 VARLEN_DEVICES = ("cuda",)
+VARLEN_DTYPES = ("float16", "bfloat16")
 
 
 class _Plan:
@@ -59,7 +61,8 @@ class _Plan:
     def __init__(self) -> None:
         self.mode: str | None = None  # None: transformers' forward; "causal", "block", "given", "varlen"
         self.mask: Any = None
-        self.varlen: Any = None  # "varlen": (example boundaries [N + 1] int32, longest example bound, kernel kwargs)
+        # "varlen": (example boundaries [N + 1] int32, longest example bound, kernel kwargs, position ids)
+        self.varlen: Any = None
 
 
 def use_fused_attention(model: Any) -> int:
@@ -231,6 +234,8 @@ def _varlen_plan(given: dict[str, Any]) -> tuple[Any, int, dict[str, Any]] | Non
             or position_ids.dim() != 2 or position_ids.shape[0] != batch
             or position_ids.device.type not in VARLEN_DEVICES):
         return None  # padding to hide, or no kernel on this device: the block mask does it
+    if position_ids.device.type == "cuda" and torch.cuda.get_device_capability(position_ids.device) < (8, 0):
+        return None  # flash attention needs an Ampere or newer GPU (a T4 is 7.5)
     if not patches.applies("varlen_attention"):
         return None
     rows, length = position_ids.shape
@@ -240,7 +245,7 @@ def _varlen_plan(given: dict[str, Any]) -> tuple[Any, int, dict[str, Any]] | Non
     boundaries = torch.cat([edges, torch.tensor([rows * length])]).to(torch.int32)
     longest = int((boundaries[1:] - boundaries[:-1]).max())
     patches.activated("varlen_attention", once=True)
-    return boundaries.to(position_ids.device), 1 << (longest - 1).bit_length(), _varlen_kwargs()
+    return boundaries.to(position_ids.device), 1 << (longest - 1).bit_length(), _varlen_kwargs(), position_ids
 
 
 def _varlen_kwargs() -> dict[str, Any]:
@@ -260,11 +265,20 @@ def _varlen_kwargs() -> dict[str, Any]:
     return kwargs
 
 
-def _varlen_attention(query: Any, key: Any, value: Any, varlen: tuple[Any, int, dict[str, Any]]) -> Any:
+def _varlen_fits(query: Any) -> bool:
+    """Whether the varlen kernel takes these queries ([B, heads, L, D]): half precision, a head dim it has."""
+    import torch
+
+    head_dim = query.shape[-1]
+    dtypes = tuple(getattr(torch, name) for name in VARLEN_DTYPES)
+    return query.dtype in dtypes and head_dim % 8 == 0 and head_dim <= 256
+
+
+def _varlen_attention(query: Any, key: Any, value: Any, varlen: tuple[Any, int, dict[str, Any], Any]) -> Any:
     """Causal attention within each packed example: [B, L, heads, D] queries, [B, L, kv_heads, D] keys/values."""
     from torch.nn.attention.varlen import varlen_attn
 
-    boundaries, longest, kwargs = varlen
+    boundaries, longest, kwargs, _ = varlen
     batch, length, heads, head_dim = query.shape
     tokens = batch * length
     out = varlen_attn(query.reshape(tokens, heads, head_dim), key.reshape(tokens, key.shape[2], head_dim),
@@ -300,7 +314,7 @@ def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
     if layer_past is not None:
         # Only reached on a prefill (the planner hands a filled cache to the original forward).
         key, value = layer_past.update(key, value, self.layer_idx)
-    if plan.mode == "varlen":
+    if plan.mode == "varlen" and _varlen_fits(query):
         # Back to [B, L, heads, D], where every token's heads are adjacent: the kernel's [tokens, heads, D].
         out = _varlen_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), plan.varlen)
         return self.dense(out), None
@@ -323,7 +337,10 @@ def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         # and the graph broke around every attention call (4 compiled regions per layer on a GPU).
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, **extra)
     else:
-        mask = plan.mask if plan.mode == "block" else attention_mask
+        if plan.mode == "varlen":  # fp32 queries (training without autocast): the block mask, built here
+            mask = block_causal_mask(plan.varlen[3])
+        else:
+            mask = plan.mask if plan.mode == "block" else attention_mask
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, **extra)
     out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)
     return self.dense(out), None

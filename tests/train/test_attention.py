@@ -259,6 +259,7 @@ def varlen_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[int], int]]
     calls: list[tuple[list[int], int]] = []
     monkeypatch.setattr(varlen, "varlen_attn", _reference_varlen(calls))
     monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention, "VARLEN_DTYPES", ("float16", "bfloat16", "float32"))
     return calls
 
 
@@ -326,6 +327,7 @@ def test_varlen_kernel_with_torch_2_10_signature(tiny_falcon: Path, monkeypatch:
     calls: list[tuple[list[int], int]] = []
     monkeypatch.setattr(varlen, "varlen_attn", _reference_varlen(calls, old_signature=True))
     monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention, "VARLEN_DTYPES", ("float32",))
     _, fused = _pair(tiny_falcon)
     ids, positions, seqs = _packed_batch([[9, 15]])
     with torch.no_grad():
@@ -384,3 +386,18 @@ def test_packed_training_run_on_the_varlen_kernel_learns_as_on_the_block_mask(
     assert max(len(bounds) for bounds, _ in varlen_calls) > 4  # bins of 512 tokens hold several examples
     assert runs["varlen"]["patches"]["varlen_attention"]["state"] == "active"
     assert "varlen_attention" not in runs["block"]["patches"]
+
+
+def test_queries_the_kernel_does_not_take_get_the_block_mask_in_the_layer(
+        tiny_falcon: Path, varlen_calls: list[tuple[list[int], int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 queries (a GPU run without autocast) cannot go to flash: the packed batch is planned for the varlen
+    kernel, and each layer hides the other examples with the block mask instead, with the same logits."""
+    _, fused = _pair(tiny_falcon)
+    _forbid_fallback(fused)
+    ids, positions, seqs = _packed_batch([[9, 15, 4]])
+    monkeypatch.setattr(attention, "VARLEN_DTYPES", ("float16", "bfloat16"))
+    with torch.no_grad():
+        packed = fused(ids, position_ids=positions).logits[0]
+        assert fused.transformer._oasst_plan.mode == "varlen" and not varlen_calls
+        alone = fused(seqs[1][None]).logits[0]
+    assert (packed[9:24] - alone).abs().max() < TOL
