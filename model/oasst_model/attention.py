@@ -118,10 +118,10 @@ def cudnn_sdpa(enabled: bool) -> Iterator[None]:
     Why eval, generate and chat turn it off: cuDNN builds an execution plan the first time a process meets a
     (rows, heads, queries, keys) shape, 30-150 ms each on an H100 (bench/sdpa_backends.py: 0.6 s for 13
     shared-context shapes, 1.2 s for 20 unshared ones, forward only). Eval's token-budget batches seldom repeat a
-    shape, and decoding meets a new key length at every token (torch's cuDNN check accepts one query). Flash and
-    memory-efficient kernels start at once; warm they are slower (memory-efficient: 1.2x causal, 1.7-2x under the
-    shared-context block mask), which costs eval ~0.2 s where the plans cost 0.6-4 s (H100, 2,000 HellaSwag
-    items, fresh machine: 190 -> 299 items/s). Training repeats its shapes and keeps torch's choice by default.
+    shape, and decoding meets a new key length at every token (torch's cuDNN check accepts one query: 63-67 ms a
+    token on an H100, 0.06-0.08 ms on flash). Flash and memory-efficient kernels start at once; warm they are
+    slower (memory-efficient: 1.2x causal, 1.7-2x under the shared-context block mask), which costs eval ~0.2 s
+    where the plans cost 0.6-4 s (H100, 2,000 HellaSwag items, fresh machine: 190 -> 299 items/s). Training repeats its shapes and keeps torch's choice by default.
     `enabled` leaves torch's own choice alone. A torch without the switch (no cuDNN attention) changes nothing.
     """
     import torch
