@@ -121,8 +121,9 @@ def cudnn_sdpa(enabled: bool) -> Iterator[None]:
     shape, and decoding meets a new key length at every token (torch's cuDNN check accepts one query: 63-67 ms a
     token on an H100, 0.06-0.08 ms on flash). Flash and memory-efficient kernels start at once; warm they are
     slower (memory-efficient: 1.2x causal, 1.7-2x under the shared-context block mask), which costs eval ~0.2 s
-    where the plans cost 0.6-4 s (H100, 2,000 HellaSwag items, fresh machine: 190 -> 299 items/s). Training repeats its shapes and keeps torch's choice by default.
-    `enabled` leaves torch's own choice alone. A torch without the switch (no cuDNN attention) changes nothing.
+    where the plans cost 0.6-4 s (H100, 2,000 HellaSwag items, fresh machine: 190 -> 299 items/s). Training
+    repeats its shapes and keeps torch's choice by default. `enabled` leaves torch's own choice alone. A torch
+    without the switch (no cuDNN attention) changes nothing.
     """
     import torch
 
@@ -215,8 +216,9 @@ def _decide(given: dict[str, Any]) -> tuple[str | None, Any]:
     return "causal", None
 
 
-def _varlen_plan(given: dict[str, Any]) -> tuple[Any, int, dict[str, Any]] | None:
-    """(boundaries, longest-example bound, kernel keywords) for a packed batch the varlen kernel can run, else None.
+def _varlen_plan(given: dict[str, Any]) -> tuple[Any, int, dict[str, Any], Any] | None:
+    """(boundaries, longest-example bound, kernel keywords, position ids) for a packed batch the varlen kernel can
+    run, else None.
 
     Every row of the batch is one run of tokens; an example starts at each position id 0 and at each row's start.
     The bound is the longest example rounded up to a power of two: the kernel only sizes its grid by it, and under
