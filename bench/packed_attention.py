@@ -10,8 +10,10 @@ kernel (`torch.nn.attention.varlen`, patch `varlen_attention`) reads the example
 What it checks and times, on two Falcon-7B decoder layers (real width, 71 query heads, one key/value head, random
 bf16 weights; no 4-bit or LoRA: attention is what differs), with real Guanaco example lengths (the English OASST1
 validation threads in bench/data/guanaco-all, Falcon tokenizer, packed first-fit-decreasing into rows of 512):
-- the same hidden states and weight gradients from the varlen kernel, the block mask and the padded batch (bf16:
-  the norm of each pair's difference over the norm; any two differ by rounding, a wrong path stands out);
+- hidden states and first-layer QKV weight gradients of each bf16 path against an fp32 reference (the same
+  weights in fp32 through the block mask), for a next-token cross-entropy within each example, weights drawn with
+  std 0.08 so the gradients are not rounding noise: the norm of the error over the norm of the reference; a wrong
+  path (a leak, a wrong boundary, a wrong backward) stands out against the others;
 - forward + backward milliseconds of the two layers: varlen, block mask, and the same examples as a padded batch
   (right padding to a multiple of 64, `is_causal`: the unpacked path), each warm (median of 5 after 2);
 - tokens each path pushes through the layers (padding included) and the attention FLOPs it spends.
@@ -57,31 +59,37 @@ def lengths(rows: int) -> list[list[int]]:
     return bins[::step][:rows]
 
 
-def build(torch, device: str, heads: int):  # noqa: ANN001, ANN201
-    """Two Falcon-7B layers (`heads` x 64 wide) with the fused attention, bf16 on `device`."""
+def build(torch, device: str, heads: int, dtype):  # noqa: ANN001, ANN201
+    """Two Falcon-7B layers (`heads` x 64 wide) with the fused attention, in `dtype` on `device`."""
     from transformers import FalconConfig, FalconForCausalLM
 
     from oasst_model.attention import use_fused_attention
 
     config = FalconConfig(vocab_size=65024, hidden_size=heads * 64, num_attention_heads=heads, num_hidden_layers=2,
                           multi_query=True, parallel_attn=True, bias=False, alibi=False,
-                          new_decoder_architecture=False, attention_dropout=0.0, hidden_dropout=0.0)
+                          new_decoder_architecture=False, attention_dropout=0.0, hidden_dropout=0.0,
+                          initializer_range=0.08)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = FalconForCausalLM(config).to(device, torch.bfloat16)
+    model = FalconForCausalLM(config).to(device, dtype)
     model.config.use_cache = False
     assert use_fused_attention(model) == 2
     return model
 
 
-def run(model, batch: dict, torch) -> tuple[object, object]:  # noqa: ANN001
+def run(model, batch: dict, torch, targets=None) -> tuple[object, object]:  # noqa: ANN001
     """Hidden states of the real tokens ([tokens, width], in example order) and the first layer's QKV weight
-    gradient, for one forward + backward of a loss over the real tokens only."""
+    gradient, for one forward + backward: next-token cross-entropy against `targets` (-100: none), else a cheap
+    loss (timing)."""
     model.zero_grad(set_to_none=True)
     out = model.transformer(**batch).last_hidden_state
     real = out[batch["attention_mask"].bool()] if "attention_mask" in batch else out.reshape(-1, out.shape[-1])
-    real.float().square().mean().backward()
-    return real.detach(), model.transformer.h[0].self_attention.query_key_value.weight.grad.detach().clone()
+    if targets is None:
+        real.float().square().mean().backward()
+    else:
+        logits = model.lm_head(real).float()
+        torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100).backward()
+    return real.detach().float(), model.transformer.h[0].self_attention.query_key_value.weight.grad.detach().float()
 
 
 def timed(model, batch: dict, torch) -> float:  # noqa: ANN001
@@ -91,7 +99,7 @@ def timed(model, batch: dict, torch) -> float:  # noqa: ANN001
     for i in range(7):
         sync()
         t0 = time.perf_counter()
-        run(model, batch, torch)
+        run(model, batch, torch)  # the cheap loss: the LM head would dilute the attention's share
         sync()
         if i >= 2:
             times.append((time.perf_counter() - t0) * 1000)
@@ -123,7 +131,8 @@ def main() -> None:
     for i, seq in enumerate(ids):
         padded[i, :len(seq)] = seq
         mask[i, :len(seq)] = 1
-    model = build(torch, args.device, args.heads)
+    model = build(torch, args.device, args.heads, torch.bfloat16)
+    targets = torch.cat([torch.cat([seq[1:], torch.tensor([-100])]) for seq in ids]).to(args.device)
     results: dict[str, object] = {"rows": len(packed_rows), "examples": len(examples), "real_tokens": sum(examples),
                                   "varlen_check": patches.check_all()["varlen_attention"]}
     outputs = {}
@@ -131,22 +140,24 @@ def main() -> None:
     for name, devices in (("varlen", attention.VARLEN_DEVICES), ("block", ())):
         attention.VARLEN_DEVICES = devices
         batch = {"input_ids": flat, "position_ids": positions}
-        outputs[name] = run(model, batch, torch)
+        outputs[name] = run(model, batch, torch, targets)
         modes[name] = model.transformer._oasst_plan.mode
         results[f"{name}_ms"] = timed(model, batch, torch)
     pad_batch = {"input_ids": padded.to(args.device), "attention_mask": mask.to(args.device)}
-    outputs["padded"] = run(model, pad_batch, torch)
+    outputs["padded"] = run(model, pad_batch, torch, targets)
     modes["padded"] = model.transformer._oasst_plan.mode
     results["padded_ms"] = timed(model, pad_batch, torch)
     results["modes"] = modes
-    # Three paths, three pairs: in bf16 the rounding alone differs between any two (and grows through backward);
-    # a path that computed something else would stand out against the pair that does not involve it.
-    results["rel_diff"] = {}
-    for a, b in (("varlen", "block"), ("varlen", "padded"), ("block", "padded")):
-        (h_a, g_a), (h_b, g_b) = outputs[a], outputs[b]
-        results["rel_diff"][f"{a}-{b}"] = {
-            "hidden": float((h_a.float() - h_b.float()).norm() / h_b.float().norm()),
-            "qkv_grad": float((g_a.float() - g_b.float()).norm() / g_b.float().norm())}
+    # The reference: the same weights in fp32, the block mask (sdpa takes fp32; flash does not).
+    reference = build(torch, args.device, args.heads, torch.float32)
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    attention.VARLEN_DEVICES = ()
+    h_ref, g_ref = run(reference, {"input_ids": flat, "position_ids": positions}, torch, targets)
+    modes["reference"] = reference.transformer._oasst_plan.mode
+    del reference
+    results["error_vs_fp32"] = {
+        name: {"hidden": float((h - h_ref).norm() / h_ref.norm()), "qkv_grad": float((g - g_ref).norm() / g_ref.norm())}
+        for name, (h, g) in outputs.items()}
     heads, dim = args.heads, 64
     results["tokens"] = {"varlen": flat.shape[1], "block": flat.shape[1], "padded": len(examples) * width}
     # Attention score + value products, forward: 4 * heads * dim per (query, key) pair computed.
@@ -170,9 +181,9 @@ def main() -> None:
                       f"{results['attention_gflop_fwd'][name]:.0f}", f"{results[f'{name}_ms']:.1f}",
                       f"{results[f'{name}_ms'] / results['varlen_ms']:.2f}")
     Console(stderr=True).print(table)
-    for pair, diff in results["rel_diff"].items():
-        print(f"{pair}: hidden {diff['hidden']:.2e}, qkv grad {diff['qkv_grad']:.2e} (norm of the difference over "
-              f"the norm)")
+    for name, error in results["error_vs_fp32"].items():
+        print(f"{name} (bf16) against fp32: hidden {error['hidden']:.2e}, qkv grad {error['qkv_grad']:.2e} (norm "
+              f"of the error over the norm)")
     print(f"wrote {args.results}")
 
 

@@ -60,51 +60,56 @@ CLASSIC = {
 }
 COLAB = RECIPES / "falcon-7b-guanaco.yaml"
 FAST = RECIPES / "falcon-7b-guanaco-fast.yaml"
+# The recipes as they were until 2026-12-06 (unpacked, length-grouped, eager layers): the base of the one-lever
+# variants measured before packing and compile_layers went into the recipes, so those names keep their meaning.
+FAST_UNPACKED = {"packing": False, "batch_size": 32, "group_by_length": True, "compile_layers": False}
+COLAB_UNPACKED = {"packing": False, "batch_size": 8, "group_by_length": True, "compile_layers": False}
 # name -> (base: CLASSIC or a recipe file, overrides). Variants measure one lever each against their base.
 CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "classic": (CLASSIC, {}),
     "classic-bf16-fused": (CLASSIC, {"precision": "bf16", "compute_dtype": "bfloat16", "fused_attention": True}),
+    # The recipes as committed: packed rows through flash's varlen kernel (patch varlen_attention), compiled layers.
+    # Colab-class: 5 rows of 512 x 2 hold ~16 examples a step; fast: 20 rows ~32 examples (914 examples fill 565
+    # rows), at most 10,240 tokens, where an unpacked batch of 32 computes ~11,100 (9% padding).
     "colab": (COLAB, {}),
-    "colab-unfused": (COLAB, {"fused_attention": False}),
-    "colab-16x1": (COLAB, {"batch_size": 16, "grad_accum": 1}),
-    "colab-unfusedlora": (COLAB, {"fused_lora": False}),
-    "colab-seeded": (COLAB, {"seeded_lora_dropout": True}),
-    "colab-16x1-seeded": (COLAB, {"batch_size": 16, "grad_accum": 1, "seeded_lora_dropout": True}),
-    "colab-adam8bit": (COLAB, {"optim": "paged_adamw_8bit"}),
-    "colab-offload": (COLAB, {"activation_offloading": True}),
-    "colab-offload-adam8bit": (COLAB, {"activation_offloading": True, "optim": "paged_adamw_8bit"}),
-    "colab-8x2-offload": (COLAB, {"batch_size": 8, "grad_accum": 2, "activation_offloading": True}),
-    "colab-nodropout": (COLAB, {"lora_dropout": 0.0}),
     "fast": (FAST, {}),
-    "fast-16": (FAST, {"batch_size": 16}),
-    "fast-nocast": (FAST, {"cast_norm_outputs": False}),
-    "fast-unfusedlora": (FAST, {"fused_lora": False}),
-    "fast-unseeded": (FAST, {"seeded_lora_dropout": False}),
-    "colab-nocast": (COLAB, {"cast_norm_outputs": False}),
-    "fast-nodropout": (FAST, {"lora_dropout": 0.0}),
-    "fast-unfused-16": (FAST, {"fused_attention": False, "batch_size": 16}),
-    # Regional torch.compile of the decoder layers (#14): the first steps compile (left out as warm-up when the
-    # run has enough steps; run these with --steps 30 or more).
-    "fast-compiled": (FAST, {"compile_layers": True}),
-    "colab-compiled": (COLAB, {"compile_layers": True}),
-    # The fast recipe at half the batch fits an 80 GB H100 (the recipe itself takes 88 GiB uncompiled).
-    "fast-compiled-16": (FAST, {"compile_layers": True, "batch_size": 16}),
-    # Packed padding-free rows through flash's varlen kernel (patch varlen_attention): 20 rows of 512 hold about
-    # 32 examples (914 examples fill 565 rows), at most 10,240 tokens, where an unpacked batch of 32 computes
-    # ~11,100 (9% padding: group_by_length, pad_to_multiple_of 64); 10 rows for an 80 GB H100.
-    "fast-packed": (FAST, {"packing": True, "batch_size": 20}),
-    "fast-packed-compiled": (FAST, {"packing": True, "batch_size": 20, "compile_layers": True}),
-    "fast-packed-compiled-10": (FAST, {"packing": True, "batch_size": 10, "compile_layers": True}),
-    # The Colab-class recipe packed: 5 rows of 512 x 2 hold ~16 examples per step, as its 8 x 2 does.
-    "colab-packed-compiled": (COLAB, {"packing": True, "batch_size": 5, "compile_layers": True}),
+    "colab-packed-compiled": (COLAB, {}),  # the name these ran under before they became the recipes
+    "fast-packed-compiled": (FAST, {}),
+    "fast-packed": (FAST, {"compile_layers": False}),
+    "fast-packed-compiled-10": (FAST, {"batch_size": 10}),  # ~16 examples a step, an 80 GB H100's half
+    "colab-unpacked": (COLAB, COLAB_UNPACKED),
+    "fast-unpacked": (FAST, FAST_UNPACKED),
+    "colab-unfused": (COLAB, {**COLAB_UNPACKED, "fused_attention": False}),
+    "colab-16x1": (COLAB, {**COLAB_UNPACKED, "batch_size": 16, "grad_accum": 1}),
+    "colab-unfusedlora": (COLAB, {**COLAB_UNPACKED, "fused_lora": False}),
+    "colab-seeded": (COLAB, {**COLAB_UNPACKED, "seeded_lora_dropout": True}),
+    "colab-16x1-seeded": (COLAB, {**COLAB_UNPACKED, "batch_size": 16, "grad_accum": 1, "seeded_lora_dropout": True}),
+    "colab-adam8bit": (COLAB, {**COLAB_UNPACKED, "optim": "paged_adamw_8bit"}),
+    "colab-offload": (COLAB, {**COLAB_UNPACKED, "activation_offloading": True}),
+    "colab-offload-adam8bit": (COLAB, {**COLAB_UNPACKED, "activation_offloading": True, "optim": "paged_adamw_8bit"}),
+    "colab-8x2-offload": (COLAB, {**COLAB_UNPACKED, "batch_size": 8, "grad_accum": 2, "activation_offloading": True}),
+    "colab-nodropout": (COLAB, {**COLAB_UNPACKED, "lora_dropout": 0.0}),
+    "colab-nocast": (COLAB, {**COLAB_UNPACKED, "cast_norm_outputs": False}),
+    "fast-16": (FAST, {**FAST_UNPACKED, "batch_size": 16}),
+    "fast-nocast": (FAST, {**FAST_UNPACKED, "cast_norm_outputs": False}),
+    "fast-unfusedlora": (FAST, {**FAST_UNPACKED, "fused_lora": False}),
+    "fast-unseeded": (FAST, {**FAST_UNPACKED, "seeded_lora_dropout": False}),
+    "fast-nodropout": (FAST, {**FAST_UNPACKED, "lora_dropout": 0.0}),
+    "fast-unfused-16": (FAST, {**FAST_UNPACKED, "fused_attention": False, "batch_size": 16}),
+    # Regional torch.compile of the decoder layers (#14) on the unpacked recipes: the first steps compile (left out
+    # as warm-up when the run has enough steps; run these with --steps 30 or more).
+    "fast-compiled": (FAST, {**FAST_UNPACKED, "compile_layers": True}),
+    "colab-compiled": (COLAB, {**COLAB_UNPACKED, "compile_layers": True}),
+    # The unpacked fast recipe at half the batch fits an 80 GB H100 (batch 32 takes 88 GiB).
+    "fast-compiled-16": (FAST, {**FAST_UNPACKED, "compile_layers": True, "batch_size": 16}),
     # torch's fused AdamW (a few multi-tensor kernels) instead of bitsandbytes' paged one (one kernel per tensor,
     # 256 LoRA tensors): the same fp32 states, so the same memory unless the GPU runs out and pages.
-    "colab-fusedadam": (COLAB, {"optim": "adamw_torch_fused"}),
-    "colab-compiled-fusedadam": (COLAB, {"compile_layers": True, "optim": "adamw_torch_fused"}),
+    "colab-fusedadam": (COLAB, {**COLAB_UNPACKED, "optim": "adamw_torch_fused"}),
+    "colab-compiled-fusedadam": (COLAB, {**COLAB_UNPACKED, "compile_layers": True, "optim": "adamw_torch_fused"}),
     # sdpa without cuDNN attention (flash / memory-efficient): no plan per new batch shape (bench/sdpa_backends.py:
     # 0.1-1.3 s per training shape on an H100, forward + backward) against cuDNN's faster kernels once planned.
-    "colab-compiled-nocudnn": (COLAB, {"compile_layers": True, "cudnn_attention": False}),
-    "fast-compiled-nocudnn": (FAST, {"compile_layers": True, "cudnn_attention": False}),
+    "colab-compiled-nocudnn": (COLAB, {**COLAB_UNPACKED, "compile_layers": True, "cudnn_attention": False}),
+    "fast-compiled-nocudnn": (FAST, {**FAST_UNPACKED, "compile_layers": True, "cudnn_attention": False}),
 }
 DEFAULT = ("classic", "colab", "fast")
 

@@ -13,12 +13,13 @@ What the fused path does, per forward of the whole model (decided once, not per 
   every query head (a view) and `is_causal=True` without a mask. Exact for every real token: with right
   padding a real token never sees a pad token under a causal mask. Pad positions get other (finite) values
   than before; nothing reads them (their labels are -100).
-- packed rows (position ids restart inside a row, as trl's padding-free collator makes them): each example attends
-  to itself only, whatever the installed transformers does with position ids (5.17 lets them leak;
-  ../shared/docs/gpu.md). On a GPU, flash attention's variable-length kernel (`torch.nn.attention.varlen`, patch
+- packed rows (position ids restart inside a row, as trl's padding-free collator makes them; an example starts at
+  every position id that does not continue the one before): each example attends to itself only, whatever the
+  installed transformers does with position ids (5.17 lets them leak; ../shared/docs/gpu.md). On an Ampere or newer
+  GPU in half precision, flash attention's variable-length kernel (`torch.nn.attention.varlen`, patch
   `varlen_attention`) with the example boundaries read from the position ids: the work of each example alone.
   Elsewhere, or where torch lacks that kernel: a block-diagonal causal mask through sdpa, which computes (and
-  masks) every pair of tokens in the row: quadratic in the row, 16,384 tokens for a padding-free batch of 32 x 512.
+  masks) every pair of tokens in the row: quadratic in the row, 10,240 tokens for a padding-free batch of 20 x 512.
 - anything else (left padding, a 4-D mask from the caller): the mask transformers built, with expanded keys.
 - decoding with a filled KV cache, ALiBi models, `output_attentions`, attention dropout in training: transformers'
   own forward, unchanged.
@@ -51,6 +52,9 @@ KV_MODE = "expand"
 # precision, head dims up to 256 in multiples of 8); tests add "cpu" and float32 with a reference kernel.
 VARLEN_DEVICES = ("cuda",)
 VARLEN_DTYPES = ("float16", "bfloat16")
+# The smallest bound handed to the kernel as the longest example: one compiled graph for every batch whose examples
+# are at most 512 tokens (Guanaco's max_length), instead of one per power of two met.
+VARLEN_MIN_BOUND = 512
 
 
 class _Plan:
@@ -154,12 +158,13 @@ def fused_attention_layers(model: Any) -> int:
 def block_causal_mask(position_ids: Any, attention_mask: Any = None) -> Any:
     """[B, 1, L, L] bool: token i sees token j iff j <= i and both lie in the same packed example.
 
-    An example starts wherever the position id is 0. Keys that `attention_mask` marks as padding are hidden too,
-    except from themselves, so no row is empty (an empty row makes sdpa return NaN).
+    Examples start where `example_starts` says (a position id that does not continue the one before). Keys that
+    `attention_mask` marks as padding are hidden too, except from themselves, so no row is empty (an empty row
+    makes sdpa return NaN).
     """
     import torch
 
-    example = torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
+    example = torch.cumsum(example_starts(position_ids).to(torch.int32), dim=-1)
     length = position_ids.shape[-1]
     causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril_()
     mask = (example[:, :, None] == example[:, None, :]) & causal
@@ -179,50 +184,57 @@ def _planner(body: Any, plan: _Plan) -> Any:
         names = _BODY_PARAMS.setdefault(type(module), list(inspect.signature(module.forward).parameters))
         given = dict(zip(names, args, strict=False))
         given.update(kwargs)
-        plan.mode, plan.mask = _decide(given)
-        plan.varlen = None
-        if plan.mode == "block":
-            plan.varlen = _varlen_plan(given)
-            if plan.varlen is not None:
-                plan.mode, plan.mask = "varlen", None
+        plan.mode, plan.mask, plan.varlen = _decide(given, module)
 
     return hook
 
 
-def _decide(given: dict[str, Any]) -> tuple[str | None, Any]:
-    """(mode, mask) for one forward from the body's arguments."""
+def example_starts(position_ids: Any) -> Any:
+    """Bool like `position_ids`: True where a packed example starts (a row's first token, and every token whose
+    position id does not continue the one before: a restart at 0, or at any other id)."""
+    import torch
+
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[..., 1:] = position_ids[..., 1:] != position_ids[..., :-1] + 1
+    return starts
+
+
+def _decide(given: dict[str, Any], body: Any) -> tuple[str | None, Any, Any]:
+    """(mode, mask, varlen plan) for one forward from the body's arguments."""
     import torch
 
     cache = given.get("cache", given.get("past_key_values"))
     if given.get("output_attentions") or (cache is not None and cache.get_seq_length() > 0):
-        return None, None
+        return None, None, None
     attention_mask = given.get("attention_mask")
     position_ids = given.get("position_ids")
     if attention_mask is not None and attention_mask.dim() != 2:
-        return "given", None
-    checks = []
+        return "given", None, None
+    # One host sync for both questions; the example starts come over whole (the varlen kernel's boundaries).
+    flags = []
     if position_ids is not None:
-        checks.append((position_ids[..., 1:] != position_ids[..., :-1] + 1).any())
+        flags.append(example_starts(position_ids).flatten())
     if attention_mask is not None:
-        checks.append((attention_mask[:, 1:] > attention_mask[:, :-1]).any())
-    # One host sync for both questions.
-    flags = torch.stack(checks).tolist() if checks else []
-    packed = bool(flags[0]) if position_ids is not None else False
-    unsorted_padding = bool(flags[-1]) if attention_mask is not None else False
-    if packed:
-        return "block", block_causal_mask(position_ids, attention_mask)
+        flags.append((attention_mask[:, 1:] > attention_mask[:, :-1]).any().view(1))
+    host = torch.cat(flags).cpu() if flags else None
+    starts = host[:position_ids.numel()].view(position_ids.shape) if position_ids is not None else None
+    unsorted_padding = bool(host[-1]) if attention_mask is not None else False
+    if starts is not None and bool(starts[..., 1:].any()):
+        varlen = _varlen_plan(given, body, starts)
+        if varlen is not None:
+            return "varlen", None, varlen
+        return "block", block_causal_mask(position_ids, attention_mask), None
     if unsorted_padding:
-        return "given", None  # left padding: the mask transformers built is right, only keys get expanded
-    return "causal", None
+        return "given", None, None  # left padding: the mask transformers built is right, only keys get expanded
+    return "causal", None, None
 
 
-def _varlen_plan(given: dict[str, Any]) -> tuple[Any, int, dict[str, Any], Any] | None:
+def _varlen_plan(given: dict[str, Any], body: Any, starts: Any) -> tuple[Any, int, dict[str, Any], Any] | None:
     """(boundaries, longest-example bound, kernel keywords, position ids) for a packed batch the varlen kernel can
-    run, else None.
+    run, else None (the block mask then). `starts`: `example_starts` of the position ids, on the host.
 
-    Every row of the batch is one run of tokens; an example starts at each position id 0 and at each row's start.
-    The bound is the longest example rounded up to a power of two: the kernel only sizes its grid by it, and under
-    torch.compile each distinct value is a recompilation (Guanaco rows: nearly always 512).
+    Every row of the batch is one run of tokens. The bound is the longest example rounded up to a power of two, at
+    least VARLEN_MIN_BOUND: the kernel only sizes its grid by it, and compiled layers recompile for each new value.
     """
     import torch
 
@@ -232,22 +244,31 @@ def _varlen_plan(given: dict[str, Any]) -> tuple[Any, int, dict[str, Any], Any] 
     embeds = given.get("inputs_embeds")
     ids = given.get("input_ids")
     batch = (ids if ids is not None else embeds).shape[0] if (ids is not None or embeds is not None) else None
-    if (given.get("attention_mask") is not None or position_ids is None
-            or position_ids.dim() != 2 or position_ids.shape[0] != batch
-            or position_ids.device.type not in VARLEN_DEVICES):
-        return None  # padding to hide, or no kernel on this device: the block mask does it
-    if position_ids.device.type == "cuda" and torch.cuda.get_device_capability(position_ids.device) < (8, 0):
-        return None  # flash attention needs an Ampere or newer GPU (a T4 is 7.5)
+    if given.get("attention_mask") is not None or position_ids.dim() != 2 or position_ids.shape[0] != batch:
+        return None  # padding to hide, or position ids shared by several rows: the block mask does it
+    device = position_ids.device
+    old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
+    if device.type not in VARLEN_DEVICES or old_gpu:
+        patches.not_applicable("varlen_attention", f"packed rows on {device.type}: flash's varlen kernel needs a "
+                                                   "CUDA GPU of compute capability 8.0 or newer; block mask")
+        return None
+    config = body.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+             else body.get_input_embeddings().weight.dtype)
+    if str(dtype).removeprefix("torch.") not in VARLEN_DTYPES or head_dim % 8 or head_dim > 256:
+        patches.not_applicable("varlen_attention", f"{dtype} queries of head dim {head_dim}: the varlen kernel "
+                                                   "takes half precision, head dims up to 256; block mask")
+        return None
     if not patches.applies("varlen_attention"):
         return None
     rows, length = position_ids.shape
-    starts = (position_ids == 0).cpu()  # one host sync per forward of the model, not per layer
-    starts[:, 0] = True
     edges = torch.nonzero(starts.reshape(-1)).reshape(-1)
     boundaries = torch.cat([edges, torch.tensor([rows * length])]).to(torch.int32)
     longest = int((boundaries[1:] - boundaries[:-1]).max())
     patches.activated("varlen_attention", once=True)
-    return boundaries.to(position_ids.device), 1 << (longest - 1).bit_length(), _varlen_kwargs(), position_ids
+    bound = max(VARLEN_MIN_BOUND, 1 << (longest - 1).bit_length())
+    return boundaries.to(device), bound, _varlen_kwargs(), position_ids
 
 
 def _varlen_kwargs() -> dict[str, Any]:

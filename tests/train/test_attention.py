@@ -299,7 +299,12 @@ def test_packed_rows_on_the_varlen_kernel_match_the_block_mask(tiny_falcon: Path
     assert (varlen - block).abs().max() < TOL
     row = ids.shape[1]  # 47 tokens a row
     bounds = [0, 11, 34, 41, 44, 45, 46, row, row + 30, row + 44, row + 45, row + 46, 2 * row]
-    assert varlen_calls == [(bounds, 32)] * 2  # each layer; the longest example (30) rounded up to a power of two
+    assert varlen_calls == [(bounds, attention.VARLEN_MIN_BOUND)] * 2  # each layer; no example over 512 tokens
+    monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention, "VARLEN_MIN_BOUND", 8)
+    with torch.no_grad():
+        fused(ids, position_ids=positions)
+    assert varlen_calls[-1] == (bounds, 32)  # the longest example (30) rounded up to a power of two
 
 
 def test_varlen_training_gradients_equal_the_block_mask(tiny_falcon: Path,
@@ -385,19 +390,43 @@ def test_packed_training_run_on_the_varlen_kernel_learns_as_on_the_block_mask(
     assert len(varlen_calls) >= 3 * 2  # 3 steps, a forward of 2 layers each
     assert max(len(bounds) for bounds, _ in varlen_calls) > 4  # bins of 512 tokens hold several examples
     assert runs["varlen"]["patches"]["varlen_attention"]["state"] == "active"
-    assert "varlen_attention" not in runs["block"]["patches"]
+    assert runs["block"]["patches"]["varlen_attention"]["state"] == "not needed"  # a CPU: the block mask
 
 
-def test_queries_the_kernel_does_not_take_get_the_block_mask_in_the_layer(
-        tiny_falcon: Path, varlen_calls: list[tuple[list[int], int]], monkeypatch: pytest.MonkeyPatch) -> None:
-    """fp32 queries (a GPU run without autocast) cannot go to flash: the packed batch is planned for the varlen
-    kernel, and each layer hides the other examples with the block mask instead, with the same logits."""
+def test_queries_the_kernel_does_not_take_get_the_block_mask(tiny_falcon: Path,
+                                                              varlen_calls: list[tuple[list[int], int]],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 queries (a GPU run without autocast) cannot go to flash: the planner sees the dtype coming and plans the
+    block mask (the report says why); a layer that meets such queries in a varlen plan builds the mask itself."""
+    from oasst_model import patches
+
     _, fused = _pair(tiny_falcon)
     _forbid_fallback(fused)
     ids, positions, seqs = _packed_batch([[9, 15, 4]])
-    monkeypatch.setattr(attention, "VARLEN_DTYPES", ("float16", "bfloat16"))
     with torch.no_grad():
+        alone = fused(seqs[1][None]).logits[0]
+        patches.begin_run()
+        monkeypatch.setattr(attention, "VARLEN_DTYPES", ("float16", "bfloat16"))
+        packed = fused(ids, position_ids=positions).logits[0]
+        assert fused.transformer._oasst_plan.mode == "block"
+        assert patches.report()["varlen_attention"]["state"] == "not needed"
+        assert "float32 queries" in patches.report()["varlen_attention"]["detail"]
+        assert (packed[9:24] - alone).abs().max() < TOL
+        monkeypatch.setattr(attention, "_varlen_fits", lambda query: False)
+        monkeypatch.setattr(attention, "VARLEN_DTYPES", ("float32",))
         packed = fused(ids, position_ids=positions).logits[0]
         assert fused.transformer._oasst_plan.mode == "varlen" and not varlen_calls
-        alone = fused(seqs[1][None]).logits[0]
     assert (packed[9:24] - alone).abs().max() < TOL
+
+
+def test_an_example_starts_wherever_the_position_ids_break(tiny_falcon: Path,
+                                                           varlen_calls: list[tuple[list[int], int]]) -> None:
+    """A restart at an id other than 0 starts an example too, for the block mask and the varlen boundaries alike."""
+    positions = torch.tensor([[0, 1, 2, 5, 6, 0, 1]])
+    mask = block_causal_mask(positions)[0, 0]
+    assert mask[4].tolist() == [False, False, False, True, True, False, False]
+    assert mask[6].tolist() == [False] * 5 + [True, True]
+    _, fused = _pair(tiny_falcon)
+    with torch.no_grad():
+        fused(torch.stack(_ids([7])), position_ids=positions)
+    assert varlen_calls[0][0] == [0, 3, 5, 7]

@@ -232,6 +232,9 @@ BAD_CONFIGS = {
     "weight-decay-negative": (b"weight_decay: -0.1\n", "cfg.yaml:1: weight_decay must not be negative, not -0.1"),
     "warmup-steps-negative": (b"\nwarmup_steps: -5\n", "cfg.yaml:2: warmup_steps must not be negative, not -5"),
     "max-steps-inf": (b"max_steps: .inf\n", "cfg.yaml:1: max_steps must be int, not inf"),
+    "group-by-length-with-packing": (b"packing: true\ngroup_by_length: true\n", "cfg.yaml:2: group_by_length does "
+                                     "not apply with packing (packed rows are all near max_length); set "
+                                     "group_by_length false"),
     "model-a-list": (b"model: [a, b]\n", "cfg.yaml:1: model must be str, not ['a', 'b']"),
     "not-yaml": (b"model: [unclosed\n", "cfg.yaml:2: not valid YAML (expected ',' or ']', but got '<stream end>')"),
 }

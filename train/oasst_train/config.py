@@ -267,6 +267,11 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: 
         # transformers' length-grouped sampler reads an input_ids column; trl's pair rows have prompt_ids etc.
         raise fail("group_by_length", "group_by_length does not apply to method dpo (its sampler needs "
                                       "conversation rows); set group_by_length false")
+    if cfg.packing and cfg.group_by_length:
+        # trl's packed rows all come near max_length and its padding-free collator makes each batch one row: the
+        # length-grouped sampler would only reorder the data.
+        raise fail("group_by_length", "group_by_length does not apply with packing (packed rows are all near "
+                                      "max_length); set group_by_length false")
     for name in ("model", "data", "out", "init_adapter"):
         if "\0" in getattr(cfg, name):
             raise fail(name, f"{name} {getattr(cfg, name)!r} contains a NUL character")
