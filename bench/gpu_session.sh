@@ -3,6 +3,7 @@
 #   eval     bench/eval_falcon_speed.py run --limit 2000 (its default configurations) ARGS
 #   train    bench/train_throughput.py ARGS (e.g. --steps 30 --profile --only classic,colab,...)
 #   smollm2  bench/eval_hellaswag_smollm2.py on the GGUF joined from the parts gathered so far, ARGS
+#   packed   bench/packed_attention.py ARGS (varlen kernel vs block mask vs padded batch, against fp32; seconds)
 # Every phase first makes what it needs and a cold machine lacks: the carried wheels (.whl, .whl-lmeval, see
 # ../shared/docs/gpu.md) unpacked once into $SITE, the random Falcon-7B (eval_falcon_speed.py prepare, ~2 min).
 # The SmolLM2 GGUF (98 MB) cannot travel in one call (64 MiB): carry one of bench/data/smollm2-3/gguf.part-NN per
@@ -13,11 +14,11 @@
 # Results go to $OUT (the device's fetched folder) when set, else bench/results; eval and smollm2 files carry the
 # time (each is one machine's runs: a second call the same day must not replace the first), train's calls append.
 set -euo pipefail
-phase=${1:?phase: eval, train or smollm2}
+phase=${1:?phase: eval, train, smollm2 or packed}
 shift
 case $phase in
-    eval|train|smollm2) ;;
-    *) echo "unknown phase $phase (eval, train or smollm2)" >&2; exit 2 ;;  # before minutes of set-up
+    eval|train|smollm2|packed) ;;
+    *) echo "unknown phase $phase (eval, train, smollm2 or packed)" >&2; exit 2 ;;  # before minutes of set-up
 esac
 SITE=${SITE:-/root/site}
 RESULTS=${OUT:-bench/results}
@@ -33,13 +34,15 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p /root/smol
 cp bench/data/smollm2-3/gguf.part-* /root/smol/ 2>/dev/null || true
 echo "gguf parts gathered: $(ls /root/smol | tr '\n' ' ')"
-if [ "$phase" != smollm2 ] && [ ! -f bench/data/falcon7b-random/model.safetensors.index.json ]; then
+needs_falcon=$([ "$phase" = eval ] || [ "$phase" = train ] && echo yes || echo no)
+if [ "$needs_falcon" = yes ] && [ ! -f bench/data/falcon7b-random/model.safetensors.index.json ]; then
     python3 bench/eval_falcon_speed.py prepare
 fi
 case $phase in
     eval) python3 bench/eval_falcon_speed.py run --limit 2000 --results "$RESULTS/eval_falcon_speed-$STAMP.json" "$@" \
               2>&1 | grep -v -e '^Map' -e 'it/s]' ;;
     train) python3 bench/train_throughput.py --results "$RESULTS/train_throughput-$DAY.json" "$@" ;;
+    packed) python3 bench/packed_attention.py --results "$RESULTS/packed_attention-$STAMP.json" "$@" ;;
     smollm2) python3 bench/eval_hellaswag_smollm2.py --gguf /root/smol/SmolLM2-135M-Instruct.Q4_1.gguf \
                  --out "$RESULTS/eval_hellaswag_smollm2-$STAMP.json" "$@" ;;
 esac
