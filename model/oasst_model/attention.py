@@ -256,7 +256,7 @@ def _varlen_plan(given: dict[str, Any], body: Any, starts: Any) -> tuple[Any, in
     head_dim = config.hidden_size // config.num_attention_heads
     dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
              else body.get_input_embeddings().weight.dtype)
-    if str(dtype).removeprefix("torch.") not in VARLEN_DTYPES or head_dim % 8 or head_dim > 256:
+    if not _varlen_takes(dtype, head_dim):
         patches.not_applicable("varlen_attention", f"{dtype} queries of head dim {head_dim}: the varlen kernel "
                                                    "takes half precision, head dims up to 256; block mask")
         return None
@@ -277,8 +277,6 @@ def _varlen_kwargs() -> dict[str, Any]:
     torch 2.10 takes `is_causal`; later releases `window_size=(-1, 0)` and, from 2.13, `enable_gqa` (before it, the
     flash kernel took fewer key heads as they came).
     """
-    import inspect
-
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
@@ -288,13 +286,14 @@ def _varlen_kwargs() -> dict[str, Any]:
     return kwargs
 
 
-def _varlen_fits(query: Any) -> bool:
-    """Whether the varlen kernel takes these queries ([B, heads, L, D]): half precision, a head dim it has."""
+def _varlen_takes(dtype: Any, head_dim: int) -> bool:
+    """Whether the varlen kernel takes queries of `dtype` and `head_dim`: half precision, a head dim it has.
+
+    Asked by the planner with the dtype it expects and by each layer with the queries it got (dtype objects are
+    compared, not their names: torch.compile traces this inside the layers)."""
     import torch
 
-    head_dim = query.shape[-1]
-    dtypes = tuple(getattr(torch, name) for name in VARLEN_DTYPES)
-    return query.dtype in dtypes and head_dim % 8 == 0 and head_dim <= 256
+    return dtype in tuple(getattr(torch, name) for name in VARLEN_DTYPES) and head_dim % 8 == 0 and head_dim <= 256
 
 
 def _varlen_attention(query: Any, key: Any, value: Any, varlen: tuple[Any, int, dict[str, Any], Any]) -> Any:
@@ -337,7 +336,7 @@ def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
     if layer_past is not None:
         # Only reached on a prefill (the planner hands a filled cache to the original forward).
         key, value = layer_past.update(key, value, self.layer_idx)
-    if plan.mode == "varlen" and _varlen_fits(query):
+    if plan.mode == "varlen" and _varlen_takes(query.dtype, head_dim):
         # Back to [B, L, heads, D], where every token's heads are adjacent: the kernel's [tokens, heads, D].
         out = _varlen_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), plan.varlen)
         return self.dense(out), None

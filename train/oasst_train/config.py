@@ -103,7 +103,8 @@ class TrainConfig:
     fused_lora: bool = _f(True, "Add each LoRA update inside its matmul (one addmm) instead of peft's clone, scale "
                                 "and add. Off: peft's own LoRA forward.")
     seeded_lora_dropout: bool = _f(False, "With fused_lora, LoRA dropout keeps only its input and a seed for "
-                                          "backward: less memory, a little slower, other draws than peft's. Not in compiled layers.")
+                                          "backward: less memory, a little slower, other draws than peft's. Not in "
+                                          "compiled layers.")
     compile_layers: bool = _f(False, "torch.compile each decoder layer (one compilation shared by all): fuses the "
                                      "element-wise work between matmuls; the first steps compile.")
     # On by default here, off in eval: a training run repeats its batch shapes (pad_to_multiple_of, group_by_length),
