@@ -9,7 +9,7 @@ kernel (`torch.nn.attention.varlen`, patch `varlen_attention`) reads the example
 
 What it checks and times, on two Falcon-7B decoder layers (real width, 71 query heads, one key/value head, random
 bf16 weights; no 4-bit or LoRA: attention is what differs), with real Guanaco example lengths (the English OASST1
-validation threads in bench/data/guanaco-all, Falcon tokenizer, packed first-fit-decreasing into rows of 512):
+validation threads in bench/data/guanaco-all, Falcon tokenizer, packed into rows of 512 as training packs them):
 - hidden states and first-layer QKV weight gradients of each bf16 path against an fp32 reference (the same
   weights in fp32 through the block mask), for a next-token cross-entropy within each example, weights drawn with
   std 0.08 so the gradients are not rounding noise: the norm of the error over the norm of the reference; a wrong
@@ -39,22 +39,18 @@ ROW = 512
 
 
 def lengths(rows: int) -> list[list[int]]:
-    """Example lengths of the first `rows` packed rows (first-fit decreasing into rows of ROW tokens)."""
-    from datasets import load_dataset
+    """Example lengths of the first `rows` packed rows, packed as `oasst train --packing` packs them (trl's
+    best-fit-decreasing `pack_dataset` into rows of ROW tokens)."""
+    from datasets import Dataset, disable_progress_bars, load_dataset
     from transformers import AutoTokenizer
+    from trl.data_utils import pack_dataset
 
+    disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     texts = load_dataset(str(DATA), split="train")["text"]
-    sizes = sorted((min(ROW, len(tokenizer(t).input_ids) + 1) for t in texts), reverse=True)
-    bins: list[list[int]] = []
-    for size in sizes:
-        for b in bins:
-            if sum(b) + size <= ROW:
-                b.append(size)
-                break
-        else:
-            bins.append([size])
-    # A mix like a training batch's: rows from across the sorted bins, not only the full ones.
+    sizes = [min(ROW, len(tokenizer(t).input_ids) + 1) for t in texts]  # + EOS, cut at the row length
+    bins = pack_dataset(Dataset.from_dict({"input_ids": [[0] * n for n in sizes]}), ROW, strategy="bfd")["seq_lengths"]
+    # A mix like a training batch's: rows from across the packed set (its full rows come first), not only the full ones.
     step = max(1, len(bins) // rows)
     return bins[::step][:rows]
 
