@@ -24,6 +24,7 @@ Every configuration is its own `oasst train` process (GPU memory starts empty, n
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -285,13 +286,10 @@ def loss_at_equal_samples(runs: dict[str, dict[str, Any]]) -> None:
     A packed row holds several examples, so for packed runs rows are not samples: `loss_at_equal_tokens` is the
     comparison that holds across packing."""
     done = {n: r for n, r in runs.items() if "loss_by_step" in r and r["loss_by_step"]}
-    if not done:
-        return
-    common = min(r["rows_per_step"] * r["steps"] for r in done.values())
-    for run in done.values():
-        window = [loss for step, loss in run["loss_by_step"]
-                  if 0.75 * common < step * run["rows_per_step"] <= common]
-        run["loss_at_samples"] = {"samples": common, "mean_loss": sum(window) / len(window) if window else None}
+    ends = {n: [r["rows_per_step"] * step for step in range(1, r["steps"] + 1)] for n, r in done.items()}
+    common, means = _last_quarter_losses(done, ends)
+    for name, run in done.items():
+        run["loss_at_samples"] = {"samples": common, "mean_loss": means[name]}
 
 
 def loss_at_equal_tokens(runs: dict[str, dict[str, Any]]) -> None:
@@ -299,26 +297,33 @@ def loss_at_equal_tokens(runs: dict[str, dict[str, Any]]) -> None:
     all runs of a call trained on (packed or not). Runs recorded without per-step tokens use their mean tokens per
     step (`approximate`)."""
     done = {n: r for n, r in runs.items() if r.get("loss_by_step") and r.get("step_seconds")}
-    if not done:
-        return
-    cumulative = {}
+    ends = {}
     for name, run in done.items():
         tokens = run.get("step_tokens")
         if not tokens:
             seconds = run["step_seconds"]
             tokens = [run["all_steps_tokens_per_second"] * sum(seconds) / len(seconds)] * len(seconds)
-        total, ends = 0.0, []
-        for count in tokens:
-            total += count
-            ends.append(total)
-        cumulative[name] = ends
-    common = min(ends[-1] for ends in cumulative.values())
+        ends[name] = list(itertools.accumulate(tokens))
+    common, means = _last_quarter_losses(done, ends)
     for name, run in done.items():
-        ends = cumulative[name]
-        window = [loss for step, loss in run["loss_by_step"]
-                  if step <= len(ends) and 0.75 * common < ends[step - 1] <= common]
-        run["loss_at_tokens"] = {"tokens": round(common), "mean_loss": sum(window) / len(window) if window else None,
+        run["loss_at_tokens"] = {"tokens": round(common), "mean_loss": means[name],
                                  "approximate": not run.get("step_tokens")}
+
+
+def _last_quarter_losses(runs: dict[str, dict[str, Any]],
+                         ends: dict[str, list[float]]) -> tuple[float, dict[str, float | None]]:
+    """(common, run name -> mean logged loss over the steps whose end (`ends[name][step - 1]`: samples or tokens
+    seen by then) lies in the last quarter of `common`, the amount every run reached)."""
+    if not runs:
+        return 0, {}
+    common = min(marks[-1] for marks in ends.values())
+    means: dict[str, float | None] = {}
+    for name, run in runs.items():
+        marks = ends[name]
+        window = [loss for step, loss in run["loss_by_step"]
+                  if step <= len(marks) and 0.75 * common < marks[step - 1] <= common]
+        means[name] = sum(window) / len(window) if window else None
+    return common, means
 
 
 def attention_microbench() -> dict[str, Any]:
