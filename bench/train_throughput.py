@@ -111,7 +111,16 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     # 0.1-1.3 s per training shape on an H100, forward + backward) against cuDNN's faster kernels once planned.
     "colab-compiled-nocudnn": (COLAB, {**COLAB_UNPACKED, "compile_layers": True, "cudnn_attention": False}),
     "fast-compiled-nocudnn": (FAST, {**FAST_UNPACKED, "compile_layers": True, "cudnn_attention": False}),
+    # Host-side levers tried as bench probes (bench/_probe_hook.py) before any becomes a config option, and the
+    # recipe's own logging interval (the bench logs every step for the loss windows; the recipes log every 5th:
+    # each log reads the loss and gradient norm, one host sync).
+    "fast-nosync": (FAST, {}),
+    "fast-workers": (FAST, {}),
+    "fast-log5": (FAST, {"logging_steps": 5}),
+    "fast-nosync-log5": (FAST, {"logging_steps": 5}),
 }
+# name -> OASST_PROBE for bench/_probe_hook.py
+PROBED = {"fast-nosync": "nosync", "fast-workers": "workers", "fast-nosync-log5": "nosync"}
 DEFAULT = ("classic", "colab", "fast")
 
 
@@ -210,17 +219,20 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     config.write_text(yaml.safe_dump(recipe_values(base, overrides), sort_keys=False))
     out = work / name
     launcher = TRAIN_LAUNCHER
-    if args.profile:
-        launcher = f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import _profile_hook; " + launcher
+    hooks = (["_profile_hook"] if args.profile else []) + (["_probe_hook"] if name in PROBED else [])
+    if hooks:
+        launcher = f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import {', '.join(hooks)}; " + launcher
+    logging_steps = overrides.get("logging_steps", 1)
     cmd = [sys.executable, "-c", launcher, "train", "--config", str(config), "--model", args.model,
            "--data", args.data, "--out", str(out), "--max-steps", str(args.steps), "--save-steps", "100000",
-           "--eval-rows", "32", "--logging-steps", "1", "-q"]
+           "--eval-rows", "32", "--logging-steps", str(logging_steps), "-q"]
     print(f"running {name} ...", flush=True)
     started = time.perf_counter()
     # Profiled steps come last and are left out of the steady figure below (the profiler slows them).
     env = os.environ | ({"OASST_PROFILE_OUT": str(work / f"{name}.profile.txt"),
                          "OASST_PROFILE_START": str(args.steps - PROFILED_STEPS),
                          "OASST_PROFILE_STEPS": str(PROFILED_STEPS)} if args.profile else {})
+    env |= {"OASST_PROBE": PROBED[name]} if name in PROBED else {}
     # The run itself inside the sampler (until 2026-11-29's fourth call it ran after the sampler had stopped).
     with SmiSampler() as smi:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -254,6 +266,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
                                              "group_by_length", "pad_to_multiple_of", "loss_on", "lora_alpha")
                      if k in values},
         "rows_per_step": per_step,
+        "logging_steps": overrides.get("logging_steps", 1),
+        "probe": PROBED.get(name),
         "steps": summary["global_step"],
         "steady_tokens_per_second": steady,
         "all_steps_tokens_per_second": summary["real_tokens_per_second"],
