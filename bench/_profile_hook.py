@@ -49,8 +49,9 @@ class ProfileSteps(TrainerCallback):
             self.prof.__exit__(None, None, None)
             averages = self.prof.key_averages()
             text = averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-            # Kernels only: the launching CPU ops report the same device time again as their own.
-            kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+            # Kernels only: the launching CPU ops report the same device time again as their own, and the GPU-side
+            # ranges of record_function labels (ours, the optimizer's) span kernels and idle time alike.
+            kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA and not _label_range(e)]
             total_cuda = sum(e.self_device_time_total for e in kernels) / 1e3 / STEPS
             counts = sum(e.count for e in kernels) // STEPS
             header = f"profile of steps {START_STEP}-{START_STEP + STEPS - 1}: {total_cuda:.0f} ms GPU time per step\n"
@@ -82,7 +83,8 @@ def idle_gaps(events: Any, steps: int) -> dict[str, Any]:
     import torch
 
     cuda = torch.autograd.DeviceType.CUDA
-    busy = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == cuda)
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events
+                  if e.device_type == cuda and not _label_range(e))
     host = [e for e in events if e.device_type != cuda]
     if not busy or not host:
         return {"idle_ms_per_step": None, "span_ms_per_step": None, "idle_by_phase": {}, "largest": []}
@@ -111,6 +113,12 @@ def idle_gaps(events: Any, steps: int) -> dict[str, Any]:
             "span_ms_per_step": round((span[1] - span[0]) / 1e3 / steps, 2),
             "idle_by_phase": {k: round(v / 1e3 / steps, 2) for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
             "largest": largest[:25]}
+
+
+def _label_range(event: Any) -> bool:
+    """Whether a device-side event is the GPU range of a record_function label rather than a kernel or copy."""
+    return bool(getattr(event, "is_user_annotation", False)) or event.name.startswith(
+        (PHASE, "Optimizer.", "enumerate(DataLoader)", "ProfilerStep"))
 
 
 def _innermost(events: list[Any], moment: float) -> str | None:

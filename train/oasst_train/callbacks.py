@@ -13,10 +13,13 @@ from transformers import TrainerCallback
 
 
 class ProgressCallback(TrainerCallback):
-    """A rich progress bar (main process only) and the wall time and real tokens of every training step.
+    """A rich progress bar (main process only) and the time and real tokens of every training step.
 
-    Time runs from step begin to step end, so evaluation and checkpoint saving do not dilute tokens/s. The first
-    steps of a GPU run pay for kernel autotuning, attention plan building and allocator growth;
+    A step's time runs from the previous step's end to its own end, measured where the work runs: on a GPU by CUDA
+    events on the device's timeline (the host may be a step ahead of the GPU when nothing makes it wait, and reading
+    a host clock at step boundaries would then miss the GPU's work), on a CPU by the host clock. So the data loading
+    and logging between steps count; evaluation and checkpoint saving do not (a step after either runs from its own
+    begin). The first steps of a GPU run pay for kernel autotuning, attention plan building and allocator growth;
     `steady_tokens_per_second` leaves them out so short benchmark runs measure what a long run would see.
     """
 
@@ -25,12 +28,16 @@ class ProgressCallback(TrainerCallback):
         self.enabled = enabled
         self.progress: Any = None
         self.task: Any = None
-        self.step_seconds: list[float] = []
         self.step_tokens: list[int] = []  # real tokens of every process
         self.step_began: list[float] = []  # epoch seconds, to line steps up with outside samplers (nvidia-smi)
         self.loss: float | None = None
-        self._step_started = 0.0
+        self._clock = StepClock()
         self._tokens_before = 0
+
+    @property
+    def step_seconds(self) -> list[float]:
+        """Seconds of every step of this session (waits for the device to finish the steps it still runs)."""
+        return self._clock.seconds()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Start the bar at the step the run starts (or resumes) from."""
@@ -49,18 +56,29 @@ class ProgressCallback(TrainerCallback):
                                            loss="-", tps="-")
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Remember when this optimizer step began and the token count before it."""
-        self._step_started = time.perf_counter()
+        """Mark where this optimizer step begins and remember the token count before it."""
+        self._clock.begin()
         self.step_began.append(time.time())
         self._tokens_before = int(state.num_input_tokens_seen)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Record the step's time and tokens; advance the bar."""
-        self.step_seconds.append(time.perf_counter() - self._step_started)
+        """Mark the step's end and record its tokens; advance the bar (with the steps the device has finished)."""
+        self._clock.end()
         self.step_tokens.append(int(state.num_input_tokens_seen) - self._tokens_before)
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step, tps=f"{self.tokens_per_second:,.0f}",
+            done = self._clock.seconds(wait=False)
+            seconds = sum(done)
+            tps = f"{sum(self.step_tokens[:len(done)]) / seconds:,.0f}" if seconds else "-"
+            self.progress.update(self.task, completed=state.global_step, tps=tps,
                                  loss=f"{self.loss:.4f}" if self.loss is not None else "-")
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Evaluation ran since the last step: the next step's time starts at its own begin."""
+        self._clock.interrupted()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """A checkpoint was saved since the last step: the next step's time starts at its own begin."""
+        self._clock.interrupted()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
                **kwargs: Any) -> None:
@@ -103,6 +121,61 @@ class ProgressCallback(TrainerCallback):
         if len(self.step_began) <= skip:
             return None
         return self.step_began[skip], self.step_began[-1] + self.step_seconds[-1]
+
+
+class StepClock:
+    """Step boundaries on the timeline where the steps run: CUDA events on a GPU (recorded without waiting for the
+    device), the host clock elsewhere. A step runs from the previous step's end unless something outside training
+    (evaluation, saving) ran between them, or it is the first of the session: then from its own begin."""
+
+    def __init__(self) -> None:
+        self._cuda: bool | None = None  # decided at the first step: by then a GPU run has its model on the device
+        self._starts: list[Any] = []  # per step: the mark its time runs from
+        self._ends: list[Any] = []
+        self._resolved: list[float] = []
+        self._chain = False  # whether the next step's time runs from the previous end
+
+    def _mark(self) -> Any:
+        """A point on the timeline: a recorded CUDA event, or the host clock."""
+        if not self._cuda:
+            return time.perf_counter()
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def begin(self) -> None:
+        """A step begins (after its first batch was fetched)."""
+        if self._cuda is None:
+            import torch
+
+            self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        begin = self._mark()
+        self._starts.append(self._ends[-1] if self._chain and self._ends else begin)
+        self._chain = True
+
+    def end(self) -> None:
+        """The step that began last ends."""
+        self._ends.append(self._mark())
+
+    def interrupted(self) -> None:
+        """Work that is not training ran after the last step's end."""
+        self._chain = False
+
+    def seconds(self, wait: bool = True) -> list[float]:
+        """Seconds of every finished step; without `wait`, only those the device has finished (no host sync)."""
+        while len(self._resolved) < len(self._ends):
+            i = len(self._resolved)
+            start, end = self._starts[i], self._ends[i]
+            if not self._cuda:
+                self._resolved.append(end - start)
+                continue
+            if not wait and not end.query():
+                break
+            end.synchronize()
+            self._resolved.append(start.elapsed_time(end) / 1000)
+        return list(self._resolved)
 
 
 class SaveOnSignal(TrainerCallback):

@@ -1,0 +1,38 @@
+"""Step times of `oasst train` (train_summary.json's step_seconds, real tokens/s): the host work between steps
+(data loading, logging) counts, evaluation and checkpoint saving do not."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+from oasst_train.callbacks import ProgressCallback
+
+
+def _step(bar: ProgressCallback, state: SimpleNamespace, work: float, after: float) -> None:
+    bar.on_step_begin(None, state, None)
+    time.sleep(work)
+    state.num_input_tokens_seen += 1000
+    state.global_step += 1
+    bar.on_step_end(None, state, None)
+    time.sleep(after)  # what the trainer does before the next step's begin: logging, the next batch
+
+
+def test_step_time_runs_from_the_previous_end_except_after_evaluation_or_saving() -> None:
+    bar = ProgressCallback(enabled=False)
+    state = SimpleNamespace(num_input_tokens_seen=0, global_step=0, is_world_process_zero=True)
+    _step(bar, state, 0.05, 0.10)
+    _step(bar, state, 0.05, 0.0)
+    bar.on_evaluate(None, state, None)
+    time.sleep(0.4)  # evaluation: not training time
+    _step(bar, state, 0.05, 0.10)
+    bar.on_save(None, state, None)
+    time.sleep(0.4)
+    _step(bar, state, 0.05, 0.0)
+    first, second, after_eval, after_save = bar.step_seconds
+    assert 0.05 <= first < 0.14  # the first step of a session: from its own begin
+    assert second >= 0.15  # the 0.10 s between the steps belongs to the second
+    assert 0.05 <= after_eval < 0.40 and 0.05 <= after_save < 0.40
+    assert bar.step_tokens == [1000] * 4
+    assert bar.train_seconds == sum(bar.step_seconds)
+    assert abs(bar.tokens_per_second - 4000 / sum(bar.step_seconds)) < 1e-6
