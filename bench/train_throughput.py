@@ -6,7 +6,9 @@ Every configuration is its own `oasst train` process (GPU memory starts empty, n
 --steps optimizer steps; numbers come from its train_summary.json:
 
 - real tokens/s: non-padding tokens over the steps after warm-up (the first fifth, at least 2, are left out:
-  cuDNN plan building and allocator growth), and over all steps;
+  cuDNN plan building and allocator growth), and over all steps. Step times as `oasst train` records them: from
+  the previous step's end, on the GPU's timeline (CUDA events); results recorded before 2026-12-06 10:30 UTC timed each step
+  from its begin to its end by the host clock, leaving out the data loading and logging between steps;
 - MFU: real tokens/s x 4 x 6.9 GFLOP (forward + input-gradient backward through the frozen 4-bit base; LoRA and
   attention not counted; recomputation under gradient checkpointing not counted) / 790 TFLOP/s measured bf16;
 - peak memory: torch's allocated peak, and the largest `memory.used` nvidia-smi showed during the run;
@@ -63,8 +65,10 @@ COLAB = RECIPES / "falcon-7b-guanaco.yaml"
 FAST = RECIPES / "falcon-7b-guanaco-fast.yaml"
 # The recipes as they were until 2026-12-06 (unpacked, length-grouped, eager layers): the base of the one-lever
 # variants measured before packing and compile_layers went into the recipes, so those names keep their meaning.
-FAST_UNPACKED = {"packing": False, "batch_size": 32, "group_by_length": True, "compile_layers": False}
-COLAB_UNPACKED = {"packing": False, "batch_size": 8, "group_by_length": True, "compile_layers": False}
+FAST_UNPACKED = {"packing": False, "batch_size": 32, "group_by_length": True, "compile_layers": False,
+                 "lazy_metrics": False}
+COLAB_UNPACKED = {"packing": False, "batch_size": 8, "group_by_length": True, "compile_layers": False,
+                  "lazy_metrics": False}
 # name -> (base: CLASSIC or a recipe file, overrides). Variants measure one lever each against their base.
 CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "classic": (CLASSIC, {}),
@@ -111,16 +115,14 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     # 0.1-1.3 s per training shape on an H100, forward + backward) against cuDNN's faster kernels once planned.
     "colab-compiled-nocudnn": (COLAB, {**COLAB_UNPACKED, "compile_layers": True, "cudnn_attention": False}),
     "fast-compiled-nocudnn": (FAST, {**FAST_UNPACKED, "compile_layers": True, "cudnn_attention": False}),
-    # Host-side levers tried as bench probes (bench/_probe_hook.py) before any becomes a config option, and the
-    # recipe's own logging interval (the bench logs every step for the loss windows; the recipes log every 5th:
-    # each log reads the loss and gradient norm, one host sync).
-    "fast-nosync": (FAST, {}),
-    "fast-workers": (FAST, {}),
+    # lazy_metrics off: trl's and the Trainer's own waits for the GPU (the option was first tried as bench probes,
+    # fast-nosync / fast-workers / fast-log5, in bench/_probe_hook.py at commit 43d42b4).
+    "fast-own-metrics": (FAST, {"lazy_metrics": False}),
+    "colab-own-metrics": (COLAB, {"lazy_metrics": False}),
+    # The recipe's own logging interval (the bench logs every step for the loss windows; the recipes log every
+    # 5th: each log reads the loss and gradient norm, one host wait).
     "fast-log5": (FAST, {"logging_steps": 5}),
-    "fast-nosync-log5": (FAST, {"logging_steps": 5}),
 }
-# name -> OASST_PROBE for bench/_probe_hook.py
-PROBED = {"fast-nosync": "nosync", "fast-workers": "workers", "fast-nosync-log5": "nosync"}
 DEFAULT = ("classic", "colab", "fast")
 
 
@@ -219,9 +221,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     config.write_text(yaml.safe_dump(recipe_values(base, overrides), sort_keys=False))
     out = work / name
     launcher = TRAIN_LAUNCHER
-    hooks = (["_profile_hook"] if args.profile else []) + (["_probe_hook"] if name in PROBED else [])
-    if hooks:
-        launcher = f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import {', '.join(hooks)}; " + launcher
+    if args.profile:
+        launcher = f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import _profile_hook; " + launcher
     logging_steps = overrides.get("logging_steps", 1)
     cmd = [sys.executable, "-c", launcher, "train", "--config", str(config), "--model", args.model,
            "--data", args.data, "--out", str(out), "--max-steps", str(args.steps), "--save-steps", "100000",
@@ -232,7 +233,6 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     env = os.environ | ({"OASST_PROFILE_OUT": str(work / f"{name}.profile.txt"),
                          "OASST_PROFILE_START": str(args.steps - PROFILED_STEPS),
                          "OASST_PROFILE_STEPS": str(PROFILED_STEPS)} if args.profile else {})
-    env |= {"OASST_PROBE": PROBED[name]} if name in PROBED else {}
     # The run itself inside the sampler (until 2026-11-29's fourth call it ran after the sampler had stopped).
     with SmiSampler() as smi:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -261,13 +261,12 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     return {
         "settings": {k: values[k] for k in ("precision", "batch_size", "grad_accum", "gradient_checkpointing",
                                              "optim", "fused_attention", "cast_norm_outputs", "fused_lora",
-                                             "seeded_lora_dropout", "packing",
+                                             "seeded_lora_dropout", "packing", "compile_layers", "lazy_metrics",
                                              "activation_offloading",
                                              "group_by_length", "pad_to_multiple_of", "loss_on", "lora_alpha")
                      if k in values},
         "rows_per_step": per_step,
         "logging_steps": overrides.get("logging_steps", 1),
-        "probe": PROBED.get(name),
         "steps": summary["global_step"],
         "steady_tokens_per_second": steady,
         "all_steps_tokens_per_second": summary["real_tokens_per_second"],

@@ -25,7 +25,7 @@ from typing import Any
 from oasst_model.targets import (FALCON, FALCON_ATTENTION_ATTRS, FALCON_ATTENTION_PARAMS,  # noqa: F401
                                  FALCON_CONFIG_ATTRS, HFLM_INSTANCE_ATTRS, check_hflm_instance, check_lora_module,
                                  describe_missing, installed, missing_attrs, missing_params)
-from oasst_model.targets import (_bnb_packs_for_cpu, _check_autocast, _check_bnb_cpu_packing, _check_bnb_fold, _check_compile, _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag, _check_lm_eval_loglikelihood, _check_lm_eval_request_bars, _check_lm_eval_templates, _check_peft_lora, _check_shared_context, _check_varlen, _falcon_linear_subclass)
+from oasst_model.targets import (_bnb_packs_for_cpu, _check_autocast, _check_bnb_cpu_packing, _check_bnb_fold, _check_compile, _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag, _check_lm_eval_loglikelihood, _check_lm_eval_request_bars, _check_lm_eval_templates, _check_lazy_metrics, _check_peft_lora, _check_shared_context, _check_varlen, _falcon_linear_subclass)
 
 # A check returns None when the target is as the patch expects, else what changed (one short phrase).
 Check = Callable[[], "str | None"]
@@ -158,6 +158,17 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         why="fuses the element-wise kernels between a layer's matrix products; one compilation for all layers",
         fallback="eager layers (and, per block, eager where dynamo cannot compile)",
         check=_check_compile,
+    ),
+    Patch(
+        name="lazy_metrics",
+        library="trl",
+        target="trl.SFTTrainer.compute_loss and .log, transformers Trainer._track_num_input_tokens and "
+               "get_train_dataloader (per trainer instance), TrainingArguments.logging_nan_inf_filter "
+               "(train option lazy_metrics)",
+        written_for="trl 1.16.0 with transformers 5.17.0, 5.24.0, 5.25.0",
+        why="no host wait for the GPU inside a step: trl's metrics read when logged, tokens counted at collate",
+        fallback="trl's compute_loss and the Trainer's token count, with their waits for the GPU",
+        check=_check_lazy_metrics,
     ),
     Patch(
         name="lm_eval_template_cache",

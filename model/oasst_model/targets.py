@@ -233,6 +233,32 @@ def _check_varlen() -> str | None:
     return describe_missing(("varlen_attn", missing))
 
 
+# What trl's SFTTrainer.compute_loss must still read and write for lazy_metrics to reproduce it (train option).
+TRL_COMPUTE_LOSS_NAMES = ("fused_lm_head=True", "log_probs", "label_mask", "entropy", "is_top1",
+                          '"mean_token_accuracy"', '"num_tokens"', "_total_train_tokens")
+
+
+def _check_lazy_metrics() -> str | None:
+    sft, problem = _module_with("trl.trainer.sft_trainer", ("SFTTrainer",))
+    if problem:
+        return problem
+    trainer, problem = _module_with("transformers.trainer", ("Trainer",))
+    if problem:
+        return problem
+    import transformers
+
+    source = _source(sft.SFTTrainer.compute_loss)
+    loop = _source(trainer)
+    return describe_missing(
+        ("SFTTrainer.compute_loss", missing_params(sft.SFTTrainer.compute_loss, ("model", "inputs", "return_outputs",
+                                                                                "num_items_in_batch"))
+         + [name for name in TRL_COMPUTE_LOSS_NAMES if name not in source]),
+        ("SFTTrainer", missing_attrs(sft.SFTTrainer, ("log", "get_train_dataloader", "_track_num_input_tokens"))),
+        ("transformers.trainer", [] if "self._track_num_input_tokens(" in loop else ["a _track_num_input_tokens call"]),
+        ("TrainingArguments", [name for name in ("logging_nan_inf_filter", "include_num_input_tokens_seen")
+                               if name not in getattr(transformers.TrainingArguments, "__dataclass_fields__", {})]))
+
+
 def _check_lm_eval_env_info() -> str | None:
     evaluator, problem = _module_with("lm_eval.evaluator", ("add_env_info", "get_git_commit_hash", "simple_evaluate"))
     if problem:

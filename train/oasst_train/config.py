@@ -107,6 +107,8 @@ class TrainConfig:
                                           "compiled layers.")
     compile_layers: bool = _f(False, "torch.compile each decoder layer (one compilation shared by all): fuses the "
                                      "element-wise work between matmuls; the first steps compile.")
+    lazy_metrics: bool = _f(False, "Keep trl's per-step metrics on the GPU until logged and count tokens at collate: "
+                                   "no host wait mid-step. A NaN loss is logged, not hidden.")
     # On by default here, off in eval: a training run repeats its batch shapes (pad_to_multiple_of, group_by_length),
     # so cuDNN's plan per new shape is paid a few dozen times while its kernels run every step
     # (bench/sdpa_backends.py; eval's batches seldom repeat a shape).

@@ -224,7 +224,8 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, data: Data, *, fresh: bo
 
 def with_fast_paths(cfg: TrainConfig, trainer: Any, targets: list[str]) -> Built:
     """`trainer` once its model has the LoRA modules: their fused forward (fused_lora), then the decoder layers
-    compiled (compile_layers, last: the compiled graph contains the fused forwards)."""
+    compiled (compile_layers, last: the compiled graph contains the fused forwards); metrics read when logged
+    (lazy_metrics)."""
     from oasst_model.lora_fused import fuse_lora_forward
 
     fused = fuse_lora_forward(trainer.model, seeded_dropout=cfg.seeded_lora_dropout) if cfg.fused_lora else 0
@@ -233,6 +234,10 @@ def with_fast_paths(cfg: TrainConfig, trainer: Any, targets: list[str]) -> Built
         from oasst_model.compiled import compile_layers
 
         compiled = compile_layers(trainer.model)
+    if cfg.lazy_metrics:
+        from oasst_train.lazy_metrics import lazy_metrics
+
+        lazy_metrics(trainer)
     return Built(trainer, targets, fused, compiled)
 
 
