@@ -117,7 +117,8 @@ def idle_gaps(events: Any, steps: int) -> dict[str, Any]:
 
 def _label_range(event: Any) -> bool:
     """Whether a device-side event is the GPU range of a record_function label rather than a kernel or copy."""
-    return bool(getattr(event, "is_user_annotation", False)) or event.name.startswith(
+    name = getattr(event, "name", None) or getattr(event, "key", "")  # FunctionEvent / FunctionEventAvg
+    return bool(getattr(event, "is_user_annotation", False)) or name.startswith(
         (PHASE, "Optimizer.", "enumerate(DataLoader)", "ProfilerStep"))
 
 
