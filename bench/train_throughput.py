@@ -7,8 +7,8 @@ Every configuration is its own `oasst train` process (GPU memory starts empty, n
 
 - real tokens/s: non-padding tokens over the steps after warm-up (the first fifth, at least 2, are left out:
   cuDNN plan building and allocator growth), and over all steps. Step times as `oasst train` records them: from
-  the previous step's end, on the GPU's timeline (CUDA events); results recorded before 2026-12-06 10:30 UTC timed each step
-  from its begin to its end by the host clock, leaving out the data loading and logging between steps;
+  the previous step's end, on the GPU's timeline (CUDA events); results recorded before 2026-12-06 10:30 UTC timed
+  each step from its begin to its end by the host clock, leaving out the data loading and logging between steps;
 - MFU: real tokens/s x 4 x 6.9 GFLOP (forward + input-gradient backward through the frozen 4-bit base; LoRA and
   attention not counted; recomputation under gradient checkpointing not counted) / 790 TFLOP/s measured bf16;
 - peak memory: torch's allocated peak, and the largest `memory.used` nvidia-smi showed during the run;

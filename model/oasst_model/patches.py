@@ -25,7 +25,11 @@ from typing import Any
 from oasst_model.targets import (FALCON, FALCON_ATTENTION_ATTRS, FALCON_ATTENTION_PARAMS,  # noqa: F401
                                  FALCON_CONFIG_ATTRS, HFLM_INSTANCE_ATTRS, check_hflm_instance, check_lora_module,
                                  describe_missing, installed, missing_attrs, missing_params)
-from oasst_model.targets import (_bnb_packs_for_cpu, _check_autocast, _check_bnb_cpu_packing, _check_bnb_fold, _check_compile, _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag, _check_lm_eval_loglikelihood, _check_lm_eval_request_bars, _check_lm_eval_templates, _check_lazy_metrics, _check_peft_lora, _check_shared_context, _check_varlen, _falcon_linear_subclass)
+from oasst_model.targets import (
+    _bnb_packs_for_cpu, _check_autocast, _check_bnb_cpu_packing, _check_bnb_fold, _check_compile,
+    _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag,
+    _check_lm_eval_loglikelihood, _check_lm_eval_request_bars, _check_lm_eval_templates, _check_lazy_metrics,
+    _check_peft_lora, _check_shared_context, _check_varlen, _falcon_linear_subclass)
 
 # A check returns None when the target is as the patch expects, else what changed (one short phrase).
 Check = Callable[[], "str | None"]
