@@ -36,3 +36,15 @@ def test_step_time_runs_from_the_previous_end_except_after_evaluation_or_saving(
     assert bar.step_tokens == [1000] * 4
     assert bar.train_seconds == sum(bar.step_seconds)
     assert abs(bar.tokens_per_second - 4000 / sum(bar.step_seconds)) < 1e-6
+
+
+def test_a_step_that_never_ended_does_not_shift_the_next() -> None:
+    bar = ProgressCallback(enabled=False)
+    state = SimpleNamespace(num_input_tokens_seen=0, global_step=0, is_world_process_zero=True)
+    _step(bar, state, 0.05, 0.0)
+    bar.on_step_begin(None, state, None)  # the loop left before this step's end
+    time.sleep(0.3)
+    bar.on_train_begin(None, state, None)  # a new train(): its first step runs from its own begin
+    _step(bar, state, 0.05, 0.0)
+    assert len(bar.step_seconds) == len(bar.step_began) == len(bar.step_tokens) == 2
+    assert 0.05 <= bar.step_seconds[1] < 0.3

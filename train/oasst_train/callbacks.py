@@ -41,6 +41,7 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Start the bar at the step the run starts (or resumes) from."""
+        self._clock.interrupted()  # a new train() call: its first step runs from its own begin
         if not (self.enabled and state.is_world_process_zero):
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -58,6 +59,7 @@ class ProgressCallback(TrainerCallback):
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Mark where this optimizer step begins and remember the token count before it."""
         self._clock.begin()
+        del self.step_began[len(self.step_tokens):]  # a step that began and never ended
         self.step_began.append(time.time())
         self._tokens_before = int(state.num_input_tokens_seen)
 
@@ -151,6 +153,7 @@ class StepClock:
             import torch
 
             self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        del self._starts[len(self._ends):]  # a step that began and never ended (a loop left mid-window)
         begin = self._mark()
         self._starts.append(self._ends[-1] if self._chain and self._ends else begin)
         self._chain = True

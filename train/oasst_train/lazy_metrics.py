@@ -16,8 +16,10 @@ What changes, and what does not:
   its fused LM head, computed as trl computes it (tests compare every logged value with trl's own path);
 - input tokens are counted on the host when each training batch is collated, by the rule the Trainer applies to
   the GPU batch (attention mask sum, else tokens other than pad);
-- transformers' NaN/inf filter is off: a non-finite loss is logged as such instead of being replaced by the mean
-  of earlier ones (it never stopped training; it only hid the loss).
+- transformers' NaN/inf filter is off in training: a non-finite loss is logged as such for the logging interval
+  it falls in instead of being replaced by the mean of earlier ones (it never stopped training; it only hid the
+  loss); later intervals log their own losses again. Evaluation keeps the filter (it waits for nothing there).
+  Where the Trainer keeps its running loss as a local (before transformers 5.24) the filter stays on.
 
 Applies to trl's SFTTrainer on one process with its plain nll loss, collating in the main process (where the
 host count runs); anything else (DPO, other loss types, a loss function or label smoothing, MoE aux loss, several
@@ -47,9 +49,39 @@ def lazy_metrics(trainer: Any) -> bool:
         return False
     counts = _count_on_host(trainer)
     _metrics_on_device(trainer, counts)
-    trainer.args.logging_nan_inf_filter = False
+    if _running_loss_reachable():
+        _nan_filter_off(trainer)
     patches.activated(PATCH)
     return True
+
+
+def _running_loss_reachable() -> bool:
+    """Whether the Trainer keeps its running loss on the instance (`self._tr_loss`, transformers 5.24 on), which
+    `_nan_filter_off` resets after each log; elsewhere the NaN filter stays on, with its wait."""
+    import inspect
+
+    import transformers.trainer
+
+    try:
+        return "self._tr_loss" in inspect.getsource(transformers.trainer)
+    except (OSError, TypeError):
+        return False
+
+
+def _nan_filter_off(trainer: Any) -> None:
+    """The Trainer's NaN/inf loss filter off in training (its `if torch.isnan(loss)` waits for every backward),
+    on in evaluation (there it reads host numbers: no wait to save)."""
+    own_evaluation_loop = trainer.evaluation_loop
+
+    def evaluation_loop(*args: Any, **kwargs: Any) -> Any:
+        trainer.args.logging_nan_inf_filter = True
+        try:
+            return own_evaluation_loop(*args, **kwargs)
+        finally:
+            trainer.args.logging_nan_inf_filter = False
+
+    trainer.args.logging_nan_inf_filter = False
+    trainer.evaluation_loop = evaluation_loop
 
 
 def _not_applicable(trainer: Any) -> str | None:
@@ -74,20 +106,22 @@ def _not_applicable(trainer: Any) -> str | None:
     return None
 
 
-def _count_on_host(trainer: Any) -> deque[tuple[int, int]]:
+def _count_on_host(trainer: Any) -> deque[tuple[int, int] | None]:
     """Count every training batch's tokens when it is collated; the Trainer's count takes them in order.
 
     Per batch: (the Trainer's non-padding count, trl's num_tokens count)."""
     collate = trainer.data_collator
     pad = getattr(trainer.processing_class, "pad_token_id", None)
     main = getattr(trainer.model, "main_input_name", "input_ids")
-    counts: deque[tuple[int, int]] = deque()
+    counts: deque[tuple[int, int] | None] = deque()
     build_loader = trainer.get_train_dataloader
     own_track = trainer._track_num_input_tokens
 
     def counting(features: Any) -> Any:
         batch = collate(features)
-        if "attention_mask" in batch:
+        if main not in batch:  # the Trainer's own count then warns as it does
+            counts.append(None)
+        elif "attention_mask" in batch:
             real = int(batch["attention_mask"].sum())
             counts.append((real, real))
         else:
@@ -97,7 +131,9 @@ def _count_on_host(trainer: Any) -> deque[tuple[int, int]]:
         return batch
 
     def train_loader() -> Any:
-        # Only training batches are counted (evaluation never reaches the token count).
+        # Only training batches are counted (evaluation never reaches the token count); a new loader (another
+        # train(), a batch-size retry) starts a new count.
+        counts.clear()
         trainer.data_collator = counting
         try:
             return build_loader()
@@ -117,7 +153,7 @@ def _count_on_host(trainer: Any) -> deque[tuple[int, int]]:
     return counts
 
 
-def _metrics_on_device(trainer: Any, counts: deque[tuple[int, int]]) -> None:
+def _metrics_on_device(trainer: Any, counts: deque[tuple[int, int] | None]) -> None:
     """trl's compute_loss for the plain nll loss, its metrics appended as device tensors; its log() reads them."""
     import torch
 
@@ -152,6 +188,11 @@ def _metrics_on_device(trainer: Any, counts: deque[tuple[int, int]]) -> None:
         for metrics in trainer._metrics.values():
             for key, values in metrics.items():
                 metrics[key] = [v.item() if torch.is_tensor(v) else v for v in values]
+        running = getattr(trainer, "_tr_loss", None)
+        if "loss" in logs and torch.is_tensor(running):
+            # The Trainer has read the running loss and reset it by subtracting it from itself, which leaves a
+            # NaN there for good once the NaN filter is off: start the next interval from zero.
+            running.zero_()
         own_log(logs, start_time)
 
     trainer.compute_loss = compute_loss
