@@ -19,7 +19,7 @@ What changes, and what does not:
 - transformers' NaN/inf filter is off in training: a non-finite loss is logged as such for the logging interval
   it falls in instead of being replaced by the mean of earlier ones (it never stopped training; it only hid the
   loss); later intervals log their own losses again. Evaluation keeps the filter (it waits for nothing there).
-  Where the Trainer keeps its running loss as a local (before transformers 5.24) the filter stays on.
+  Where the Trainer keeps its running loss as a local (no `self._tr_loss`; 5.17-5.25 have it) the filter stays on.
 
 Applies to trl's SFTTrainer on one process with its plain nll loss, collating in the main process (where the
 host count runs); anything else (DPO, other loss types, a loss function or label smoothing, MoE aux loss, several
@@ -56,7 +56,7 @@ def lazy_metrics(trainer: Any) -> bool:
 
 
 def _running_loss_reachable() -> bool:
-    """Whether the Trainer keeps its running loss on the instance (`self._tr_loss`, transformers 5.24 on), which
+    """Whether the Trainer keeps its running loss on the instance (`self._tr_loss`: transformers 5.17-5.25), which
     `_nan_filter_off` resets after each log; elsewhere the NaN filter stays on, with its wait."""
     import inspect
 
