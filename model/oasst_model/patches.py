@@ -24,7 +24,8 @@ from typing import Any
 # The helpers are public here too: callers ask the registry (patches.missing_params, patches.installed, ...).
 from oasst_model.targets import (FALCON, FALCON_ATTENTION_ATTRS, FALCON_ATTENTION_PARAMS,  # noqa: F401
                                  FALCON_CONFIG_ATTRS, HFLM_INSTANCE_ATTRS, check_hflm_instance, check_lora_module,
-                                 describe_missing, installed, missing_attrs, missing_params)
+                                 describe_missing, installed, missing_attrs, missing_params,
+                                 trainer_keeps_running_loss)
 from oasst_model.targets import (
     _bnb_packs_for_cpu, _check_autocast, _check_bnb_cpu_packing, _check_bnb_fold, _check_compile,
     _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag,

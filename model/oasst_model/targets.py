@@ -238,6 +238,13 @@ TRL_COMPUTE_LOSS_NAMES = ("fused_lm_head=True", "log_probs", "label_mask", "entr
                           '"mean_token_accuracy"', '"num_tokens"', "_total_train_tokens")
 
 
+def trainer_keeps_running_loss() -> bool:
+    """Whether transformers' Trainer keeps its running loss on the instance (`self._tr_loss`, 5.17-5.25), where
+    lazy_metrics can reset it after each log (else it keeps the Trainer's NaN filter on)."""
+    trainer = _import("transformers.trainer")
+    return trainer is not None and "self._tr_loss" in _source(trainer)
+
+
 def _check_lazy_metrics() -> str | None:
     sft, problem = _module_with("trl.trainer.sft_trainer", ("SFTTrainer",))
     if problem:

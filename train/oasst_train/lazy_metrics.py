@@ -49,23 +49,10 @@ def lazy_metrics(trainer: Any) -> bool:
         return False
     counts = _count_on_host(trainer)
     _metrics_on_device(trainer, counts)
-    if _running_loss_reachable():
+    if patches.trainer_keeps_running_loss():  # else the NaN filter stays on, with its wait
         _nan_filter_off(trainer)
     patches.activated(PATCH)
     return True
-
-
-def _running_loss_reachable() -> bool:
-    """Whether the Trainer keeps its running loss on the instance (`self._tr_loss`: transformers 5.17-5.25), which
-    `_nan_filter_off` resets after each log; elsewhere the NaN filter stays on, with its wait."""
-    import inspect
-
-    import transformers.trainer
-
-    try:
-        return "self._tr_loss" in inspect.getsource(transformers.trainer)
-    except (OSError, TypeError):
-        return False
 
 
 def _nan_filter_off(trainer: Any) -> None:
