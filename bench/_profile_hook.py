@@ -74,6 +74,8 @@ class ProfileSteps(TrainerCallback):
 
 
 PHASE = "oasst::"
+# Host-side labels a GPU wait is charged to: ours and torch's own (the data loader's next batch, the optimizer step).
+LABELS = (PHASE, "enumerate(DataLoader)", "Optimizer.")
 MIN_GAP_US = 20.0  # shorter stretches are launch latency between back-to-back kernels
 
 
@@ -97,7 +99,7 @@ def idle_gaps(events: Any, steps: int) -> dict[str, Any]:
     span = (min(e.time_range.start for e in host), max(merged[-1][1], max(e.time_range.end for e in host)))
     edges = [span[0]] + [x for pair in merged for x in pair] + [span[1]]
     stretches = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b - a >= MIN_GAP_US]
-    labelled = [e for e in host if e.name.startswith((PHASE, "enumerate(DataLoader)", "Optimizer."))]
+    labelled = [e for e in host if e.name.startswith(LABELS)]
     leaves = [e for e in host if e.name.startswith(("aten::", "cuda", "Torch-Compiled", "autograd::"))]
     by_phase: dict[str, float] = defaultdict(float)
     largest = []
@@ -118,8 +120,7 @@ def idle_gaps(events: Any, steps: int) -> dict[str, Any]:
 def _label_range(event: Any) -> bool:
     """Whether a device-side event is the GPU range of a record_function label rather than a kernel or copy."""
     name = getattr(event, "name", None) or getattr(event, "key", "")  # FunctionEvent / FunctionEventAvg
-    return bool(getattr(event, "is_user_annotation", False)) or name.startswith(
-        (PHASE, "Optimizer.", "enumerate(DataLoader)", "ProfilerStep"))
+    return bool(getattr(event, "is_user_annotation", False)) or name.startswith((*LABELS, "ProfilerStep"))
 
 
 def _innermost(events: list[Any], moment: float) -> str | None:

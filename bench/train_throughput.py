@@ -266,7 +266,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
                                              "group_by_length", "pad_to_multiple_of", "loss_on", "lora_alpha")
                      if k in values},
         "rows_per_step": per_step,
-        "logging_steps": overrides.get("logging_steps", 1),
+        "logging_steps": logging_steps,
         "steps": summary["global_step"],
         "steady_tokens_per_second": steady,
         "all_steps_tokens_per_second": summary["real_tokens_per_second"],
