@@ -122,6 +122,8 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     # The recipe's own logging interval (the bench logs every step for the loss windows; the recipes log every
     # 5th: each log reads the loss and gradient norm, one host wait).
     "fast-log5": (FAST, {"logging_steps": 5}),
+    # peft's LoRA arithmetic inside the compiled layers (inductor fuses its scale and add) against fused_lora's addmm.
+    "fast-peft-lora": (FAST, {"fused_lora": False}),
 }
 DEFAULT = ("classic", "colab", "fast")
 
