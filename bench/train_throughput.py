@@ -124,6 +124,9 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "fast-log5": (FAST, {"logging_steps": 5}),
     # peft's LoRA arithmetic inside the compiled layers (inductor fuses its scale and add) against fused_lora's addmm.
     "fast-peft-lora": (FAST, {"fused_lora": False}),
+    # concat_lora: each 4-bit linear and its LoRA update as one GEMM (bench/lora_gemm.py measures it per layer).
+    "fast-concat": (FAST, {"concat_lora": True}),
+    "colab-concat": (COLAB, {"concat_lora": True}),
 }
 DEFAULT = ("classic", "colab", "fast")
 
@@ -263,7 +266,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     return {
         "settings": {k: values[k] for k in ("precision", "batch_size", "grad_accum", "gradient_checkpointing",
                                              "optim", "fused_attention", "cast_norm_outputs", "fused_lora",
-                                             "seeded_lora_dropout", "packing", "compile_layers", "lazy_metrics",
+                                             "seeded_lora_dropout", "concat_lora", "packing", "compile_layers",
+                                             "lazy_metrics",
                                              "activation_offloading",
                                              "group_by_length", "pad_to_multiple_of", "loss_on", "lora_alpha")
                      if k in values},
@@ -281,6 +285,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         "linear4bit_layers": summary["linear4bit_layers"],
         "fused_attention_layers": summary.get("fused_attention_layers"),
         "fused_lora_modules": summary.get("fused_lora_modules"),
+        "concat_lora_modules": summary.get("concat_lora_modules"),
         "compiled_graphs": summary.get("compiled_graphs"),
         "compiled_graph_breaks": summary.get("compiled_graph_breaks"),
         "trainable_parameters": summary["trainable_parameters"],

@@ -30,7 +30,7 @@ from oasst_model.targets import (
     _bnb_packs_for_cpu, _check_autocast, _check_bnb_cpu_packing, _check_bnb_fold, _check_compile,
     _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag,
     _check_lm_eval_loglikelihood, _check_lm_eval_request_bars, _check_lm_eval_templates, _check_lazy_metrics,
-    _check_peft_lora, _check_shared_context, _check_varlen, _falcon_linear_subclass)
+    _check_concat_lora, _check_peft_lora, _check_shared_context, _check_varlen, _falcon_linear_subclass)
 
 # A check returns None when the target is as the patch expects, else what changed (one short phrase).
 Check = Callable[[], "str | None"]
@@ -92,6 +92,17 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         why="the LoRA update added inside one addmm instead of a clone, a scale and an add over the layer output",
         fallback="peft's own LoRA forward",
         check=_check_peft_lora,
+    ),
+    Patch(
+        name="concat_lora",
+        library="bitsandbytes",
+        target="bitsandbytes.nn.Linear4bit.forward (not called: reproduced for LoRA layers over it, with "
+               "bitsandbytes.functional.dequantize_4bit) inside the fused_lora forward",
+        written_for="bitsandbytes 0.50.2, peft 0.21.0, 0.21.2",
+        why="a 4-bit linear and its LoRA update as one GEMM over [x | lora_A(dropout(x))] and [dequant(W) | s B], "
+            "forward and backward",
+        fallback="fused_lora's addmm over bitsandbytes' own 4-bit product",
+        check=_check_concat_lora,
     ),
     Patch(
         name="eval_folded_4bit_lora",

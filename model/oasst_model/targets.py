@@ -149,6 +149,20 @@ def _check_bnb_fold() -> str | None:
     )
 
 
+def _check_concat_lora() -> str | None:
+    problem = _check_bnb_fold()  # peft's LoRA layers and bitsandbytes' dequantize_4bit(A, quant_state)
+    if problem:
+        return problem
+    modules = _import("bitsandbytes.nn.modules")
+    if modules is None or not hasattr(modules, "Linear4bit"):
+        return "bitsandbytes.nn.Linear4bit does not import"
+    # The concatenated GEMM reproduces Linear4bit.forward: the input in compute_dtype, matmul_4bit with the weight's
+    # quant_state and the bias. A forward that does more (or other) than that must run as it is.
+    source = _source(modules.Linear4bit.forward)
+    unread = [name for name in ("compute_dtype", "matmul_4bit", "quant_state", "bias") if name not in source]
+    return describe_missing(("Linear4bit.forward", [f"(reads {name})" for name in unread]))
+
+
 def _check_bnb_cpu_packing() -> str | None:
     modules = _import("bitsandbytes.nn.modules")
     if modules is None:

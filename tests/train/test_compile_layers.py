@@ -59,6 +59,24 @@ def test_compiled_graph_trains_exactly_as_eager(oasst: Callable[..., Any], tiny_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_concat_lora_compiles_whole_and_trains_as_eager(oasst: Callable[..., Any], tiny_falcon: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """concat_lora's autograd Function (bitsandbytes' dequantization inside, the quantization state as an argument)
+    traces into the layer graphs: no break, the traced graph bit for bit the eager run, inductor's code within
+    rounding, and the run reports every 4-bit LoRA linear on the one product."""
+    monkeypatch.setattr(compiled, "BACKEND", backend)
+    flags = ("--no-gradient-checkpointing", "--concat-lora")
+    eager, off = _run(oasst, tiny_falcon, tmp_path / "eager", *flags)
+    ours, summary = _run(oasst, tiny_falcon, tmp_path / "compiled", *flags, "--compile-layers")
+    assert ours == eager if backend == "aot_eager" else ours == pytest.approx(eager, rel=1e-4)
+    assert summary["compiled_graph_breaks"] == 0 and summary["compiled_graphs"] > 0
+    for run in (off, summary):
+        assert run["concat_lora_modules"] == 8  # the tiny Falcon's 2 layers x 4 linears
+        assert run["patches"]["concat_lora"]["state"] == "active"
+
+
+@pytest.mark.slow
 def test_inductor_code_trains_as_eager(oasst: Callable[..., Any], stories: Path, tmp_path: Path) -> None:
     """Inductor's generated kernels (C++ on a CPU, Triton on a GPU) on stories260K (Llama): fp32 losses within
     rounding of the eager ones, and the config and summary say the layers ran compiled."""

@@ -41,6 +41,21 @@ class CountAddmm:
         torch.addmm = self._real
 
 
+class CountConcat:
+    """Counts calls of the concatenated GEMM's autograd Function (one per 4-bit LoRA linear and forward)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        function = lora_fused._concat_linear()
+        real = function.apply
+
+        def counting(*args: Any) -> torch.Tensor:
+            self.calls += 1
+            return real(*args)
+
+        monkeypatch.setattr(function, "apply", counting)
+
+
 def _lora_falcon(tiny_falcon: Path, base: str, *, bf16: bool = False, lora_dtype: torch.dtype | None = None,
                  cast_norms: bool = True, dropout: float = 0.1, **lora: Any) -> Any:
     """The tiny Falcon, 4-bit or plain, with LoRA (scale 1.5, `dropout`) on its four linears, lora_B non-zero.
@@ -168,14 +183,18 @@ def test_mixed_dtypes_add_the_update_as_peft_does(tiny_falcon: Path, case: str,
         assert all(torch.equal(grad, grads_b[name]) for name, grad in grads_a.items())
 
 
-def test_gradient_checkpointing_recomputes_the_same_gradients(tiny_falcon: Path) -> None:
+@pytest.mark.parametrize("concat", [False, True], ids=["addmm", "concat"])
+def test_gradient_checkpointing_recomputes_the_same_gradients(tiny_falcon: Path, concat: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     model = _lora_falcon(tiny_falcon, "4bit", bf16=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = _ids()
     loss_a, grads_a = _loss_and_grads(model, ids, bf16=True)
-    fuse_lora_forward(model)
-    with CountAddmm() as counter:
+    fuse_lora_forward(model, concat=concat)
+    concat_calls = CountConcat(monkeypatch)
+    with CountAddmm() as addmm_calls:
         loss_b, grads_b = _loss_and_grads(model, ids, bf16=True)
+    counter = concat_calls if concat else addmm_calls
     assert counter.calls == 2 * LORA_LINEARS  # forward, then the recomputation in backward
     assert abs(loss_a - loss_b) <= 1e-3 * abs(loss_a)
     for name, grad in grads_a.items():
@@ -438,3 +457,65 @@ def test_seeded_dropout_keeps_x_instead_of_the_dropout_output_and_mask(tiny_falc
     # dense's input may be the output flash attention keeps anyway).
     hidden_width = width // 4
     assert peft_block - seeded_block >= tokens * (3 * (3 * hidden_width + width) - 2 * (2 * hidden_width + width))
+
+
+# concat_lora: a 4-bit base's product and its LoRA update as one GEMM over [x | h] and [dequant(W) | s B].
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-as-on-cuda"])
+def test_concat_gemm_gives_peft_loss_and_gradients(tiny_falcon: Path, precision: str, request: pytest.FixtureRequest,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same loss and LoRA gradients (lora_A's through h's gradient, lora_B's from the GEMM's) as peft, with dropout;
+    no addmm left: every LoRA linear took the one product."""
+    bf16 = precision != "fp32"
+    if precision == "bf16-as-on-cuda":
+        request.getfixturevalue("autocast_as_on_cuda")
+    model = _lora_falcon(tiny_falcon, "4bit", bf16=bf16)
+    ids = _ids()
+    loss_a, grads_a = _loss_and_grads(model, ids, bf16)
+    assert fuse_lora_forward(model, concat=True) == LORA_LINEARS == lora_fused.concat_lora_modules(model)
+    counter = CountConcat(monkeypatch)
+    with CountAddmm() as addmm:
+        loss_b, grads_b = _loss_and_grads(model, ids, bf16)
+    assert counter.calls == LORA_LINEARS and addmm.calls == 0
+    loss_tol, grad_tol = (1e-3, 3e-2) if bf16 else (1e-6, 1e-5)
+    assert abs(loss_a - loss_b) <= loss_tol * abs(loss_a)
+    for name, grad in grads_a.items():
+        rel = (grad - grads_b[name]).norm() / grad.norm()
+        assert rel < grad_tol, (name, float(rel))
+
+
+def test_concat_gemm_in_eval_mode_is_the_merged_weight_product(tiny_falcon: Path) -> None:
+    """No dropout: [x | x A^T] [W | s B]^T is x (W + s B A)^T, the adapter merged into the dequantized weight."""
+    model = _lora_falcon(tiny_falcon, "4bit")
+    ids = _ids()
+    expected = _logits(model, ids)
+    fuse_lora_forward(model, concat=True)
+    got = _logits(model, ids)
+    assert (got - expected).abs().max() < 1e-4
+    with model.disable_adapter():
+        assert (_logits(model, ids) - got).abs().max() > 1e-2  # the update is in there, and matters
+
+
+@pytest.mark.parametrize("case", ["plain-base", "4bit-fp32-lora", "base-hook", "trainable-bias"])
+def test_concat_gemm_leaves_what_it_does_not_compute_to_the_addmm_path(tiny_falcon: Path, case: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain base, mixed dtypes, a hook on the 4-bit layer, or a bias that trains: not the product it reproduces."""
+    if case == "plain-base":
+        model = _lora_falcon(tiny_falcon, "plain")
+    elif case == "4bit-fp32-lora":  # bf16 4-bit output, fp32 LoRA, no autocast: peft casts x and the update
+        model = _lora_falcon(tiny_falcon, "4bit", bf16=True, lora_dtype=torch.float32, cast_norms=False)
+    else:
+        model = _lora_falcon(tiny_falcon, "4bit")
+    layer = model.base_model.model.transformer.h[0].mlp.dense_4h_to_h.base_layer
+    if case == "base-hook":
+        layer.register_forward_hook(lambda module, args, out: out * 2)
+    elif case == "trainable-bias":
+        layer.bias = torch.nn.Parameter(torch.randn(layer.out_features) * 0.1)
+    ids = _ids()
+    expected = _logits(model, ids)
+    fuse_lora_forward(model, concat=True)
+    counter = CountConcat(monkeypatch)
+    got = _logits(model, ids)
+    expect_concat = {"plain-base": 0, "4bit-fp32-lora": 0}.get(case, LORA_LINEARS - 1)
+    assert counter.calls == expect_concat
+    assert (got - expected).abs().max() < 1e-4

@@ -128,6 +128,39 @@ def test_a_changed_peft_lora_forward_leaves_peft_in_charge(tiny_falcon: Path, mo
     assert patches.report()["fused_lora"]["state"] == "fallback"
 
 
+def test_a_changed_bitsandbytes_4bit_forward_leaves_concat_lora_to_the_addmm_path(
+        tiny_falcon: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """concat_lora reproduces Linear4bit.forward; a forward that no longer reads what it reproduces is not replaced:
+    the LoRA layers keep fused_lora's addmm over bitsandbytes' own product, with one warning line."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    from oasst_model.load import load_model
+    from oasst_model.lora_fused import concat_lora_modules, fuse_lora_forward, fused_lora_modules
+
+    original = bnb.nn.Linear4bit.forward
+
+    def forward(self, x):  # noqa: ANN001, ANN202 - a release that moved its product elsewhere
+        return original(self, x)
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", forward)
+    patches.begin_run()
+    net, _ = load_model(str(tiny_falcon), load_in_4bit=True, compute_dtype="float32")
+    model = get_peft_model(net, LoraConfig(r=4, target_modules=["query_key_value", "dense"], lora_dropout=0.0,
+                                           init_lora_weights=False))
+    ids = torch.arange(10, 30)[None]
+    with torch.no_grad():
+        want = model(ids).logits
+        assert fuse_lora_forward(model, concat=True) == 4 == fused_lora_modules(model)
+        assert concat_lora_modules(model) == 0
+        assert (model(ids).logits - want).abs().max() < 1e-4
+    err = capsys.readouterr().err
+    assert err.count("warning: patch concat_lora is off: bitsandbytes ") == 1
+    assert "Linear4bit.forward lacks (reads compute_dtype), (reads matmul_4bit)" in err
+    report = patches.report()
+    assert report["concat_lora"]["state"] == "fallback" and report["fused_lora"]["state"] == "active"
+
+
 def test_an_instance_without_the_attributes_read_is_a_changed_target(tiny_falcon: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Attributes set in __init__ are checked on the first instance: a missing one means no patch at all."""
