@@ -35,25 +35,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "model"))
 from _common import machine, versions  # noqa: E402 - bench/ is not a package
+from oasst_model.lora_fused import dequantize_4bit_ops  # noqa: E402
 
 SHAPES = {"query_key_value": (4672, 4544), "dense": (4544, 4544), "dense_h_to_4h": (18176, 4544),
           "dense_4h_to_h": (4544, 18176)}  # (out_features, in_features)
 LAYERS = 32
 RANK, ALPHA, DROPOUT = 64, 128, 0.1
-
-
-def nf4_dequant_torch(torch: Any, packed: Any, state: Any) -> Any:
-    """NF4 dequantization (double-quantized absmax) in torch ops: [out, in] in the state's dtype."""
-    absmax = state.absmax
-    if state.nested:
-        blocks = absmax.numel()
-        scale = state.state2.absmax.repeat_interleave(state.state2.blocksize)[:blocks]
-        absmax = state.state2.code[absmax.long()] * scale + state.offset
-    flat = packed.reshape(-1)
-    nibbles = torch.stack(((flat >> 4) & 0xF, flat & 0xF), dim=-1).reshape(-1)
-    values = state.code[nibbles.long()].view(-1, state.blocksize) * absmax.view(-1, 1)
-    return values.view(state.shape).to(state.dtype)
 
 
 def make_paths(torch: Any) -> dict[str, Any]:
@@ -97,7 +86,7 @@ def make_paths(torch: Any) -> dict[str, Any]:
         return bf.dequantize_4bit(w, st).to(st.dtype)
 
     def torch_dequant(w, st):  # noqa: ANN001, ANN202
-        return nf4_dequant_torch(torch, w, st)
+        return dequantize_4bit_ops(w, st, st.dtype)
 
     def kcat(x, w, st, a, b, p):  # noqa: ANN001, ANN202
         return KCat.apply(x, drop(x, p) @ a.t(), b, w, st, bnb_dequant)
@@ -182,7 +171,7 @@ def main() -> None:
         packed, state = bf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True, quant_storage=torch.uint8)
         state.dtype = dtype
         dq = bf.dequantize_4bit(packed, state).to(dtype)
-        ours = nf4_dequant_torch(torch, packed, state)
+        ours = dequantize_4bit_ops(packed, state, dtype)
         assert torch.equal(dq, ours), f"{shape_name}: torch NF4 dequantization differs from bitsandbytes'"
         x = (torch.randn(opts.tokens, in_f, device=device, dtype=dtype)).requires_grad_()
         a = (torch.randn(RANK, in_f, device=device, dtype=dtype) / in_f**0.5).requires_grad_()

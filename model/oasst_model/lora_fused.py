@@ -28,8 +28,12 @@ Concatenated GEMM (`fuse_lora_forward(model, concat=True)`, the trainer's `conca
 base output and the update are one product, `y = [x | h] @ [dequant(W) | s B]^T` with `h = lora_A(dropout(x))`,
 whose inner dimension grows by the rank (4,544 -> 4,608 for Falcon-7B: +1.4% FLOPs). In backward `g @ [dequant(W) |
 s B]` gives x's gradient and h's in one product too, so neither the addmm's read and write of the [tokens,
-out_features] output nor a separate pass over g for h's gradient is left. The weight is dequantized into the
-concatenation in forward and again in backward (as bitsandbytes does; nothing [out, in]-sized is kept).
+out_features] output nor a separate pass over g for h's gradient is left. The concatenated weight is kept from
+forward to backward, not dequantized again: 2 bytes per base weight while a step runs (Falcon-7B: 13 GB without
+gradient checkpointing; with it, one layer's at a time). That is a choice torch makes anyway inside compiled layers
+(its partitioner keeps what a matmul in backward reads, and merges a rebuild with forward's); eager does the same,
+so memory does not depend on compile_layers. Inside a compiled layer the dequantization is torch ops
+(`dequantize_4bit_ops`, equal to bitsandbytes'), which inductor writes straight into the concatenation.
 bench/lora_gemm.py, H100, one Falcon-7B layer's four linears at 10,240 tokens, forward + backward, compiled: 546 ms
 (addmm) -> 499 ms per 32 layers against 386 ms for the 4-bit GEMMs without LoRA. Where the layer is not the plain
 bitsandbytes `Linear4bit` this computes (hooks, a bias that trains, CPU-packed weights, a quantization state kept
@@ -301,6 +305,32 @@ def _concat_applies(base: Any, x: Any) -> bool:
     return base.compute_dtype in (None, x.dtype) and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
+def dequantize_4bit_ops(packed: Any, state: Any, dtype: Any) -> Any | None:
+    """bitsandbytes' 4-bit dequantization (NF4 or FP4, nested absmax or not) in torch ops, in `dtype`: equal to
+    `bitsandbytes.functional.dequantize_4bit(packed, state)` (tests compare them), or None for a layout it does not
+    know (then bitsandbytes' own op runs)."""
+    import torch
+
+    code, absmax, shape = getattr(state, "code", None), getattr(state, "absmax", None), getattr(state, "shape", None)
+    if code is None or absmax is None or shape is None or len(shape) != 2 or code.numel() != 16:
+        return None
+    elements = shape[0] * shape[1]
+    if packed.dtype != torch.uint8 or packed.numel() * 2 != elements or elements % state.blocksize:
+        return None
+    if state.nested:
+        inner = state.state2
+        if inner.code.numel() != 256 or absmax.numel() > inner.absmax.numel() * inner.blocksize:
+            return None
+        # The absmax of each block of `blocksize` weights is itself 8-bit, blockwise over `inner.blocksize` absmaxes.
+        scale = inner.absmax.repeat_interleave(inner.blocksize)[:absmax.numel()]
+        absmax = inner.code[absmax.long()] * scale + state.offset
+    flat = packed.reshape(-1)
+    # Each byte holds two weights, the first in its high nibble.
+    nibbles = torch.stack(((flat >> 4) & 0xF, flat & 0xF), dim=-1).reshape(-1)
+    values = code[nibbles.long()].view(-1, state.blocksize) * absmax.float().view(-1, 1)
+    return values.view(shape[0], shape[1]).to(state.dtype).to(dtype)
+
+
 @functools.cache
 def _concat_linear() -> Any:
     """The autograd Function `[x | h] @ [dequant(W) | s B]^T (+ bias)`: a 4-bit linear and its LoRA update in one
@@ -309,29 +339,37 @@ def _concat_linear() -> Any:
     from bitsandbytes.functional import dequantize_4bit
 
     def concatenated(packed: Any, state: Any, scaled_b: Any) -> Any:
-        """[out, in + r]: the dequantized weight beside lora_B's scaled weight, in lora_B's dtype."""
-        return torch.cat((dequantize_4bit(packed, state).to(scaled_b.dtype), scaled_b), dim=1)
+        """[out, in + r]: the dequantized weight beside lora_B's scaled weight, in lora_B's dtype.
+
+        Inside a compiled layer the dequantization is torch ops (`dequantize_4bit_ops`), which inductor writes
+        straight into the concatenation; outside, bitsandbytes' kernel and a copy.
+        """
+        weight = dequantize_4bit_ops(packed, state, scaled_b.dtype) if torch.compiler.is_compiling() else None
+        if weight is None:
+            weight = dequantize_4bit(packed, state).to(scaled_b.dtype)
+        return torch.cat((weight, scaled_b), dim=1)
 
     class ConcatLinear(torch.autograd.Function):
         """base(x) + h @ scaled_b^T as one product; the 4-bit weight takes no gradient."""
 
         @staticmethod
         def forward(ctx: Any, x: Any, h: Any, scaled_b: Any, packed: Any, state: Any, bias: Any) -> Any:
-            """y = [x | h] @ [dequant(W) | scaled_b]^T + bias, in x's dtype."""
-            ctx.save_for_backward(h, scaled_b, packed)
-            ctx.state = state
-            return torch.nn.functional.linear(torch.cat((x, h), dim=-1), concatenated(packed, state, scaled_b), bias)
+            """y = [x | h] @ [dequant(W) | scaled_b]^T + bias, in x's dtype; the concatenated weight is kept for
+            backward (compiled, torch's partitioner keeps it whatever this saves: a matmul in backward reads it)."""
+            weight = concatenated(packed, state, scaled_b)
+            ctx.save_for_backward(h, weight)
+            return torch.nn.functional.linear(torch.cat((x, h), dim=-1), weight, bias)
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> tuple[Any, Any, Any, None, None, None]:
-            """(x's, h's, scaled_b's gradients): x's and h's from one product with the weight rebuilt."""
-            h, scaled_b, packed = ctx.saved_tensors
+            """(x's, h's, scaled_b's gradients): x's and h's from one product with the concatenated weight."""
+            h, weight = ctx.saved_tensors
             grad_x = grad_h = grad_b = None
             # The forward's dtype, whatever autocast state backward runs under (on CPU, the caller's).
             with torch.autocast(grad.device.type, enabled=False):
-                grad = grad.to(scaled_b.dtype)
+                grad = grad.to(weight.dtype)
                 if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-                    both = grad @ concatenated(packed, ctx.state, scaled_b)
+                    both = grad @ weight
                     inner = both.shape[-1] - h.shape[-1]
                     grad_x, grad_h = both[..., :inner], both[..., inner:]
                 if ctx.needs_input_grad[2]:

@@ -519,3 +519,51 @@ def test_concat_gemm_leaves_what_it_does_not_compute_to_the_addmm_path(tiny_falc
     expect_concat = {"plain-base": 0, "4bit-fp32-lora": 0}.get(case, LORA_LINEARS - 1)
     assert counter.calls == expect_concat
     assert (got - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single"])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_torch_ops_dequantize_as_bitsandbytes_does(quant_type: str, nested: bool, blocksize: int,
+                                                   dtype: torch.dtype) -> None:
+    """The compiled layers' dequantization, bit for bit bitsandbytes' own, for every 4-bit layout QLoRA loads."""
+    import bitsandbytes.functional as bnb_functional
+
+    weight = torch.randn(96, 256, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(dtype) * 0.05
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type,
+                                                 compress_statistics=nested)
+    expected = bnb_functional.dequantize_4bit(packed, state)
+    assert torch.equal(lora_fused.dequantize_4bit_ops(packed, state, dtype), expected)
+    assert lora_fused.dequantize_4bit_ops(packed[:-1], state, dtype) is None  # a layout it does not know
+
+
+def test_concat_gemm_keeps_its_concatenated_weight_for_backward(tiny_falcon: Path) -> None:
+    """What the README promises for memory: each 4-bit LoRA linear keeps one [out, in + r] weight from forward to
+    backward (2 bytes per base weight in bf16)."""
+    model = _lora_falcon(tiny_falcon, "4bit")
+    fuse_lora_forward(model, concat=True)
+    model.train()
+    expected = sorted((m.base_layer.out_features, m.base_layer.in_features + m.lora_A["default"].out_features)
+                      for m in model.modules() if lora_fused.concat_lora_modules(m) and hasattr(m, "base_layer"))
+    assert len(expected) == LORA_LINEARS
+    saved: list[tuple[int, ...]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        model(_ids(), labels=_ids()).loss.backward()
+    assert sorted(shape for shape in saved if shape in expected) == expected
+
+
+def test_concat_gemm_with_seeded_dropout_is_the_seeded_addmm_path(tiny_falcon: Path,
+                                                                   request: pytest.FixtureRequest) -> None:
+    """Seeded dropout makes h; the concatenated GEMM takes it as it takes peft's: the same loss and gradients."""
+    request.getfixturevalue("autocast_as_on_cuda")
+    model = _lora_falcon(tiny_falcon, "4bit", bf16=True)
+    ids = _ids()
+    fuse_lora_forward(model, seeded_dropout=True)
+    loss_a, grads_a = _loss_and_grads(model, ids, bf16=True)
+    unfuse_lora_forward(model)
+    fuse_lora_forward(model, seeded_dropout=True, concat=True)
+    loss_b, grads_b = _loss_and_grads(model, ids, bf16=True)
+    assert abs(loss_a - loss_b) <= 1e-3 * abs(loss_a)
+    for name, grad in grads_a.items():
+        assert (grad - grads_b[name]).norm() / grad.norm() < 3e-2, name

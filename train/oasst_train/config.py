@@ -105,8 +105,8 @@ class TrainConfig:
     seeded_lora_dropout: bool = _f(False, "With fused_lora, LoRA dropout keeps only its input and a seed for "
                                           "backward: less memory, a little slower, other draws than peft's. Not in "
                                           "compiled layers.")
-    concat_lora: bool = _f(False, "With fused_lora, on 4-bit bases: the base product and the LoRA update as one GEMM "
-                                  "over [x | lora_A(dropout(x))] and [W | s B]: faster on a GPU, same values.")
+    concat_lora: bool = _f(False, "With fused_lora, 4-bit bases: base product and LoRA update as one GEMM over "
+                                  "[x | lora_A(dropout(x))] and [W | s B], W kept for backward (+2 bytes/weight).")
     compile_layers: bool = _f(False, "torch.compile each decoder layer (one compilation shared by all): fuses the "
                                      "element-wise work between matmuls; the first steps compile.")
     lazy_metrics: bool = _f(False, "Keep trl's per-step metrics on the GPU until logged and count tokens at collate: "
