@@ -124,8 +124,11 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "fast-log5": (FAST, {"logging_steps": 5}),
     # peft's LoRA arithmetic inside the compiled layers (inductor fuses its scale and add) against fused_lora's addmm.
     "fast-peft-lora": (FAST, {"fused_lora": False}),
-    # concat_lora: each 4-bit linear and its LoRA update as one GEMM (bench/lora_gemm.py measures it per layer).
+    # concat_lora: each 4-bit linear and its LoRA update as one GEMM (bench/lora_gemm.py measures it per layer). On
+    # in the fast recipe since 2026-12-06 (fast-concat ran as the recipe plus it before): fast-addmm is that recipe
+    # without it; the Colab-class recipe gained nothing from it (8,809 -> 8,814) and leaves it off.
     "fast-concat": (FAST, {"concat_lora": True}),
+    "fast-addmm": (FAST, {"concat_lora": False}),
     "colab-concat": (COLAB, {"concat_lora": True}),
 }
 DEFAULT = ("classic", "colab", "fast")

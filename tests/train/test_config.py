@@ -71,3 +71,17 @@ def test_help_lists_commands_without_importing_torch() -> None:
     assert "--no-load-in-4bit" in out and "--resume" in out and "--max-steps" in out
     assert "--no-4bit" not in out and "--lr " not in out  # the former spellings still work, hidden
     assert out.strip().endswith("HEAVY []")
+
+
+def test_a_fused_lora_refinement_without_what_it_refines_is_one_warning_line(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("concat_lora: true\nfused_lora: false\n")
+    resolve_config(recipe, {"model": "m", "data": "d", "out": "o", "load_in_4bit": False})
+    resolve_config(None, {"model": "m", "data": "d", "out": "o", "concat_lora": True, "load_in_4bit": False})
+    resolve_config(None, {"model": "m", "data": "d", "out": "o", "seeded_lora_dropout": True, "fused_lora": False})
+    resolve_config(None, {"model": "m", "data": "d", "out": "o", "concat_lora": True, "load_in_4bit": True})
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {recipe}:1: concat_lora is ignored without fused_lora and load_in_4bit",
+        "warning: --concat-lora: concat_lora is ignored without load_in_4bit",
+        "warning: --seeded-lora-dropout: seeded_lora_dropout is ignored without fused_lora"]
