@@ -274,13 +274,14 @@ def test_reference_is_the_bare_base_for_a_fresh_adapter_and_the_sft_model_with_i
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("concat", [False, True], ids=["addmm", "concat"])
 def test_falcon_4bit_dpo_keeps_every_training_patch_under_trls_fused_lm_head(oasst, tiny_falcon: Path,
-                                                                            tmp_path: Path) -> None:
+                                                                            tmp_path: Path, concat: bool) -> None:
     from tests.train.test_patches import SHORT  # the settings a GPU user gets without a recipe, cut to seconds
 
     data = write_pairs(tmp_path / "pairs", SHORT_PAIRS * 2)
     result = oasst("train", "--method", "dpo", "--model", tiny_falcon, "--data", data, "--out", tmp_path / "run",
-                   *SHORT)
+                   *SHORT, *(["--concat-lora"] if concat else []))
     assert result.exit_code == 0, result.output
     assert "warning: patch" not in result.stderr
     summary = read_summary(tmp_path / "run")
@@ -288,7 +289,7 @@ def test_falcon_4bit_dpo_keeps_every_training_patch_under_trls_fused_lm_head(oas
     states = {name: (entry["state"], entry["places"]) for name, entry in summary["patches"].items()}
     assert states == {"falcon_4bit_linear": ("active", 1), "bnb_cpu_weights_unpacked": ("active", 8),
                       "falcon_fused_attention": ("active", 2), "cast_norm_outputs": ("active", 3),
-                      "fused_lora": ("active", 8)}
+                      "fused_lora": ("active", 8), **({"concat_lora": ("active", 8)} if concat else {})}
     assert summary["reward_accuracy_last"] is not None
 
 
