@@ -16,9 +16,11 @@ of the input, lora_A and lora_B), warm CUDA-event medians, each path also under 
 - peft: peft 0.21's arithmetic (`base(x) + B(A(dropout(x))) * s`);
 - addmm: the trainer's `fused_lora` (`addmm(base(x), A(dropout(x)), B^T, alpha=s)`);
 - kcat: one GEMM over the concatenated input and weight (bitsandbytes dequantizes, then the copy into the
-  concatenation), the weight rebuilt in backward;
-- kcat-torchdq: the same with NF4 dequantization written in torch ops, so that inductor writes the dequantized
-  weight straight into the concatenation (compiled only: eager it is slow by construction).
+  concatenation), the weight rebuilt in backward eagerly; compiled, torch's partitioner keeps it from forward
+  instead (found afterwards; `concat_lora` keeps it in both modes);
+- kcat-torchdq: the same with the dequantization in torch ops (oasst_model.lora_fused.dequantize_4bit_ops), so that
+  inductor writes the dequantized weight straight into the concatenation (compiled only: eager it is slow by
+  construction).
 Each path's output and gradients are checked against peft's with dropout off. Sum over the four shapes x 32 layers
 gives milliseconds per fast-recipe step, next to the profile's.
 """
