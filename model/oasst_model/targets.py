@@ -153,9 +153,9 @@ def _check_concat_lora() -> str | None:
     problem = _check_bnb_fold()  # peft's LoRA layers and bitsandbytes' dequantize_4bit(A, quant_state)
     if problem:
         return problem
-    modules = _import("bitsandbytes.nn.modules")
-    if modules is None or not hasattr(modules, "Linear4bit"):
-        return "bitsandbytes.nn.Linear4bit does not import"
+    modules, problem = _module_with("bitsandbytes.nn.modules", ("Linear4bit",))
+    if problem:
+        return problem
     # The concatenated GEMM reproduces Linear4bit.forward: the input in compute_dtype, matmul_4bit with the weight's
     # quant_state and the bias. A forward that does more (or other) than that must run as it is.
     source = _source(modules.Linear4bit.forward)

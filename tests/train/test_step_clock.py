@@ -48,3 +48,17 @@ def test_a_step_that_never_ended_does_not_shift_the_next() -> None:
     _step(bar, state, 0.05, 0.0)
     assert len(bar.step_seconds) == len(bar.step_began) == len(bar.step_tokens) == 2
     assert 0.05 <= bar.step_seconds[1] < 0.3
+
+
+def test_steady_tokens_per_second_leaves_the_warm_up_steps_out() -> None:
+    """A slow first step (compilation, autotuning) is in tokens_per_second, not in the steady figure."""
+    bar = ProgressCallback(enabled=False)
+    state = SimpleNamespace(num_input_tokens_seen=0, global_step=0, is_world_process_zero=True)
+    _step(bar, state, 0.3, 0.0)
+    for _ in range(4):
+        _step(bar, state, 0.02, 0.0)
+    seconds = bar.step_seconds
+    assert bar.warmup_steps() == 2
+    assert abs(bar.steady_tokens_per_second - 3000 / sum(seconds[2:])) < 1e-6
+    assert abs(bar.tokens_per_second - 5000 / sum(seconds)) < 1e-6
+    assert bar.steady_tokens_per_second > 2 * bar.tokens_per_second

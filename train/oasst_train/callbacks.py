@@ -68,10 +68,8 @@ class ProgressCallback(TrainerCallback):
         self._clock.end()
         self.step_tokens.append(int(state.num_input_tokens_seen) - self._tokens_before)
         if self.progress is not None:
-            done = self._clock.seconds(wait=False)
-            seconds = sum(done)
-            tps = f"{sum(self.step_tokens[:len(done)]) / seconds:,.0f}" if seconds else "-"
-            self.progress.update(self.task, completed=state.global_step, tps=tps,
+            rate = self._rate(self._clock.seconds(wait=False))
+            self.progress.update(self.task, completed=state.global_step, tps="-" if rate is None else f"{rate:,.0f}",
                                  loss=f"{self.loss:.4f}" if self.loss is not None else "-")
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -102,8 +100,13 @@ class ProgressCallback(TrainerCallback):
     @property
     def tokens_per_second(self) -> float:
         """Real (non-padding) tokens per second of training step time in this session, all processes."""
-        seconds = self.train_seconds
-        return sum(self.step_tokens) / seconds if seconds else 0.0
+        return self._rate(self.step_seconds) or 0.0
+
+    def _rate(self, seconds: list[float], skip: int = 0) -> float | None:
+        """Real tokens per second over the steps `seconds` times (the first ones), from step `skip` on; None when
+        they took no time."""
+        total = sum(seconds[skip:])
+        return sum(self.step_tokens[skip:len(seconds)]) / total if total else None
 
     def warmup_steps(self) -> int:
         """Steps left out of the steady figure: a fifth of the run, at least 2, never all of it."""
@@ -113,9 +116,7 @@ class ProgressCallback(TrainerCallback):
     @property
     def steady_tokens_per_second(self) -> float:
         """Real tokens per second over the steps after warm-up (0.0 when nothing ran)."""
-        skip = self.warmup_steps()
-        seconds = sum(self.step_seconds[skip:])
-        return sum(self.step_tokens[skip:]) / seconds if seconds else 0.0
+        return self._rate(self.step_seconds, self.warmup_steps()) or 0.0
 
     def steady_window(self) -> tuple[float, float] | None:
         """(start, end) epoch seconds of the steps after warm-up, or None when nothing ran."""
