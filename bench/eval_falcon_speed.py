@@ -213,6 +213,7 @@ def run_oasst(argv: list[str]) -> None:
         cuda = torch.cuda.is_available()
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         profiler = torch.profiler.profile(activities=activities)
+        _label_eval_phases()
 
         def stop() -> None:
             if cuda:
@@ -241,16 +242,51 @@ def run_oasst(argv: list[str]) -> None:
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
             Path(profile_out).write_text(text.getvalue())
         else:
-            Path(kernels_out).write_text(_kernel_table(profiler))
+            Path(kernels_out).write_text(_kernel_table(profiler) + _idle_table(profiler))
+
+
+def _label_eval_phases() -> None:
+    """Name the scoring's host phases in the kernel profile (this process only; a missing target is skipped)."""
+    from lm_eval.api.task import ConfigurableTask
+
+    import oasst_eval.fastlm as fastlm
+    import oasst_eval.shared as shared
+    from _gaps import label_calls
+
+    label_calls(ConfigurableTask, "build_all_requests", "lm_eval.build_all_requests")
+    label_calls(ConfigurableTask, "process_results", "lm_eval.process_results")
+    label_calls(ConfigurableTask, "apply_filters", "lm_eval.apply_filters")
+    for name in ("_encode_all", "_run_shared", "_head_logits", "_finish", "_check_shared", "_measure_batch_tokens",
+                 "_score_unshared"):
+        label_calls(fastlm.FastHFLM, name, name.lstrip("_"))
+    label_calls(fastlm._Batch, "score", "log_softmax")
+    for name in ("plan", "pack", "block_mask", "batches"):
+        label_calls(shared, name, "shared." + name)
+
+
+def _idle_table(profiler: Any) -> str:
+    """GPU idle time over the scoring span, charged to the host phase running meanwhile (bench/_gaps.py)."""
+    from _gaps import idle_gaps
+
+    gaps = idle_gaps(profiler.events(), 1)
+    lines = [f"GPU idle {gaps['idle_ms_per_step']} ms of {gaps['span_ms_per_step']} ms while scoring; host phase "
+             "meanwhile (ms):"]
+    lines += [f"{ms:9.1f}  {label}" for label, ms in list(gaps["idle_by_phase"].items())[:15]]
+    lines.append("largest stretches (ms, phase, innermost host op):")
+    lines += [f"{ms:9.2f}  {label}  {op}" for ms, label, op in gaps["largest"][:12]]
+    return "\n".join(lines) + "\n"
 
 
 def _kernel_table(profiler: Any) -> str:
     """GPU milliseconds, kernel count and the top CUDA kernels by own device time of a finished torch.profiler."""
     import torch
 
+    from _gaps import _label_range
+
     averages = profiler.key_averages()
-    # Kernels only: the CPU ops that launch them report the same device time again.
-    kernels = sorted((e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA),
+    # Kernels only: the CPU ops that launch them report the same device time again, and the GPU-side ranges of
+    # our record_function labels span kernels and idle time alike.
+    kernels = sorted((e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA and not _label_range(e)),
                      key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in kernels) / 1e3
     lines = [f"{total:.0f} ms GPU time in {sum(e.count for e in kernels)} kernels while scoring",
@@ -290,7 +326,7 @@ def measure(name: str, limit: int, work: Path, profile: str | None = None) -> di
         lines = profile_file.read_text().splitlines()
         what = "CUDA kernels by own GPU time" if profile == "kernels" else "functions with the most own time"
         print(f"--- {name}: {what} while scoring ---")
-        print("\n".join(line[:150] for line in lines if line.strip())[:6000])
+        print("\n".join(line[:150] for line in lines if line.strip())[:9000])
     if proc.returncode != 0:
         return {"error": text[-2000:], "wall_seconds": round(wall, 1)}
     if name.startswith("lm_eval_"):
@@ -307,6 +343,8 @@ def measure(name: str, limit: int, work: Path, profile: str | None = None) -> di
                # tokenizing and scoring inside FastHFLM (GPU included); the rest of `seconds` is lm-eval's own
                "loglikelihood_seconds": settings.get("loglikelihood_seconds")}
     row["items_per_second"] = row["items"] / row["seconds"]
+    if profile_file.is_file():
+        row["profile"] = [line.rstrip() for line in profile_file.read_text().splitlines() if line.strip()]
     row["wall_seconds"] = round(wall, 1)
     return row
 
