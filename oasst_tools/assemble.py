@@ -29,6 +29,19 @@ class _Pending:
     tree_id: str
     state: str | None
     records: list[tuple[int | None, str | None, dict[str, Any]]] = field(default_factory=list)
+    state_line: int | None = None  # where the state was first given
+
+
+def _tree_state(group: _Pending, state: Any, path: str, line: int | None) -> str:
+    """The tree state a record gives its tree (the first given, a string); another one on a later record is an
+    error, as a state that is no string is."""
+    if type(state) is not str:
+        optional_str({"tree_state": state}, "tree_state", path, line)  # raises: the usual message for a bad type
+    if group.state is not None:
+        raise OasstInputError(path, line, f"tree {group.tree_id} has tree_state {state!r} here but "
+                              f"{group.state!r} at line {group.state_line}", reason="wrong_type")
+    group.state_line = line
+    return state
 
 
 def _group_flat(
@@ -78,8 +91,15 @@ def _group_flat(
                             del pending[current.tree_id]
                         current = pending.get(tree_id)
                         if current is None:
-                            state = record.get("tree_state")
-                            current = pending[tree_id] = _Pending(tree_id, state if type(state) is str else None)
+                            current = pending[tree_id] = _Pending(tree_id, None)
+                    if (state := record.get("tree_state")) != current.state and state is not None:
+                        try:
+                            current.state = _tree_state(current, state, path, line)
+                        except OasstInputError as err:
+                            if on_error == "fail":
+                                raise
+                            report.skip(err)
+                            continue
                     current.records.append((line, parent, record))
                 break
             except _JSONError:  # a `_ParsedFile` stopped at a line orjson refused: that line, then line by line
@@ -94,14 +114,17 @@ def _group_flat(
                 if on_error == "fail" or err.reason not in _CUT:
                     raise
                 # The stream ends at the cut: the tree being read may lack messages; it goes, counted with the cut.
-                lost = pending.pop(current.tree_id) if current is not None and current.tree_id in pending else None
+                whole = err.reason == "trailing_gzip"
+                lost = (pending.pop(current.tree_id) if current is not None and current.tree_id in pending and not whole
+                        else None)
                 report.skip(err, len(lost.records) if lost is not None else 0)
                 seen_any = True
                 break
         for group in pending.values():
             yield from _finish_flat(group, path, split, on_error, report)
     if not seen_any:
-        raise OasstInputError(path, None, "input has no messages", reason="empty_input")
+        skipped = f" ({sum(report.skipped.values())} bad record(s) skipped)" if report.skipped else ""
+        raise OasstInputError(path, None, f"input has no messages{skipped}", reason="empty_input")
 
 
 def _finish_flat(group: _Pending, path: str, split: str | None, on_error: OnError,
@@ -146,12 +169,11 @@ def _assemble(group: _Pending, path: str, split: str | None, report: ReadReport,
     reached = 0
     # Messages whose parent is missing head orphaned subtrees: dropped and counted, not an error.
     orphan_heads = [kid for parent, kids in children.items() if parent not in by_id for kid in kids]
-    if orphan_heads:
-        size = len(subtree_records(orphan_heads, children))
+    for head in orphan_heads:
+        size = len(subtree_records([head], children))
         reached += size
-        report.orphaned += size
-        if report.orphaned_first is None:
-            report.orphaned_first = f"{path}:{by_id[orphan_heads[0]['message_id']][0]}"
+        line, parent, _ = by_id[head["message_id"]]
+        report.orphan(parent, path, line, head["message_id"], size)
     # The root's subtree, depth first (as `subtree_records` walks it), in the same pass: the expected role of each
     # message (alternating from a prompter root) and, of the flagged records, those it keeps.
     records = {}

@@ -21,7 +21,8 @@ from oasst_tools.conversation import ASSISTANT, HUMAN
 from oasst_tools.conversation import guanaco_text as _text
 from oasst_tools.errors import NotContiguousError, OasstError, OasstInputError
 from oasst_tools.filters import Selection, best_raw_thread, filter_labels, located, select_threads
-from oasst_tools.output import check_out, clean_stale, publish, signals_as_errors, temp_folder, write_error
+from oasst_tools.output import (check_out, clean_stale, parents_made, publish, signals_as_errors, temp_folder,
+                                 write_error)
 from oasst_tools.pairs import PROMPT_OUTCOMES, PairMode, pair_row, preference_pairs
 from oasst_tools.read import OnError, Progress, ReadReport, iter_raw_trees
 from oasst_tools.schema import Tree
@@ -80,6 +81,8 @@ class BuildReport:
     seconds: float = 0.0
     # --label-max/--label-min names that no message of the input carries (a typo keeps everything).
     labels_not_found: list[str] = field(default_factory=list)
+    # The tree states of the trees read (a --tree-state that none has is a warning).
+    states_seen: set[str] = field(default_factory=set)
     # With --pairs: the mode, and per split the surviving prompter messages by `pairs.PROMPT_OUTCOMES`.
     pairs: PairMode | None = None
     prompts: dict[str, Counter[str]] = field(default_factory=dict)
@@ -174,11 +177,10 @@ def iter_rows(
     cfg: BuildConfig, report: BuildReport, progress: Progress | None = None, buffered: bool = False
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(split, row) for every selected thread of every input."""
-    from oasst_tools.read import split_of
+    from oasst_tools.read import input_splits as announced
 
     # Input splits are kept only when the inputs carry more than one (train + validation, as OASST1 does).
-    named = {split_of(src) for src in cfg.inputs}
-    input_splits = len(named - {None}) > 1 or any(not Path(src).exists() for src in cfg.inputs)
+    input_splits = len(set().union(*(announced(src) for src in cfg.inputs))) > 1
     sel = cfg.selection
     fast = sel.mode == "top-rank" and cfg.pairs is None
     # The labels of --label-max/--label-min: their values are checked on every message, and a name no message
@@ -186,9 +188,12 @@ def iter_rows(
     labels = set(sel.label_max) | set(sel.label_min)
     unseen = set(labels)
     by_hash = cfg.test_size is not None
+    states_seen = report.states_seen
     for source in cfg.inputs:
         for raw in iter_raw_trees(source, on_error=cfg.on_error, report=report.read, progress=progress,
                                   buffered=buffered):
+            if raw.state is not None:
+                states_seen.add(raw.state)
             split = (tree_split(raw.tree_id, raw.split, cfg, input_splits) if by_hash  # inlined: every tree
                      else "test" if input_splits and raw.split in ("validation", "test") else "train")
             try:
@@ -219,6 +224,11 @@ def iter_rows(
             for row in rows:
                 yield split, row
     report.labels_not_found = sorted(unseen)
+    split_tree = report.read.split_tree_error()
+    if split_tree is not None:
+        if cfg.on_error == "fail":
+            raise split_tree
+        report.read.skip(split_tree, 0)  # its replies were counted as orphans already
 
 
 def distinct_inputs(infos: Sequence[InputInfo], on_error: OnError, report: ReadReport | None = None) -> list[
@@ -257,11 +267,7 @@ def build_dataset(cfg: BuildConfig, progress: Progress | None = None) -> BuildRe
     check_out(out, infos, cfg.overwrite)
     cfg = replace(cfg, inputs=tuple(info.name for info in infos))
     rereadable = all(info.rereadable for info in infos)
-    with signals_as_errors() as disarm:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise write_error(exc, out) from None
+    with signals_as_errors() as disarm, parents_made(out):
         clean_stale(out)
         for attempt in range(2):
             report = BuildReport(inputs=list(cfg.inputs), pairs=cfg.pairs)
@@ -315,13 +321,41 @@ def _write(cfg: BuildConfig, report: BuildReport, folder: Path, progress: Progre
             rows.setdefault(split, []).append(row)
             _count(report, split, row)
         for split, items in rows.items():
-            pl.DataFrame(items).write_parquet(folder / f"{split}.parquet")
+            # Every row decides the column types: a lang that is null in the first 100 rows is text later.
+            pl.DataFrame(items, infer_schema_length=None).write_parquet(folder / f"{split}.parquet")
     if not report.rows:
-        if cfg.pairs is not None:
-            raise OasstError("no pairs selected: no surviving prompt has two replies of different ranks (see the "
-                             "filters in the command); nothing written")
-        raise OasstError("no rows selected: every tree was filtered out (see the filters in the command); "
-                         "nothing written")
+        raise NoRowsError(_no_rows_message(cfg, report), report)
+
+
+class NoRowsError(OasstError):
+    """A build that selected nothing; `report` says what was read, skipped and dropped (the CLI warns from it)."""
+
+    def __init__(self, msg: str, report: BuildReport) -> None:
+        super().__init__(msg)
+        self.report = report
+
+
+def _no_rows_message(cfg: BuildConfig, report: BuildReport) -> str:
+    """Why nothing was selected, as specific as the report allows."""
+    read = report.read
+    lost = []
+    if read.skipped:
+        lost.append(f"{sum(read.skipped.values())} bad record(s) or tree(s) skipped")
+    if read.orphaned:
+        lost.append(f"{read.orphaned} message(s) without their parent dropped")
+    if not read.trees:
+        why = "no tree was read from the input"
+    elif cfg.pairs is not None:
+        why = "no surviving prompt has two replies of different ranks"
+    else:
+        why = f"every tree of {read.trees} was filtered out"
+    if cfg.selection.tree_states and report.states_seen and not cfg.selection.tree_states & report.states_seen:
+        why += (f"; no tree has tree_state {', '.join(sorted(cfg.selection.tree_states))} "
+                f"(seen: {', '.join(sorted(report.states_seen))})")
+    # Trees were read: the filters decided. None was: what the reader dropped did (its warnings come first).
+    details = f" ({'; '.join(lost)}: see the warnings)" if lost and not read.trees else " (see the filters in the command)"
+    what = "pairs" if cfg.pairs is not None else "rows"
+    return f"no {what} selected: {why}{details}; nothing written"
 
 
 def _count(report: BuildReport, split: str, row: dict[str, Any]) -> None:
@@ -351,8 +385,10 @@ def parse_label_limits(items: Sequence[str], flag: str) -> dict[str, float]:
             limit = float(value)
             if limit != limit:  # NaN compares false with every label: the filter would keep everything
                 raise ValueError
-            out[name.strip()] = limit
         except ValueError:
             raise OasstError(f"{flag} {item!r}: expected NAME=NUMBER, e.g. {flag} toxicity=0.5") from None
+        if name.strip() in out:  # which of two limits was meant is not ours to guess
+            raise OasstError(f"{flag} {name.strip()} is given twice ({out[name.strip()]:g} and {limit:g}); give it once")
+        out[name.strip()] = limit
     return out
 

@@ -68,6 +68,14 @@ class IdRegistry:
             raise self._message_error(tree_id, self._current(), line, dup, locate)
         self.add(tree_id, ids, line)
 
+    def tree_of(self, message_id: str) -> tuple[str, str, int | None] | None:
+        """(tree id, source name, line) of the registered tree holding `message_id`, or None (the slow path: for
+        the few ids the readers found no parent for)."""
+        if message_id not in self._id_seen:
+            return None
+        tree = bisect.bisect_right(self._ends, self._ids.index(message_id))
+        return (self.tree_ids[tree], *self._where(tree))
+
     # ------------------------------------------------------------------------------------------ the error path
 
     def _current(self) -> str:

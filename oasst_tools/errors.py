@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -72,3 +73,22 @@ def os_input_error(exc: OSError, path: str | Path, line: int | None = None, doin
     """An `OasstInputError` for an OS error on `path` (as the user typed it), e.g. `x.jsonl: cannot read: ...`."""
     return OasstInputError(path, line, f"{doing}: {describe_os_error(exc)}" if doing else describe_os_error(exc),
                            reason="os_error")
+
+
+# Control characters (C0 but tab, DEL, C1) and the bidirectional overrides: text from the data that would clear
+# the screen, set the window title or reorder the line when printed as it is (`\x1b[2J`, U+202E).
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters and bidi overrides shown as escapes (`\\x1b`, `\\n`, `\\u202e`): one line,
+    and nothing in it that a terminal would act on."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in "\n\r":
+        return "\\n" if char == "\n" else "\\r"
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+

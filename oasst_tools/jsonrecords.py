@@ -65,7 +65,8 @@ def _parsed(lines: Iterator[tuple[int, bytes]], spath: str, on_error: OnError,
                 try:
                     record = _loads_again(raw, exc)
                 except ValueError as bad:
-                    err = OasstInputError(spath, number, f"invalid JSON ({_short(bad)})", reason="invalid_json")
+                    why = str(bad) if isinstance(bad, NotJSONLines) else f"invalid JSON ({_short(bad)})"
+                    err = OasstInputError(spath, number, why, reason="invalid_json")
                     if on_error == "fail":
                         raise err from None
                     report.skip(err)
@@ -82,7 +83,8 @@ def _parsed(lines: Iterator[tuple[int, bytes]], spath: str, on_error: OnError,
 
 
 def _not_an_object(record: Any, path: str, line: int, on_error: OnError, report: ReadReport) -> None:
-    err = OasstInputError(path, line, f"expected a JSON object, got {type(record).__name__}", reason="wrong_type")
+    hint = " (JSON Lines: one object per line; convert an array with jq -c '.[]')" if type(record) is list else ""
+    err = OasstInputError(path, line, f"expected a JSON object, got {type(record).__name__}{hint}", reason="wrong_type")
     if on_error == "fail":
         raise err
     report.skip(err)
@@ -117,6 +119,14 @@ class _ParsedFile:
         self._lines.close()
 
 
+BOM = b"\xef\xbb\xbf"
+
+
+class NotJSONLines(ValueError):
+    """A line that is no JSON Lines record for a reason the user fixes in the whole file (its encoding, an array):
+    said as it is, not as a parser's message."""
+
+
 def _loads_again(raw: bytes, exc: Exception) -> Any:
     """A line orjson refused: parsed without a depth limit when depth was the only problem, else the error to
     report (parsed again without the line end, so its position points into the line itself)."""
@@ -124,6 +134,15 @@ def _loads_again(raw: bytes, exc: Exception) -> Any:
         from oasst_tools import deepjson  # late: only lines nested past orjson's limit need it
 
         return deepjson.loads(raw)
+    if raw.startswith(BOM):  # a UTF-8 byte order mark (Windows editors write one): not part of the record
+        return _loads(raw[len(BOM):])
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        raise NotJSONLines(f"not UTF-8 text: byte 0x{raw[bad.start]:02x} at column {bad.start + 1} (convert the "
+                           "file, e.g. iconv -f latin1 -t utf-8)") from None
+    if raw.lstrip().startswith(b"["):
+        raise NotJSONLines("a JSON array, not JSON Lines (one object per line; convert with jq -c '.[]')")
     try:
         _loads(raw.rstrip(b"\r\n"))
     except _JSONError as bare:

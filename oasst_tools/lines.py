@@ -306,6 +306,7 @@ def _inflated_blocks(src: Source, reads: tuple[int, ...]) -> Iterator[tuple[int,
                 if not rest:
                     yield len(block), b""
                     continue
+                _check_member(rest)
                 decomp = _inflate.decompressobj(31)
                 data = decomp.decompress(rest)
             else:
@@ -315,6 +316,11 @@ def _inflated_blocks(src: Source, reads: tuple[int, ...]) -> Iterator[tuple[int,
                 if not rest:
                     decomp = None
                     break
+                if not rest.startswith(GZIP_MAGIC[:len(rest)]):
+                    # Bytes that start no member after a complete one: the lines so far are read first, so the
+                    # error names the line after the last whole one.
+                    yield len(block), data
+                    _check_member(rest)
                 decomp = _inflate.decompressobj(31)
                 data += decomp.decompress(rest)
         except _InflateErrors as exc:
@@ -322,6 +328,13 @@ def _inflated_blocks(src: Source, reads: tuple[int, ...]) -> Iterator[tuple[int,
         yield len(block), data
     if decomp is not None and not decomp.eof:
         raise _BadGzip("gzip file is truncated: the stream ends inside this line", "truncated_gzip")
+
+
+def _check_member(data: bytes) -> None:
+    """Raise `_BadGzip` when `data`, found after a complete gzip member, starts no new member."""
+    if not data.startswith(GZIP_MAGIC[:len(data)]):
+        raise _BadGzip("bytes after the end of the gzip data start no gzip member (trailing garbage); the lines "
+                       "before this one are whole", "trailing_gzip")
 
 
 _END = object()

@@ -129,8 +129,9 @@ def _nested_records(prompt: dict[str, Any], tree_id: str, path: str, line: int) 
         declared = node.get("parent_id")
         if declared != parent:
             if declared is not None or "parent_id" in node and parent is None:
-                raise OasstInputError(path, line, f"message {message_id} has parent_id {declared} but is a "
-                                      f"reply of {parent}", reason="parent_mismatch")
+                where = f"a reply of {parent}" if parent is not None else f"the root of tree {tree_id}"
+                raise OasstInputError(path, line, f"message {message_id} has parent_id {declared} but is {where}",
+                                      reason="parent_mismatch")
             node = {**node, "parent_id": parent}
         items.append((line, parent, node))
         replies = node.get("replies")

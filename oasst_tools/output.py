@@ -33,6 +33,7 @@ from oasst_tools.sources import InputInfo
 
 MARKER = ".oasst-build"
 _TMP, _OLD = ".tmp-", ".old-"
+_STEM_BYTES = 200  # of 255: a dot, the kind, a pid and 8 hex digits follow
 
 
 class Interrupted(OasstError):
@@ -127,9 +128,41 @@ def _version() -> str:
     return "unknown"
 
 
+@contextmanager
+def parents_made(out: Path) -> Iterator[None]:
+    """The missing folders above `out` made for the block, and removed again (when still empty) if it fails: a
+    build that writes nothing leaves nothing, not even `new/a/b`."""
+    made = [parent for parent in out.parents if not parent.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, out) from None
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another process wrote there) or gone: leave it
+                break
+        raise
+
+
+def _stem(out: Path) -> str:
+    """`out`'s name in the names of its temp and set-aside folders: long names shortened (with a hash of the whole
+    name) so that the suffix still fits the file system's 255 bytes."""
+    name = out.name
+    if len(name.encode("utf-8", "surrogateescape")) <= _STEM_BYTES:
+        return name
+    import hashlib
+
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return name.encode("utf-8", "surrogateescape")[:_STEM_BYTES - 13].decode("utf-8", "ignore") + "~" + digest
+
+
 def temp_folder(out: Path) -> Path:
     """A new folder beside `out` for the build to write into (mode from the umask), the marker already in it."""
-    tmp = out.parent / f".{out.name}{_TMP}{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = out.parent / f".{_stem(out)}{_TMP}{os.getpid()}-{os.urandom(4).hex()}"
     os.mkdir(tmp)  # 0o777 minus the umask, where tempfile.mkdtemp would make it 0o700
     marker = {"tool": "oasst-tools", "version": _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "pid": os.getpid(), "host": os.uname().nodename if hasattr(os, "uname") else ""}
@@ -147,11 +180,11 @@ def clean_stale(out: Path) -> list[Path]:
         return []
     cleaned = []
     for entry in sorted(names):
-        kind = next((k for k in (_TMP, _OLD) if entry.startswith(f".{out.name}{k}")), None)
+        kind = next((k for k in (_TMP, _OLD) if entry.startswith(f".{_stem(out)}{k}")), None)
         if kind is None:
             continue
         path = parent / entry
-        pid = entry[len(out.name) + 1 + len(kind):].partition("-")[0]
+        pid = entry[len(_stem(out)) + 1 + len(kind):].partition("-")[0]
         if not pid.isdigit() or _alive(int(pid)) or not (is_build_output(path) or _empty(path)):
             continue
         if not _this_host(path):
@@ -217,7 +250,7 @@ def publish(tmp: Path, out: Path, overwrite: bool, done: Callable[[], None] | No
         if not is_build_output(out):
             raise OasstError(f"{out}: replaced by something that is not an oasst build output while this build "
                              "ran; nothing replaced")
-        old = out.parent / f".{out.name}{_OLD}{os.getpid()}-{os.urandom(4).hex()}"
+        old = out.parent / f".{_stem(out)}{_OLD}{os.getpid()}-{os.urandom(4).hex()}"
         os.rename(out, old)
         try:
             os.rename(tmp, out)
@@ -280,6 +313,6 @@ def write_error(exc: OSError, out: Path) -> OasstError:
     """One line for an OS error while the output was written: it names --out (not the temp folder)."""
     target = exc.filename
     where = str(out)
-    if target is not None and not str(target).startswith(str(out.parent / f".{out.name}{_TMP}")):
+    if target is not None and not str(target).startswith(str(out.parent / f".{_stem(out)}{_TMP}")):
         where = str(target)  # a parent folder that could not be made, say
     return OasstError(f"{where}: cannot write the output: {describe_os_error(exc)}; nothing written")

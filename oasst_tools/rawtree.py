@@ -22,7 +22,10 @@ from oasst_tools.schema import Message, Tree
 
 OnError = Literal["fail", "skip"]
 # A gzip stream that breaks mid-file: with on_error="skip", the input ends there and the cut is counted.
-_CUT = frozenset(("truncated_gzip", "corrupt_gzip"))
+# Errors that end an input early: under on_error="skip" what came before is kept. After "trailing_gzip" (bytes
+# after the last gzip member) every line before was whole, so the tree being read is kept too.
+_CUT = frozenset(("truncated_gzip", "corrupt_gzip", "trailing_gzip"))
+ORPHANS_KEPT = 100_000  # missing parents remembered for the split-tree check (a few MB at most)
 _SPLIT_WORDS = (("validation", "validation"), ("valid", "validation"), ("test", "test"), ("train", "train"))
 
 
@@ -40,8 +43,35 @@ class ReadReport:
     # Messages whose parent is not in the input, dropped with their subtrees (not an error).
     orphaned: int = 0
     orphaned_first: str | None = None
+    # The missing parents of orphaned messages -> where the first of their orphans is (path:line, message id); a
+    # parent another input or tree holds means the inputs split a tree (`split_tree_error`). At most ORPHANS_KEPT.
+    orphan_parents: dict[str, tuple[str, int | None, str]] = field(default_factory=dict)
     # Tree and message ids read so far (every input of a build): one read twice is a duplicate.
     ids: IdRegistry = field(default_factory=IdRegistry, repr=False)
+
+    def orphan(self, parent: str, path: str, line: int | None, message_id: str, messages: int) -> None:
+        """Count one orphaned subtree of `messages` messages whose head `message_id` (at path:line) names a parent
+        that its tree lacks."""
+        self.orphaned += messages
+        if self.orphaned_first is None:
+            self.orphaned_first = (f"{path}:{line}: message {message_id} has an empty parent_id (a root's is null)"
+                                   if parent == "" else
+                                   f"{path}:{line}: message {message_id}'s parent {parent} is not in its tree there")
+        if len(self.orphan_parents) < ORPHANS_KEPT:
+            self.orphan_parents.setdefault(parent, (path, line, message_id))
+
+    def split_tree_error(self) -> OasstInputError | None:
+        """The first orphan whose missing parent was read after all, in another input or under another tree id: the
+        inputs split one tree, and its replies were lost. None when every missing parent is missing everywhere."""
+        for parent, (path, line, message_id) in self.orphan_parents.items():
+            found = self.ids.tree_of(parent) if parent else None
+            if found is not None:
+                tree_id, where, at = found
+                return OasstInputError(path, line, f"message {message_id}'s parent {parent} is in tree {tree_id} at "
+                                       f"{where}:{at}: one tree's messages are split over inputs or tree ids, and "
+                                       "its replies would be lost (give every message of a tree in one input, "
+                                       "with one message_tree_id)", reason="split_tree")
+        return None
 
     def skip(self, exc: OasstInputError, messages: int = 1) -> None:
         """Count one skipped record or tree (of `messages` messages) under the error's reason."""

@@ -34,10 +34,10 @@ from oasst_tools.lines import FileLines, Progress, Source, iter_lines
 from oasst_tools.nested import _nested_items, _nested_records, _read_nested  # noqa: F401
 from oasst_tools.rawtree import OnError, RawTree, ReadReport, split_of
 from oasst_tools.schema import Tree
-from oasst_tools.sources import Shape, input_size, open_input
+from oasst_tools.sources import Shape, check_input, input_size, open_input
 
 __all__ = ["ReadReport", "RawTree", "Shape", "detect_shape", "input_size", "iter_raw_trees", "read_trees",
-           "split_of", "subtree_records"]
+           "input_splits", "split_of", "subtree_records"]
 
 
 def detect_shape(source: str | Path) -> Shape:
@@ -139,12 +139,39 @@ def _read_datasets(source: str, shape: Shape, on_error: OnError, report: ReadRep
         if shape == "hub":
             raise OasstError(_hub_advice(source, _short(exc))) from None
         raise OasstInputError(source, None, f"cannot load dataset ({_short(exc)})", reason="bad_dataset") from None
-    splits = loaded.items() if isinstance(loaded, dict) else [(None, loaded)]
+    if isinstance(loaded, dict):
+        splits = list(loaded.items())
+    else:  # one split saved alone: its folder's name or the split it was loaded as says which
+        splits = [(split_of(source) or getattr(loaded, "split", None), loaded)]
     for split, table in splits:
         label = f"{source}[{split}]" if split else source
         report.ids.add_source(label, False)
         rows = ((number, row) for number, row in enumerate(table, start=1))
-        yield from _group_flat(rows, label, split, on_error, report, buffered)
+        # A split named "valid" is a validation split, as in file names.
+        yield from _group_flat(rows, label, split_of(str(split)) or split if split else None, on_error, report,
+                               buffered)
+
+
+def input_splits(source: str | Path) -> set[str]:
+    """The splits an input announces before it is read: a file's or folder's name, a save_to_disk DatasetDict's
+    split names, the split a saved Dataset was loaded as; a hub id announces its own (OASST1: train, validation)."""
+    import json
+
+    info = check_input(source)
+    if info.kind == "hub":
+        return {"train", "validation"}
+    named = {split_of(info.name)} - {None}
+    if info.kind == "folder" and not named:
+        folder = Path(info.name)
+        try:
+            if (folder / "dataset_dict.json").is_file():
+                names = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+            else:
+                names = [json.loads((folder / "state.json").read_text()).get("_split")]
+        except (OSError, ValueError, AttributeError):  # unreadable: the reader says so, with the file's name
+            return set()
+        named = {split_of(str(n)) or str(n) for n in names if isinstance(n, str) and n}
+    return named  # type: ignore[return-value]
 
 
 def _hub_advice(source: str, why: str) -> str:

@@ -45,6 +45,7 @@ FLAG_REASON: dict[bool | None, dict[bool | None, str | None]] = {
 
 # One record as a reader holds it: (line, parent id, record); the line is the tree's for a nested export.
 Item = tuple[int | None, str | None, dict[str, Any]]
+INT64_LIMIT = 1 << 63  # ranks and counts beyond it cannot be written to parquet or read back by most JSON readers
 DICT_ONLY = frozenset((dict,))  # `DICT_ONLY.issuperset(map(type, xs))`: every x is an object, tested in C
 
 
@@ -88,17 +89,19 @@ def _flag(record: Mapping[str, Any], name: str, path: str, line: int | None) -> 
     raise _wrong_type(path, line, name, "true, false or null", value)
 
 
-def _rank(record: Mapping[str, Any], path: str, line: int | None) -> int | None:
-    value = record.get("rank")
-    if value is None or (type(value) is int and value >= 0):
+def _count_field(record: Mapping[str, Any], name: str, path: str, line: int | None) -> int | None:
+    """`rank` or `review_count`: a non-negative integer that fits 64 bits (what parquet and JSON readers hold), or
+    None."""
+    value = record.get(name)
+    if value is None or (type(value) is int and 0 <= value < INT64_LIMIT):
         return value
-    # Parquet copies of OASST store the nullable rank as float64 (0.0, 1.0, NaN).
+    # Parquet copies of OASST store nullable integers as float64 (0.0, 1.0, NaN).
     if type(value) is float:
         if value != value:
             return None
-        if value.is_integer() and value >= 0:
+        if value.is_integer() and 0 <= value < INT64_LIMIT:
             return int(value)
-    raise _wrong_type(path, line, "rank", "a non-negative integer or null", value)
+    raise _wrong_type(path, line, name, "a non-negative integer below 2^63, or null", value)
 
 
 def normalize_labels(value: Any, path: str | None, line: int | None) -> dict[str, float]:
@@ -123,7 +126,7 @@ def normalize_labels(value: Any, path: str | None, line: int | None) -> dict[str
         for name, item in value.items():
             if type(item) is dict:
                 out[name] = item.get("value")
-            elif type(item) in (int, float):
+            elif item is None or type(item) in (int, float):  # null as in the columnar form: a label not given
                 out[name] = item
             else:
                 raise _wrong_type(path, line, f"labels.{name}", "an object with a 'value'", item)
@@ -161,9 +164,7 @@ def make_message(
             reason="unknown_role",
         )
     text = required_str(record, "text", path, line)
-    review_count = record.get("review_count")
-    if review_count is not None and type(review_count) is not int:
-        raise _wrong_type(path, line, "review_count", "an integer or null", review_count)
+    review_count = _count_field(record, "review_count", path, line)
     unknown = record.keys() - MESSAGE_FIELDS
     extra = {k: record[k] for k in unknown} if unknown else {}
     return Message(
@@ -172,7 +173,7 @@ def make_message(
         text=text,
         parent_id=parent_id if parent_id is not None else optional_str(record, "parent_id", path, line),
         lang=optional_str(record, "lang", path, line),
-        rank=_rank(record, path, line),
+        rank=_count_field(record, "rank", path, line),
         deleted=bool(_flag(record, "deleted", path, line)),
         review_result=_flag(record, "review_result", path, line),
         synthetic=bool(_flag(record, "synthetic", path, line)),
@@ -224,8 +225,8 @@ def index_tree(items: Iterable[Item], strict: bool = True) -> tuple[
             and ((value := g("lang")) is None or type(value) is str)
             and ((value := g("created_date")) is None or type(value) is str)
             and ((value := g("model_name")) is None or type(value) is str)
-            and (rank is None or (type(rank) is int and rank >= 0))
-            and ((value := g("review_count")) is None or type(value) is int)
+            and (rank is None or (type(rank) is int and 0 <= rank < INT64_LIMIT))
+            and ((value := g("review_count")) is None or (type(value) is int and 0 <= value < INT64_LIMIT))
             and (deleted is None or type(deleted) is bool) and (review is None or type(review) is bool)
             and ((value := g("synthetic")) is None or type(value) is bool)
             and ((value := g("emojis")) is None or type(value) is dict)

@@ -54,6 +54,8 @@ class InputInfo:
 def check_input(source: str | Path) -> InputInfo:
     """Classify one input without opening it; a missing path that is not a hub id, or an unusable one, raises."""
     name = str(source)
+    if not name:  # os.stat("") says "no such file", and the error line would start with ": "
+        raise OasstInputError(None, None, "an input path is empty ('')", reason="missing_path")
     try:
         info = os.stat(name)
     except FileNotFoundError:

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from oasst_tools.errors import OasstError, os_error_text
+from oasst_tools.errors import OasstError, os_error_text, printable
 
 # Built-in commands go through the same lazy mechanism as plug-ins.
 BUILTIN_COMMANDS: dict[str, str] = {
@@ -139,8 +139,9 @@ def _missing_extra(name: str, exc: ImportError | None = None) -> click.Command:
 
 
 def one_line(text: str) -> str:
-    """`text` with line breaks shown as `\\n`, so that a message is always a single line of output."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    """`text` with line breaks (and every other control character) shown as escapes, so that a message is always
+    a single line of output that a terminal prints as it is."""
+    return printable(text)
 
 
 def report_error(exc: BaseException) -> int | None:

@@ -12,24 +12,35 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from oasst_tools.build import BuildConfig, BuildReport, build_dataset, parse_label_limits
+from oasst_tools.build import BuildConfig, BuildReport, NoRowsError, build_dataset, parse_label_limits
+from oasst_tools.errors import printable
 from oasst_tools.filters import Selection
 from oasst_tools.output import Interrupted
 from oasst_tools.pairs import PAIR_MODES
-from oasst_tools.read import Progress
+from oasst_tools.read import Progress, ReadReport
 from oasst_tools.sources import input_size
 
 
-def _langs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> frozenset[str]:
-    """--lang values as a set of codes; an empty one (`--lang ""`, `--lang ,`) is a usage error, not "all"."""
-    codes = set()
+def _comma_list(value: tuple[str, ...], what: str, example: str) -> set[str]:
+    """Repeated, comma-separated option values as one set; an empty one (`""`, `,`) is a usage error, not "all"."""
+    found: set[str] = set()
     for item in value:
-        found = {code.strip() for code in item.split(",") if code.strip()}
-        if not found:
-            raise click.BadParameter(f"{item!r} names no language; give codes such as en,de (or leave --lang out "
-                                     "for all languages)")
-        codes |= found
-    return frozenset(codes)
+        items = {part.strip() for part in item.split(",") if part.strip()}
+        if not items:
+            raise click.BadParameter(f"{item!r} names no {what}; give {example}")
+        found |= items
+    return found
+
+
+def _langs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> frozenset[str]:
+    """--lang values as a set of codes."""
+    return frozenset(_comma_list(value, "language", "codes such as en,de (or leave --lang out for all languages)"))
+
+
+def _states(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> frozenset[str]:
+    """--tree-state values as a set (as --lang takes them); 'any' among them keeps every state."""
+    states = _comma_list(value, "tree state", "states such as ready_for_export,growing (or 'any')")
+    return frozenset() if "any" in states else frozenset(states)
 
 
 def _fraction(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -59,7 +70,7 @@ def _help(cls: type, name: str) -> str:
 @click.option("--pairs", type=click.Choice(PAIR_MODES), default=None, help=_help(BuildConfig, "pairs")
               + " Rows in trl's conversational preference format; not with --top-rank, --all-threads or --top-k.")
 @click.option("--tree-state", "tree_states", multiple=True, default=("ready_for_export",), show_default=True,
-              help="Tree states to keep; 'any' keeps all (OASST2 has more states).")
+              callback=_states, help="Comma-separated tree states to keep; 'any' keeps all (OASST2 has more states).")
 @click.option("--label-max", multiple=True, metavar="NAME=X", help=_help(Selection, "label_max")
               + " E.g. toxicity=0.5. A message without the label passes.")
 @click.option("--label-min", multiple=True, metavar="NAME=X", help=_help(Selection, "label_min")
@@ -79,7 +90,7 @@ def _help(cls: type, name: str) -> str:
               help=_help(BuildConfig, "on_error"))
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
 def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact: bool, mode: str,
-          top_k: int | None, pairs: str | None, tree_states: tuple[str, ...], label_max: tuple[str, ...],
+          top_k: int | None, pairs: str | None, tree_states: frozenset[str], label_max: tuple[str, ...],
           label_min: tuple[str, ...], no_synthetic: bool, end_with_assistant: bool, min_turns: int,
           max_turns: int | None, test_size: float | None, seed: int, format_: str, overwrite: bool, on_error: str,
           quiet: bool) -> None:
@@ -104,7 +115,7 @@ def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact:
         top_k=top_k or 1,
         langs=langs,
         lang_exact=lang_exact,
-        tree_states=frozenset() if "any" in tree_states else frozenset(tree_states),
+        tree_states=tree_states,
         label_max=parse_label_limits(label_max, "--label-max"),
         label_min=parse_label_limits(label_min, "--label-min"),
         drop_synthetic=no_synthetic,
@@ -122,6 +133,9 @@ def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact:
     except Interrupted as exc:  # the shell's convention: 128 + the signal's number
         click.echo(f"error: {exc}", err=True)
         sys.exit(128 + exc.signum)
+    except NoRowsError as exc:  # what was skipped or orphaned is the likely cause: said before the error line
+        _warn(exc.report, cfg)
+        raise
     _warn(report, cfg)
     if not quiet:
         show_summary(report, cfg.out)
@@ -177,27 +191,37 @@ def _progress(inputs: tuple[str, ...], quiet: bool) -> Iterator[Progress | None]
 
 
 def _warn(report: BuildReport, cfg: BuildConfig) -> None:
-    read = report.read
-    if read.orphaned:
-        click.echo(f"warning: {read.orphaned} messages whose parent is not in the input were dropped with their "
-                   f"subtrees (first: {read.orphaned_first})", err=True)
-    for reason, count in sorted(read.skipped.items()):
-        first = read.skipped_first[reason]
-        if reason == "duplicate_input":
-            click.echo(f"warning: read {count} input(s) once that were named twice (first: {first})", err=True)
-        elif reason in ("truncated_gzip", "corrupt_gzip"):
-            click.echo(f"warning: {first}; the trees before that line were built, the one it cuts was dropped",
-                       err=True)
-        elif reason == "duplicate_tree":
-            click.echo(f"warning: dropped {count} tree(s) already read, keeping the first (first: {first})",
-                       err=True)
-        else:
-            click.echo(f"warning: skipped {count} bad {reason} record(s) (first: {first})", err=True)
+    warn_read(report.read)
     sel = cfg.selection
     for name in report.labels_not_found:
         flag = "--label-max" if name in sel.label_max else "--label-min"
-        click.echo(f"warning: {flag} {name}: no message of the input has this label, so this filter dropped "
-                   "nothing (a typo?)", err=True)
+        _warning(f"{flag} {name}: no message of the input has this label, so this filter dropped nothing (a typo?)")
+
+
+def warn_read(read: ReadReport) -> None:
+    """One warning line per kind of thing the readers dropped or skipped (build and stats)."""
+    if read.orphaned:
+        _warning(f"dropped {read.orphaned} message(s) whose parent is missing, with their subtrees (first: "
+                 f"{read.orphaned_first})")
+    for reason, count in sorted(read.skipped.items()):
+        first = read.skipped_first[reason]
+        if reason == "duplicate_input":
+            _warning(f"read {count} input(s) once that were named twice (first: {first})")
+        elif reason == "trailing_gzip":
+            _warning(f"{first}: ignored, every tree before it was built")
+        elif reason in ("truncated_gzip", "corrupt_gzip"):
+            _warning(f"{first}; the trees before that line were built, the one it cuts was dropped")
+        elif reason == "duplicate_tree":
+            _warning(f"dropped {count} tree(s) already read, keeping the first (first: {first})")
+        elif reason == "split_tree":
+            _warning(f"{first}")
+        else:
+            _warning(f"skipped {count} bad {reason} record(s) (first: {first})")
+
+
+def _warning(message: str) -> None:
+    """One `warning:` line on stderr; ids, labels and names in it come from the data and are shown escaped."""
+    click.echo(f"warning: {printable(message)}", err=True)
 
 
 def show_summary(report: BuildReport, out: Path) -> None:
@@ -207,8 +231,9 @@ def show_summary(report: BuildReport, out: Path) -> None:
 
     from oasst_tools.cli.console import stdout
 
-    # Text, not markup: paths, reasons and languages come from the user and the data (`[/]` must print as is).
-    table = Table(title=Text(f"oasst build -> {out}"), show_header=True, header_style="bold")
+    # Text, not markup, escaped: paths, reasons and languages come from the user and the data (`[/]` must print
+    # as is, an escape sequence must not reach the terminal).
+    table = Table(title=Text(printable(f"oasst build -> {out}")), show_header=True, header_style="bold")
     table.add_column("what")
     table.add_column("count", justify="right")
     table.add_row("trees read", f"{report.read.trees:,}")
@@ -216,15 +241,15 @@ def show_summary(report: BuildReport, out: Path) -> None:
     if report.read.orphaned:
         table.add_row("orphaned messages dropped", f"{report.read.orphaned:,}")
     for reason, count in sorted(report.read.skipped.items()):
-        table.add_row(Text(f"skipped: {reason}"), f"{count:,}")
+        table.add_row(Text(printable(f"skipped: {reason}")), f"{count:,}")
     for reason, count in sorted(report.dropped.items()):
-        table.add_row(Text(f"dropped: {reason}"), f"{count:,}")
+        table.add_row(Text(printable(f"dropped: {reason}")), f"{count:,}")
     for split, prompts in sorted(report.prompts.items(), key=lambda item: (item[0] != "train", item[0])):
         for outcome, count in sorted(prompts.items()):
             table.add_row(Text(f"prompts {split}: {outcome.replace('_', ' ')}"), f"{count:,}")
     unit = "rows" if report.pairs is None else f"pairs ({report.pairs})"
     for split in sorted(report.rows, key=lambda s: (s != "train", s)):
         langs = ", ".join(f"{k} {v}" for k, v in report.rows_by_lang[split].most_common(5))
-        table.add_row(Text(f"{unit} {split} ({langs})"), f"{report.rows[split]:,}", style="bold green")
+        table.add_row(Text(printable(f"{unit} {split} ({langs})")), f"{report.rows[split]:,}", style="bold green")
     table.caption = f"{report.seconds:.2f} s"
     stdout.print(table)

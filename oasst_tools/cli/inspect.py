@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import click
 
-from oasst_tools.errors import NotContiguousError, OasstError
+from oasst_tools.errors import NotContiguousError, OasstError, printable
 from oasst_tools.read import read_trees
 from oasst_tools.schema import Tree
 
@@ -38,14 +38,28 @@ def stats(source: str, json_: bool, on_error: str) -> None:
         oasst stats ../shared/data/oasst1/validation-en.messages.jsonl
         oasst stats ../shared/data/oasst1/en-100-2023-03.trees.jsonl --json
     """
+    from oasst_tools.cli.build import warn_read
+    from oasst_tools.read import ReadReport
     from oasst_tools.stats import forest_stats
 
+    report = ReadReport()
     try:
-        result = forest_stats(read_trees(source, on_error=on_error))  # type: ignore[arg-type]
+        result = forest_stats(read_trees(source, on_error=on_error, report=report))  # type: ignore[arg-type]
     except NotContiguousError:  # interleaved flat file: count again, grouped in memory (as `build` does)
-        result = forest_stats(read_trees(source, on_error=on_error, buffered=True))  # type: ignore[arg-type]
+        report = ReadReport()
+        result = forest_stats(read_trees(source, on_error=on_error, report=report,  # type: ignore[arg-type]
+                                         buffered=True))
+    split_tree = report.split_tree_error()
+    if split_tree is not None:
+        if on_error == "fail":
+            raise split_tree
+        report.skip(split_tree, 0)
+    warn_read(report)  # what the counts leave out, as `build` says it
+    # The same names as build_report.json: messages the counts leave out.
+    lost = {"orphaned_messages": report.orphaned, "skipped": dict(sorted(report.skipped.items())),
+            "skipped_messages": report.skipped_messages}
     if json_:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json.dumps(result.to_dict() | lost, indent=2))
         return
     from rich.columns import Columns
     from rich.table import Table
@@ -58,11 +72,13 @@ def stats(source: str, json_: bool, on_error: str) -> None:
         t.add_column(key)
         t.add_column("count", justify="right")
         for name, value in rows:
-            t.add_row(Text(str(name)), f"{value:,}")  # Text: states and languages come from the data
+            t.add_row(Text(printable(str(name))), f"{value:,}")  # Text: states and languages come from the data
         return t
 
     overview = [("trees", result.trees), ("messages", result.messages), ("leaves", result.leaves),
-                *sorted(result.roles.items()), *sorted(result.flags.items())]
+                *sorted(result.roles.items()), *sorted(result.flags.items()),
+                *[(f"{what}, not counted", lost[name]) for name, what in (("orphaned_messages", "orphaned"),
+                                                                         ("skipped_messages", "skipped")) if lost[name]]]
     stdout.print(Columns([
         table("overview", "what", overview),
         table("tree states", "state", result.states.most_common()),
@@ -98,7 +114,7 @@ def show(source: str, tree_id: str, width: int) -> None:
 
     def label(message) -> Text:  # noqa: ANN001 - a Message; local helper
         # Text pieces, never markup: message texts, labels and ids are data (`[bold]`, `[/]`, `:smile:` print as is).
-        text = message.text.replace("\n", " ")
+        text = printable(message.text.replace("\n", " "))
         text = text if len(text) <= width else text[: width - 1] + "…"
         head = Text()
         if message.message_id in best:
@@ -113,14 +129,15 @@ def show(source: str, tree_id: str, width: int) -> None:
         if message.synthetic:
             head.append(" · ")
             head.append("synthetic", style="yellow")
-        labels = ", ".join(f"{k} {_number(v)}" for k, v in sorted(message.labels.items(), key=_key) if v)
+        labels = printable(", ".join(f"{k} {_number(v)}" for k, v in sorted(message.labels.items(), key=_key) if v))
         if labels:
             head.append(f" ({labels})", style="dim")
         head.append(": ")
         head.append(text)
         return head
 
-    root = RichTree(Text.assemble((tree.message_tree_id, "bold"), f" · {tree.tree_state} · {tree.prompt.lang}"))
+    root = RichTree(Text.assemble((printable(tree.message_tree_id), "bold"),
+                                  printable(f" · {tree.tree_state} · {tree.prompt.lang}")))
     deepest = max(SHOW_DEPTH, (stdout.width - 20) // 4)
     stack = [(tree.prompt, root, 1)]
     while stack:

@@ -17,8 +17,8 @@ def test_full_english_validation_file_gives_188_top_rank_rows(run, tmp_path: Pat
     rows = read_jsonl(tmp_path / "out" / "train.jsonl")
     assert len(rows) == 188
     assert len({r["message_tree_id"] for r in rows}) == 188
-    assert f"warning: 3 messages whose parent is not in the input were dropped with their subtrees (first: " \
-           f"{FLAT_FULL}:153)" in result.stderr
+    assert f"warning: dropped 3 message(s) whose parent is missing, with their subtrees (first: " \
+           f"{FLAT_FULL}:153: message 9caf0013-9ca1-44d2-bbee-2ad6f5e3c23a's parent 3aeb9373-da93-4858-84f4-5e398fe9e131 is not in its tree there)" in result.stderr
     report = json.loads((tmp_path / "out" / "build_report.json").read_text())
     assert report["trees_read"] == 188 and report["messages_read"] == 2022 and report["orphaned_messages"] == 3
     assert report["dropped"] == {"deleted": 40, "spam": 43}
@@ -101,7 +101,7 @@ BROKEN_CASES = {
     "malformed.jsonl": "3: invalid JSON (unexpected end of data: line 1 column 42 (char 41))",
     "truncated.jsonl.gz": "21: gzip file is truncated: the stream ends inside this line",
     "missing-field.jsonl": "4: missing required field 'role'",
-    "wrong-type.jsonl": "2: field 'rank' must be a non-negative integer or null, got 'first'",
+    "wrong-type.jsonl": "2: field 'rank' must be a non-negative integer below 2^63, or null, got 'first'",
     "duplicate-id.jsonl": "7: duplicate message_id 384ad8e0-8fc2-4dfd-bf48-0c417f6c5f0f (first at line 3)",
     "cycle.jsonl": "2: parent cycle: 7d05acb7-9360-458c-8a1d-c0b6492b8f8a -> 384ad8e0-8fc2-4dfd-bf48-0c417f6c5f0f "
                    "-> 7d05acb7-9360-458c-8a1d-c0b6492b8f8a",
@@ -166,8 +166,8 @@ def test_skip_mode_builds_every_good_tree_and_counts_bad_ones_by_reason(run, tmp
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "build_report.json").read_text())
     assert report["skipped"] == {"invalid_json": 1, "wrong_type": 1}
-    assert report["skipped_first"]["wrong_type"] == ("mixed.jsonl:2: field 'rank' must be a non-negative integer or "
-                                                     "null, got 'best'")
+    assert report["skipped_first"]["wrong_type"] == ("mixed.jsonl:2: field 'rank' must be a non-negative integer below "
+                                                     "2^63, or null, got 'best'")
     assert report["skipped_messages"] == 1 + 12  # the bad line, and the 12 messages of the first tree
     assert len(read_jsonl(tmp_path / "out" / "train.jsonl")) == good - 1
     assert "skipped: invalid_json" in result.stdout

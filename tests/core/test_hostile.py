@@ -268,7 +268,8 @@ def _(tmp: Path):
     data = FLAT.read_bytes().splitlines(keepends=True)
     data[2] = data[2].replace(b'"text": "', b'"text": "\xff\xfe', 1)
     (tmp / "in.jsonl").write_bytes(b"".join(data))
-    return ["build", "--input", "in.jsonl", "--out", "out"], "in.jsonl:3: invalid JSON", 1
+    column = data[2].index(b"\xff") + 1
+    return ["build", "--input", "in.jsonl", "--out", "out"], f"in.jsonl:3: not UTF-8 text: byte 0xff at column {column}", 1
 
 
 def _bad_label(value: object, flag: str) -> Setup:
@@ -962,7 +963,8 @@ def test_a_plain_file_parsed_in_c_fails_and_skips_as_the_line_by_line_reader_doe
             results.append((str(err).replace(str(tmp_path / name), "FILE"), err.line))
     assert results[0] == results[1]
     if on_error == "fail":
-        assert results[0] == ("FILE:6: expected a JSON object, got list", 6)
+        assert results[0] == ("FILE:6: expected a JSON object, got list (JSON Lines: one object per line; convert an "
+                              "array with jq -c '.[]')", 6)
     else:
         assert results[0][1] == {"wrong_type": 3, "invalid_json": 1, "missing_field": 1}
 

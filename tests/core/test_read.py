@@ -21,7 +21,7 @@ def test_flat_full_validation_file_has_188_complete_trees_and_3_orphans():
     assert len(trees) == 188
     assert report.messages == 2022
     assert report.orphaned == 3
-    assert report.orphaned_first == f"{FLAT_FULL}:153"
+    assert report.orphaned_first == f"{FLAT_FULL}:153: message 9caf0013-9ca1-44d2-bbee-2ad6f5e3c23a's parent 3aeb9373-da93-4858-84f4-5e398fe9e131 is not in its tree there"
     assert {t.split for t in trees} == {"validation"}
     assert sum(1 for t in trees for _ in iter_messages(t.prompt)) == 2022 - 3
 
