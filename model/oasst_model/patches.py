@@ -30,7 +30,8 @@ from oasst_model.targets import (
     _bnb_packs_for_cpu, _check_autocast, _check_bnb_cpu_packing, _check_bnb_fold, _check_compile,
     _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag,
     _check_lm_eval_loglikelihood, _check_lm_eval_request_bars, _check_lm_eval_templates, _check_lazy_metrics,
-    _check_concat_lora, _check_peft_lora, _check_shared_context, _check_varlen, _falcon_linear_subclass)
+    _check_backend_tokenize, _check_concat_lora, _check_peft_lora, _check_shared_context, _check_varlen,
+    _falcon_linear_subclass)
 
 # A check returns None when the target is as the patch expects, else what changed (one short phrase).
 Check = Callable[[], "str | None"]
@@ -185,6 +186,16 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         why="no host wait for the GPU inside a step: trl's metrics read when logged, tokens counted at collate",
         fallback="trl's compute_loss and the Trainer's token count, with their waits for the GPU",
         check=_check_lazy_metrics,
+    ),
+    Patch(
+        name="lm_eval_backend_tokenize",
+        library="tokenizers",
+        target="a fast tokenizer's backend Tokenizer.encode_batch(strings, add_special_tokens=...) and Encoding.ids, "
+               "called by FastHFLM instead of the tokenizer's __call__ (checked against it on the first 32 strings)",
+        written_for="tokenizers 0.23.3 with transformers 5.24, 5.25; the GPU image's with transformers 5.17",
+        why="transformers converts each encoding in Python: 0.37 s of HellaSwag's 0.56 s tokenizing, GPU idle",
+        fallback="the tokenizer's own __call__ (also when the first strings' ids differ)",
+        check=_check_backend_tokenize,
     ),
     Patch(
         name="lm_eval_template_cache",

@@ -302,6 +302,16 @@ def _check_lm_eval_templates() -> str | None:
                      ("lm_eval.utils.env", missing_attrs(utils.env, ("from_string",))))
 
 
+def _check_backend_tokenize() -> str | None:
+    tokenizers, problem = _module_with("tokenizers", ("Tokenizer", "Encoding"))
+    if problem:
+        return problem
+    return describe_missing(("tokenizers.Tokenizer.encode_batch",
+                             missing_params(tokenizers.Tokenizer.encode_batch, ("add_special_tokens",))),
+                            ("tokenizers.Encoding", missing_attrs(tokenizers.Encoding, ("ids",))),
+                            ("tokenizers.Tokenizer", missing_attrs(tokenizers.Tokenizer, ("truncation", "padding"))))
+
+
 def _check_lm_eval_hellaswag() -> str | None:
     hellaswag = _import("lm_eval.tasks.hellaswag.utils")
     if hellaswag is None or not callable(getattr(hellaswag, "process_docs", None)):

@@ -62,6 +62,59 @@ def test_batched_tokenization_equals_encode_pair(stories_model: tuple[object, ob
     assert seen == expected
 
 
+def _hellaswag_strings() -> list[str]:
+    """Contexts and context + ending strings of the HellaSwag fixture, as lm-eval's requests hold them."""
+    from tests.core.conftest import read_jsonl
+
+    rows = read_jsonl(Path(__file__).resolve().parents[2] / "fixtures" / "hellaswag" / "validation.jsonl")
+    return [s for row in rows for s in [row["ctx"]] + [row["ctx"] + " " + e for e in row["endings"]]]
+
+
+@pytest.mark.parametrize("add_special", [None, False])
+@pytest.mark.parametrize("which", ["stories", "falcon"])
+def test_backend_token_ids_equal_the_tokenizers_own(stories: Path, which: str, add_special: bool | None) -> None:
+    from transformers import AutoTokenizer
+
+    from oasst_eval.fastlm import BACKEND_CHECK, _token_ids
+    from oasst_model import patches
+    from tests.conftest import FALCON_TOKENIZER
+
+    if which == "falcon" and not FALCON_TOKENIZER.is_dir():
+        pytest.skip(f"{FALCON_TOKENIZER} not present")
+    # Llama's adds a BOS token (add_special None); Falcon's adds nothing.
+    tokenizer = AutoTokenizer.from_pretrained(str(stories if which == "stories" else FALCON_TOKENIZER))
+    strings = _hellaswag_strings()
+    assert len(strings) > 10 * BACKEND_CHECK
+    kwargs = {} if add_special is None else {"add_special_tokens": add_special}
+    patches.begin_run()
+    assert _token_ids(tokenizer, strings, add_special) == tokenizer(strings, **kwargs)["input_ids"]
+    assert patches.report()["lm_eval_backend_tokenize"]["state"] == "active"
+
+
+def test_a_backend_that_disagrees_leaves_the_tokenizers_own_call(stories: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoTokenizer
+
+    import oasst_eval.fastlm as fastlm
+    from oasst_model import patches
+
+    tokenizer = AutoTokenizer.from_pretrained(str(stories))
+    strings = _hellaswag_strings()
+    real = fastlm._backend_ids
+    calls = []
+
+    def shifted(backend: object, texts: list[str], add_special: bool) -> list[list[int]]:
+        calls.append(len(texts))
+        return [[i + 1 for i in ids] for ids in real(backend, texts, add_special)]
+
+    monkeypatch.setattr(fastlm, "_backend_ids", shifted)
+    patches.begin_run()
+    assert fastlm._token_ids(tokenizer, strings, None) == tokenizer(strings)["input_ids"]
+    assert calls == [fastlm.BACKEND_CHECK]  # the check only: the rest took the tokenizer's own call
+    assert patches.report()["lm_eval_backend_tokenize"]["state"] == "fallback"
+    assert "warning: patch lm_eval_backend_tokenize is off: LlamaTokenizer" in capsys.readouterr().err
+
+
 def test_cached_templates_render_the_same_text() -> None:
     from lm_eval import utils
 

@@ -32,7 +32,8 @@ def test_changed_lm_eval_internals_score_with_lm_evals_own_hflm(oasst, stories: 
     states = {k: v["state"] for k, v in fast["settings"]["patches"].items()}
     assert states == {"lm_eval_fast_loglikelihood": "active", "lm_eval_template_cache": "active",
                       "lm_eval_hellaswag_docs_cache": "active", "lm_eval_request_bars": "active",
-                      "lm_eval_shared_context": "active", "lm_eval_env_info_prefetch": "active"}
+                      "lm_eval_shared_context": "active", "lm_eval_env_info_prefetch": "active",
+                      "lm_eval_backend_tokenize": "active"}
 
     # A release that renames a helper FastHFLM imports and changes apply_template's signature.
     monkeypatch.delattr(lm_eval.models.utils, "_add_special_kwargs")
