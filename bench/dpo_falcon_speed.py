@@ -360,7 +360,7 @@ def step_figures(seconds: list[float], tokens: list[int]) -> dict[str, Any]:
     skip = min(max(2, n // 5), max(n - 1, 0))
     steady_s, steady_t = sum(seconds[skip:]), sum(tokens[skip:])
     return {
-        "steps_timed": n, "warmup_steps": skip,
+        "steps_timed": n, "steady_skipped_steps": skip,
         "real_tokens_total": sum(tokens),
         "real_tokens_per_step": sum(tokens) / n if n else None,
         "tokens_per_second": sum(tokens) / sum(seconds) if sum(seconds) else None,
@@ -467,7 +467,7 @@ def measure_plain(values: dict[str, Any], model: Path, rows: Path, steps: int, t
     peaks = {k: result.pop(k) for k in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_rss_bytes")
              if k in result}
     row |= memory_figures(peaks, smi)
-    skip = row["warmup_steps"]
+    skip = row["steady_skipped_steps"]
     row["gpu_busy_percent"] = smi.busy([began[skip], began[-1] + seconds[-1]] if len(began) > skip else None)
     return row | result | run
 

@@ -249,7 +249,7 @@ def main() -> None:
         "peak_memory_reserved_bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None,
         "linear4bit_layers": summary["linear4bit_layers"],
         "trainable_parameters": summary["trainable_parameters"],
-        "lora_target_modules": summary["lora_target_modules"],
+        "target_modules": summary["target_modules"],
         "format": summary.get("format"),
         "generate_sample": sample,
         "eval_curve": eval_curve,

@@ -261,7 +261,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry and "step" in entry]
     steady, window = summary["steady_tokens_per_second"], summary.get("steady_window")
     seconds, tokens = summary["step_seconds"], summary.get("step_tokens")
-    skip, end = summary["warmup_steps"], len(seconds) - PROFILED_STEPS
+    skip, end = summary["steady_skipped_steps"], len(seconds) - PROFILED_STEPS
     if kernels and tokens and end > skip:
         steady = sum(tokens[skip:end]) / sum(seconds[skip:end])
         if window:

@@ -95,12 +95,39 @@ def guanaco_text(turns: Iterable[tuple[str, str]]) -> str:
 
 def render_guanaco(messages: Any, where: str = "messages") -> str:
     """{role, content} turns as Guanaco text, exactly as `oasst build` writes its `text` column."""
+    return guanaco_text((turn["role"], turn["content"]) for turn in _guanaco_turns(messages, where))
+
+
+def _guanaco_turns(messages: Any, where: str) -> list[dict[str, str]]:
     turns = check_messages(messages, where)
     for i, turn in enumerate(turns):
         if turn["role"] == "system":
             raise OasstError(f"{where}: messages[{i}] is a system turn, which the Guanaco format has no place for; "
                              "train with format chat-template, or drop the system turns")
-    return guanaco_text((turn["role"], turn["content"]) for turn in turns)
+    return turns
+
+
+def guanaco_turn_spans(messages: Any, where: str = "messages") -> tuple[str, list[tuple[int, int]], bool]:
+    """`render_guanaco`'s text with `guanaco_spans`' loss spans taken from the turns themselves: a reply and the
+    marker after it, found by where each turn starts, not by searching the text, so a user turn that quotes the
+    assistant marker stays untrained."""
+    turns = _guanaco_turns(messages, where)
+    text = render_guanaco(turns, where)
+    starts, pos = [], 0
+    for turn in turns:
+        starts.append(pos)
+        pos += len(ASSISTANT if turn["role"] == "assistant" else HUMAN) + len(turn["content"])
+    spans = []
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        if i + 1 < len(turns):
+            cue = ASSISTANT_CUE if turns[i + 1]["role"] == "assistant" else HUMAN_STOP
+            end = starts[i + 1] + len(cue)
+        else:
+            end = len(text)
+        spans.append((starts[i] + len(ASSISTANT_CUE), end))
+    return text, spans, bool(turns) and turns[-1]["role"] == "assistant"
 
 
 def parse_guanaco(text: str, where: str = "text") -> list[dict[str, str]]:
@@ -200,14 +227,19 @@ def encode(tokenizer: Any, conversation: str | Sequence[dict[str, Any]], format:
            assistant_only: bool = True, where: str = "row") -> Encoded:
     """A conversation (Guanaco text or {role, content} messages) as ids + loss mask in `format`."""
     if format == "guanaco":
-        text = conversation if isinstance(conversation, str) else render_guanaco(conversation, where)
-        return encode_guanaco(tokenizer, text, assistant_only)
+        if isinstance(conversation, str):
+            return encode_guanaco(tokenizer, conversation, assistant_only)
+        text, spans, ends_in_reply = guanaco_turn_spans(conversation, where)
+        return encode_guanaco(tokenizer, text, assistant_only, (spans, ends_in_reply))
     messages = parse_guanaco(conversation, where) if isinstance(conversation, str) else conversation
     return encode_chat(tokenizer, messages, assistant_only, where)
 
 
-def encode_guanaco(tokenizer: Any, text: str, assistant_only: bool = True) -> Encoded:
-    """Token ids of Guanaco `text` + EOS, and the loss mask: each reply and what ends it, or every token."""
+def encode_guanaco(tokenizer: Any, text: str, assistant_only: bool = True,
+                   spans: tuple[list[tuple[int, int]], bool] | None = None) -> Encoded:
+    """Token ids of Guanaco `text` + EOS, and the loss mask: each reply and what ends it, or every token.
+    `spans`: the loss spans and whether the text ends in a reply when the turns are known (`guanaco_turn_spans`),
+    else found from the markers in `text`."""
     _require_fast(tokenizer)
     # verbose=False: rows longer than the model's window are expected here; they are cut later, with the mask.
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
@@ -217,7 +249,7 @@ def encode_guanaco(tokenizer: Any, text: str, assistant_only: bool = True) -> En
     if ids and ids[-1] == eos:
         ids, offsets = ids[:-1], offsets[:-1]  # tokenizers that add EOS themselves: keep exactly one
     ids.append(eos)
-    spans, ends_in_reply = guanaco_spans(text)
+    spans, ends_in_reply = spans if spans is not None else guanaco_spans(text)
     # A token carries loss when it starts inside a span (special tokens have empty offsets: never).
     mask = [int(b > a and any(s <= a < e for s, e in spans)) for a, b in offsets]
     mask.append(int(ends_in_reply))

@@ -97,9 +97,56 @@ def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> 
         node = yaml.compose(text)
     except yaml.YAMLError:  # parsed above, so this cannot fail; no line numbers rather than an error
         node = None
-    lines = ({key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
-             if isinstance(node, yaml.MappingNode) else {})
+    lines: dict[Any, int] = {}
+    for key, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+        if not isinstance(key, yaml.ScalarNode):
+            continue
+        line = key.start_mark.line + 1
+        if key.value in lines:  # YAML keeps the last silently: which one the user meant is not ours to guess
+            raise OasstError(f"{path}:{line}: {key.value} is set twice (first at line {lines[key.value]}); keep one")
+        lines[key.value] = line
     return raw, {k: f"{path}:{lines[k]}" if k in lines else str(path) for k in raw}
+
+
+def unknown_keys_error(path: Path, unknown: list[str], known: Any, command: str) -> OasstError:
+    """One error for every unknown key of a config file, each with the known key it most likely meant (`lr` has
+    none; `learning-rate` is learning_rate, `max_seq_length` max_length)."""
+    import difflib
+
+    names = sorted(known)
+    shown = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key.replace("-", "_").lower(), names, n=1, cutoff=0.75)
+        shown.append(f"{key} ({close[0]}?)" if close else key)
+    return OasstError(f"{path}: unknown config keys: {', '.join(shown)} (see `oasst {command} --help` for the known "
+                      "ones)")
+
+
+def build_split(folder: Path, split: str) -> Path | None:
+    """The file of one split of an `oasst build` output folder: `SPLIT.jsonl`, or `SPLIT.parquet` (--format
+    parquet); None when the folder has neither."""
+    for suffix in (".jsonl", ".parquet"):
+        path = folder / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number from 1, row) of a parquet split (`oasst build --format parquet`), read with pyarrow (installed
+    with datasets); an unreadable file is one error line."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise OasstError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or rebuild with --format "
+                         "jsonl") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except OSError as exc:
+        raise OasstError(f"cannot read {path}: {describe_os_error(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several unrelated types for a damaged file
+        raise OasstError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
+    yield from enumerate(rows, 1)
 
 
 def path_problem(path: Path) -> str | None:

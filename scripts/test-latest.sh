@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite on the newest releases of the libraries whose internals oasst-tools patches (transformers, peft,
-# trl, bitsandbytes, accelerate, lm-eval; datasets too), in a separate environment (.venv-latest), as
+# trl, bitsandbytes, accelerate, lm-eval, tokenizers; datasets too), in a separate environment (.venv-latest), as
 # `pip install oasst-tools[train,eval]` resolves them for a user. Not part of CI, which stays on constraints.txt.
 # torch stays pinned to the CPU wheel of constraints.txt: an open range pulls a multi-GB CUDA build.
 #   bash scripts/test-latest.sh                          # versions, the patch checks, then the whole suite
@@ -14,7 +14,7 @@ quiet() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip
 grep '^torch==' constraints.txt > "$VENV/torch-pin.txt"
 quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$VENV/torch-pin.txt" -U -e '.[train,eval,dev]' \
-    transformers peft trl bitsandbytes accelerate lm-eval datasets
+    transformers peft trl bitsandbytes accelerate lm-eval datasets tokenizers
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$VENV/bin/python" - <<'PYEOF' 2> >(grep -v "kernels" >&2)
 """Print the installed versions beside the pins, and each patch's check on them."""
@@ -24,7 +24,7 @@ from pathlib import Path
 
 pins = dict(re.findall(r"^([\w-]+)==(\S+)", Path("constraints.txt").read_text(), re.M))
 print(f"{'library':<14}{'pinned':>10}{'installed':>12}")
-for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "lm-eval", "datasets"):
+for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "lm-eval", "datasets", "tokenizers"):
     print(f"{name:<14}{pins.get(name, '-'):>10}{md.version(name):>12}")
 from oasst_model import patches
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from oasst_model.attention import CUDNN_ATTENTION_HELP
-from oasst_model.spec import LOAD_FIELDS, check_value, option_field
+from oasst_model.spec import LOAD_FIELDS, as_bool, as_path, check_value, option_field
 from oasst_tools.conversation import FORMATS
 from oasst_tools.errors import OasstError
 
@@ -117,13 +117,13 @@ def parse_tasks(value: str | list[str] | tuple[str, ...], where: str = "--tasks"
 def load_config_file(path: Path) -> dict[str, Any]:
     """Keys of a YAML config file, each checked against its setting's type; all unknown keys are reported in one
     error, and a bad value names the file and line."""
-    from oasst_tools.files import read_yaml_mapping
+    from oasst_tools.files import read_yaml_mapping, unknown_keys_error
 
     raw, where = read_yaml_mapping(path)
     known = {f.name for f in dataclasses.fields(EvalConfig)}
     unknown = sorted(set(raw) - known - set(RENAMED))
     if unknown:
-        raise OasstError(f"{path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise unknown_keys_error(path, unknown, known, "eval")
     for old, new in RENAMED.items():
         if old in raw:
             if new in raw:
@@ -157,9 +157,10 @@ def coerce(name: str, value: Any, where: str) -> Any:
             raise OasstError(f"{where}: {name} must be at least {INTEGERS[name]}, not {value}")
         return value
     if name in BOOLEANS:
-        if not isinstance(value, bool):
+        flag = as_bool(value)
+        if flag is None:
             raise OasstError(f"{where}: {name} must be true or false, not {value!r}")
-        return value
+        return flag
     if name == "batch_size" and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # `batch_size: 8` in YAML is a number
     if not isinstance(value, str):
@@ -168,7 +169,7 @@ def coerce(name: str, value: Any, where: str) -> Any:
         raise OasstError(f"{where}: {name} contains a NUL character")
     if name == "format" and value not in FORMATS:
         raise OasstError(f"{where}: format must be one of {', '.join(FORMATS)}, not {value!r}")
-    return value
+    return as_path(value) if name in ("adapter", "data_dir", "data", "out") else value
 
 
 def resolve_config(file: Path | None, flags: dict[str, Any]) -> EvalConfig:

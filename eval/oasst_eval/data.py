@@ -82,8 +82,11 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 def numbered_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) pairs of a `.jsonl` or `.jsonl.gz` file, with read_jsonl's errors."""
-    from oasst_tools.files import decode_utf8
+    from oasst_tools.files import decode_utf8, parquet_rows
 
+    if path.suffix == ".parquet":  # `oasst build --format parquet`
+        yield from parquet_rows(path)
+        return
     opener = gzip.open if path.suffix == ".gz" else open
     lineno = 0
     try:
@@ -304,8 +307,10 @@ def guanaco_file(data: str | Path | None, task: str = "guanaco_test") -> Path:
     data = data or os.environ.get(GUANACO_ENV)
     if not data:
         raise OasstError(f"task {task} needs --data DIR: the output folder of {build} (with test.jsonl)")
+    from oasst_tools.files import build_split
+
     path = Path(data)
-    path = path if path.is_file() else path / "test.jsonl"
+    path = path if path.is_file() else build_split(path, "test") or path / "test.jsonl"
     if not path.is_file():
         from oasst_tools.files import path_problem
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from importlib import metadata as importlib_metadata
@@ -142,9 +141,10 @@ def summary(runs: Sequence[Any], settings: dict[str, Any]) -> dict[str, Any]:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write next to the target, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # open(..., "xb"), not mkstemp: the file gets the umask's mode (mkstemp's 0600 made results unreadable to others).
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "xb") as fh:
             fh.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -186,6 +186,12 @@ def write_outputs(out: Path, runs: Sequence[Any], doc: dict[str, Any]) -> dict[s
         where = os.fsdecode(exc.filename) if exc.filename is not None else str(path)
         raise OasstError(f"cannot write {where}: {describe_os_error(exc)} (the scores are lost; nothing was "
                          "left half-written)") from None
+    # An earlier run's files this run did not write (its adapter's results, a chart) would read as this run's.
+    stale = [p for p in out.glob("results_*.json") if p not in written.values()]
+    stale += [] if "chart" in written else [out / "eval.png"]
+    for path in stale:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
     return written
 
 

@@ -55,6 +55,11 @@ def check_local_data(
             if num_fewshot and task == "guanaco_pairs":
                 raise OasstError(f"--num-fewshot {num_fewshot}: guanaco_pairs is scored zero-shot; its only split is "
                                  "the test pairs, which lm-eval would show the model as examples")
+            if num_fewshot and task == "guanaco_test":
+                # A perplexity task: lm-eval scores whole conversations, with no examples to show (it recorded the
+                # n-shot anyway, and the scores were the zero-shot ones).
+                raise OasstError(f"--num-fewshot {num_fewshot}: guanaco_test is a perplexity over whole test "
+                                 "conversations and takes no few-shot examples; leave --num-fewshot out")
             path = guanaco_file(data, task)
             task_rows(path, task)
             metadata["data"] = str(path.resolve())

@@ -16,6 +16,8 @@ What the user named is checked first, without torch, by `locate` (`check_source`
 
 from __future__ import annotations
 
+import importlib.util
+
 import contextlib
 import warnings
 from collections.abc import Iterator
@@ -60,6 +62,9 @@ def load_model(
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if attn_implementation:
+        if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise OasstError("attn_implementation flash_attention_2 needs the flash-attn package (pip install "
+                             "flash-attn, CUDA GPUs only); use sdpa")
         kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -329,6 +334,14 @@ def _unquantized_linears(model: Any) -> list[str]:
             if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit) and m is not head]
 
 
+def adapter_mismatch(folder: Any, trained_on: Any, base: Any) -> str:
+    """The start of the error for an adapter whose weights do not fit a base model (named as the adapter names its
+    base, or not)."""
+    if str(trained_on) == str(base):
+        return f"adapter {folder} does not fit {base}, the model it names as its base (changed since it was trained?)"
+    return f"adapter {folder} was trained on {trained_on}, not on {base}"
+
+
 def _check_adapter_fits(model: Any, folder: Path, adapter_config: dict[str, Any]) -> None:
     """Raise a one-line OasstError when the adapter's LoRA matrices do not match `model`'s layers."""
     from safetensors import safe_open
@@ -350,17 +363,17 @@ def _check_adapter_fits(model: Any, folder: Path, adapter_config: dict[str, Any]
             module_path = key.split(".lora_A.")[0].removeprefix("base_model.model.")
             module = modules.get(module_path)
             if module is None:
-                raise OasstError(f"adapter {folder} was trained on {trained_on}, not on {base}: "
+                raise OasstError(f"{adapter_mismatch(folder, trained_on, base)}: "
                                  f"{base} has no layer {module_path}")
             rows, cols = f.get_slice(key).get_shape()
             in_features = getattr(module, "in_features", None)
             if in_features is not None and in_features != cols:
-                raise OasstError(f"adapter {folder} was trained on {trained_on}, not on {base}: layer "
+                raise OasstError(f"{adapter_mismatch(folder, trained_on, base)}: layer "
                                  f"{module_path} takes {in_features} inputs, the adapter expects {cols}")
             b_key = key.replace(".lora_A.", ".lora_B.")
             out_features = getattr(module, "out_features", None)
             if out_features is not None and b_key in f.keys() and f.get_slice(b_key).get_shape()[0] != out_features:
-                raise OasstError(f"adapter {folder} was trained on {trained_on}, not on {base}: layer "
+                raise OasstError(f"{adapter_mismatch(folder, trained_on, base)}: layer "
                                  f"{module_path} has {out_features} outputs, the adapter "
                                  f"{f.get_slice(b_key).get_shape()[0]}")
 

@@ -161,20 +161,38 @@ def flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
+BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def as_bool(value: Any) -> bool | None:
+    """A config value as a boolean: YAML's true/false, or the words true/yes/1, false/no/0 as text (a quoted
+    "yes"); None for anything else. One rule for every command's config file."""
+    if isinstance(value, bool):
+        return value
+    return BOOL_WORDS.get(value.lower()) if isinstance(value, str) else None
+
+
+def as_path(value: str) -> str:
+    """A path setting as the user meant it: `~` and `~user` at its start expanded, as a shell would have done for
+    a flag (a config file's value reaches us unexpanded, and some libraries expand it themselves: two folders)."""
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
 def check_value(name: str, value: Any, where: str) -> Any:
     """`value` if it suits loading option `name`, else one error line starting with `where` (PATH:LINE or a flag)."""
     option = OPTIONS[name]
     if isinstance(option.default, bool):
-        if not isinstance(value, bool):
+        flag = as_bool(value)
+        if flag is None:
             raise OasstError(f"{where}: {name} must be true or false, not {value!r}")
-        return value
+        return flag
     if not isinstance(value, str):
         raise OasstError(f"{where}: {name} must be text, not {value!r}")
     if "\0" in value:
         raise OasstError(f"{where}: {name} contains a NUL character")
     if option.choices and value not in option.choices:
         raise OasstError(f"{where}: {name} must be one of {', '.join(option.choices)}, not {value!r}")
-    return value
+    return as_path(value) if name == "model" else value
 
 
 def recorded_format(adapter: str | Path) -> str:
@@ -281,7 +299,7 @@ def _attach(model: Any, spec: ModelSpec) -> Any:
     """`model` with the adapter of `spec`; a load error from peft means the adapter belongs to another base."""
     import re
 
-    from oasst_model.load import load_adapter, read_adapter_config
+    from oasst_model.load import adapter_mismatch, load_adapter, read_adapter_config
 
     try:
         return load_adapter(model, str(spec.adapter))
@@ -297,4 +315,4 @@ def _attach(model: Any, spec: ModelSpec) -> Any:
         else:
             why = (message.strip().splitlines()[0] if message.strip() else "its weights do not load")[:300]
         trained_on = read_adapter_config(Path(spec.adapter)).get("base_model_name_or_path") or "an unnamed model"
-        raise OasstError(f"adapter {spec.adapter} was trained on {trained_on}, not on {spec.model}: {why}") from None
+        raise OasstError(f"{adapter_mismatch(spec.adapter, trained_on, spec.model)}: {why}") from None

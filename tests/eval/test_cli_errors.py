@@ -90,6 +90,14 @@ def test_compare_base_needs_an_adapter(oasst) -> None:
     assert line == "error: --compare-base needs --adapter: it compares the base model with base + adapter"
 
 
+def test_few_shot_is_refused_for_the_guanaco_perplexity(oasst) -> None:
+    guanaco = Path(__file__).resolve().parents[2] / "fixtures" / "guanaco-en"
+    line = _only_error_line(oasst("eval", "--model", "m", "--tasks", "guanaco_test", "--data", guanaco,
+                                  "--num-fewshot", "3"))
+    assert line == ("error: --num-fewshot 3: guanaco_test is a perplexity over whole test conversations and takes "
+                    "no few-shot examples; leave --num-fewshot out")
+
+
 def test_few_shot_hellaswag_needs_a_train_split(oasst, tmp_path: Path) -> None:
     (tmp_path / "data" / "hellaswag").mkdir(parents=True)
     (tmp_path / "data" / "hellaswag" / "validation.jsonl").write_text("{}\n")
@@ -101,8 +109,8 @@ def test_few_shot_hellaswag_needs_a_train_split(oasst, tmp_path: Path) -> None:
 def test_config_file_with_unknown_keys_lists_them_all(oasst, tmp_path: Path) -> None:
     (tmp_path / "eval.yaml").write_text("model: m\nbatchsize: 8\nlimt: 3\n")
     line = _only_error_line(oasst("eval", "--config", "eval.yaml"))
-    assert line.startswith("error: eval.yaml: unknown keys batchsize, limt (known: adapter, attn_implementation, "
-                           "batch_size, ")
+    assert line == ("error: eval.yaml: unknown config keys: batchsize (batch_size?), limt (limit?) (see `oasst eval "
+                    "--help` for the known ones)")
 
 
 def test_missing_model_flag(oasst) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,3 +67,18 @@ def test_outputs_are_complete_files(tmp_path: Path) -> None:
     report.show(doc, written, console)
     text = console.export_text()
     assert "+0.2500 ± 0.2500" in text and "adapter - base" in text
+
+
+def test_a_second_run_into_the_same_folder_leaves_none_of_the_first_runs_files(tmp_path: Path) -> None:
+    both = [_run("base", [1, 0, 0, 1], [(-40.0, 10)]), _run("adapter", [1, 1, 0, 1], [(-30.0, 10)])]
+    report.write_outputs(tmp_path / "out", both, report.summary(both, {"seconds": {"base": 1.0, "adapter": 1.0}}))
+    base_only = both[:1]
+    umask = os.umask(0o022)
+    try:
+        report.write_outputs(tmp_path / "out", base_only, report.summary(base_only, {"seconds": {"base": 1.0}}))
+    finally:
+        os.umask(umask)
+    # The first run's adapter results would read as this run's: gone; the files are as readable as the folder's.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval.png", "eval_summary.json",
+                                                                   "results_base.json"]
+    assert all((p.stat().st_mode & 0o777) == 0o644 for p in (tmp_path / "out").glob("*.json"))

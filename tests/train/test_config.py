@@ -35,10 +35,12 @@ def test_shipped_recipe_is_valid_and_starts_with_its_command(recipe: Path) -> No
 
 def test_unknown_config_keys_are_all_listed_in_one_error(oasst, tmp_path: Path) -> None:
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text("model: m\nlora_rank: 8\nlr: 0.1\nmax_seq_length: 512\n")
+    recipe.write_text("model: m\nlora_rank: 8\nlr: 0.1\nmax_seq_length: 512\nlearning-rate: 0.1\n")
     result = oasst("train", "--config", recipe, "--data", "d", "--out", "o")
-    assert error_line(result) == (f"error: {recipe}: unknown config keys: lora_rank, lr, max_seq_length "
-                                  "(see `oasst train --help` for the known ones)")
+    # Each with the key it most likely meant, where one is close enough.
+    assert error_line(result) == (f"error: {recipe}: unknown config keys: learning-rate (learning_rate?), lora_rank "
+                                  "(lora_r?), lr, max_seq_length (max_length?) (see `oasst train --help` for the known "
+                                  "ones)")
     assert not (tmp_path / "o").exists()
 
 

@@ -24,7 +24,8 @@ def test_every_patch_target_is_the_one_it_was_written_for_on_this_install() -> N
 
 def test_every_patch_names_its_library_versions_and_fallback() -> None:
     for patch in patches.PATCHES.values():
-        assert patch.library in ("transformers", "peft", "trl", "bitsandbytes", "torch", "lm-eval"), patch.name
+        assert patch.library in ("transformers", "peft", "trl", "bitsandbytes", "torch", "lm-eval", "tokenizers"), \
+            patch.name
         assert patch.library.split("-")[0] in patch.written_for.replace("lm-eval", "lm"), patch.name
         assert patch.target and patch.why and patch.fallback
 

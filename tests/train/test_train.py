@@ -30,7 +30,7 @@ def test_tiny_falcon_4bit_run_writes_adapter_and_reports_4bit_layers(oasst, tiny
     assert SUMMARY_KEYS <= set(summary)
     assert summary["global_step"] == 3
     assert summary["linear4bit_layers"] == 8  # 2 layers x Falcon's 4 linear modules
-    assert summary["lora_target_modules"] == ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
+    assert summary["target_modules"] == ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
     assert summary["real_tokens_per_second"] > 0 and summary["peak_memory_bytes"] > 0
     # Per-step figures (bench/train_throughput.py recomputes tokens/s over chosen steps from them).
     assert len(summary["step_tokens"]) == len(summary["step_seconds"]) == 3

@@ -93,6 +93,10 @@ def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, ve
         _dry_run(config_file, resume, flags)
         return
     cfg = resolve_config(config_file, take_aliases(flags))
+    if not resume:  # a new run writes train_config.yaml into --out: never over the recipe it reads
+        from oasst_tools.output import check_apart
+
+        check_apart(cfg.out, [("--config", config_file)])
     check_report_to(cfg.report_to)
     console = Console(stderr=True, quiet=quiet)
 

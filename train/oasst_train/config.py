@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from oasst_model.attention import CUDNN_ATTENTION_HELP
-from oasst_model.spec import AUTO, DeviceProfile, auto_compute_dtype, flag, option_field
+from oasst_model.spec import AUTO, DeviceProfile, as_bool, as_path, auto_compute_dtype, flag, option_field
 from oasst_tools.conversation import ASSISTANT, HUMAN
 from oasst_tools.errors import OasstError
 
@@ -132,6 +132,7 @@ class TrainConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
+FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
 REQUIRED = ("model", "data", "out")
 # Fields whose default, `auto`, is decided by the device once the run starts (resolve_auto).
 AUTO_FIELDS = ("precision", "compute_dtype", "gradient_checkpointing", "batch_size", "grad_accum")
@@ -139,19 +140,22 @@ AUTO_FIELDS = ("precision", "compute_dtype", "gradient_checkpointing", "batch_si
 # accelerator memory to save, and each extra forward pass there costs its fixed work again (measured: 5 no-recipe
 # steps of stories260K 5.5 s in 4 passes of 4 rows, 4.8 s in one of 16; bench/train_device_defaults.py).
 AUTO_BATCH = {"batch_size": (4, 16), "grad_accum": (4, 1)}
+# Settings that name files or folders (a leading `~` is expanded), and the largest whole number any setting takes
+# (sizes, steps and counts beyond it overflow the libraries' 32-bit fields, with a traceback).
+PATH_FIELDS = ("model", "data", "out", "init_adapter")
+INT_LIMIT = 2**31 - 1
 PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def load_yaml(path: Path, origins: dict[str, str] | None = None) -> dict[str, Any]:
     """The mapping in a YAML recipe, with every unknown key reported in one error; `origins` gets `PATH:LINE`
     of each key, for messages about its value."""
-    from oasst_tools.files import read_yaml_mapping
+    from oasst_tools.files import read_yaml_mapping, unknown_keys_error
 
     raw, where = read_yaml_mapping(path)
     unknown = sorted(k for k in raw if k not in FIELDS)
     if unknown:
-        raise OasstError(f"{path}: unknown config keys: {', '.join(unknown)} "
-                         f"(see `oasst train --help` for the known ones)")
+        raise unknown_keys_error(path, unknown, FIELDS, "train")
     if origins is not None:
         origins.update(where)
     return {k: coerce(k, v, where[k]) for k, v in raw.items()}
@@ -170,11 +174,10 @@ def coerce(name: str, value: Any, origin: str) -> Any:
         if kind is bool:
             if name in AUTO_FIELDS and value == AUTO:
                 return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if not isinstance(value, bool):
+            flag = as_bool(value)
+            if flag is None:
                 raise ValueError
-            return value
+            return flag
         if kind is tuple:
             if value is not None and not isinstance(value, (str, list, tuple)):
                 raise ValueError
@@ -197,7 +200,9 @@ def coerce(name: str, value: Any, origin: str) -> Any:
             raise OasstError(f"{origin}: {name} must be one of {', '.join(choices)}, not {value!r}")
         if isinstance(value, (list, dict, tuple, set)):
             raise ValueError  # str() would turn a YAML list into a "model name"
-        return str(value) if value is not None else value
+        if value is None:  # `init_adapter:` with nothing after it: the setting's default (required ones: missing)
+            return FIELD_DEFAULTS[name]
+        return as_path(str(value)) if name in PATH_FIELDS else str(value)
     except (TypeError, ValueError, OverflowError):
         kind_name = "a list of names" if kind is tuple else kind.__name__
         raise OasstError(f"{origin}: {name} must be {kind_name}, not {value!r}") from None
@@ -252,6 +257,12 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: 
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise fail(f.name, f"{f.name} must be a finite number, not {value}")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT and f.name != "seed":
+            raise fail(f.name, f"{f.name} must be at most {INT_LIMIT:,}, not {value}")
+    if not 0 <= cfg.seed < 2**32:  # numpy's and torch's seeds: unsigned 32-bit
+        raise fail("seed", f"seed must be between 0 and {2**32 - 1}, not {cfg.seed}")
     positive = ("lora_r", "lora_alpha", "max_length", "batch_size", "grad_accum", "save_steps", "logging_steps")
     for name in positive:
         if getattr(cfg, name) != AUTO and getattr(cfg, name) < 1:

@@ -39,10 +39,14 @@ class Example:
     where: str
 
     def conversation(self, format: Format) -> str | list[dict[str, str]]:  # noqa: A002
-        """What `format` encodes: Guanaco reads `text` (else the messages), chat templates the messages (else
+        """What `format` encodes: Guanaco reads the messages (else the text), chat templates the messages (else
         the text, split at its markers)."""
         if format == "guanaco":
-            return self.text if self.text is not None else self.messages  # type: ignore[return-value]
+            # The messages when the format can hold them all (an `oasst build` row has both, the text rendered from
+            # them): their turn boundaries mark the replies, where a marker quoted inside a turn would mislead a
+            # search of the text. With a system turn (no place in Guanaco), the row's own text.
+            plain = self.messages is not None and all(turn["role"] != "system" for turn in self.messages)
+            return self.messages if plain or self.text is None else self.text  # type: ignore[return-value]
         return self.messages if self.messages is not None else self.text  # type: ignore[return-value]
 
 
@@ -53,13 +57,17 @@ def render_messages(messages: Sequence[dict[str, Any]], where: str = "messages")
 
 def read_rows(data: str, eval_rows: int = 0) -> dict[str, list[Example]]:
     """The rows of the train split and, when there is one, the test split; every row checked."""
+    from oasst_tools.files import build_split
+
     path = Path(data)
-    if path.is_dir() and (path / "train.jsonl").exists():
-        splits = {"train": _read_jsonl(path / "train.jsonl")}
-        if (path / "test.jsonl").exists():
-            splits["test"] = _read_jsonl(path / "test.jsonl")
+    train = build_split(path, "train") if path.is_dir() else None
+    if train is not None:
+        splits = {"train": _read_jsonl(train)}
+        test = build_split(path, "test")
+        if test is not None:
+            splits["test"] = _read_jsonl(test)
         if not splits["train"]:
-            raise OasstError(f"{path / 'train.jsonl'}: the train split has no rows")
+            raise OasstError(f"{train}: the train split has no rows")
     else:
         splits = _read_datasets(data)
     if not splits.get("train"):
@@ -173,8 +181,11 @@ def _example(row: dict[str, Any], where: str) -> Example:
 def jsonl_rows(path: Path, columns: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) of every non-empty line of a JSONL split; a line that is not a JSON object is an error
     naming its line and the `columns` a row should have."""
-    from oasst_tools.files import decode_utf8, read_bytes
+    from oasst_tools.files import decode_utf8, parquet_rows, read_bytes
 
+    if path.suffix == ".parquet":
+        yield from parquet_rows(path)
+        return
     # One read: the files are a few MB, and bytes let a bad byte be reported with its line.
     for n, raw in enumerate(read_bytes(path, "data file").split(b"\n"), 1):
         if not raw.strip():

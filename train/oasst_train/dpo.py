@@ -79,16 +79,20 @@ def adopt_init_adapter(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
 def read_pairs(data: str, eval_rows: int = 0) -> dict[str, list[PairRow]]:
     """The pairs of an `oasst build --pairs` folder: train.jsonl and, when there is one, test.jsonl; every row
     checked."""
+    from oasst_tools.files import build_split
+
     path = Path(data)
-    if not (path.is_dir() and (path / "train.jsonl").is_file()):
+    train = build_split(path, "train") if path.is_dir() else None
+    if train is None:
         what = "does not exist" if not path.exists() else "is not an `oasst build --pairs` folder (no train.jsonl)"
         raise OasstError(f"--data {data} {what}; method dpo reads the train.jsonl (and test.jsonl) of preference "
                          "pairs that `oasst build --pairs best --out FOLDER` writes")
-    splits = {"train": _read_pair_rows(path / "train.jsonl")}
+    splits = {"train": _read_pair_rows(train)}
     if not splits["train"]:
-        raise OasstError(f"{path / 'train.jsonl'}: the train split has no rows")
-    if (path / "test.jsonl").is_file():
-        splits["test"] = _read_pair_rows(path / "test.jsonl")[:eval_rows or None]
+        raise OasstError(f"{train}: the train split has no rows")
+    test = build_split(path, "test")
+    if test is not None:
+        splits["test"] = _read_pair_rows(test)[:eval_rows or None]
     return splits
 
 

@@ -42,8 +42,21 @@ def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
         check_out_folder(out, "--out")  # the run writes new checkpoints and the adapter there
         return checkpoint
     check_out_folder(out, "--out")
-    if out.is_dir() and any((out / name).exists() for name in (CHECKPOINTS, SUMMARY_NAME, "adapter_config.json")):
+    if not out.is_dir():
+        return None
+    checkpoints = out / CHECKPOINTS
+    # A run killed before its first checkpoint leaves an empty checkpoints folder: nothing to resume, reused.
+    started = checkpoints.is_dir() and any(checkpoints.iterdir())
+    if started or any((out / name).exists() for name in (SUMMARY_NAME, "adapter_config.json")):
         raise OasstError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
+    # What a run killed before its first checkpoint leaves (a --config inside --out is refused by the command).
+    leftovers = (CHECKPOINTS, ".final.tmp", CONFIG_NAME, DATA_NAME)
+    others = sorted(p.name for p in out.iterdir() if p.name not in leftovers)
+    if others:
+        # The run writes README.md, train_config.yaml, tokenizer files, ... there: a user's files would be replaced.
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise OasstError(f"--out {out} is not empty (it holds {shown}); a run writes its adapter, config and card "
+                         "there: choose a new or empty folder")
     return None
 
 
@@ -57,6 +70,8 @@ def save_outputs(trainer: Any, tokenizer: Any, cfg: TrainConfig, targets: list[s
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
+        for config in getattr(trainer.model, "peft_config", {}).values():  # adapter_config.json's base, as recorded
+            config.base_model_name_or_path = absolute(config.base_model_name_or_path)
         # Only the trained adapter: DPO from an --init-adapter also holds trl's frozen reference copy, `ref`.
         trainer.model.save_pretrained(tmp, selected_adapters=["default"])
         tokenizer.save_pretrained(tmp)
@@ -124,6 +139,8 @@ def write_config(cfg: TrainConfig, path: Path, targets: list[str]) -> None:
     import yaml
 
     values = to_dict(dataclasses.replace(cfg, target_modules=tuple(targets)))
+    for key in LOCAL_PATHS:
+        values[key] = absolute(values[key])
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text("# resolved by oasst train; rerun with: oasst train --config " + path.name + "\n"
@@ -134,6 +151,71 @@ def write_config(cfg: TrainConfig, path: Path, targets: list[str]) -> None:
         from oasst_tools.files import write_error
 
         raise write_error(exc, path, "the run's config") from None
+
+
+# Settings that may name local files or folders: recorded absolute, so that eval, generate, merge and a --resume
+# started from another folder find them (a relative `models/x` read elsewhere is missing, or a hub id of that name).
+LOCAL_PATHS = ("model", "data", "init_adapter")
+
+
+def absolute(value: Any) -> Any:
+    """`value` as an absolute path when it names something that exists here; hub ids and "" as they are."""
+    return os.path.abspath(value) if isinstance(value, str) and value and os.path.exists(value) else value
+
+
+DATA_NAME = "data_fingerprint.json"
+
+
+def data_fingerprint(train_rows: list[Any]) -> dict[str, Any]:
+    """The train split's rows (count and a sha256 of their contents in order, not of where they were read): a
+    --resume on other rows would continue a data order that no longer exists."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for row in train_rows:
+        fields = {k: v for k, v in dataclasses.asdict(row).items() if k != "where"}
+        digest.update(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        digest.update(b"\n")
+    return {"train_rows": len(train_rows), "sha256": digest.hexdigest()}
+
+
+def check_same_data(out: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse a --resume whose train split differs from the run's (runs from before the record: not checked)."""
+    path = out / DATA_NAME
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # unreadable: the run's config check still holds; nothing better to compare against
+    if saved != fingerprint:
+        what = (f"{saved.get('train_rows')} -> {fingerprint['train_rows']} train rows"
+                if saved.get("train_rows") != fingerprint["train_rows"] else "the same number of rows, other contents")
+        raise OasstError(f"--resume: the data differs from the run in {out} ({what}); resume with the data it "
+                         "started with, or start a new run in another --out")
+
+
+def write_data_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:
+    """`out`/data_fingerprint.json, written once at the run's start (atomically)."""
+    path = out / DATA_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        from oasst_tools.files import write_error
+
+        raise write_error(exc, path, "the run's data fingerprint") from None
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """Whether two recorded path settings name the same thing (one may be relative, one absolute)."""
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
 
 
 def _check_same_run(cfg: TrainConfig, out: Path) -> None:
@@ -148,9 +230,11 @@ def _check_same_run(cfg: TrainConfig, out: Path) -> None:
     now = to_dict(cfg)
     # `out` itself may differ: a run folder that was moved or copied resumes as well. A setting left `auto` takes
     # the run's own value (resolve_device_defaults), so it changes nothing.
+    # The data may move too once the run recorded its rows (check_same_data compares what is read, not where).
+    moved = ("target_modules", "out") + (("data",) if (out / DATA_NAME).is_file() else ())
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
-               if k in saved and k not in RESUMABLE_CHANGES and k not in ("target_modules", "out")
-               and now[k] != AUTO and saved[k] != now[k]]
+               if k in saved and k not in RESUMABLE_CHANGES and k not in moved
+               and now[k] != AUTO and saved[k] != now[k] and not (k in LOCAL_PATHS and _same_path(saved[k], now[k]))]
     if cfg.target_modules and sorted(saved.get("target_modules", [])) != sorted(cfg.target_modules):
         changed.append(f"target_modules {saved.get('target_modules')!r} -> {list(cfg.target_modules)!r}")
     if changed:

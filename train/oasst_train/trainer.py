@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oasst_tools.errors import OasstError
-from oasst_train.checkpoints import CHECKPOINTS
+from oasst_train.checkpoints import CHECKPOINTS, finished_at
 from oasst_train.config import TrainConfig, device_line
-from oasst_train.outputs import CONFIG_NAME, check_out, checkpoint_writer, save_outputs, saved_config, write_config
+from oasst_train.outputs import (CONFIG_NAME, SUMMARY_NAME, check_out, check_same_data, checkpoint_writer,
+                                 data_fingerprint, save_outputs, saved_config, write_config, write_data_fingerprint)
 
 if TYPE_CHECKING:
     from oasst_model.spec import ModelSpec
@@ -109,9 +110,21 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     is_dpo = cfg.method == "dpo"
     cfg, reference_line = dpo.adopt_init_adapter(cfg)  # before check_out: a --resume compares the adopted values
     checkpoint = check_out(cfg, resume)
+    finished = finished_at(checkpoint, cfg.max_steps) if checkpoint is not None else None
+    if finished is not None and (Path(cfg.out) / SUMMARY_NAME).is_file():
+        import json
+
+        import click
+
+        click.echo(f"--resume: {cfg.out} is finished (step {finished} of {finished}); nothing to train (raise "
+                   "--max-steps to train on)", err=True)
+        return json.loads((Path(cfg.out) / SUMMARY_NAME).read_text(encoding="utf-8"))
     check_source(cfg.model)
     rows = dpo.read_pairs(cfg.data, cfg.eval_rows) if is_dpo else read_rows(cfg.data, cfg.eval_rows)
     out = Path(cfg.out)
+    fingerprint = data_fingerprint(rows["train"])
+    if checkpoint is not None:
+        check_same_data(out, fingerprint)
     cfg, device_choice = resolve_device_defaults(cfg, resuming=checkpoint is not None)
 
     from oasst_model import patches
@@ -136,6 +149,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     built = (dpo.build_trainer if is_dpo else build_trainer)(cfg, prepared, data, fresh=checkpoint is None)
     if built.trainer.is_world_process_zero():  # every rank writing one temp file raced (seen on 2 CPU ranks)
         write_config(cfg, out / CONFIG_NAME, built.targets)
+        write_data_fingerprint(out, fingerprint)
     built.trainer.add_callback(WriteOnSave(checkpoint_writer(cfg, built.targets, data.report)))
     bar = ProgressCallback(console=console, enabled=progress)
     # Around every step and evaluation, set before the first: compiled layers pick their attention kernel as they trace.
@@ -257,7 +271,15 @@ def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, 
         torch.cuda.reset_peak_memory_stats()
     stopper.install()
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if checkpoint is not None and finished_at(checkpoint, cfg.max_steps) is not None:
+            # Stopped while saving its outputs after the last step: the last checkpoint is the result. Loaded as it
+            # is (peft's load_adapter, the state it logged): transformers' train() would take one step more.
+            from transformers import TrainerState
+
+            trainer.model.load_adapter(str(checkpoint), adapter_name="default", is_trainable=True)
+            trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         stopper.uninstall()
     state = trainer.state
@@ -278,7 +300,9 @@ def summarize(cfg: TrainConfig, prepared: Prepared, built: Built, bar: Any, chec
 
     trainer = built.trainer
     summary = _summary(cfg, trainer, bar, prepared.linear4bit, prepared.load_seconds, checkpoint)
-    summary.update(steady_tokens_per_second=bar.steady_tokens_per_second, warmup_steps=bar.warmup_steps(),
+    summary.update(steady_tokens_per_second=bar.steady_tokens_per_second,
+                   # not `warmup_steps`: that is the learning-rate warm-up setting, recorded in train_config.yaml
+                   steady_skipped_steps=bar.warmup_steps(),
                    step_seconds=[round(s, 4) for s in bar.step_seconds], step_tokens=list(bar.step_tokens),
                    steady_window=bar.steady_window(),
                    fused_attention_layers=prepared.fused_attention_layers, fused_lora_modules=built.fused_lora,
@@ -363,7 +387,7 @@ def _summary(cfg: TrainConfig, trainer: Any, bar: Any, linear4bit: int, load_sec
         "eval_loss": eval_losses[-1] if eval_losses else None,
         "linear4bit_layers": linear4bit,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "lora_target_modules": sorted(trainer.model.peft_config["default"].target_modules),
+        "target_modules": sorted(trainer.model.peft_config["default"].target_modules),
         "resumed_from": checkpoint.name if checkpoint else None,
         "world_size": world,
         "log_history": history,

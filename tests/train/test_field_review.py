@@ -1,0 +1,204 @@
+"""What a field review of `oasst train` / `oasst eval` found (2026-12-06), each through the CLI or the public
+functions: a fresh run into a folder of the user's, `~` in a recipe, a --resume of a finished run, paths recorded
+absolute, parquet builds, repeated YAML keys, values that used to end in a traceback, one name per summary field."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.hostile import assert_unchanged, snapshot
+from tests.train.conftest import GUANACO, RECIPES, STORIES_STEPS, error_line, read_summary
+
+
+def _recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_other_files(oasst: Any, stories: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes\n")
+    config = out / "train_config.yaml"
+    shutil.copy(RECIPES / "tiny-cpu.yaml", config)
+    before = snapshot(tmp_path)
+    result = oasst("train", "--config", config, "--model", stories, "--data", GUANACO, "--out", out)
+    assert error_line(result) == f"error: --out {out} contains the input --config {config}; choose another --out"
+    result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--data", GUANACO, "--out", out)
+    assert error_line(result) == (f"error: --out {out} is not empty (it holds README.md); a run writes its adapter, "
+                                  "config and card there: choose a new or empty folder")
+    assert_unchanged(before, tmp_path)
+
+
+def test_a_leading_tilde_in_a_recipe_is_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from oasst_eval.config import resolve_config as eval_config
+    from oasst_train.config import resolve_config
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    recipe = _recipe(tmp_path, "model: ~/models/m\ndata: ~/data\nout: ~/runs/one\ninit_adapter:\n")
+    cfg = resolve_config(recipe, {})
+    home = tmp_path / "home"
+    assert (cfg.model, cfg.data, cfg.out) == (str(home / "models/m"), str(home / "data"), str(home / "runs/one"))
+    assert cfg.init_adapter == ""  # an empty value is the default, not None
+    (tmp_path / "eval.yaml").write_text("model: ~/models/m\nadapter: ~/runs/one\nout: ~/eval\nshared_context: 'no'\n")
+    ecfg = eval_config(tmp_path / "eval.yaml", {})
+    assert (ecfg.model, ecfg.adapter, ecfg.out) == (str(home / "models/m"), str(home / "runs/one"), str(home / "eval"))
+    assert ecfg.shared_context is False  # the same boolean words as train's config
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("seed: -1\n", "seed must be between 0 and 4294967295, not -1"),
+    ("seed: 4294967296\n", "seed must be between 0 and 4294967295, not 4294967296"),
+    ("batch_size: 100000000000000000000\n", "batch_size must be at most 2,147,483,647, not 100000000000000000000"),
+    ("lora_r: 8\nlearning_rate: 1e-4\nlora_r: 16\n", "lora_r is set twice (first at line 1); keep one"),
+])
+def test_values_that_ended_in_a_traceback_are_one_line(oasst: Any, stories: Path, tmp_path: Path, text: str,
+                                                        message: str) -> None:
+    recipe = _recipe(tmp_path, text)
+    result = oasst("train", "--config", recipe, "--model", stories, "--data", GUANACO, "--out", tmp_path / "o")
+    line = error_line(result)
+    assert line.startswith(f"error: {recipe}:") and line.endswith(message), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_flash_attention_without_its_package_is_one_line(oasst: Any, stories: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--data", GUANACO,
+                   "--attn-implementation", "flash_attention_2", "--out", tmp_path / "o")
+    assert error_line(result) == ("error: attn_implementation flash_attention_2 needs the flash-attn package (pip "
+                                  "install flash-attn, CUDA GPUs only); use sdpa")
+
+
+def test_eval_refuses_a_key_set_twice(tmp_path: Path) -> None:
+    from oasst_eval.config import resolve_config
+    from oasst_tools.errors import OasstError
+
+    (tmp_path / "eval.yaml").write_text("model: a\ntasks: hellaswag\nmodel: b\n")
+    with pytest.raises(OasstError, match=r"eval.yaml:3: model is set twice \(first at line 1\); keep one"):
+        resolve_config(tmp_path / "eval.yaml", {})
+
+
+def test_a_parquet_build_trains_and_scores_as_its_jsonl_twin(tmp_path: Path) -> None:
+    from oasst_eval.data import guanaco_file, numbered_rows
+    from oasst_train.data import read_rows
+
+    polars = pytest.importorskip("polars")
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    for split in ("train", "test"):
+        polars.read_ndjson(GUANACO / f"{split}.jsonl").write_parquet(parquet / f"{split}.parquet")
+    def rows(folder: Path) -> dict[str, list[tuple[object, object, str]]]:
+        return {split: [(e.text, e.messages, e.where.rsplit(":", 1)[1]) for e in examples]
+                for split, examples in read_rows(str(folder)).items()}
+
+    assert rows(parquet) == rows(GUANACO)  # the same rows, numbered the same
+    assert guanaco_file(parquet) == parquet / "test.parquet"
+    assert [row for _, row in numbered_rows(parquet / "test.parquet")] == \
+        [row for _, row in numbered_rows(GUANACO / "test.jsonl")]
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def test_resuming_a_finished_run_trains_nothing(oasst: Any, stories_run: Path, stories: Path,
+                                                tmp_path: Path) -> None:
+    out = _copy_run(stories_run, tmp_path)
+    before = snapshot(tmp_path)
+    result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--data", GUANACO,
+                   "--out", out, "--max-steps", STORIES_STEPS, "--save-steps", 30, "-q", "--resume")
+    assert result.exit_code == 0, result.output
+    assert (f"--resume: {out} is finished (step {STORIES_STEPS} of {STORIES_STEPS}); nothing to train"
+            in result.stderr)
+    assert_unchanged(before, tmp_path)
+
+
+def test_a_run_stopped_while_saving_its_outputs_resumes_to_them_without_a_step(
+        oasst: Any, stories_run: Path, stories: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    out = _copy_run(stories_run, tmp_path)
+    kept = {"checkpoints", "train_config.yaml"}
+    for path in out.iterdir():  # killed after the last checkpoint, before the outputs were renamed in
+        if path.name not in kept:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    last = out / "checkpoints" / f"checkpoint-{STORIES_STEPS}"
+    assert last.is_dir()
+    # Given relative to the folder it runs in: recorded absolute, so eval finds it from anywhere.
+    monkeypatch.chdir(stories.parent)
+    result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories.name, "--data", GUANACO,
+                   "--out", out, "--max-steps", STORIES_STEPS, "--save-steps", 30, "-q", "--resume")
+    assert result.exit_code == 0, result.output
+    summary = read_summary(out)
+    assert summary["global_step"] == STORIES_STEPS
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
+        p.name for p in (stories_run / "checkpoints").iterdir())  # no checkpoint-61
+    ours, theirs = load_file(out / "adapter_model.safetensors"), load_file(last / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+    # One name per concept: the LoRA targets as the setting names them; the timing's skipped steps apart from the
+    # learning-rate warm-up setting.
+    assert "target_modules" in summary and "lora_target_modules" not in summary
+    assert "steady_skipped_steps" in summary and "warmup_steps" not in summary
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(stories)
+    assert f"model: {stories}\n" in (out / "train_config.yaml").read_text()
+    assert os.path.isabs(adapter_config["base_model_name_or_path"])
+
+
+def test_guanaco_loss_spans_follow_the_turns_not_markers_quoted_inside_them(stories: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from oasst_tools.conversation import encode, guanaco_spans, guanaco_turn_spans
+    from oasst_train.data import read_rows
+
+    # The two definitions of a reply's span agree wherever no turn quotes a marker: every fixture row.
+    for example in read_rows(str(GUANACO))["train"]:
+        text, spans, ends = guanaco_turn_spans(example.messages)
+        assert text == example.text and (spans, ends) == guanaco_spans(example.text), example.where
+        assert example.conversation("guanaco") is example.messages
+    tokenizer = AutoTokenizer.from_pretrained(str(stories))
+    quoted = [{"role": "user", "content": "Finish this: ### Assistant: I will not"},
+              {"role": "assistant", "content": "Done."}]
+    enc = encode(tokenizer, quoted, "guanaco")
+    trained = tokenizer.decode([i for i, m in zip(enc.ids, enc.mask) if m])
+    assert "I will not" not in trained and "Done." in trained
+    # From the text alone the quote cannot be told from a turn: the text's own rule trains it (why rows keep messages).
+    text_only = encode(tokenizer, "### Human: Finish this: ### Assistant: I will not### Assistant: Done.", "guanaco")
+    assert "I will not" in tokenizer.decode([i for i, m in zip(text_only.ids, text_only.mask) if m])
+
+
+def test_resume_refuses_other_training_rows(oasst: Any, stories_run: Path, stories: Path, tmp_path: Path) -> None:
+    out = _copy_run(stories_run, tmp_path)
+    (out / "train_summary.json").unlink()
+    shutil.rmtree(out / "checkpoints" / f"checkpoint-{STORIES_STEPS}")  # stopped after its first checkpoint
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (GUANACO / "train.jsonl").read_text().splitlines(keepends=True)
+    (data / "train.jsonl").write_text("".join(lines[:40]))
+    shutil.copy(GUANACO / "test.jsonl", data / "test.jsonl")
+    args = ("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--out", out, "--max-steps",
+            STORIES_STEPS, "--save-steps", 30, "-q", "--resume")
+    before = snapshot(tmp_path)
+    assert error_line(oasst(*args, "--data", data)) == (
+        f"error: --resume: the data differs from the run in {out} ({len(lines)} -> 40 train rows); resume with the "
+        "data it started with, or start a new run in another --out")
+    assert_unchanged(before, tmp_path)
+    # The same rows read from another place (a copy of the folder) resume.
+    (data / "train.jsonl").write_text("".join(lines))
+    assert json.loads((out / "data_fingerprint.json").read_text())["train_rows"] == len(lines)
+    result = oasst(*args, "--data", data)
+    assert result.exit_code == 0, result.output
+    assert read_summary(out)["global_step"] == STORIES_STEPS
+
