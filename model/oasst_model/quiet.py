@@ -43,6 +43,8 @@ WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     # peft, saving an adapter offline, cannot ask the Hub whether the base model's vocabulary changed; our loader
     # checks the adapter against the base itself (oasst_model.load).
     (UserWarning, r"Could not find a config file in .* - will assume that the vocabulary was not modified", LIBRARIES),
+    # bitsandbytes runs a paged optimizer unpaged on a CPU, once per parameter; `oasst train` says it once instead.
+    (UserWarning, r"Paged optimizers are not supported on CPU", LIBRARIES),
 )
 # Loggers of the libraries we drive; below ERROR they log progress and internals, not user errors.
 LOGGERS = ("transformers", "datasets", "huggingface_hub", "accelerate", "peft", "trl", "bitsandbytes", "lm_eval",

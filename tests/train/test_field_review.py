@@ -202,3 +202,62 @@ def test_resume_refuses_other_training_rows(oasst: Any, stories_run: Path, stori
     assert result.exit_code == 0, result.output
     assert read_summary(out)["global_step"] == STORIES_STEPS
 
+
+
+def test_dpo_says_when_the_init_adapter_replaces_a_lora_setting(stories_run: Path, stories: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from oasst_train import dpo
+    from oasst_train.config import resolve_config
+
+    trained = json.loads((stories_run / "adapter_config.json").read_text())
+    recipe = RECIPES / "tiny-cpu-dpo.yaml"
+    flags = {"model": str(stories), "data": "d", "out": str(tmp_path / "o"), "init_adapter": str(stories_run)}
+    cfg, _ = dpo.adopt_init_adapter(resolve_config(recipe, {**flags, "lora_r": trained["r"] + 4}))
+    assert cfg.lora_r == trained["r"]
+    assert capsys.readouterr().err == (f"warning: lora_r {trained['r'] + 4} is replaced by {trained['r']} of "
+                                       f"--init-adapter {stories_run}: DPO trains on the SFT adapter, whose LoRA shape "
+                                       "is fixed\n")
+    cfg, _ = dpo.adopt_init_adapter(resolve_config(recipe, {**flags, "lora_r": trained["r"]}))
+    assert "warning" not in capsys.readouterr().err  # the same value: nothing to say
+    # The format came from the adapter, not from the user: the line says so (it said "set").
+    from oasst_model.load import load_tokenizer
+    from oasst_train.preview import run_format
+
+    assert run_format(cfg, load_tokenizer(str(stories)))[1] == "format: guanaco (as --init-adapter was trained)"
+
+
+def test_an_empty_test_split_is_said_not_silently_skipped(oasst: Any, stories: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(GUANACO / "train.jsonl", data / "train.jsonl")
+    (data / "test.jsonl").write_text("")
+    result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--data", data,
+                   "--out", tmp_path / "o", "--max-steps", 1, "--eval-steps", 1, "--max-length", 1024,
+                   "--optim", "paged_adamw_32bit", "-q")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: --data {data}: its test split has no rows, so nothing is evaluated (eval_steps 1 is "
+            "ignored)") in result.stderr
+    assert read_summary(tmp_path / "o")["eval_loss"] is None
+    # bitsandbytes' warning per parameter becomes one line of ours (its own is filtered: see the next test).
+    assert ("warning: optim paged_adamw_32bit: paged optimizers need a CUDA GPU; bitsandbytes runs it unpaged here "
+            "(the same updates)") in result.stderr
+    # stories260K was trained on 512 positions.
+    assert (f"warning: max_length 1024 is beyond the 512 positions {stories} was trained with; rows longer than 512 "
+            "tokens go past them") in result.stderr
+
+
+def test_bitsandbytes_paged_optimizer_warning_is_filtered() -> None:
+    import warnings
+
+    from oasst_model.quiet import quiet
+
+    def paged_warning() -> list[warnings.WarningMessage]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.warn_explicit("Paged optimizers are not supported on CPU. Falling back to non-paged optimizer "
+                                   "behavior.", UserWarning, "optimizer.py", 509, module="bitsandbytes.optim.optimizer")
+        return seen
+
+    assert len(paged_warning()) == 1  # shown without the filter
+    with quiet():
+        assert paged_warning() == []
+

@@ -37,6 +37,11 @@ def run_format(cfg: TrainConfig, tokenizer: Any, saved: dict[str, Any] | None = 
         why = f"auto: the tokenizer {'has a' if has_chat_template(tokenizer) else 'has no'} chat template"
     else:
         fmt, why = resolve_format(cfg.format, tokenizer), "set"
+        if cfg.method == "dpo" and cfg.init_adapter:
+            from oasst_model.spec import recorded_format
+
+            if recorded_format(cfg.init_adapter) == fmt:  # adopted from it when auto (dpo.adopt_init_adapter)
+                why = "as --init-adapter was trained"
     return dataclasses.replace(cfg, format=fmt), f"format: {fmt} ({why})"
 
 

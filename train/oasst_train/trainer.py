@@ -123,6 +123,14 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     rows = dpo.read_pairs(cfg.data, cfg.eval_rows) if is_dpo else read_rows(cfg.data, cfg.eval_rows)
     out = Path(cfg.out)
     fingerprint = data_fingerprint(rows["train"])
+    if not rows.get("test"):
+        import click
+
+        # Said, not silent: a test split that is there but empty, or evaluation asked for without one.
+        why = "its test split has no rows" if "test" in rows else "it has no test split"
+        if "test" in rows or cfg.eval_steps:
+            click.echo(f"warning: --data {cfg.data}: {why}, so nothing is evaluated"
+                       + (f" (eval_steps {cfg.eval_steps} is ignored)" if cfg.eval_steps else ""), err=True)
     if checkpoint is not None:
         check_same_data(out, fingerprint)
     cfg, device_choice = resolve_device_defaults(cfg, resuming=checkpoint is not None)
@@ -145,6 +153,17 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
         for line in dpo.report_lines(data.report) if is_dpo else report_lines(data.report):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
     prepared = prepare_model(cfg)
+    if "paged" in cfg.optim and not _on_cuda(prepared.model):
+        import click
+
+        click.echo(f"warning: optim {cfg.optim}: paged optimizers need a CUDA GPU; bitsandbytes runs it unpaged here "
+                   "(the same updates)", err=True)
+    positions = getattr(getattr(prepared.model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.max_length > positions:
+        import click
+
+        click.echo(f"warning: max_length {cfg.max_length} is beyond the {positions} positions {cfg.model} was trained "
+                   f"with; rows longer than {positions} tokens go past them", err=True)
     out.mkdir(parents=True, exist_ok=True)
     built = (dpo.build_trainer if is_dpo else build_trainer)(cfg, prepared, data, fresh=checkpoint is None)
     if built.trainer.is_world_process_zero():  # every rank writing one temp file raced (seen on 2 CPU ranks)
@@ -162,6 +181,11 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     if built.trainer.is_world_process_zero():
         save_outputs(built.trainer, prepared.tokenizer, cfg, built.targets, summary, out)
     return summary
+
+
+def _on_cuda(model: Any) -> bool:
+    """Whether `model`'s weights are on a CUDA device."""
+    return any(p.is_cuda for p in model.parameters())
 
 
 def resolve_device_defaults(cfg: TrainConfig, *, resuming: bool = False) -> tuple[TrainConfig, dict[str, Any]]:
