@@ -261,3 +261,21 @@ def test_bitsandbytes_paged_optimizer_warning_is_filtered() -> None:
     with quiet():
         assert paged_warning() == []
 
+
+
+def test_rows_whose_turns_do_not_alternate_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from oasst_train.data import read_rows
+
+    rows = [json.loads(line) for line in (GUANACO / "train.jsonl").read_text().splitlines()]
+    rows[2]["messages"] = [{"role": "assistant", "content": "first"}, {"role": "user", "content": "then"}]
+    rows[5]["messages"] = [*rows[5]["messages"][:1], {"role": "assistant", "content": "  "}]
+    del rows[2]["text"], rows[5]["text"]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read_rows(str(data))
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: 1 row(s) whose messages do not alternate user and assistant (first: {data / 'train.jsonl'}:3)",
+        f"warning: 1 row(s) whose messages have a turn with empty content (first: {data / 'train.jsonl'}:6)"]
+    read_rows(str(GUANACO))  # an `oasst build` folder: nothing to say
+    assert capsys.readouterr().err == ""

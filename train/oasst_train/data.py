@@ -74,7 +74,27 @@ def read_rows(data: str, eval_rows: int = 0) -> dict[str, list[Example]]:
         raise OasstError(f"{data}: the train split has no rows")
     if eval_rows and "test" in splits:
         splits["test"] = splits["test"][:eval_rows]
+    _warn_odd_turns(splits)
     return splits
+
+
+def _warn_odd_turns(splits: dict[str, list[Example]]) -> None:
+    """One warning line for rows whose turns do not alternate user/assistant after any system turns (an assistant
+    first, two users in a row) and one for turns with empty content: trainable, but rarely what was meant (`oasst
+    build` writes neither)."""
+    import click
+
+    odd: dict[str, list[str]] = {"do not alternate user and assistant": [], "have a turn with empty content": []}
+    for examples in splits.values():
+        for example in examples:
+            turns = [t for t in example.messages or () if t["role"] != "system"]
+            if any(t["role"] != ("user" if i % 2 == 0 else "assistant") for i, t in enumerate(turns)):
+                odd["do not alternate user and assistant"].append(example.where)
+            if any(not t["content"].strip() for t in turns):
+                odd["have a turn with empty content"].append(example.where)
+    for what, places in odd.items():
+        if places:
+            click.echo(f"warning: {len(places)} row(s) whose messages {what} (first: {places[0]})", err=True)
 
 
 def tokenize_text(tokenizer: Any, text: str, assistant_only: bool = True) -> tuple[list[int], list[int]]:
