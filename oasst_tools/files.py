@@ -145,7 +145,8 @@ def parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     except OSError as exc:
         raise OasstError(f"cannot read {path}: {describe_os_error(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several unrelated types for a damaged file
-        raise OasstError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise OasstError(f"{path}: not a readable parquet file ({first[:120]})") from None
     yield from enumerate(rows, 1)
 
 

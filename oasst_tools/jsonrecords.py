@@ -139,8 +139,9 @@ def _loads_again(raw: bytes, exc: Exception) -> Any:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as bad:
-        raise NotJSONLines(f"not UTF-8 text: byte 0x{raw[bad.start]:02x} at column {bad.start + 1} (convert the "
-                           "file, e.g. iconv -f latin1 -t utf-8)") from None
+        column = len(raw[:bad.start].decode("utf-8", "replace")) + 1  # in characters, as an editor counts
+        raise NotJSONLines(f"not UTF-8 text: byte 0x{raw[bad.start]:02x} at column {column} (convert the file, e.g. "
+                           "iconv -f latin1 -t utf-8)") from None
     if raw.lstrip().startswith(b"["):
         raise NotJSONLines("a JSON array, not JSON Lines (one object per line; convert with jq -c '.[]')")
     try:

@@ -283,6 +283,10 @@ def _gzip_lines(src: Source, progress: Progress | None, ahead: bool) -> Iterator
                 number += 1
                 yield number, line
     except _BadGzip as exc:
+        if exc.reason == "trailing_gzip" and pending.strip():
+            # Every byte before the junk inflated: a last line without its newline is whole; it comes first.
+            number += 1
+            yield number, pending
         raise OasstInputError(src.name, number + 1, exc.msg, reason=exc.reason) from None
     finally:
         blocks.close()  # stops and joins the thread when the caller stops reading early

@@ -160,17 +160,24 @@ def input_splits(source: str | Path) -> set[str]:
     info = check_input(source)
     if info.kind == "hub":
         return {"train", "validation"}
-    named = {split_of(info.name)} - {None}
-    if info.kind == "folder" and not named:
-        folder = Path(info.name)
+    folder = Path(info.name)
+    if info.kind == "folder" and (folder / "dataset_dict.json").is_file():
+        # A DatasetDict's own split names decide, whatever its folder is called (`oasst1-train` holds both).
         try:
-            if (folder / "dataset_dict.json").is_file():
-                names = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
-            else:
-                names = [json.loads((folder / "state.json").read_text()).get("_split")]
+            names = json.loads((folder / "dataset_dict.json").read_text()).get("splits")
         except (OSError, ValueError, AttributeError):  # unreadable: the reader says so, with the file's name
-            return set()
-        named = {split_of(str(n)) or str(n) for n in names if isinstance(n, str) and n}
+            names = None
+        if isinstance(names, list):
+            return {split_of(n) or n for n in names if isinstance(n, str) and n}
+        return set()
+    named = {split_of(info.name)} - {None}
+    if info.kind == "folder" and not named:  # one split saved alone: the split it was loaded as
+        try:
+            loaded_as = json.loads((folder / "state.json").read_text()).get("_split")
+        except (OSError, ValueError, AttributeError):
+            loaded_as = None
+        if isinstance(loaded_as, str) and loaded_as:
+            named = {split_of(loaded_as) or loaded_as}
     return named  # type: ignore[return-value]
 
 

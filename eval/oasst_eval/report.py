@@ -159,6 +159,7 @@ def write_outputs(out: Path, runs: Sequence[Any], doc: dict[str, Any]) -> dict[s
     from oasst_tools.errors import OasstError, describe_os_error
 
     made_out = not out.exists()
+    earlier = _earlier_labels(out)
     written: dict[str, Path] = {}
     new: list[Path] = []  # files this call created, removed again when a later write fails
     try:
@@ -186,13 +187,27 @@ def write_outputs(out: Path, runs: Sequence[Any], doc: dict[str, Any]) -> dict[s
         where = os.fsdecode(exc.filename) if exc.filename is not None else str(path)
         raise OasstError(f"cannot write {where}: {describe_os_error(exc)} (the scores are lost; nothing was "
                          "left half-written)") from None
-    # An earlier run's files this run did not write (its adapter's results, a chart) would read as this run's.
-    stale = [p for p in out.glob("results_*.json") if p not in written.values()]
-    stale += [] if "chart" in written else [out / "eval.png"]
-    for path in stale:
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
+    # An earlier eval's files this run did not write (its adapter's results, a chart) would read as this run's.
+    # Only what that eval_summary.json says it wrote: a shared folder's other files stay.
+    if earlier is not None:
+        stale = [out / f"results_{label}.json" for label in earlier if f"results_{label}" not in written]
+        stale += [] if "chart" in written else [out / "eval.png"]
+        for path in stale:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
     return written
+
+
+def _earlier_labels(out: Path) -> list[str] | None:
+    """The labels (base, adapter) whose results an earlier `oasst eval` wrote into `out`, from its eval_summary.json;
+    None when there is none (or it cannot be read)."""
+    try:
+        doc = json.loads((out / "eval_summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    return [label for label in ("base", "adapter") if isinstance(doc.get(label), dict)]
 
 
 def _fmt(value: Any, stderr: Any = None, signed: bool = False) -> str:

@@ -268,7 +268,7 @@ def _(tmp: Path):
     data = FLAT.read_bytes().splitlines(keepends=True)
     data[2] = data[2].replace(b'"text": "', b'"text": "\xff\xfe', 1)
     (tmp / "in.jsonl").write_bytes(b"".join(data))
-    column = data[2].index(b"\xff") + 1
+    column = len(data[2][:data[2].index(b"\xff")].decode()) + 1  # in characters
     return ["build", "--input", "in.jsonl", "--out", "out"], f"in.jsonl:3: not UTF-8 text: byte 0xff at column {column}", 1
 
 

@@ -41,6 +41,11 @@ def test_a_save_to_disk_datasetdict_keeps_its_validation_split_as_test(run, tmp_
     assert _rows(tmp_path / "from-disk") == _rows(tmp_path / "from-files")
     test_trees = {r["message_tree_id"] for r in read_jsonl(tmp_path / "from-disk" / "test.jsonl")}
     assert test_trees and test_trees <= held
+    # A DatasetDict's own splits decide, whatever its folder's name says.
+    datasets.DatasetDict(train=datasets.Dataset.from_list(train),
+                         validation=datasets.Dataset.from_list(valid)).save_to_disk(str(tmp_path / "oasst1-train"))
+    assert run("build", "--input", "oasst1-train", "--out", "named", "-q").exit_code == 0
+    assert _rows(tmp_path / "named") == _rows(tmp_path / "from-files")
     # One split saved alone, named by its folder: one split only, so everything is train (as for one file).
     datasets.Dataset.from_list(valid).save_to_disk(str(tmp_path / "validation"))
     assert run("build", "--input", "validation", "--out", "alone", "-q").exit_code == 0
@@ -195,10 +200,12 @@ def test_a_failed_build_leaves_no_folder_it_made(run, tmp_path: Path) -> None:
     assert (tmp_path / "new" / "a" / "b" / "out" / "train.jsonl").is_file()
 
 
+@pytest.mark.parametrize("newline", [True, False])
 @pytest.mark.parametrize("tail", [b"garbage!", b"this is trailing garbage after the gzip stream\n"])
-def test_bytes_after_the_gzip_data_name_the_line_after_the_last_whole_one(run, tmp_path: Path, tail: bytes) -> None:
-    data = FLAT.read_bytes()
-    lines = data.count(b"\n")
+def test_bytes_after_the_gzip_data_name_the_line_after_the_last_whole_one(run, tmp_path: Path, tail: bytes,
+                                                                          newline: bool) -> None:
+    data = FLAT.read_bytes() if newline else FLAT.read_bytes().rstrip(b"\n")  # a last line without its newline: whole
+    lines = data.count(b"\n") + (0 if newline else 1)
     (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress(data) + tail)
     error = assert_refused(run("build", "--input", "in.jsonl.gz", "--out", "out"))
     assert error == (f"error: in.jsonl.gz:{lines + 1}: bytes after the end of the gzip data start no gzip member "
@@ -207,6 +214,8 @@ def test_bytes_after_the_gzip_data_name_the_line_after_the_last_whole_one(run, t
     assert result.exit_code == 0
     assert result.stderr.endswith("the lines before this one are whole: ignored, every tree before it was built\n")
     assert len(read_jsonl(tmp_path / "out" / "train.jsonl")) == 24  # every tree: the garbage cut none
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert report["messages_read"] == lines  # every message, the last one too
 
 
 def test_encodings_and_shapes_that_are_not_json_lines(run, tmp_path: Path) -> None:

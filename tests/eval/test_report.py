@@ -71,6 +71,8 @@ def test_outputs_are_complete_files(tmp_path: Path) -> None:
 
 def test_a_second_run_into_the_same_folder_leaves_none_of_the_first_runs_files(tmp_path: Path) -> None:
     both = [_run("base", [1, 0, 0, 1], [(-40.0, 10)]), _run("adapter", [1, 1, 0, 1], [(-30.0, 10)])]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results_mine.json").write_text("{}")  # a shared folder: not an eval's, kept
     report.write_outputs(tmp_path / "out", both, report.summary(both, {"seconds": {"base": 1.0, "adapter": 1.0}}))
     base_only = both[:1]
     umask = os.umask(0o022)
@@ -80,5 +82,5 @@ def test_a_second_run_into_the_same_folder_leaves_none_of_the_first_runs_files(t
         os.umask(umask)
     # The first run's adapter results would read as this run's: gone; the files are as readable as the folder's.
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval.png", "eval_summary.json",
-                                                                   "results_base.json"]
-    assert all((p.stat().st_mode & 0o777) == 0o644 for p in (tmp_path / "out").glob("*.json"))
+                                                                   "results_base.json", "results_mine.json"]
+    assert all((p.stat().st_mode & 0o777) == 0o644 for p in (tmp_path / "out").glob("*.json") if p.name != "results_mine.json")

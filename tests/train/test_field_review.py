@@ -279,3 +279,30 @@ def test_rows_whose_turns_do_not_alternate_are_named(tmp_path: Path, capsys: pyt
         f"warning: 1 row(s) whose messages have a turn with empty content (first: {data / 'train.jsonl'}:6)"]
     read_rows(str(GUANACO))  # an `oasst build` folder: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_a_finished_checkpoint_is_judged_by_the_steps_or_epochs_asked_for_now(tmp_path: Path) -> None:
+    from oasst_train.checkpoints import finished_at
+
+    checkpoint = tmp_path / "checkpoint-10"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 10, "max_steps": 10,
+                                                              "num_train_epochs": 1}))
+    assert finished_at(checkpoint, 10, 1.0) == 10
+    assert finished_at(checkpoint, -1, 1.0) == 10  # by epochs: the steps they came to
+    assert finished_at(checkpoint, 20, 1.0) is None  # more steps: train on
+    assert finished_at(checkpoint, -1, 2.0) is None  # more epochs: train on (transformers counts them)
+
+
+def test_only_local_folders_and_gguf_files_are_recorded_absolute(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from oasst_train.outputs import absolute
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "gpt2").write_text("a file that happens to share a hub id's name")
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
+    assert absolute("models/m") == str(tmp_path / "models" / "m")
+    assert absolute("tiny.gguf") == str(tmp_path / "tiny.gguf")
+    assert absolute("gpt2") == "gpt2"  # transformers loads the hub model here: so must eval
+    assert (absolute("owner/name"), absolute("")) == ("owner/name", "")

@@ -116,16 +116,20 @@ def _warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
-def finished_at(checkpoint: Path, max_steps: int) -> int | None:
+def finished_at(checkpoint: Path, max_steps: int, epochs: float) -> int | None:
     """The step of `checkpoint` when it already reached the run's end (`max_steps`, or with -1 the steps its epochs
-    came to), else None: a --resume from it has no step left to train (transformers would train one more)."""
+    came to, unless `epochs` is now more than the run planned), else None: a --resume from it has no step left to
+    train (transformers would train one more)."""
     import json
 
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
         done, planned = int(state["global_step"]), int(state.get("max_steps") or 0)
-    except (OSError, ValueError, KeyError, TypeError):  # `require_checkpoint` checked it; nothing to say here
+        planned_epochs = float(state.get("num_train_epochs") or 0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # `require_checkpoint` checked it
         return None
+    if max_steps <= 0 and epochs > planned_epochs:
+        return None  # more epochs asked for on resume: transformers trains them
     target = max_steps if max_steps > 0 else planned
     return done if target > 0 and done >= target else None
 

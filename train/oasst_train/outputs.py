@@ -159,8 +159,12 @@ LOCAL_PATHS = ("model", "data", "init_adapter")
 
 
 def absolute(value: Any) -> Any:
-    """`value` as an absolute path when it names something that exists here; hub ids and "" as they are."""
-    return os.path.abspath(value) if isinstance(value, str) and value and os.path.exists(value) else value
+    """`value` as an absolute path when it names a local folder or .gguf file (what the loaders take as local);
+    hub ids, "" and anything else as they are (a file `./gpt2` does not make the hub id `gpt2` a path)."""
+    if not (isinstance(value, str) and value):
+        return value
+    local = os.path.isdir(value) or (value.endswith(".gguf") and os.path.isfile(value))
+    return os.path.abspath(value) if local else value
 
 
 DATA_NAME = "data_fingerprint.json"
@@ -188,6 +192,8 @@ def check_same_data(out: Path, fingerprint: dict[str, Any]) -> None:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # unreadable: the run's config check still holds; nothing better to compare against
+    if not isinstance(saved, dict):
+        return
     if saved != fingerprint:
         what = (f"{saved.get('train_rows')} -> {fingerprint['train_rows']} train rows"
                 if saved.get("train_rows") != fingerprint["train_rows"] else "the same number of rows, other contents")

@@ -40,7 +40,11 @@ def run_format(cfg: TrainConfig, tokenizer: Any, saved: dict[str, Any] | None = 
         if cfg.method == "dpo" and cfg.init_adapter:
             from oasst_model.spec import recorded_format
 
-            if recorded_format(cfg.init_adapter) == fmt:  # adopted from it when auto (dpo.adopt_init_adapter)
+            try:
+                adopted = recorded_format(cfg.init_adapter) == fmt  # taken from it when auto (adopt_init_adapter)
+            except OasstError:  # a damaged record: the line is all it would change
+                adopted = False
+            if adopted:
                 why = "as --init-adapter was trained"
     return dataclasses.replace(cfg, format=fmt), f"format: {fmt} ({why})"
 

@@ -110,14 +110,14 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     is_dpo = cfg.method == "dpo"
     cfg, reference_line = dpo.adopt_init_adapter(cfg)  # before check_out: a --resume compares the adopted values
     checkpoint = check_out(cfg, resume)
-    finished = finished_at(checkpoint, cfg.max_steps) if checkpoint is not None else None
+    finished = finished_at(checkpoint, cfg.max_steps, cfg.epochs) if checkpoint is not None else None
     if finished is not None and (Path(cfg.out) / SUMMARY_NAME).is_file():
         import json
 
         import click
 
         click.echo(f"--resume: {cfg.out} is finished (step {finished} of {finished}); nothing to train (raise "
-                   "--max-steps to train on)", err=True)
+                   "--max-steps or --epochs to train on)", err=True)
         return json.loads((Path(cfg.out) / SUMMARY_NAME).read_text(encoding="utf-8"))
     check_source(cfg.model)
     rows = dpo.read_pairs(cfg.data, cfg.eval_rows) if is_dpo else read_rows(cfg.data, cfg.eval_rows)
@@ -295,7 +295,7 @@ def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, 
         torch.cuda.reset_peak_memory_stats()
     stopper.install()
     try:
-        if checkpoint is not None and finished_at(checkpoint, cfg.max_steps) is not None:
+        if checkpoint is not None and finished_at(checkpoint, cfg.max_steps, cfg.epochs) is not None:
             # Stopped while saving its outputs after the last step: the last checkpoint is the result. Loaded as it
             # is (peft's load_adapter, the state it logged): transformers' train() would take one step more.
             from transformers import TrainerState
