@@ -224,11 +224,7 @@ def iter_rows(
             for row in rows:
                 yield split, row
     report.labels_not_found = sorted(unseen)
-    split_tree = report.read.split_tree_error()
-    if split_tree is not None:
-        if cfg.on_error == "fail":
-            raise split_tree
-        report.read.skip(split_tree, 0)  # its replies were counted as orphans already
+    report.read.settle_split_trees(cfg.on_error)
 
 
 def distinct_inputs(infos: Sequence[InputInfo], on_error: OnError, report: ReadReport | None = None) -> list[

@@ -112,7 +112,7 @@ def guanaco_turn_spans(messages: Any, where: str = "messages") -> tuple[str, lis
     marker after it, found by where each turn starts, not by searching the text, so a user turn that quotes the
     assistant marker stays untrained."""
     turns = _guanaco_turns(messages, where)
-    text = render_guanaco(turns, where)
+    text = guanaco_text((turn["role"], turn["content"]) for turn in turns)
     starts, pos = [], 0
     for turn in turns:
         starts.append(pos)

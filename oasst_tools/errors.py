@@ -91,4 +91,3 @@ def _escape(match: re.Match[str]) -> str:
     if char in "\n\r":
         return "\\n" if char == "\n" else "\\r"
     return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
-

@@ -73,6 +73,15 @@ class ReadReport:
                                        "with one message_tree_id)", reason="split_tree")
         return None
 
+    def settle_split_trees(self, on_error: OnError) -> None:
+        """After the last input: raise `split_tree_error` (on_error="fail"), or count it as skipped (its replies
+        were counted as orphans already)."""
+        error = self.split_tree_error()
+        if error is not None:
+            if on_error == "fail":
+                raise error
+            self.skip(error, 0)
+
     def skip(self, exc: OasstInputError, messages: int = 1) -> None:
         """Count one skipped record or tree (of `messages` messages) under the error's reason."""
         self.skipped[exc.reason] += 1

@@ -214,7 +214,7 @@ def warn_read(read: ReadReport) -> None:
         elif reason == "duplicate_tree":
             _warning(f"dropped {count} tree(s) already read, keeping the first (first: {first})")
         elif reason == "split_tree":
-            _warning(f"{first}")
+            _warning(first)
         else:
             _warning(f"skipped {count} bad {reason} record(s) (first: {first})")
 

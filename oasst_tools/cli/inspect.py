@@ -49,11 +49,7 @@ def stats(source: str, json_: bool, on_error: str) -> None:
         report = ReadReport()
         result = forest_stats(read_trees(source, on_error=on_error, report=report,  # type: ignore[arg-type]
                                          buffered=True))
-    split_tree = report.split_tree_error()
-    if split_tree is not None:
-        if on_error == "fail":
-            raise split_tree
-        report.skip(split_tree, 0)
+    report.settle_split_trees(on_error)  # type: ignore[arg-type]
     warn_read(report)  # what the counts leave out, as `build` says it
     # The same names as build_report.json: messages the counts leave out.
     lost = {"orphaned_messages": report.orphaned, "skipped": dict(sorted(report.skipped.items())),

@@ -132,4 +132,3 @@ def finished_at(checkpoint: Path, max_steps: int, epochs: float) -> int | None:
         return None  # more epochs asked for on resume: transformers trains them
     target = max_steps if max_steps > 0 else planned
     return done if target > 0 and done >= target else None
-

@@ -257,8 +257,6 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: 
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise fail(f.name, f"{f.name} must be a finite number, not {value}")
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT and f.name != "seed":
             raise fail(f.name, f"{f.name} must be at most {INT_LIMIT:,}, not {value}")
     if not 0 <= cfg.seed < 2**32:  # numpy's and torch's seeds: unsigned 32-bit

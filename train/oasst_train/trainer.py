@@ -173,7 +173,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     bar = ProgressCallback(console=console, enabled=progress)
     # Around every step and evaluation, set before the first: compiled layers pick their attention kernel as they trace.
     with cudnn_sdpa(cfg.cudnn_attention):
-        train(cfg, built, bar, checkpoint, has_eval=data.eval is not None)
+        train(cfg, built, bar, checkpoint, has_eval=data.eval is not None, finished=finished is not None)
     summary = summarize(cfg, prepared, built, bar, checkpoint)
     summary.update(device_defaults=device_choice, format=cfg.format, data=data.report, method=cfg.method)
     if is_dpo:
@@ -280,9 +280,11 @@ def with_fast_paths(cfg: TrainConfig, trainer: Any, targets: list[str]) -> Built
     return Built(trainer, targets, fused, compiled)
 
 
-def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, has_eval: bool) -> None:
-    """Run the optimizer steps (from `checkpoint` when resuming); SIGTERM/SIGINT save a checkpoint and stop with
-    one error line; the last step is evaluated when the schedule did not."""
+def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, has_eval: bool,
+          finished: bool = False) -> None:
+    """Run the optimizer steps (from `checkpoint` when resuming; `finished`: it is the run's last step, loaded with
+    no step taken); SIGTERM/SIGINT save a checkpoint and stop with one error line; the last step is evaluated when
+    the schedule did not."""
     import torch
 
     from oasst_train.callbacks import SaveOnSignal
@@ -295,7 +297,7 @@ def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, 
         torch.cuda.reset_peak_memory_stats()
     stopper.install()
     try:
-        if checkpoint is not None and finished_at(checkpoint, cfg.max_steps, cfg.epochs) is not None:
+        if checkpoint is not None and finished:
             # Stopped while saving its outputs after the last step: the last checkpoint is the result. Loaded as it
             # is (peft's load_adapter, the state it logged): transformers' train() would take one step more.
             from transformers import TrainerState
