@@ -15,6 +15,9 @@ Every configuration is its own `oasst train` process (GPU memory starts empty, n
 - GPU busy %: mean nvidia-smi utilization over the steady steps;
 - training loss at equal samples: mean logged loss over the last quarter of the samples every run has seen.
 
+Each configuration logs at its own interval (the recipes' `logging_steps`, the classic notebook's 10): a logging
+step waits for the GPU (the Trainer reads the loss). Before 2026-12-06 17:00 UTC every run logged every step.
+
     # on the GPU machine, from the repo root (wheels unpacked into .gpu/site, see ../shared/docs/gpu.md):
     python bench/eval_falcon_speed.py prepare          # writes bench/data/falcon7b-random (~2 min)
     python bench/train_throughput.py --model bench/data/falcon7b-random --data bench/data/guanaco-all --steps 24
@@ -59,7 +62,7 @@ CLASSIC = {
     "loss_on": "all", "batch_size": 4, "grad_accum": 4, "learning_rate": 2.0e-4, "lr_scheduler": "constant",
     "max_grad_norm": 0.3, "optim": "paged_adamw_32bit", "gradient_checkpointing": True, "group_by_length": True,
     "fused_attention": False, "cast_norm_outputs": False, "fused_lora": False,
-    "seeded_lora_dropout": False, "pad_to_multiple_of": 0, "seed": 42,
+    "seeded_lora_dropout": False, "pad_to_multiple_of": 0, "seed": 42, "logging_steps": 10,
 }
 COLAB = RECIPES / "falcon-7b-guanaco.yaml"
 FAST = RECIPES / "falcon-7b-guanaco-fast.yaml"
@@ -119,9 +122,8 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     # fast-nosync / fast-workers / fast-log5, in bench/_probe_hook.py at commit 43d42b4).
     "fast-own-metrics": (FAST, {"lazy_metrics": False}),
     "colab-own-metrics": (COLAB, {"lazy_metrics": False}),
-    # The recipe's own logging interval (the bench logs every step for the loss windows; the recipes log every
-    # 5th: each log reads the loss and gradient norm, one host wait).
-    "fast-log5": (FAST, {"logging_steps": 5}),
+    # The fast recipe's interval without async_inputs (before 2026-12-06 17:00 UTC the bench logged every step).
+    "fast-log5": (FAST, {"logging_steps": 5, "async_inputs": False}),
     # peft's LoRA arithmetic inside the compiled layers (inductor fuses its scale and add) against fused_lora's addmm.
     "fast-peft-lora": (FAST, {"fused_lora": False}),
     # concat_lora: each 4-bit linear and its LoRA update as one GEMM (bench/lora_gemm.py measures it per layer). On
@@ -130,6 +132,21 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "fast-concat": (FAST, {"concat_lora": True}),
     "fast-addmm": (FAST, {"concat_lora": False}),
     "colab-concat": (COLAB, {"concat_lora": True}),
+    # async_inputs (#14): batches pinned and copied without a host wait, packed rows' boundaries from the host. A
+    # logging step still waits for the GPU (the Trainer reads the loss), so it shows at the recipes' own interval
+    # (every 5th step). Every configuration runs at its own interval since 2026-12-06 17:00 UTC (the recipes' 5, the
+    # classic notebook's 10); before, the bench logged every step for its loss windows: the *-log1 variants.
+    # The names the first async_inputs calls ran under (the recipes were then without it, logging every step):
+    "fast-async": (FAST, {"async_inputs": True, "logging_steps": 1}),
+    "fast-async-log5": (FAST, {"async_inputs": True, "logging_steps": 5}),
+    "colab-log5": (COLAB, {"async_inputs": False, "logging_steps": 5}),
+    "colab-async-log5": (COLAB, {"async_inputs": True, "logging_steps": 5}),
+    "classic-log10": (CLASSIC, {"logging_steps": 10}),
+    "fast-sync-inputs": (FAST, {"async_inputs": False}),
+    "colab-sync-inputs": (COLAB, {"async_inputs": False}),
+    "fast-log1": (FAST, {"logging_steps": 1}),
+    "colab-log1": (COLAB, {"logging_steps": 1}),
+    "classic-log1": (CLASSIC, {"logging_steps": 1}),
 }
 DEFAULT = ("classic", "colab", "fast")
 
@@ -231,7 +248,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     launcher = TRAIN_LAUNCHER
     if args.profile:
         launcher = f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import _profile_hook; " + launcher
-    logging_steps = overrides.get("logging_steps", 1)
+    logging_steps = recipe_values(base, overrides)["logging_steps"]  # the configuration's own interval
     cmd = [sys.executable, "-c", launcher, "train", "--config", str(config), "--model", args.model,
            "--data", args.data, "--out", str(out), "--max-steps", str(args.steps), "--save-steps", "100000",
            "--eval-rows", "32", "--logging-steps", str(logging_steps), "-q"]
@@ -270,7 +287,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         "settings": {k: values[k] for k in ("precision", "batch_size", "grad_accum", "gradient_checkpointing",
                                              "optim", "fused_attention", "cast_norm_outputs", "fused_lora",
                                              "seeded_lora_dropout", "concat_lora", "packing", "compile_layers",
-                                             "lazy_metrics",
+                                             "lazy_metrics", "async_inputs",
                                              "activation_offloading",
                                              "group_by_length", "pad_to_multiple_of", "loss_on", "lora_alpha")
                      if k in values},

@@ -55,18 +55,24 @@ VARLEN_DTYPES = ("float16", "bfloat16")
 # The smallest bound handed to the kernel as the longest example: one compiled graph for every batch whose examples
 # are at most 512 tokens (Guanaco's max_length), instead of one per power of two met.
 VARLEN_MIN_BOUND = 512
+# The batch keys a packed batch's example boundaries and longest example come in (trl's padding-free collator's and
+# transformers' flash-attention names): [N + 1] int32 on the batch's device, and a host int.
+COLLATED_KEYS = ("cu_seq_lens_q", "max_length_q")
 
 
 class _Plan:
     """What the current forward pass's attention layers do; set by a pre-hook on the Falcon body."""
 
-    __slots__ = ("mode", "mask", "varlen")
+    __slots__ = ("mode", "mask", "varlen", "collated")
 
     def __init__(self) -> None:
         self.mode: str | None = None  # None: transformers' forward; "causal", "block", "given", "varlen"
         self.mask: Any = None
         # "varlen": (example boundaries [N + 1] int32, longest example bound, kernel kwargs, position ids)
         self.varlen: Any = None
+        # Whether a batch's collated boundaries (COLLATED_KEYS, made on the host by `packed_boundaries`) stand in
+        # for reading the example starts back from the GPU (`use_collated_boundaries`).
+        self.collated = False
 
 
 def use_fused_attention(model: Any) -> int:
@@ -189,6 +195,32 @@ def _planner(body: Any, plan: _Plan) -> Any:
     return hook
 
 
+def use_collated_boundaries(model: Any) -> int:
+    """Let the fused attention of `model` take packed rows' example boundaries from the batch (COLLATED_KEYS, as
+    `packed_boundaries` computes them on the host) instead of reading the position ids back from the GPU, a host
+    wait at every forward; returns the Falcon bodies switched (0: no fused attention in `model`)."""
+    plans = {id(m._oasst_plan): m._oasst_plan for m in model.modules() if isinstance(getattr(m, "_oasst_plan", None),
+                                                                                      _Plan)}
+    for plan in plans.values():
+        plan.collated = True
+    return len(plans)
+
+
+def packed_boundaries(position_ids: Any) -> tuple[Any, int]:
+    """(boundaries [N + 1] int32, longest example) of the packed examples in `position_ids` (host tensors): the
+    varlen kernel's cumulative sequence lengths, every row one run of tokens, by `example_starts`' rule."""
+    return _boundaries(example_starts(position_ids))
+
+
+def _boundaries(starts: Any) -> tuple[Any, int]:
+    """(boundaries [N + 1] int32, longest example) from `example_starts` on the host."""
+    import torch
+
+    edges = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    boundaries = torch.cat([edges, torch.tensor([starts.numel()])]).to(torch.int32)
+    return boundaries, int((boundaries[1:] - boundaries[:-1]).max())
+
+
 def example_starts(position_ids: Any) -> Any:
     """Bool like `position_ids`: True where a packed example starts (a row's first token, and every token whose
     position id does not continue the one before: a restart at 0, or at any other id)."""
@@ -210,6 +242,10 @@ def _decide(given: dict[str, Any], body: Any) -> tuple[str | None, Any, Any]:
     position_ids = given.get("position_ids")
     if attention_mask is not None and attention_mask.dim() != 2:
         return "given", None, None
+    if body._oasst_plan.collated and attention_mask is None and position_ids is not None:
+        collated = _collated_plan(given, body)
+        if collated is not None:
+            return "varlen", None, collated
     # One host sync for both questions; the example starts come over whole (the varlen kernel's boundaries).
     flags = []
     if position_ids is not None:
@@ -229,13 +265,43 @@ def _decide(given: dict[str, Any], body: Any) -> tuple[str | None, Any, Any]:
     return "causal", None, None
 
 
+def _collated_plan(given: dict[str, Any], body: Any) -> tuple[Any, int, dict[str, Any], Any] | None:
+    """The varlen plan from the boundaries the batch brought (COLLATED_KEYS), no host wait; None when the batch has
+    none that fit its position ids' device and size, or the kernel cannot run (the planner then reads them back)."""
+    import torch
+
+    position_ids = given["position_ids"]
+    boundaries, longest = (given.get(key) for key in COLLATED_KEYS)
+    if (not isinstance(boundaries, torch.Tensor) or boundaries.dim() != 1 or boundaries.numel() < 2
+            or boundaries.device != position_ids.device or boundaries.dtype != torch.int32
+            or type(longest) is not int or not 0 < longest <= position_ids.numel()):
+        return None
+    if not _varlen_runs(given, body):
+        return None
+    return boundaries, _bound(longest), _varlen_kwargs(), position_ids
+
+
+def _bound(longest: int) -> int:
+    """The longest example rounded up to a power of two, at least VARLEN_MIN_BOUND: the kernel only sizes its grid
+    by it, and compiled layers recompile for each new value."""
+    return max(VARLEN_MIN_BOUND, 1 << (longest - 1).bit_length())
+
+
 def _varlen_plan(given: dict[str, Any], body: Any, starts: Any) -> tuple[Any, int, dict[str, Any], Any] | None:
     """(boundaries, longest-example bound, kernel keywords, position ids) for a packed batch the varlen kernel can
     run, else None (the block mask then). `starts`: `example_starts` of the position ids, on the host.
 
-    Every row of the batch is one run of tokens. The bound is the longest example rounded up to a power of two, at
-    least VARLEN_MIN_BOUND: the kernel only sizes its grid by it, and compiled layers recompile for each new value.
-    """
+    Every row of the batch is one run of tokens."""
+    if not _varlen_runs(given, body):
+        return None
+    position_ids = given["position_ids"]
+    boundaries, longest = _boundaries(starts)
+    return boundaries.to(position_ids.device), _bound(longest), _varlen_kwargs(), position_ids
+
+
+def _varlen_runs(given: dict[str, Any], body: Any) -> bool:
+    """Whether the varlen kernel runs this packed batch (no padding mask, one run of tokens per row, a GPU and
+    query dtype it takes, its patch on); says why not to the patch registry."""
     import torch
 
     from oasst_model import patches
@@ -245,13 +311,13 @@ def _varlen_plan(given: dict[str, Any], body: Any, starts: Any) -> tuple[Any, in
     ids = given.get("input_ids")
     batch = (ids if ids is not None else embeds).shape[0] if (ids is not None or embeds is not None) else None
     if given.get("attention_mask") is not None or position_ids.dim() != 2 or position_ids.shape[0] != batch:
-        return None  # padding to hide, or position ids shared by several rows: the block mask does it
+        return False  # padding to hide, or position ids shared by several rows: the block mask does it
     device = position_ids.device
     old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
     if device.type not in VARLEN_DEVICES or old_gpu:
         patches.not_applicable("varlen_attention", f"packed rows on {device.type}: flash's varlen kernel needs a "
                                                    "CUDA GPU of compute capability 8.0 or newer; block mask")
-        return None
+        return False
     config = body.config
     head_dim = config.hidden_size // config.num_attention_heads
     dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
@@ -259,16 +325,11 @@ def _varlen_plan(given: dict[str, Any], body: Any, starts: Any) -> tuple[Any, in
     if not _varlen_takes(dtype, head_dim):
         patches.not_applicable("varlen_attention", f"{dtype} queries of head dim {head_dim}: the varlen kernel "
                                                    "takes half precision, head dims up to 256; block mask")
-        return None
+        return False
     if not patches.applies("varlen_attention"):
-        return None
-    rows, length = position_ids.shape
-    edges = torch.nonzero(starts.reshape(-1)).reshape(-1)
-    boundaries = torch.cat([edges, torch.tensor([rows * length])]).to(torch.int32)
-    longest = int((boundaries[1:] - boundaries[:-1]).max())
+        return False
     patches.activated("varlen_attention", once=True)
-    bound = max(VARLEN_MIN_BOUND, 1 << (longest - 1).bit_length())
-    return boundaries.to(device), bound, _varlen_kwargs(), position_ids
+    return True
 
 
 def _varlen_kwargs() -> dict[str, Any]:

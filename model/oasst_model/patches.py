@@ -30,8 +30,8 @@ from oasst_model.targets import (
     _bnb_packs_for_cpu, _check_autocast, _check_bnb_cpu_packing, _check_bnb_fold, _check_compile,
     _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag,
     _check_lm_eval_loglikelihood, _check_lm_eval_request_bars, _check_lm_eval_templates, _check_lazy_metrics,
-    _check_backend_tokenize, _check_concat_lora, _check_peft_lora, _check_shared_context, _check_varlen,
-    _falcon_linear_subclass)
+    _check_backend_tokenize, _check_collated_boundaries, _check_concat_lora, _check_peft_lora, _check_shared_context,
+    _check_varlen, _falcon_linear_subclass)
 
 # A check returns None when the target is as the patch expects, else what changed (one short phrase).
 Check = Callable[[], "str | None"]
@@ -84,6 +84,17 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
             "every pair of tokens in the row",
         fallback="the block-diagonal mask through sdpa (the same values, quadratic in the packed row)",
         check=_check_varlen,
+    ),
+    Patch(
+        name="collated_boundaries",
+        library="trl",
+        target="trl's DataCollatorForLanguageModeling (padding_free) batch keys cu_seq_lens_q/_k and max_length_q/_k, "
+               "recomputed on the host and taken by the fused attention's planner (train option async_inputs)",
+        written_for="trl 1.16.0",
+        why="no host wait for the GPU at every forward of a packed batch: the varlen kernel's boundaries come with "
+            "the batch instead of being read back from the GPU",
+        fallback="the planner reads the example starts back from the GPU (one host wait per forward)",
+        check=_check_collated_boundaries,
     ),
     Patch(
         name="fused_lora",

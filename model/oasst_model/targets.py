@@ -247,6 +247,17 @@ def _check_varlen() -> str | None:
     return describe_missing(("varlen_attn", missing))
 
 
+def _check_collated_boundaries() -> str | None:
+    from oasst_model.attention import COLLATED_KEYS
+
+    sft, problem = _module_with("trl.trainer.sft_trainer", ("DataCollatorForLanguageModeling",))
+    if problem:
+        return problem
+    source = _source(sft.DataCollatorForLanguageModeling)
+    return describe_missing(("DataCollatorForLanguageModeling", [f'"{key}"' for key in COLLATED_KEYS
+                                                                 if f'"{key}"' not in source]))
+
+
 # What trl's SFTTrainer.compute_loss must still read and write for lazy_metrics to reproduce it (train option).
 TRL_COMPUTE_LOSS_NAMES = ("fused_lm_head=True", "log_probs", "label_mask", "entropy", "is_top1",
                           '"mean_token_accuracy"', '"num_tokens"', "_total_train_tokens")

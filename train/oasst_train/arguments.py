@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from oasst_tools.errors import OasstError
+from oasst_train.async_inputs import loader_args
 from oasst_train.checkpoints import CHECKPOINTS
 from oasst_train.config import TrainConfig
 
@@ -62,6 +63,7 @@ def trainer_config(config_class: type, cfg: TrainConfig, *, has_eval: bool, fres
             dataloader_num_workers=0,
             use_cpu=not torch.cuda.is_available(),
             activation_offloading=cfg.activation_offloading,
+            **loader_args(cfg.async_inputs),
             **_sampler_args(config_class, cfg.group_by_length),
             **_checkpointing_args(config_class, cfg.gradient_checkpointing),
             **extra,

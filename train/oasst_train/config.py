@@ -111,6 +111,8 @@ class TrainConfig:
                                      "element-wise work between matmuls; the first steps compile.")
     lazy_metrics: bool = _f(False, "Keep trl's per-step metrics on the GPU until logged and count tokens at collate: "
                                    "no host wait mid-step. A NaN loss is logged, not hidden.")
+    async_inputs: bool = _f(False, "Copy batches to the GPU without a host wait (pinned, non-blocking) and give "
+                                   "packed rows' attention their boundaries from the host: no wait between steps.")
     # On by default here, off in eval: a training run repeats its batch shapes (pad_to_multiple_of, group_by_length),
     # so cuDNN's plan per new shape is paid a few dozen times while its kernels run every step
     # (bench/sdpa_backends.py; eval's batches seldom repeat a shape).

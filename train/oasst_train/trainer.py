@@ -262,8 +262,8 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, data: Data, *, fresh: bo
 
 def with_fast_paths(cfg: TrainConfig, trainer: Any, targets: list[str]) -> Built:
     """`trainer` once its model has the LoRA modules: their fused forward (fused_lora), then the decoder layers
-    compiled (compile_layers, last: the compiled graph contains the fused forwards); metrics read when logged
-    (lazy_metrics)."""
+    compiled (compile_layers, last: the compiled graph contains the fused forwards); packed batches' boundaries
+    from the host (async_inputs); metrics read when logged (lazy_metrics)."""
     from oasst_model.lora_fused import fuse_lora_forward
 
     fused = (fuse_lora_forward(trainer.model, seeded_dropout=cfg.seeded_lora_dropout, concat=cfg.concat_lora)
@@ -273,6 +273,10 @@ def with_fast_paths(cfg: TrainConfig, trainer: Any, targets: list[str]) -> Built
         from oasst_model.compiled import compile_layers
 
         compiled = compile_layers(trainer.model)
+    if cfg.async_inputs:  # before lazy_metrics, which counts tokens around the collator as it finds it
+        from oasst_train.async_inputs import async_inputs
+
+        async_inputs(trainer)
     if cfg.lazy_metrics:
         from oasst_train.lazy_metrics import lazy_metrics
 
