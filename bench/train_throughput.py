@@ -352,17 +352,30 @@ def loss_at_equal_tokens(runs: dict[str, dict[str, Any]]) -> None:
 
 def _last_quarter_losses(runs: dict[str, dict[str, Any]],
                          ends: dict[str, list[float]]) -> tuple[float, dict[str, float | None]]:
-    """(common, run name -> mean logged loss over the steps whose end (`ends[name][step - 1]`: samples or tokens
-    seen by then) lies in the last quarter of `common`, the amount every run reached)."""
+    """(common, run name -> mean logged loss over the last quarter of `common`, the amount every run reached).
+
+    A logged loss is the mean over the steps since the previous log; `ends[name][step - 1]` is the samples or tokens
+    seen by the end of `step`. Each logged interval counts by how much of the window it covers, so runs logging every
+    step and every 10th are compared over the same window."""
     if not runs:
         return 0, {}
     common = min(marks[-1] for marks in ends.values())
+    low = 0.75 * common
     means: dict[str, float | None] = {}
     for name, run in runs.items():
         marks = ends[name]
-        window = [loss for step, loss in run["loss_by_step"]
-                  if step <= len(marks) and 0.75 * common < marks[step - 1] <= common]
-        means[name] = sum(window) / len(window) if window else None
+        total = weight = 0.0
+        previous = 0
+        for step, loss in run["loss_by_step"]:
+            if step > len(marks):
+                break
+            start, end = (marks[previous - 1] if previous else 0.0), marks[step - 1]
+            previous = step
+            covered = max(0.0, min(end, common) - max(start, low))
+            if covered > 0:
+                total += loss * covered
+                weight += covered
+        means[name] = total / weight if weight else None
     return common, means
 
 
