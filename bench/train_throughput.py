@@ -355,11 +355,14 @@ def _last_quarter_losses(runs: dict[str, dict[str, Any]],
     """(common, run name -> mean logged loss over the last quarter of `common`, the amount every run reached).
 
     A logged loss is the mean over the steps since the previous log; `ends[name][step - 1]` is the samples or tokens
-    seen by the end of `step`. Each logged interval counts by how much of the window it covers, so runs logging every
-    step and every 10th are compared over the same window."""
+    seen by the end of `step`. `common` ends at the last logged step of the run that saw least by then, and each
+    logged interval counts by how much of the window it covers, so runs logging every step and every 10th are
+    compared over the same window (an interval straddling its lower edge adds its whole-interval mean, a small bias
+    for runs logging seldom)."""
     if not runs:
         return 0, {}
-    common = min(marks[-1] for marks in ends.values())
+    logged = {name: [step for step, _ in run["loss_by_step"] if step <= len(ends[name])] for name, run in runs.items()}
+    common = min(ends[name][steps[-1] - 1] if steps else ends[name][-1] for name, steps in logged.items())
     low = 0.75 * common
     means: dict[str, float | None] = {}
     for name, run in runs.items():

@@ -40,6 +40,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+# The packed-row rule is defined once, in oasst_model.packing (tests patch these names here).
+from oasst_model.packing import block_causal_mask, boundaries_from_starts, example_starts
+
 # The `cudnn_attention` setting's help, one text for train, eval, generate and chat (their defaults differ: see
 # `cudnn_sdpa`).
 CUDNN_ATTENTION_HELP = ("Let sdpa use cuDNN attention; off: flash or memory-efficient kernels, which need no plan per "
@@ -161,25 +164,6 @@ def fused_attention_layers(model: Any) -> int:
     return sum(1 for m in model.modules() if getattr(m, "_oasst_original", None) is not None)
 
 
-def block_causal_mask(position_ids: Any, attention_mask: Any = None) -> Any:
-    """[B, 1, L, L] bool: token i sees token j iff j <= i and both lie in the same packed example.
-
-    Examples start where `example_starts` says (a position id that does not continue the one before). Keys that
-    `attention_mask` marks as padding are hidden too, except from themselves, so no row is empty (an empty row
-    makes sdpa return NaN).
-    """
-    import torch
-
-    example = torch.cumsum(example_starts(position_ids).to(torch.int32), dim=-1)
-    length = position_ids.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril_()
-    mask = (example[:, :, None] == example[:, None, :]) & causal
-    if attention_mask is not None:
-        mask &= attention_mask.bool()[:, None, :]
-        mask |= torch.eye(length, dtype=torch.bool, device=position_ids.device)
-    return mask[:, None]
-
-
 _BODY_PARAMS: dict[type, list[str]] = {}
 
 
@@ -195,40 +179,16 @@ def _planner(body: Any, plan: _Plan) -> Any:
     return hook
 
 
-def use_collated_boundaries(model: Any) -> int:
-    """Let the fused attention of `model` take packed rows' example boundaries from the batch (COLLATED_KEYS, as
-    `packed_boundaries` computes them on the host) instead of reading the position ids back from the GPU, a host
-    wait at every forward; returns the Falcon bodies switched (0: no fused attention in `model`)."""
+def use_collated_boundaries(model: Any, enabled: bool = True) -> int:
+    """Let (`enabled`) or stop the fused attention of `model` taking packed rows' example boundaries from the batch
+    (COLLATED_KEYS, as oasst_model.packing.packed_boundaries computes them on the host) instead of reading the
+    position ids back from the GPU, a host wait at every forward; returns the Falcon bodies set (0: no fused
+    attention in `model`)."""
     plans = {id(m._oasst_plan): m._oasst_plan for m in model.modules() if isinstance(getattr(m, "_oasst_plan", None),
                                                                                       _Plan)}
     for plan in plans.values():
-        plan.collated = True
+        plan.collated = enabled
     return len(plans)
-
-
-def packed_boundaries(position_ids: Any) -> tuple[Any, int]:
-    """(boundaries [N + 1] int32, longest example) of the packed examples in `position_ids` (host tensors): the
-    varlen kernel's cumulative sequence lengths, every row one run of tokens, by `example_starts`' rule."""
-    return _boundaries(example_starts(position_ids))
-
-
-def _boundaries(starts: Any) -> tuple[Any, int]:
-    """(boundaries [N + 1] int32, longest example) from `example_starts` on the host."""
-    import torch
-
-    edges = torch.nonzero(starts.reshape(-1)).reshape(-1)
-    boundaries = torch.cat([edges, torch.tensor([starts.numel()])]).to(torch.int32)
-    return boundaries, int((boundaries[1:] - boundaries[:-1]).max())
-
-
-def example_starts(position_ids: Any) -> Any:
-    """Bool like `position_ids`: True where a packed example starts (a row's first token, and every token whose
-    position id does not continue the one before: a restart at 0, or at any other id)."""
-    import torch
-
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[..., 1:] = position_ids[..., 1:] != position_ids[..., :-1] + 1
-    return starts
 
 
 def _decide(given: dict[str, Any], body: Any) -> tuple[str | None, Any, Any]:
@@ -243,9 +203,9 @@ def _decide(given: dict[str, Any], body: Any) -> tuple[str | None, Any, Any]:
     if attention_mask is not None and attention_mask.dim() != 2:
         return "given", None, None
     if body._oasst_plan.collated and attention_mask is None and position_ids is not None:
-        collated = _collated_plan(given, body)
+        collated = _collated_decision(given, body)
         if collated is not None:
-            return "varlen", None, collated
+            return collated
     # One host sync for both questions; the example starts come over whole (the varlen kernel's boundaries).
     flags = []
     if position_ids is not None:
@@ -265,20 +225,23 @@ def _decide(given: dict[str, Any], body: Any) -> tuple[str | None, Any, Any]:
     return "causal", None, None
 
 
-def _collated_plan(given: dict[str, Any], body: Any) -> tuple[Any, int, dict[str, Any], Any] | None:
-    """The varlen plan from the boundaries the batch brought (COLLATED_KEYS), no host wait; None when the batch has
-    none that fit its position ids' device and size, or the kernel cannot run (the planner then reads them back)."""
+def _collated_decision(given: dict[str, Any], body: Any) -> tuple[str, None, Any] | None:
+    """The plan from the boundaries the batch brought (COLLATED_KEYS), no host wait: "causal" when every row holds
+    one example (as the read-back plan decides), else the varlen plan. None when the batch has none that fit its
+    position ids' device and size, or the kernel cannot run (the planner then reads them back)."""
     import torch
 
     position_ids = given["position_ids"]
     boundaries, longest = (given.get(key) for key in COLLATED_KEYS)
     if (not isinstance(boundaries, torch.Tensor) or boundaries.dim() != 1 or boundaries.numel() < 2
             or boundaries.device != position_ids.device or boundaries.dtype != torch.int32
-            or type(longest) is not int or not 0 < longest <= position_ids.numel()):
+            or position_ids.dim() != 2 or type(longest) is not int or not 0 < longest <= position_ids.numel()):
         return None
+    if boundaries.numel() - 1 == position_ids.shape[0]:
+        return "causal", None, None
     if not _varlen_runs(given, body):
         return None
-    return boundaries, _bound(longest), _varlen_kwargs(), position_ids
+    return "varlen", None, (boundaries, _bound(longest), _varlen_kwargs(), position_ids)
 
 
 def _bound(longest: int) -> int:
@@ -295,7 +258,7 @@ def _varlen_plan(given: dict[str, Any], body: Any, starts: Any) -> tuple[Any, in
     if not _varlen_runs(given, body):
         return None
     position_ids = given["position_ids"]
-    boundaries, longest = _boundaries(starts)
+    boundaries, longest = boundaries_from_starts(starts)
     return boundaries.to(position_ids.device), _bound(longest), _varlen_kwargs(), position_ids
 
 
@@ -313,8 +276,7 @@ def _varlen_runs(given: dict[str, Any], body: Any) -> bool:
     if given.get("attention_mask") is not None or position_ids.dim() != 2 or position_ids.shape[0] != batch:
         return False  # padding to hide, or position ids shared by several rows: the block mask does it
     device = position_ids.device
-    old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
-    if device.type not in VARLEN_DEVICES or old_gpu:
+    if not varlen_device(device):
         patches.not_applicable("varlen_attention", f"packed rows on {device.type}: flash's varlen kernel needs a "
                                                    "CUDA GPU of compute capability 8.0 or newer; block mask")
         return False
@@ -330,6 +292,14 @@ def _varlen_runs(given: dict[str, Any], body: Any) -> bool:
         return False
     patches.activated("varlen_attention", once=True)
     return True
+
+
+def varlen_device(device: Any) -> bool:
+    """Whether flash's varlen kernel runs on `device` (VARLEN_DEVICES; a CUDA GPU of compute capability 8.0+)."""
+    import torch
+
+    old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
+    return device.type in VARLEN_DEVICES and not old_gpu
 
 
 def _varlen_kwargs() -> dict[str, Any]:

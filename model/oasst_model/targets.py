@@ -248,6 +248,7 @@ def _check_varlen() -> str | None:
 
 
 def _check_collated_boundaries() -> str | None:
+    """trl's padding-free collator still names the keys async_inputs fills (None), else what it lacks."""
     from oasst_model.attention import COLLATED_KEYS
 
     sft, problem = _module_with("trl.trainer.sft_trainer", ("DataCollatorForLanguageModeling",))

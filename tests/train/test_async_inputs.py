@@ -9,27 +9,28 @@ from typing import Any
 import pytest
 import torch
 
-from oasst_model import attention, patches
+from oasst_model import attention, packing, patches
 from tests.train.test_attention import TOL, _forbid_fallback, _ids, _pair, varlen_calls  # noqa: F401 - fixture
 
 # Two packed rows as trl's bfd packing makes them (examples' lengths per row), padded to a multiple of 16.
 ROWS = [[11, 23, 7], [30, 14]]
 
 
-def _collated(wrap: bool) -> dict[str, Any]:
-    """The rows through trl's padding-free collator, and through async_inputs' collator around it when `wrap`."""
+def _collated(wrap: bool, collate: Any = None) -> dict[str, Any]:
+    """The rows through trl's padding-free collator (or `collate`), and through async_inputs' collator around it
+    when `wrap`."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from oasst_train.async_inputs import async_inputs
 
     seqs = iter(_ids([n for row in ROWS for n in row], seed=5))
     features = [{"input_ids": torch.cat([next(seqs) for _ in row]).tolist(), "seq_lengths": row} for row in ROWS]
-    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=16)
+    collate = collate or DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=16)
     if not wrap:
         return collate(features)
 
     class Trainer:  # what async_inputs reads of an SFTTrainer
-        data_collator = collate
+        data_collator = staticmethod(collate)
         padding_free = True
         model = _pair_model()
 
@@ -39,8 +40,8 @@ def _collated(wrap: bool) -> dict[str, Any]:
 
 
 def _pair_model() -> torch.nn.Module:
-    """A module holding a fused-attention plan, as async_inputs looks for one."""
-    holder = torch.nn.Module()
+    """A module holding a fused-attention plan and a parameter on the CPU, as async_inputs looks for them."""
+    holder = torch.nn.Linear(1, 1)
     holder._oasst_plan = attention._Plan()
     return holder
 
@@ -49,13 +50,51 @@ def test_collated_boundaries_are_the_planners_own(varlen_calls: list[tuple[list[
     """The boundaries async_inputs' collator hands over equal those the planner reads back from the position ids
     (trl's padding tail included), and trl's keys are replaced by them, never dropped."""
     plain, ours = _collated(False), _collated(True)
-    boundaries, longest = attention.packed_boundaries(plain["position_ids"])
+    boundaries, longest = packing.packed_boundaries(plain["position_ids"])
     assert ours["cu_seq_lens_q"].tolist() == ours["cu_seq_lens_k"].tolist() == boundaries.tolist()
     assert ours["cu_seq_lens_q"].dtype == torch.int32 and ours["max_length_q"] == ours["max_length_k"] == longest == 30
     assert boundaries.tolist() == [0, 11, 34, 41, 71, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95, 96]
     assert plain["cu_seq_lens_q"].tolist() == boundaries.tolist()  # trl's own rule agrees on its own batches
     for key in ("input_ids", "labels", "position_ids"):
         assert torch.equal(plain[key], ours[key])
+
+
+def test_the_collator_replaces_boundaries_that_disagree_with_the_position_ids(
+        varlen_calls: list[tuple[list[int], int]]) -> None:
+    """Keys a collator filled by another rule (here: wrong ones) are replaced by the planner's own."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    trl_collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=16)
+
+    def other_rule(features: Any) -> dict[str, Any]:
+        batch = trl_collate(features)
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor([0, 3, batch["input_ids"].numel()],
+                                                                       dtype=torch.int32)
+        batch["max_length_q"] = batch["max_length_k"] = 93
+        return batch
+
+    ours = _collated(True, other_rule)
+    boundaries, longest = packing.packed_boundaries(ours["position_ids"])
+    assert ours["cu_seq_lens_q"].tolist() == ours["cu_seq_lens_k"].tolist() == boundaries.tolist()
+    assert ours["max_length_q"] == ours["max_length_k"] == longest == 30
+
+
+def test_rows_of_one_example_each_stay_on_the_causal_kernel(tiny_falcon: Path,
+                                                            varlen_calls: list[tuple[list[int], int]]) -> None:
+    """Collated boundaries that make every row one example give the plain causal plan, as the read-back does."""
+    _, fused = _pair(tiny_falcon)
+    ids = torch.stack(_ids([9, 9], seed=2))
+    positions = torch.arange(9).repeat(2, 1)
+    boundaries, longest = packing.packed_boundaries(positions)
+    inputs = {"input_ids": ids, "position_ids": positions, "labels": ids, "cu_seq_lens_q": boundaries,
+              "max_length_q": longest}
+    with torch.no_grad():
+        read_back = _log_probs(fused, inputs)
+        assert fused.transformer._oasst_plan.mode == "causal"
+        attention.use_collated_boundaries(fused)
+        collated = _log_probs(fused, inputs)
+    assert fused.transformer._oasst_plan.mode == "causal" and not varlen_calls
+    assert torch.equal(collated, read_back)
 
 
 def _log_probs(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -87,7 +126,8 @@ def test_the_planner_takes_collated_boundaries_without_reading_the_gpu(
     assert varlen_calls[0] == varlen_calls[-1] == (batch["cu_seq_lens_q"].tolist(), attention.VARLEN_MIN_BOUND)
 
 
-@pytest.mark.parametrize("bad", ["int64", "no_longest", "longest_too_big", "one_boundary", "off"])
+@pytest.mark.parametrize("bad", ["int64", "no_longest", "longest_too_big", "one_boundary", "other_device", "off",
+                                 "switched_off"])
 def test_unusable_or_unasked_collated_boundaries_are_read_back(tiny_falcon: Path, bad: str,
                                                                 varlen_calls: list[tuple[list[int], int]]) -> None:
     """Boundaries of the wrong dtype, without their longest example, out of range, or with the switch off: the
@@ -95,34 +135,40 @@ def test_unusable_or_unasked_collated_boundaries_are_read_back(tiny_falcon: Path
     _, fused = _pair(tiny_falcon)
     if bad != "off":
         attention.use_collated_boundaries(fused)
+    if bad == "switched_off":  # another trainer switched the model, this one did not ask
+        attention.use_collated_boundaries(fused, False)
     batch = _collated(True)
     right = batch["cu_seq_lens_q"].tolist()
     wrong = torch.tensor([0, 5, batch["input_ids"].numel()], dtype=torch.int32)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "labels": batch["labels"],
-              "cu_seq_lens_q": {"int64": wrong.long(), "one_boundary": wrong[:1]}.get(bad, wrong),
+              "cu_seq_lens_q": {"int64": wrong.long(), "one_boundary": wrong[:1],
+                                "other_device": wrong.to("meta")}.get(bad, wrong),
               "max_length_q": {"longest_too_big": 10**6, "no_longest": None}.get(bad, 30)}
     with torch.no_grad():
         _log_probs(fused, inputs)
     assert varlen_calls == [(right, attention.VARLEN_MIN_BOUND)] * 2
 
 
-def test_async_inputs_steps_aside_without_a_plan_or_packing() -> None:
-    """No fused attention, or unpacked batches: nothing wrapped, recorded as not needed."""
+def test_async_inputs_steps_aside_without_a_plan_packing_or_varlen_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fused attention, unpacked batches, or a device without the varlen kernel (the block mask is built from
+    the position ids there): nothing wrapped, recorded as not needed."""
     from oasst_train.async_inputs import async_inputs
 
     def collate(features: Any) -> Any:
         return features
 
+    monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cuda",))
     for model, packed, why in ((torch.nn.Linear(2, 2), True, "no fused attention"),
-                               (_pair_model(), False, "not packed")):
+                               (_pair_model(), False, "not packed"), (_pair_model(), True, "packed rows on cpu")):
         patches.begin_run()
         trainer = type("T", (), {"data_collator": staticmethod(collate), "padding_free": packed, "model": model})()
         assert not async_inputs(trainer)
         assert trainer.data_collator is collate
-        assert why in patches.report()["collated_boundaries"]["detail"]
+        assert why in patches.report()["collated_boundaries"]["detail"], why
 
 
 def test_loader_args_pin_and_copy_without_waiting_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The non-blocking copy is asked for only where there is a CUDA device to copy to."""
     from oasst_train.async_inputs import loader_args
 
     assert loader_args(True) == {} == loader_args(False)  # this machine has no CUDA
@@ -143,6 +189,7 @@ def test_changed_trl_collator_falls_back_with_one_warning(monkeypatch: pytest.Mo
             return features
 
     monkeypatch.setattr(sft, "DataCollatorForLanguageModeling", Collator)
+    monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cuda", "cpu"))  # as on a GPU: the patch is asked
     patches.begin_run()
     trainer = type("T", (), {"data_collator": Collator(), "padding_free": True, "model": _pair_model()})()
     before = trainer.data_collator
@@ -155,7 +202,8 @@ def test_changed_trl_collator_falls_back_with_one_warning(monkeypatch: pytest.Mo
 
 @pytest.mark.slow
 def test_packed_training_with_async_inputs_learns_exactly_as_without(
-        oasst: Any, tiny_falcon: Path, tmp_path: Path, varlen_calls: list[tuple[list[int], int]]) -> None:
+        oasst: Any, tiny_falcon: Path, tmp_path: Path, varlen_calls: list[tuple[list[int], int]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """`oasst train --packing --async-inputs` through trl's padding-free batches: the same losses as without, every
     forward on the collated boundaries, and train_summary.json records the patch."""
     from tests.train.conftest import GUANACO, read_summary
@@ -163,6 +211,15 @@ def test_packed_training_with_async_inputs_learns_exactly_as_without(
     args = ("--model", tiny_falcon, "--data", GUANACO, "--packing", "--no-load-in-4bit", "--max-steps", 3,
             "--batch-size", 2, "--grad-accum", 1, "--max-length", 512, "--lora-dropout", 0.0, "--eval-rows", 2,
             "--save-steps", 3, "--logging-steps", 1, "-q")
+    decided: list[str] = []
+    own = attention._collated_decision
+
+    def counting(given: dict[str, Any], body: Any) -> Any:
+        decision = own(given, body)
+        decided.append(decision[0] if decision else "read back")
+        return decision
+
+    monkeypatch.setattr(attention, "_collated_decision", counting)
     runs = {}
     for name, flag in (("async", "--async-inputs"), ("plain", "--no-async-inputs")):
         result = oasst("train", *args, flag, "--out", tmp_path / name)
@@ -171,4 +228,5 @@ def test_packed_training_with_async_inputs_learns_exactly_as_without(
     losses = {name: [h["loss"] for h in s["log_history"] if "loss" in h] for name, s in runs.items()}
     assert len(losses["async"]) == 3 and losses["async"] == losses["plain"]
     assert runs["async"]["patches"]["collated_boundaries"]["state"] == "active"
+    assert len(decided) >= 3 and set(decided) == {"varlen"}  # every forward of the async run, none of the plain
     assert "collated_boundaries" not in runs["plain"]["patches"]

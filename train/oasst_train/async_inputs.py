@@ -20,7 +20,9 @@ What changes, and what does not:
   planner takes them instead of reading the GPU (`use_collated_boundaries`). The kernel gets the same boundaries
   (tests compare plans and logits). Guarded by the patch registry (`collated_boundaries`): where trl's collator no
   longer makes those keys, the planner reads the boundaries back as before, with one warning line.
-- a logging step still waits (the Trainer reads the loss): the recipes log every 5th step.
+- a logging step still waits (the Trainer reads the loss): the recipes log every 5th or 10th step;
+- a resumed run copies the rest of its first epoch with a wait (accelerate's `skip_first_batches` builds its
+  loader without `non_blocking`); later epochs copy without one.
 """
 
 from __future__ import annotations
@@ -43,13 +45,18 @@ def async_inputs(trainer: Any) -> bool:
     """Make `trainer`'s packed batches carry host-computed example boundaries its fused attention takes (see the
     module docstring); True when the planner takes them."""
     from oasst_model import patches
-    from oasst_model.attention import COLLATED_KEYS, packed_boundaries, use_collated_boundaries
+    from oasst_model.attention import COLLATED_KEYS, use_collated_boundaries, varlen_device
+    from oasst_model.packing import packed_boundaries
 
     if not any(getattr(m, "_oasst_plan", None) is not None for m in trainer.model.modules()):
         patches.not_applicable(PATCH, "no fused attention in the model: no plan to make")
         return False
     if not getattr(trainer, "padding_free", False):  # trl's SFTTrainer: packing (bfd) or padding_free
         patches.not_applicable(PATCH, "batches are not packed into padding-free rows")
+        return False
+    device = next(trainer.model.parameters()).device
+    if not varlen_device(device):
+        patches.not_applicable(PATCH, f"packed rows on {device.type}: the block mask, built from the position ids")
         return False
     if not patches.applies(PATCH):
         return False

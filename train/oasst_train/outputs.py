@@ -24,7 +24,7 @@ CONFIG_NAME = "train_config.yaml"
 SUMMARY_NAME = "train_summary.json"
 # Knobs that may change between a run and its --resume without breaking the data order or the optimizer state.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "save_steps", "save_total_limit", "eval_steps", "logging_steps",
-                     "report_to", "eval_rows"}
+                     "report_to", "eval_rows", "async_inputs"}  # async_inputs: when, not what, is computed
 
 
 def check_out(cfg: TrainConfig, resume: bool) -> Path | None:

@@ -273,6 +273,9 @@ def with_fast_paths(cfg: TrainConfig, trainer: Any, targets: list[str]) -> Built
         from oasst_model.compiled import compile_layers
 
         compiled = compile_layers(trainer.model)
+    from oasst_model.attention import use_collated_boundaries
+
+    use_collated_boundaries(trainer.model, False)  # a model another trainer switched: off unless asked again
     if cfg.async_inputs:  # before lazy_metrics, which counts tokens around the collator as it finds it
         from oasst_train.async_inputs import async_inputs
 
