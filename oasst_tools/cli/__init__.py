@@ -99,12 +99,39 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with terminate_as_exception():
+                return super().invoke(ctx)
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - report_error re-raises what it does not own
             code = report_error(exc)
             if code is None:
                 raise
             ctx.exit(code)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception: the command unwinds like on Ctrl-C (temporary outputs removed) and says one line."""
+
+
+@contextlib.contextmanager
+def terminate_as_exception() -> Any:
+    """While the block runs, SIGTERM raises Terminated in the main thread (the default would kill the process with
+    no line and leave temporary files); a handler someone else installed is left alone."""
+    import signal
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def missing_packages(names: Sequence[str]) -> list[str]:
@@ -154,6 +181,9 @@ def report_error(exc: BaseException) -> int | None:
         return None
     if not isinstance(exc, (Exception, KeyboardInterrupt)) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
         return None
+    if isinstance(exc, Terminated):
+        _print_error("stopped by SIGTERM")
+        return 143  # 128 + SIGTERM, as a shell reports a process the signal ended
     if isinstance(exc, KeyboardInterrupt):
         _print_error("interrupted")
         return 130
@@ -209,7 +239,8 @@ def run_safely(fn: Callable[[], Any]) -> Any:
     """Call `fn`, turning what it raises into one `error:` line and an exit code, as the CLI group does (for
     non-Click callers: scripts, `python -m` entry points)."""
     try:
-        return fn()
+        with terminate_as_exception():
+            return fn()
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - report_error re-raises what it does not own
         code = report_error(exc)
         if code is None:

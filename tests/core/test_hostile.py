@@ -769,6 +769,44 @@ def test_a_signal_mid_build_removes_the_temp_folder_and_says_so(tmp_path: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
 
 
+@pytest.mark.parametrize("command", ["stats", "show"])
+def test_sigterm_to_any_other_command_ends_it_with_one_line(tmp_path: Path, command: str):
+    """Commands without their own signal handling (stats, show; train and eval while loading) end on SIGTERM with
+    one line and 128 + 15, not killed silently by the default action."""
+    os.mkfifo(tmp_path / "fifo")
+    hold = threading.Event()
+    data = FLAT.read_bytes()
+    _feed(tmp_path / "fifo", data[:data.index(b"\n", 5000) + 1], hold)
+    args = ["fifo", "--json"] if command == "stats" else ["fifo", TREE]
+    proc = subprocess.Popen([sys.executable, "-m", "oasst_tools", command, *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 30
+        while _state(proc.pid) != "S" or _cpu_ticks(proc.pid) != _cpu_ticks(proc.pid, after=0.3):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        hold.set()
+        proc.kill()
+        proc.wait(30)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr == "error: stopped by SIGTERM\n" and stdout == ""
+
+
+def _state(pid: int) -> str:
+    """The process's scheduler state letter (R running, S sleeping: here, blocked on the FIFO)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _cpu_ticks(pid: int, after: float = 0.0) -> int:
+    """User + system CPU ticks the process has used, read `after` seconds from now."""
+    time.sleep(after)
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def test_a_killed_build_s_temp_folder_is_removed_by_the_next_build(tmp_path: Path):
     proc, hold = _blocked_build(tmp_path)
     proc.kill()
