@@ -17,7 +17,8 @@ What the fused path does, per forward of the whole model (decided once, not per 
   every position id that does not continue the one before): each example attends to itself only, whatever the
   installed transformers does with position ids (5.17 lets them leak; ../shared/docs/gpu.md). On an Ampere or newer
   GPU in half precision, flash attention's variable-length kernel (`torch.nn.attention.varlen`, patch
-  `varlen_attention`) with the example boundaries read from the position ids: the work of each example alone.
+  `varlen_attention`) with the example boundaries read from the position ids (or brought by the batch, computed
+  on the host by the same rule: train option async_inputs): the work of each example alone.
   Elsewhere, or where torch lacks that kernel: a block-diagonal causal mask through sdpa, which computes (and
   masks) every pair of tokens in the row: quadratic in the row, 10,240 tokens for a padding-free batch of 20 x 512.
 - anything else (left padding, a 4-D mask from the caller): the mask transformers built, with expanded keys.
