@@ -116,7 +116,7 @@ def main() -> None:
                        "load_seconds": summary["settings"]["load_seconds"],
                        "score_seconds": summary["settings"]["seconds"]["base"],
                        "batch_sizes": summary["settings"]["batch_size_used"]["base"],
-                       "peak_gpu_memory_gib": summary["settings"].get("peak_gpu_memory_gib"),
+                       "peak_gpu_memory_gib": (summary["settings"].get("peak_memory_bytes") or 0) / 2**30 or None,
                        "shared_context_used": summary["settings"].get("shared_context_used"),
                        "patches": {k: v["state"] for k, v in summary["settings"].get("patches", {}).items()}},
         "lm_eval_cli": {"acc": theirs["acc,none"], "acc_stderr": theirs["acc_stderr,none"],

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oasst_model.spec import LOAD_FIELDS
+from oasst_model.spec import LOAD_FIELDS, peak_memory_bytes
 from oasst_tools.errors import OasstError
 from oasst_eval.config import EvalConfig
 from oasst_eval.data import register_tokenizer
@@ -229,7 +229,7 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print,
         "seconds": {run.label: round(run.seconds, 2) for run in runs},
         "items_scored": {run.label: run.items for run in runs},
         "adapter_trained_on": (adapter_config or {}).get("base_model_name_or_path"),
-        "peak_gpu_memory_gib": _peak_gpu_gib(device),
+        "peak_memory_bytes": peak_memory_bytes(device),  # the name and measure train_summary.json uses
         "patches": patches.report(),
     }
     return runs, settings
@@ -279,9 +279,3 @@ def _score(lm: Any, tasks: list[Any], manager: Any, cfg: EvalConfig, label: str,
     return ModelRun(label=label, results=results, samples=samples, seconds=seconds, items=items)
 
 
-def _peak_gpu_gib(device: str) -> float | None:
-    import torch
-
-    if not device.startswith("cuda"):
-        return None
-    return round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**30, 2)

@@ -243,6 +243,18 @@ def device_profile(device: str | None = None) -> DeviceProfile:
     return DeviceProfile("cuda", torch.cuda.get_device_name(index), bool(native))
 
 
+def peak_memory_bytes(device: str | None = None) -> int:
+    """Peak memory torch allocated on the CUDA `device` (default: the current one), or this process's peak resident
+    memory where the work ran on the CPU: the `peak_memory_bytes` that train and eval summaries record."""
+    import torch
+
+    if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
+        return int(torch.cuda.max_memory_allocated(torch.device(device) if device else None))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
 def default_device() -> str:
     """`cuda:LOCAL_RANK` when torch sees a GPU (one per process under accelerate/torchrun), else `cpu`."""
     import torch

@@ -93,3 +93,5 @@ def test_guanaco_test_loss_is_lower_with_the_adapter(oasst, stories: Path, adapt
     assert diff["diff"] < -3 * diff["stderr"]
     assert set(summary) == {"base", "adapter", "difference", "settings", "versions"}
     assert summary["settings"]["data_used"]["data"] == str((guanaco_dir / "test.jsonl").resolve())
+    # Peak memory under train_summary.json's name and measure (on a CPU: the process's peak resident memory).
+    assert summary["settings"]["peak_memory_bytes"] > 2**20 and "peak_gpu_memory_gib" not in summary["settings"]

@@ -69,17 +69,6 @@ def device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def peak_memory_bytes() -> int:
-    """Peak accelerator memory allocated by torch, or the process's peak resident memory on CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
 def losses(log_history: Sequence[dict[str, Any]], key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of one logged metric, in step order, one per step (the last logged wins)."""
     by_step = {int(entry["step"]): float(entry[key]) for entry in log_history if key in entry and "step" in entry}

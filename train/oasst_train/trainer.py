@@ -329,7 +329,8 @@ def summarize(cfg: TrainConfig, prepared: Prepared, built: Built, bar: Any, chec
     """What `train_summary.json` records: steps, losses, tokens/s, memory, 4-bit layers, the patches that ran."""
     from oasst_model import patches
     from oasst_model.lora_fused import concat_lora_modules
-    from oasst_train.report import device_name, peak_memory_bytes, replica_checksums, versions
+    from oasst_model.spec import peak_memory_bytes
+    from oasst_train.report import device_name, replica_checksums, versions
 
     trainer = built.trainer
     summary = _summary(cfg, trainer, bar, prepared.linear4bit, prepared.load_seconds, checkpoint)
