@@ -1,5 +1,6 @@
 """async_inputs: packed batches bring their example boundaries from the host, the planner takes them without
-reading the GPU, and training computes what it computes without them."""
+reading the GPU, and training computes what it computes without them (the training run: tests/train/test_attention.py,
+beside the read-back and block-mask runs)."""
 
 from __future__ import annotations
 
@@ -198,35 +199,3 @@ def test_changed_trl_collator_falls_back_with_one_warning(monkeypatch: pytest.Mo
     err = capsys.readouterr().err
     assert err.count("warning: patch collated_boundaries is off") == 1 and '"cu_seq_lens_q"' in err
     assert patches.report()["collated_boundaries"]["state"] == "fallback"
-
-
-@pytest.mark.slow
-def test_packed_training_with_async_inputs_learns_exactly_as_without(
-        oasst: Any, tiny_falcon: Path, tmp_path: Path, varlen_calls: list[tuple[list[int], int]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """`oasst train --packing --async-inputs` through trl's padding-free batches: the same losses as without, every
-    forward on the collated boundaries, and train_summary.json records the patch."""
-    from tests.train.conftest import GUANACO, read_summary
-
-    args = ("--model", tiny_falcon, "--data", GUANACO, "--packing", "--no-load-in-4bit", "--max-steps", 3,
-            "--batch-size", 2, "--grad-accum", 1, "--max-length", 512, "--lora-dropout", 0.0, "--eval-rows", 2,
-            "--save-steps", 3, "--logging-steps", 1, "-q")
-    decided: list[str] = []
-    own = attention._collated_decision
-
-    def counting(given: dict[str, Any], body: Any) -> Any:
-        decision = own(given, body)
-        decided.append(decision[0] if decision else "read back")
-        return decision
-
-    monkeypatch.setattr(attention, "_collated_decision", counting)
-    runs = {}
-    for name, flag in (("async", "--async-inputs"), ("plain", "--no-async-inputs")):
-        result = oasst("train", *args, flag, "--out", tmp_path / name)
-        assert result.exit_code == 0, result.output
-        runs[name] = read_summary(tmp_path / name)
-    losses = {name: [h["loss"] for h in s["log_history"] if "loss" in h] for name, s in runs.items()}
-    assert len(losses["async"]) == 3 and losses["async"] == losses["plain"]
-    assert runs["async"]["patches"]["collated_boundaries"]["state"] == "active"
-    assert len(decided) >= 3 and set(decided) == {"varlen"}  # every forward of the async run, none of the plain
-    assert "collated_boundaries" not in runs["plain"]["patches"]

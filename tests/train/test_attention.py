@@ -373,24 +373,42 @@ def test_packed_training_run_on_the_varlen_kernel_learns_as_on_the_block_mask(
         oasst: Any, tiny_falcon: Path, tmp_path: Path, varlen_calls: list[tuple[list[int], int]],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`oasst train --packing` through trl's padding-free batches: every step's attention goes to the varlen kernel,
-    with the same losses as the block mask, and train_summary.json records the patch."""
+    with the same losses as the block mask, and train_summary.json records the patch. With `--async-inputs` the
+    boundaries come with each batch (every forward takes the collated plan) and the losses are the varlen run's
+    exactly."""
     from tests.train.conftest import GUANACO, read_summary
 
     args = ("--model", tiny_falcon, "--data", GUANACO, "--packing", "--no-load-in-4bit", "--max-steps", 3,
             "--batch-size", 2, "--grad-accum", 1, "--max-length", 512, "--lora-dropout", 0.0, "--eval-rows", 2,
             "--save-steps", 3, "--logging-steps", 1, "-q")
+    decided: dict[str, list[str]] = {}
+    own = attention._collated_decision
+
+    def counting(given: dict[str, Any], body: Any) -> Any:
+        decision = own(given, body)
+        decided.setdefault(name, []).append(decision[0] if decision else "read back")
+        return decision
+
+    monkeypatch.setattr(attention, "_collated_decision", counting)
     runs = {}
-    for name, devices in (("varlen", ("cuda", "cpu")), ("block", ("cuda",))):
+    for name, devices, flag in (("varlen", ("cuda", "cpu"), "--no-async-inputs"),
+                                ("async", ("cuda", "cpu"), "--async-inputs"), ("block", ("cuda",), "--async-inputs")):
         monkeypatch.setattr(attention, "VARLEN_DEVICES", devices)
-        result = oasst("train", *args, "--out", tmp_path / name)
+        result = oasst("train", *args, flag, "--out", tmp_path / name)
         assert result.exit_code == 0, result.output
         runs[name] = read_summary(tmp_path / name)
     losses = {name: [h["loss"] for h in s["log_history"] if "loss" in h] for name, s in runs.items()}
     assert len(losses["varlen"]) == 3 and losses["varlen"] == pytest.approx(losses["block"], rel=1e-5)
-    assert len(varlen_calls) >= 3 * 2  # 3 steps, a forward of 2 layers each
+    assert losses["async"] == losses["varlen"]
+    assert len(varlen_calls) >= 2 * 3 * 2  # two runs of 3 steps, a forward of 2 layers each
     assert max(len(bounds) for bounds, _ in varlen_calls) > 4  # bins of 512 tokens hold several examples
     assert runs["varlen"]["patches"]["varlen_attention"]["state"] == "active"
     assert runs["block"]["patches"]["varlen_attention"]["state"] == "not needed"  # a CPU: the block mask
+    # Every forward of the async run (3 steps, 2 evaluations) on the collated boundaries; none of the others asked.
+    assert set(decided) == {"async"} and len(decided["async"]) >= 5 and set(decided["async"]) == {"varlen"}
+    assert runs["async"]["patches"]["collated_boundaries"]["state"] == "active"
+    assert runs["block"]["patches"]["collated_boundaries"]["state"] == "not needed"  # no varlen kernel there
+    assert "collated_boundaries" not in runs["varlen"]["patches"]
 
 
 def test_queries_the_kernel_does_not_take_get_the_block_mask(tiny_falcon: Path,
