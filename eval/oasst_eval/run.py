@@ -277,5 +277,3 @@ def _score(lm: Any, tasks: list[Any], manager: Any, cfg: EvalConfig, label: str,
     samples = results.pop("samples")
     items = sum(v["effective"] for v in results.get("n-samples", {}).values())
     return ModelRun(label=label, results=results, samples=samples, seconds=seconds, items=items)
-
-

@@ -16,9 +16,8 @@ What the user named is checked first, without torch, by `locate` (`check_source`
 
 from __future__ import annotations
 
-import importlib.util
-
 import contextlib
+import importlib.util
 import warnings
 from collections.abc import Iterator
 from pathlib import Path

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from oasst_tools.errors import OasstError
+from oasst_train import report
 
 CHECKPOINTS = "checkpoints"
 # Everything Trainer.train(resume_from_checkpoint=...) reads back to continue exactly where it stopped.
@@ -102,18 +103,12 @@ def require_checkpoint(out: Path, warn: Callable[[str], None] | None = None) -> 
     if found is not None:
         if skipped:
             reasons = "; ".join(f"{p.name}: {reason}" for p, reason in skipped)
-            (warn or _warn)(f"--resume: skipping {reasons}; resuming from {found.name}")
+            (warn or report.warn)(f"--resume: skipping {reasons}; resuming from {found.name}")
         return found
     if skipped:
         reasons = "; ".join(f"{p.name}: {reason}" for p, reason in reversed(skipped))
         raise OasstError(f"--resume: no complete checkpoint in {out / CHECKPOINTS} ({reasons})")
     raise OasstError(f"--resume: no checkpoint in {out / CHECKPOINTS}; start without --resume")
-
-
-def _warn(message: str) -> None:
-    import click
-
-    click.echo(f"warning: {message}", err=True)
 
 
 def finished_at(checkpoint: Path, max_steps: int, epochs: float) -> int | None:

@@ -137,7 +137,9 @@ def _dry_run(config_file: Path | None, resume: bool, flags: dict[str, Any]) -> N
 
     cfg = resolve_config(config_file, take_aliases(flags), required=tuple(n for n in REQUIRED if n != "out"))
     if resume:
-        click.echo("warning: --resume does nothing with --dry-run", err=True)
+        from oasst_train.report import warn
+
+        warn("--resume does nothing with --dry-run")
     from oasst_train.preview import dry_run
 
     dry_run(cfg, Console())

@@ -227,21 +227,19 @@ def resolve_config(config_file: Path | None, overrides: dict[str, Any],
 
 def warn_ignored(cfg: TrainConfig, origins: dict[str, str]) -> None:
     """One warning line per setting given (in the recipe or as a flag) that the chosen method does not use."""
+    from oasst_train.report import warn
+
     unused = ("beta", "loss_type") if cfg.method == "sft" else ("loss_on",)
     for name in unused:
         if name in origins:
-            import click
-
             why = "DPO scores the replies of each pair only" if name == "loss_on" else "it is a DPO setting"
-            click.echo(f"warning: {origins[name]}: {name} is ignored with method {cfg.method} ({why})", err=True)
+            warn(f"{origins[name]}: {name} is ignored with method {cfg.method} ({why})")
     # Refinements of fused_lora's forward: asked for without it (or without a 4-bit base), they change nothing.
     needs = {"seeded_lora_dropout": ("fused_lora",), "concat_lora": ("fused_lora", "load_in_4bit")}
     for name, requirements in needs.items():
         missing = [r for r in requirements if not getattr(cfg, r)]
         if name in origins and getattr(cfg, name) and missing:
-            import click
-
-            click.echo(f"warning: {origins[name]}: {name} is ignored without {' and '.join(missing)}", err=True)
+            warn(f"{origins[name]}: {name} is ignored without {' and '.join(missing)}")
 
 
 def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: tuple[str, ...] = REQUIRED) -> None:

@@ -82,7 +82,7 @@ def _warn_odd_turns(splits: dict[str, list[Example]]) -> None:
     """One warning line for rows whose turns do not alternate user/assistant after any system turns (an assistant
     first, two users in a row) and one for turns with empty content: trainable, but rarely what was meant (`oasst
     build` writes neither)."""
-    import click
+    from oasst_train.report import warn
 
     odd: dict[str, list[str]] = {"do not alternate user and assistant": [], "have a turn with empty content": []}
     for examples in splits.values():
@@ -94,7 +94,7 @@ def _warn_odd_turns(splits: dict[str, list[Example]]) -> None:
                 odd["have a turn with empty content"].append(example.where)
     for what, places in odd.items():
         if places:
-            click.echo(f"warning: {len(places)} row(s) whose messages {what} (first: {places[0]})", err=True)
+            warn(f"{len(places)} row(s) whose messages {what} (first: {places[0]})")
 
 
 def tokenize_text(tokenizer: Any, text: str, assistant_only: bool = True) -> tuple[list[int], list[int]]:

@@ -70,15 +70,14 @@ def adopt_init_adapter(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     values: dict[str, Any] = {"lora_r": adapter["r"], "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
                               "lora_dropout": float(adapter.get("lora_dropout") or 0.0), "target_modules": targets}
     from oasst_train.config import FIELD_DEFAULTS
+    from oasst_train.report import warn
 
     for name, adopted in values.items():
         given = getattr(cfg, name)
         same = sorted(given) == sorted(adopted) if name == "target_modules" else given == adopted
         if given != FIELD_DEFAULTS[name] and not same:  # set in the recipe or as a flag, and replaced: say so
-            import click
-
-            click.echo(f"warning: {name} {_shown(given)} is replaced by {_shown(adopted)} of --init-adapter {folder}: "
-                       "DPO trains on the SFT adapter, whose LoRA shape is fixed", err=True)
+            warn(f"{name} {_shown(given)} is replaced by {_shown(adopted)} of --init-adapter {folder}: DPO trains "
+                 "on the SFT adapter, whose LoRA shape is fixed")
     if cfg.format == AUTO:
         values["format"] = recorded_format(folder)  # DPO continues in the format SFT taught
     return (dataclasses.replace(cfg, **values),

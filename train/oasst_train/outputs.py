@@ -141,16 +141,22 @@ def write_config(cfg: TrainConfig, path: Path, targets: list[str]) -> None:
     values = to_dict(dataclasses.replace(cfg, target_modules=tuple(targets)))
     for key in LOCAL_PATHS:
         values[key] = absolute(values[key])
+    _write_text(path, "# resolved by oasst train; rerun with: oasst train --config " + path.name + "\n"
+                + yaml.safe_dump(values, sort_keys=False), "the run's config")
+
+
+def _write_text(path: Path, text: str, what: str) -> None:
+    """`text` into `path` through a temporary file beside it (a reader never sees half of it); a failed write is one
+    error line naming `what`."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text("# resolved by oasst train; rerun with: oasst train --config " + path.name + "\n"
-                       + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         from oasst_tools.files import write_error
 
-        raise write_error(exc, path, "the run's config") from None
+        raise write_error(exc, path, what) from None
 
 
 # Settings that may name local files or folders: recorded absolute, so that eval, generate, merge and a --resume
@@ -203,16 +209,7 @@ def check_same_data(out: Path, fingerprint: dict[str, Any]) -> None:
 
 def write_data_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:
     """`out`/data_fingerprint.json, written once at the run's start (atomically)."""
-    path = out / DATA_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        from oasst_tools.files import write_error
-
-        raise write_error(exc, path, "the run's data fingerprint") from None
+    _write_text(out / DATA_NAME, json.dumps(fingerprint, indent=2) + "\n", "the run's data fingerprint")
 
 
 def _same_path(a: Any, b: Any) -> bool:

@@ -13,6 +13,13 @@ from typing import Any
 
 from oasst_tools.errors import OasstError
 
+def warn(message: str) -> None:
+    """One `warning:` line on stderr: how `oasst train` says what it went on with."""
+    import click
+
+    click.echo(f"warning: {message}", err=True)
+
+
 # report_to value -> the packages transformers can write it with (any one will do).
 REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "oasst-tools")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from oasst_tools.errors import OasstError
 from oasst_train.checkpoints import CHECKPOINTS, finished_at
 from oasst_train.config import TrainConfig, device_line
+from oasst_train.report import warn
 from oasst_train.outputs import (CONFIG_NAME, SUMMARY_NAME, check_out, check_same_data, checkpoint_writer,
                                  data_fingerprint, save_outputs, saved_config, write_config, write_data_fingerprint)
 
@@ -124,13 +125,11 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     out = Path(cfg.out)
     fingerprint = data_fingerprint(rows["train"])
     if not rows.get("test"):
-        import click
-
         # Said, not silent: a test split that is there but empty, or evaluation asked for without one.
         why = "its test split has no rows" if "test" in rows else "it has no test split"
         if "test" in rows or cfg.eval_steps:
-            click.echo(f"warning: --data {cfg.data}: {why}, so nothing is evaluated"
-                       + (f" (eval_steps {cfg.eval_steps} is ignored)" if cfg.eval_steps else ""), err=True)
+            warn(f"--data {cfg.data}: {why}, so nothing is evaluated"
+                 + (f" (eval_steps {cfg.eval_steps} is ignored)" if cfg.eval_steps else ""))
     if checkpoint is not None:
         check_same_data(out, fingerprint)
     cfg, device_choice = resolve_device_defaults(cfg, resuming=checkpoint is not None)
@@ -154,16 +153,12 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
             console.print(line, markup=False, highlight=False, soft_wrap=True)
     prepared = prepare_model(cfg)
     if "paged" in cfg.optim and not _on_cuda(prepared.model):
-        import click
-
-        click.echo(f"warning: optim {cfg.optim}: paged optimizers need a CUDA GPU; bitsandbytes runs it unpaged here "
-                   "(the same updates)", err=True)
+        warn(f"optim {cfg.optim}: paged optimizers need a CUDA GPU; bitsandbytes runs it unpaged here (the same "
+             "updates)")
     positions = getattr(getattr(prepared.model, "config", None), "max_position_embeddings", None)
     if isinstance(positions, int) and cfg.max_length > positions:
-        import click
-
-        click.echo(f"warning: max_length {cfg.max_length} is beyond the {positions} positions {cfg.model} was trained "
-                   f"with; rows longer than {positions} tokens go past them", err=True)
+        warn(f"max_length {cfg.max_length} is beyond the {positions} positions {cfg.model} was trained with; rows "
+             f"longer than {positions} tokens go past them")
     out.mkdir(parents=True, exist_ok=True)
     built = (dpo.build_trainer if is_dpo else build_trainer)(cfg, prepared, data, fresh=checkpoint is None)
     if built.trainer.is_world_process_zero():  # every rank writing one temp file raced (seen on 2 CPU ranks)
