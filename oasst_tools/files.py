@@ -10,16 +10,19 @@ Standard library only: the CLI calls these before torch is imported.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from oasst_tools.conversation import kind
 from oasst_tools.errors import OasstError, OasstInputError, describe_os_error, os_error_text
 
 # A safetensors header is a few KB per thousand tensors; more than this is a file that is not safetensors.
@@ -66,7 +69,7 @@ def read_json_object(path: Path, what: str = "file") -> dict[str, Any]:
     except RecursionError:
         raise OasstError(f"{path}: JSON nested too deeply") from None
     if not isinstance(value, dict):
-        raise OasstError(f"{path}: expected a JSON object, got {_json_type(value)}")
+        raise OasstError(f"{path}: expected a JSON object, got {kind(value)}")
     return value
 
 
@@ -89,7 +92,7 @@ def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> 
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise OasstError(f"{path}: expected a mapping of settings, got {_yaml_type(raw)}")
+        raise OasstError(f"{path}: expected a mapping of settings, got {kind(raw)}")
     not_text = [k for k in raw if not isinstance(k, str)]
     if not_text:
         raise OasstError(f"{path}: setting names must be text, not {', '.join(repr(k) for k in not_text)}")
@@ -130,6 +133,42 @@ def build_split(folder: Path, split: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def split_rows(path: Path, columns: str = "") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) of every non-empty line of a `.jsonl` or `.jsonl.gz` file, or (row number, row) of a
+    `.parquet` one; a line that is not a JSON object (its message names the `columns` a row should have), bad bytes,
+    a cut or damaged gzip stream or an unreadable file is one error naming `path:line`."""
+    if path.suffix == ".parquet":  # `oasst build --format parquet`
+        yield from parquet_rows(path)
+        return
+    opener = gzip.open if path.suffix == ".gz" else open
+    should = f" with {columns}" if columns else ""
+    lineno = 0
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                line = decode_utf8(raw, path, lineno)
+                try:
+                    # A byte-order mark some editors write.
+                    row = json.loads(line.removeprefix("\ufeff") if lineno == 1 else line)
+                except json.JSONDecodeError as exc:
+                    raise OasstInputError(path, lineno, f"not valid JSON ({exc.msg})") from None
+                except RecursionError:
+                    raise OasstInputError(path, lineno, "JSON nested too deeply") from None
+                if not isinstance(row, dict):
+                    raise OasstInputError(path, lineno, f"a row must be a JSON object{should}, not {kind(row)}")
+                yield lineno, row
+    except EOFError:
+        raise OasstInputError(path, lineno + 1, "gzip file is truncated: the stream ends inside this line") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise OasstInputError(path, lineno + 1, f"not a readable gzip file ({exc})") from None
+    except IsADirectoryError:
+        raise OasstError(f"data file {path} is a folder, not a file") from None
+    except OSError as exc:
+        raise OasstError(f"cannot read data file {_named(exc, path)}") from None
 
 
 def parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -286,13 +325,3 @@ def _named(exc: OSError, path: Path | None) -> str:
         return os_error_text(exc)
     reason = describe_os_error(exc)
     return f"{path}: {reason}" if path is not None else reason
-
-
-def _json_type(value: Any) -> str:
-    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _yaml_type(value: Any) -> str:
-    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
-        type(value), type(value).__name__)

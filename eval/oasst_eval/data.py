@@ -12,18 +12,16 @@ Only the standard library is imported at the top: `oasst eval` checks paths befo
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import re
-import zlib
 from collections.abc import Iterator, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from oasst_tools.conversation import ROLES
+from oasst_tools.conversation import ROLES, kind
 from oasst_tools.errors import OasstError, OasstInputError, describe_os_error
+from oasst_tools.files import split_rows
 
 DATA_ENV = "OASST_EVAL_DATA"
 GUANACO_ENV = "OASST_EVAL_GUANACO"
@@ -76,54 +74,15 @@ def require_split(data_dir: Path, task: str, split: str, source: str) -> Path:
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Rows (JSON objects) of a `.jsonl` or `.jsonl.gz` file; a broken line, bad bytes, a cut or damaged gzip
     stream or an unreadable file is one error naming `path:line`."""
-    for _, row in numbered_rows(path):
+    for _, row in split_rows(path):
         yield row
-
-
-def numbered_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) pairs of a `.jsonl` or `.jsonl.gz` file, with read_jsonl's errors."""
-    from oasst_tools.files import decode_utf8, parquet_rows
-
-    if path.suffix == ".parquet":  # `oasst build --format parquet`
-        yield from parquet_rows(path)
-        return
-    opener = gzip.open if path.suffix == ".gz" else open
-    lineno = 0
-    try:
-        with opener(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                line = decode_utf8(raw, path, lineno)
-                try:
-                    row = json.loads(line.removeprefix("\ufeff") if lineno == 1 else line)
-                except json.JSONDecodeError as exc:
-                    raise OasstInputError(path, lineno, f"not valid JSON ({exc.msg})") from None
-                except RecursionError:
-                    raise OasstInputError(path, lineno, "JSON nested too deeply") from None
-                if not isinstance(row, dict):
-                    raise OasstInputError(path, lineno, f"a row must be a JSON object, not {_kind(row)}")
-                yield lineno, row
-    except EOFError:
-        raise OasstInputError(path, lineno + 1, "gzip file is truncated: the stream ends inside this line") from None
-    except (gzip.BadGzipFile, zlib.error) as exc:
-        raise OasstInputError(path, lineno + 1, f"not a readable gzip file ({exc})") from None
-    except IsADirectoryError:
-        raise OasstError(f"{path} is a folder, not a data file") from None
-    except OSError as exc:
-        raise OasstError(f"cannot read {path}: {describe_os_error(exc)}") from None
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
-            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _check_hellaswag_row(row: dict[str, Any]) -> str | None:
     """What is wrong with one HellaSwag row for lm-eval's preprocessing, or None."""
     for key in ("activity_label", "ctx_a", "ctx_b"):
         if not isinstance(row.get(key), str):
-            return f"`{key}` must be a string, not {_kind(row.get(key))}" if key in row else f"no `{key}`"
+            return f"`{key}` must be a string, not {kind(row.get(key))}" if key in row else f"no `{key}`"
     endings = row.get("endings")
     if not (isinstance(endings, list) and endings and all(isinstance(e, str) for e in endings)):
         return f"`endings` must be a non-empty list of strings, not {endings!r}"[:200]
@@ -143,7 +102,7 @@ def _check_guanaco_row(row: dict[str, Any]) -> str | None:
     if "text" not in row:
         return f"row has no `text` (it has: {', '.join(map(str, row))})"
     if not isinstance(row["text"], str):
-        return f"`text` must be a string, not {_kind(row['text'])}"
+        return f"`text` must be a string, not {kind(row['text'])}"
     if not row["text"].strip():
         return "`text` is empty"
     return None
@@ -179,7 +138,7 @@ def _check_pair_row(row: dict[str, Any]) -> str | None:
 def _check_turn(turn: Any, name: str, role: str | None = None) -> str | None:
     """What is wrong with one {role, content} message of a pair (`role`: the one it must have), or None."""
     if not isinstance(turn, dict):
-        return f"`{name}` must be a {{role, content}} object, not {_kind(turn)}"
+        return f"`{name}` must be a {{role, content}} object, not {kind(turn)}"
     given = turn.get("role")
     chat_role = ROLES.get(given.lower()) if isinstance(given, str) else None
     if chat_role is None:
@@ -188,7 +147,7 @@ def _check_turn(turn: Any, name: str, role: str | None = None) -> str | None:
         return f"`{name}` role must be {role}, not {given!r}"[:200]
     content = turn.get("content")
     if not isinstance(content, str):
-        return f"`{name}` content must be a string, not {_kind(content)}"
+        return f"`{name}` content must be a string, not {kind(content)}"
     if not content.strip():
         return f"`{name}` content is empty"
     return None
@@ -196,7 +155,7 @@ def _check_turn(turn: Any, name: str, role: str | None = None) -> str | None:
 
 def _shape(value: Any) -> str:
     """How an error names a value that should be a list: `a list of 2`, `a string`..."""
-    return f"a list of {len(value)}" if isinstance(value, list) else _kind(value)
+    return f"a list of {len(value)}" if isinstance(value, list) else kind(value)
 
 
 _CHECKS = {"hellaswag": _check_hellaswag_row, "guanaco_test": _check_guanaco_row, "guanaco_pairs": _check_pair_row}
@@ -222,7 +181,7 @@ def numbered_task_rows(path: Path, task: str) -> list[tuple[int, dict[str, Any]]
     if key not in _ROWS:
         check = _CHECKS[task]
         rows = []
-        for lineno, row in numbered_rows(path):
+        for lineno, row in split_rows(path):
             problem = check(row)
             if problem is not None:
                 raise OasstInputError(path, lineno, problem)

@@ -126,7 +126,7 @@ def test_bad_few_shot_split_is_named_too(oasst, tmp_path: Path) -> None:
 
 
 def test_unreadable_hellaswag_file_names_it(oasst, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from oasst_eval import data as data_module
+    from oasst_tools import files
 
     path = _hellaswag(tmp_path, _jsonl(*HELLASWAG_ROWS))
     before = snapshot(tmp_path)
@@ -134,10 +134,10 @@ def test_unreadable_hellaswag_file_names_it(oasst, tmp_path: Path, monkeypatch: 
     def refuse(file: Any, *args: Any, **kwargs: Any) -> Any:  # root reads through chmod 000
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(file))
 
-    monkeypatch.setattr(data_module, "open", refuse, raising=False)
+    monkeypatch.setattr(files, "open", refuse, raising=False)
     result = oasst("eval", "--model", STORIES, "--data-dir", "data")
     monkeypatch.undo()
-    assert assert_refused(result) == f"error: cannot read {path.relative_to(tmp_path)}: permission denied"
+    assert assert_refused(result) == f"error: cannot read data file {path.relative_to(tmp_path)}: permission denied"
     assert_unchanged(before, tmp_path)
 
 
@@ -213,7 +213,7 @@ ADAPTER_DAMAGE = {
     "config-invalid-utf8": (lambda a: (a / "adapter_config.json").write_bytes(b'{"r": "\xff"}'),
                             "adapter/adapter_config.json:1: not valid UTF-8 text"),
     "config-an-array": (lambda a: (a / "adapter_config.json").write_text("[]"),
-                        "adapter/adapter_config.json: expected a JSON object, got an array"),
+                        "adapter/adapter_config.json: expected a JSON object, got a list"),
     "config-other-peft-type": (lambda a: (a / "adapter_config.json").write_text('{"peft_type": "IA3"}'),
                                "adapter/adapter_config.json: not a LoRA adapter config (peft_type 'IA3'"),
     "config-no-targets": (lambda a: (a / "adapter_config.json").write_text(

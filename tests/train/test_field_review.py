@@ -89,7 +89,8 @@ def test_eval_refuses_a_key_set_twice(tmp_path: Path) -> None:
 
 
 def test_a_parquet_build_trains_and_scores_as_its_jsonl_twin(tmp_path: Path) -> None:
-    from oasst_eval.data import guanaco_file, numbered_rows
+    from oasst_eval.data import guanaco_file
+    from oasst_tools.files import split_rows
     from oasst_train.data import read_rows
 
     polars = pytest.importorskip("polars")
@@ -103,8 +104,8 @@ def test_a_parquet_build_trains_and_scores_as_its_jsonl_twin(tmp_path: Path) -> 
 
     assert rows(parquet) == rows(GUANACO)  # the same rows, numbered the same
     assert guanaco_file(parquet) == parquet / "test.parquet"
-    assert [row for _, row in numbered_rows(parquet / "test.parquet")] == \
-        [row for _, row in numbered_rows(GUANACO / "test.jsonl")]
+    assert [row for _, row in split_rows(parquet / "test.parquet")] == \
+        [row for _, row in split_rows(GUANACO / "test.jsonl")]
 
 
 def _copy_run(run: Path, tmp_path: Path) -> Path:

@@ -120,16 +120,16 @@ def test_markup_in_the_out_path_trains_and_prints_as_typed(oasst, data: Path, tm
 
 
 def test_unreadable_train_file_names_it(oasst, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Root reads through chmod 000, so the refusal is injected where the file is read.
-    real = Path.read_bytes
+    from oasst_tools import files
 
-    def refuse(self: Path) -> bytes:
-        if self.name == "train.jsonl":
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return real(self)
+    # Root reads through chmod 000, so the refusal is injected where the file is read.
+    def refuse(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(file).name == "train.jsonl":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(file))
+        return open(file, *args, **kwargs)
 
     before = snapshot(tmp_path)
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr(files, "open", refuse, raising=False)
     result = _train(oasst, "--data", "data", "--out", "out")
     monkeypatch.undo()
     assert assert_refused(result) == "error: cannot read data file data/train.jsonl: permission denied"
@@ -293,7 +293,7 @@ MODEL_DAMAGE = {
     "config-not-json": (lambda m: (m / "config.json").write_text("{not json"),
                         "model/config.json:1: not valid JSON (Expecting property name enclosed in double quotes)"),
     "config-a-list": (lambda m: (m / "config.json").write_text("[]"),
-                      "model/config.json: expected a JSON object, got an array"),
+                      "model/config.json: expected a JSON object, got a list"),
     "config-invalid-utf8": (lambda m: (m / "config.json").write_bytes(b'{"a": "\xc3"}'),
                             "model/config.json:1: not valid UTF-8 text (byte 0xc3 at column 8)"),
     "weights-truncated": (lambda m: _truncate(m / "model.safetensors", 5000),

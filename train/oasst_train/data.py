@@ -12,8 +12,7 @@ counted, never trained on nothing (trl would drop it silently).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from oasst_tools.conversation import Encoded, Format, check_messages, encode, en
 from oasst_tools.conversation import guanaco_prompt  # noqa: F401 - merge.py's check prompt imports it from here
 from oasst_tools.conversation import kind as _kind
 from oasst_tools.errors import OasstError, OasstInputError
+from oasst_tools.files import split_rows
 
 
 # The columns of a preference-pair row (`oasst build --pairs`, trl's preference format): method dpo reads them.
@@ -198,36 +198,10 @@ def _example(row: dict[str, Any], where: str) -> Example:
     return Example(text, turns, where)
 
 
-def jsonl_rows(path: Path, columns: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) of every non-empty line of a JSONL split; a line that is not a JSON object is an error
-    naming its line and the `columns` a row should have."""
-    from oasst_tools.files import decode_utf8, parquet_rows, read_bytes
-
-    if path.suffix == ".parquet":
-        yield from parquet_rows(path)
-        return
-    # One read: the files are a few MB, and bytes let a bad byte be reported with its line.
-    for n, raw in enumerate(read_bytes(path, "data file").split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        line = decode_utf8(raw, path, n)
-        if n == 1:
-            line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise OasstInputError(path, n, f"not valid JSON ({exc.msg})") from None
-        except RecursionError:
-            raise OasstInputError(path, n, "JSON nested too deeply") from None
-        if not isinstance(row, dict):
-            raise OasstInputError(path, n, f"a row must be a JSON object with {columns}, not {_kind(row)}")
-        yield n, row
-
-
 def _read_jsonl(path: Path) -> list[Example]:
     """Rows of an `oasst build` JSONL split; every row is checked here, so a bad one is named with its line."""
     examples = []
-    for n, row in jsonl_rows(path, "`text` or `messages`"):
+    for n, row in split_rows(path, "`text` or `messages`"):
         if "text" not in row and "messages" not in row:
             if PAIR_COLUMNS <= row.keys():
                 raise OasstError(f"{path} {PAIRS_NOT_FOR_SFT}")

@@ -111,10 +111,10 @@ def read_pairs(data: str, eval_rows: int = 0) -> dict[str, list[PairRow]]:
 
 def _read_pair_rows(path: Path) -> list[PairRow]:
     """Rows of one JSONL split of pairs, each checked: a bad one is named with its line."""
-    from oasst_train.data import jsonl_rows
+    from oasst_tools.files import split_rows
 
     pairs = []
-    for n, row in jsonl_rows(path, "prompt, chosen and rejected"):
+    for n, row in split_rows(path, "prompt, chosen and rejected"):
         missing = [c for c in ("prompt", "chosen", "rejected") if c not in row]
         if missing and ("text" in row or "messages" in row):
             raise OasstError(f"{path} {THREADS_NOT_FOR_DPO}")
