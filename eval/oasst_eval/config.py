@@ -140,6 +140,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
 INTEGERS = {"num_fewshot": 0, "limit": 1, "max_batch_size": 1, "max_batch_tokens": 1}
 BOOLEANS = ("compare_base", "merge_adapter", "shared_context", "cudnn_attention")
 TEXTS = ("adapter", "data_dir", "data", "device", "out", "batch_size", "format")
+# Settings that name files or folders (a leading `~` is expanded); `model` is a load setting, checked with train's.
+PATH_FIELDS = ("adapter", "data_dir", "data", "out")
 
 
 def coerce(name: str, value: Any, where: str) -> Any:
@@ -169,7 +171,7 @@ def coerce(name: str, value: Any, where: str) -> Any:
         raise OasstError(f"{where}: {name} contains a NUL character")
     if name == "format" and value not in FORMATS:
         raise OasstError(f"{where}: format must be one of {', '.join(FORMATS)}, not {value!r}")
-    return as_path(value) if name in ("adapter", "data_dir", "data", "out") else value
+    return as_path(value) if name in PATH_FIELDS else value
 
 
 def resolve_config(file: Path | None, flags: dict[str, Any]) -> EvalConfig:
@@ -181,7 +183,7 @@ def resolve_config(file: Path | None, flags: dict[str, Any]) -> EvalConfig:
     if not cfg.model and not cfg.adapter:
         raise OasstError("--model is required (a model folder, a Hub name or a .gguf file), or --adapter DIR of an "
                          "`oasst train` run, whose base it names")
-    for name in ("model", "adapter", "data_dir", "data", "out"):
+    for name in ("model", *PATH_FIELDS):
         if "\0" in (getattr(cfg, name) or ""):
             raise OasstError(f"--{name.replace('_', '-')} contains a NUL character")
     if cfg.compare_base and not cfg.adapter:
