@@ -111,6 +111,17 @@ def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> 
     return raw, {k: f"{path}:{lines[k]}" if k in lines else str(path) for k in raw}
 
 
+def override_lines(from_file: dict[str, Any], where: dict[str, str], flags: dict[str, Any]) -> list[str]:
+    """One line per flag that replaces a different value the config file set (`--lora-r 16 overrides recipe.yaml:9
+    (lora_r: 64)`), so that a recipe's value a flag changed is never a surprise."""
+    def shown(value: Any) -> str:
+        return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+    return [f"--{name.replace('_', '-')} {shown(value)} overrides {where[name]} ({name}: {shown(from_file[name])})"
+            for name, value in flags.items()
+            if value is not None and name in from_file and value != from_file[name]]
+
+
 def unknown_keys_error(path: Path, unknown: list[str], known: Any, command: str) -> OasstError:
     """One error for every unknown key of a config file, each with the known key it most likely meant (`lr` has
     none; `learning-rate` is learning_rate, `max_seq_length` max_length)."""

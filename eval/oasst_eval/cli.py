@@ -72,7 +72,10 @@ def eval_command(config_file: Path | None, tasks: str | None, verbose: bool, **f
 
     console = Console(stderr=True)
     flags = take_aliases(flags)
-    cfg = resolve_config(config_file, {**flags, "tasks": parse_tasks(tasks) if tasks is not None else None})
+    notes: list[str] = []
+    cfg = resolve_config(config_file, {**flags, "tasks": parse_tasks(tasks) if tasks is not None else None}, notes)
+    for line in notes:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     # Before scoring, which can take hours: an --out that cannot be written, or that would mix its files into an
     # input, fails now.
     check_apart(cfg.out, [("--adapter", cfg.adapter), ("--model", cfg.model), ("--data", cfg.data),

@@ -114,9 +114,9 @@ def parse_tasks(value: str | list[str] | tuple[str, ...], where: str = "--tasks"
     return names
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
+def load_config_file(path: Path, origins: dict[str, str] | None = None) -> dict[str, Any]:
     """Keys of a YAML config file, each checked against its setting's type; all unknown keys are reported in one
-    error, and a bad value names the file and line."""
+    error, and a bad value names the file and line; `origins` gets `PATH:LINE` of each key."""
     from oasst_tools.files import read_yaml_mapping, unknown_keys_error
 
     raw, where = read_yaml_mapping(path)
@@ -132,6 +132,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
                              "until the next release)\n")
             raw[new] = raw.pop(old)
             where[new] = where[old]
+    if origins is not None:
+        origins.update(where)
     return {key: parse_tasks(value, where[key]) if key == "tasks" else coerce(key, value, where[key])
             for key, value in raw.items()}
 
@@ -174,12 +176,18 @@ def coerce(name: str, value: Any, where: str) -> Any:
     return as_path(value) if name in PATH_FIELDS else value
 
 
-def resolve_config(file: Path | None, flags: dict[str, Any]) -> EvalConfig:
-    """Defaults, then the config file, then the flags that were given (None = not given)."""
+def resolve_config(file: Path | None, flags: dict[str, Any], notes: list[str] | None = None) -> EvalConfig:
+    """Defaults, then the config file, then the flags that were given (None = not given). `notes` gets one line per
+    flag that replaced a different value of the config file."""
+    from oasst_tools.files import override_lines
+
     cfg = EvalConfig()
-    if file is not None:
-        cfg = dataclasses.replace(cfg, **load_config_file(file))
+    where: dict[str, str] = {}
+    from_file = load_config_file(file, where) if file is not None else {}
+    cfg = dataclasses.replace(cfg, **from_file)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    if notes is not None:
+        notes.extend(override_lines(from_file, where, flags))
     if not cfg.model and not cfg.adapter:
         raise OasstError("--model is required (a model folder, a Hub name or a .gguf file), or --adapter DIR of an "
                          "`oasst train` run, whose base it names")

@@ -117,3 +117,14 @@ def test_missing_model_flag(oasst) -> None:
     line = _only_error_line(oasst("eval", "--tasks", "hellaswag"))
     assert line == ("error: --model is required (a model folder, a Hub name or a .gguf file), or --adapter DIR of an "
                     "`oasst train` run, whose base it names")
+
+
+def test_a_flag_that_replaces_a_config_value_says_so_before_anything_loads(oasst, tmp_path: Path) -> None:
+    config = tmp_path / "eval.yaml"
+    config.write_text("model: m\ntasks: hellaswag\nlimit: 5\nnum_fewshot: 0\n")
+    result = oasst("eval", "--config", config, "--limit", "4", "--num-fewshot", "0", "--tasks", "hellaswag")
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"--limit 4 overrides {config}:3 (limit: 5)"
+    assert _only_error_line(result, alone=False) == ("error: model folder m does not exist (a hub model id has the "
+                                                     "form owner/name)")
+    assert len(lines) == 2

@@ -87,3 +87,22 @@ def test_a_fused_lora_refinement_without_what_it_refines_is_one_warning_line(
         f"warning: {recipe}:1: concat_lora is ignored without fused_lora and load_in_4bit",
         "warning: --concat-lora: concat_lora is ignored without load_in_4bit",
         "warning: --seeded-lora-dropout: seeded_lora_dropout is ignored without fused_lora"]
+
+
+def test_a_flag_that_replaces_a_recipe_value_says_so_once(oasst, tmp_path: Path) -> None:
+    from tests.train.conftest import GUANACO, STORIES
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {STORIES}\ndata: {GUANACO}\nlora_r: 8\nlearning_rate: 1.0e-3\n"
+                      "target_modules: [q_proj, v_proj]\n")
+    notes: list[str] = []
+    cfg = resolve_config(recipe, {"lora_r": 4, "learning_rate": "0.001", "target_modules": "q_proj,o_proj",
+                                  "max_steps": 3, "out": "o"}, notes=notes)
+    assert cfg.lora_r == 4
+    # The same value given again (as text here) is no change; a flag the recipe does not set replaces nothing.
+    assert notes == [f"--lora-r 4 overrides {recipe}:3 (lora_r: 8)",
+                     f"--target-modules q_proj,o_proj overrides {recipe}:5 (target_modules: q_proj,v_proj)"]
+    result = oasst("train", "--config", recipe, "--lora-r", 4, "--out", tmp_path / "out", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == f"--lora-r 4 overrides {recipe}:3 (lora_r: 8)"
+    assert "overrides" not in result.stdout

@@ -92,13 +92,16 @@ def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, ve
         _quiet_libraries(verbose)
         _dry_run(config_file, resume, flags)
         return
-    cfg = resolve_config(config_file, take_aliases(flags))
+    notes: list[str] = []
+    cfg = resolve_config(config_file, take_aliases(flags), notes=notes)
     if not resume:  # a new run writes train_config.yaml into --out: never over the recipe it reads
         from oasst_tools.output import check_apart
 
         check_apart(cfg.out, [("--config", config_file)])
     check_report_to(cfg.report_to)
     console = Console(stderr=True, quiet=quiet)
+    for line in notes:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def announce(resolved: TrainConfig, lines: list[str]) -> None:
         # Text and Pretty, not a markup string: paths and values may hold `[/]` or `[bold]`.
@@ -135,7 +138,11 @@ def _dry_run(config_file: Path | None, resume: bool, flags: dict[str, Any]) -> N
 
     from oasst_train.config import REQUIRED, resolve_config
 
-    cfg = resolve_config(config_file, take_aliases(flags), required=tuple(n for n in REQUIRED if n != "out"))
+    notes: list[str] = []
+    cfg = resolve_config(config_file, take_aliases(flags), required=tuple(n for n in REQUIRED if n != "out"),
+                         notes=notes)
+    for line in notes:
+        Console(stderr=True).print(line, markup=False, highlight=False, soft_wrap=True)
     if resume:
         from oasst_train.report import warn
 

@@ -210,18 +210,25 @@ def coerce(name: str, value: Any, origin: str) -> Any:
         raise OasstError(f"{origin}: {name} must be {kind_name}, not {value!r}") from None
 
 
-def resolve_config(config_file: Path | None, overrides: dict[str, Any],
-                   required: tuple[str, ...] = REQUIRED) -> TrainConfig:
-    """Defaults, then the YAML recipe, then flags (only those given); checked once, then frozen."""
+def resolve_config(config_file: Path | None, overrides: dict[str, Any], required: tuple[str, ...] = REQUIRED,
+                   notes: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the YAML recipe, then flags (only those given); checked once, then frozen. `notes` gets one
+    line per flag that replaced a different value of the recipe."""
+    from oasst_tools.files import override_lines
+
     origins: dict[str, str] = {}
     values = load_yaml(config_file, origins) if config_file is not None else {}
+    from_file, where = dict(values), dict(origins)
+    flags = {}
     for name, value in overrides.items():
         if value is not None:
             origins[name] = flag_name(name)
-            values[name] = coerce(name, value, origins[name])
+            values[name] = flags[name] = coerce(name, value, origins[name])
     cfg = replace(TrainConfig(), **values)
     validate(cfg, origins, required)
     warn_ignored(cfg, origins)
+    if notes is not None:
+        notes.extend(override_lines(from_file, where, flags))
     return cfg
 
 
@@ -294,7 +301,7 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: 
         # length-grouped sampler would only reorder the data.
         raise fail("group_by_length", "group_by_length does not apply with packing (packed rows are all near "
                                       "max_length); set group_by_length false")
-    for name in ("model", "data", "out", "init_adapter"):
+    for name in PATH_FIELDS:
         if "\0" in getattr(cfg, name):
             raise fail(name, f"{name} {getattr(cfg, name)!r} contains a NUL character")
     if cfg.precision == "fp16" and cfg.compute_dtype == "bfloat16":  # `auto` ones are checked once resolved
