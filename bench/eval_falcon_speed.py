@@ -336,7 +336,7 @@ def measure(name: str, limit: int, work: Path, profile: str | None = None) -> di
         label = "adapter" if "adapter" in name else "base"
         row = {"items": settings["items_scored"][label], "seconds": settings["seconds"][label],
                "load_seconds": settings["load_seconds"], "batch_sizes": settings["batch_size_used"][label],
-               "peak_gpu_memory_gib": settings["peak_gpu_memory_gib"],
+               "peak_gpu_memory_gib": (settings.get("peak_memory_bytes") or 0) / 2**30 or None,
                "linear4bit_layers": settings["linear4bit_layers"],
                "batch_tokens": settings.get("batch_tokens"), "adapter_merged": settings.get("adapter_merged"),
                "shared_context_used": settings.get("shared_context_used"),
