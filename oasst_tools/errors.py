@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 
 class OasstError(Exception):
@@ -91,3 +92,15 @@ def _escape(match: re.Match[str]) -> str:
     if char in "\n\r":
         return "\\n" if char == "\n" else "\\r"
     return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut to a readable length for an error line: a YAML list of 20,000 items (or one made of
+    aliases, whose full repr never ends) shows its first items and `...`."""
+    import reprlib
+
+    short = reprlib.Repr()  # limits as attributes: Python 3.11's constructor takes none
+    short.maxlevel, short.maxstring, short.maxother, short.maxlong = 3, 60, 60, 40
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = short.maxfrozenset = 4
+    text = short.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -80,9 +80,14 @@ def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> 
 
     if not path.exists():
         raise missing_file(path, what)
-    text = read_text(path, what)
+    text = read_text(path, what).removeprefix("\ufeff")  # a byte-order mark some editors write
     try:
         raw = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML refuses (NUL, other control characters)
+        line = text.count("\n", 0, exc.position) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise OasstError(f"{path}:{line}: not valid YAML (the character U+{code:04X} is not allowed in YAML){hint}"
+                         ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -157,6 +162,10 @@ def split_rows(path: Path, columns: str = "") -> Iterator[tuple[int, dict[str, A
     should = f" with {columns}" if columns else ""
     lineno = 0
     try:
+        if opener is gzip.open:
+            with open(path, "rb") as raw_file:
+                if raw_file.read(2) != b"\x1f\x8b":  # gzip's own message for this depends on the file's length
+                    raise OasstInputError(path, 1, "not a gzip file (named .gz, but without gzip's first bytes)")
         with opener(path, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
                 if not raw.strip():
@@ -169,8 +178,15 @@ def split_rows(path: Path, columns: str = "") -> Iterator[tuple[int, dict[str, A
                     raise OasstInputError(path, lineno, f"not valid JSON ({exc.msg})") from None
                 except RecursionError:
                     raise OasstInputError(path, lineno, "JSON nested too deeply") from None
+                except ValueError:  # Python's limit on the digits of an integer it converts
+                    raise OasstInputError(path, lineno, "a number with more than 4,300 digits") from None
                 if not isinstance(row, dict):
                     raise OasstInputError(path, lineno, f"a row must be a JSON object{should}, not {kind(row)}")
+                # `\ud800` alone is valid JSON but no text a tokenizer (or a UTF-8 file) takes; only lines that
+                # spell a surrogate escape are walked.
+                if ("\\ud" in line or "\\uD" in line) and _has_lone_surrogate(row):
+                    raise OasstInputError(path, lineno, "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff "
+                                                        "without its pair): not text", reason="encoding")
                 yield lineno, row
     except EOFError:
         raise OasstInputError(path, lineno + 1, "gzip file is truncated: the stream ends inside this line") from None
@@ -180,6 +196,24 @@ def split_rows(path: Path, columns: str = "") -> Iterator[tuple[int, dict[str, A
         raise OasstError(f"data file {path} is a folder, not a file") from None
     except OSError as exc:
         raise OasstError(f"cannot read data file {_named(exc, path)}") from None
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in a parsed JSON value (keys included) cannot be written as UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -14,7 +14,7 @@ import click
 
 from oasst_eval.config import help_for, parse_tasks, resolve_config, shown_for
 from oasst_model.flags import load_options, option, take_aliases, verbose_option
-from oasst_model.spec import LOAD_FIELDS
+from oasst_model.spec import INT_LIMIT, LOAD_FIELDS
 from oasst_tools.conversation import FORMATS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -30,11 +30,11 @@ def _option(name: str, **kwargs: Any) -> Callable[[F], F]:
 @_option("adapter", metavar="DIR")
 @_option("tasks", metavar="A,B,...")
 @_option("compare_base", kind=bool)
-@_option("num_fewshot", kind=click.IntRange(min=0))
-@_option("limit", kind=click.IntRange(min=1))
+@_option("num_fewshot", kind=click.IntRange(min=0, max=INT_LIMIT))
+@_option("limit", kind=click.IntRange(min=1, max=INT_LIMIT))
 @_option("batch_size")
-@_option("max_batch_size", kind=click.IntRange(min=1))
-@_option("max_batch_tokens", kind=click.IntRange(min=1))
+@_option("max_batch_size", kind=click.IntRange(min=1, max=INT_LIMIT))
+@_option("max_batch_tokens", kind=click.IntRange(min=1, max=INT_LIMIT))
 @_option("shared_context", kind=bool)
 @_option("cudnn_attention", kind=bool)
 @_option("merge_adapter", kind=bool)

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from oasst_model.attention import CUDNN_ATTENTION_HELP
-from oasst_model.spec import LOAD_FIELDS, as_bool, as_path, check_value, option_field
+from oasst_model.spec import INT_LIMIT, LOAD_FIELDS, as_bool, as_path, check_value, option_field
 from oasst_tools.conversation import FORMATS
-from oasst_tools.errors import OasstError
+from oasst_tools.errors import OasstError, shown
 
 # eval's `dtype` setting was renamed to train's `compute_dtype`; the old YAML key is read, with a warning, until the
 # next release.
@@ -106,11 +106,12 @@ def shown_for(name: str) -> str | None:
 def parse_tasks(value: str | list[str] | tuple[str, ...], where: str = "--tasks") -> tuple[str, ...]:
     """`hellaswag,arc_easy` (or a YAML list) -> ("hellaswag", "arc_easy"), in order, without repeats."""
     if not isinstance(value, (str, list, tuple)) or not all(isinstance(t, str) for t in value):
-        raise OasstError(f"{where}: tasks must be task names (text or a list of text), not {value!r}")
+        raise OasstError(f"{where}: tasks must be task names (text or a list of text), not {shown(value)}")
     items = value.split(",") if isinstance(value, str) else list(value)
     names = tuple(dict.fromkeys(str(t).strip() for t in items if str(t).strip()))
     if not names:
-        raise OasstError("--tasks is empty: name at least one task, e.g. --tasks hellaswag")
+        empty = f"{where} is empty" if where.startswith("--") else f"{where}: tasks is empty"
+        raise OasstError(f"{empty}: name at least one task, e.g. --tasks hellaswag")
     return names
 
 
@@ -156,23 +157,25 @@ def coerce(name: str, value: Any, where: str) -> Any:
     if name in INTEGERS:
         # bool is an int to Python; NaN and inf are floats no whole number equals.
         if isinstance(value, bool) or not isinstance(value, int):
-            raise OasstError(f"{where}: {name} must be a whole number, not {value!r}")
+            raise OasstError(f"{where}: {name} must be a whole number, not {shown(value)}")
         if value < INTEGERS[name]:
             raise OasstError(f"{where}: {name} must be at least {INTEGERS[name]}, not {value}")
+        if value > INT_LIMIT:
+            raise OasstError(f"{where}: {name} must be at most {INT_LIMIT:,}, not {value}")
         return value
     if name in BOOLEANS:
         flag = as_bool(value)
         if flag is None:
-            raise OasstError(f"{where}: {name} must be true or false, not {value!r}")
+            raise OasstError(f"{where}: {name} must be true or false, not {shown(value)}")
         return flag
     if name == "batch_size" and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # `batch_size: 8` in YAML is a number
     if not isinstance(value, str):
-        raise OasstError(f"{where}: {name} must be text, not {value!r}")
+        raise OasstError(f"{where}: {name} must be text, not {shown(value)}")
     if "\0" in value:
         raise OasstError(f"{where}: {name} contains a NUL character")
     if name == "format" and value not in FORMATS:
-        raise OasstError(f"{where}: format must be one of {', '.join(FORMATS)}, not {value!r}")
+        raise OasstError(f"{where}: format must be one of {', '.join(FORMATS)}, not {shown(value)}")
     return as_path(value) if name in PATH_FIELDS else value
 
 
@@ -196,6 +199,9 @@ def resolve_config(file: Path | None, flags: dict[str, Any], notes: list[str] | 
             raise OasstError(f"--{name.replace('_', '-')} contains a NUL character")
     if cfg.compare_base and not cfg.adapter:
         raise OasstError("--compare-base needs --adapter: it compares the base model with base + adapter")
-    if cfg.batch_size not in ("default", "auto") and not (cfg.batch_size.isdigit() and int(cfg.batch_size) > 0):
-        raise OasstError(f"--batch-size must be auto or a positive number, not {cfg.batch_size!r}")
+    if cfg.batch_size not in ("default", "auto") and not (cfg.batch_size.isdigit()
+                                                          and 0 < int(cfg.batch_size) <= INT_LIMIT):
+        origin = "--batch-size" if flags.get("batch_size") is not None else where.get("batch_size", "--batch-size")
+        origin = origin if origin.startswith("--") else f"{origin}: batch_size"
+        raise OasstError(f"{origin} must be auto or a whole number from 1 to {INT_LIMIT:,}, not {shown(cfg.batch_size)}")
     return cfg

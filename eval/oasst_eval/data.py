@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from oasst_tools.conversation import ROLES, kind
-from oasst_tools.errors import OasstError, OasstInputError, describe_os_error
+from oasst_tools.errors import OasstError, OasstInputError, describe_os_error, shown
 from oasst_tools.files import split_rows
 
 DATA_ENV = "OASST_EVAL_DATA"
@@ -84,13 +84,16 @@ def _check_hellaswag_row(row: dict[str, Any]) -> str | None:
         if not isinstance(row.get(key), str):
             return f"`{key}` must be a string, not {kind(row.get(key))}" if key in row else f"no `{key}`"
     endings = row.get("endings")
+    if endings is None and "endings" not in row:
+        return "no `endings`"
     if not (isinstance(endings, list) and endings and all(isinstance(e, str) for e in endings)):
-        return f"`endings` must be a non-empty list of strings, not {endings!r}"[:200]
+        given = shown(endings) if isinstance(endings, list) else kind(endings)
+        return f"`endings` must be a non-empty list of strings, not {given}"
     label = row.get("label")
     number = label if isinstance(label, int) and not isinstance(label, bool) else (
         int(label) if isinstance(label, str) and label.strip().isdigit() else None)
     if number is None or not 0 <= number < len(endings):
-        return f"`label` must be the index of the right ending (0-{len(endings) - 1}), not {label!r}"
+        return f"`label` must be the index of the right ending (0-{len(endings) - 1}), not {shown(label)}"
     return None
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from oasst_tools.errors import OasstError
+from oasst_tools.errors import OasstError, shown
 
 AUTO = "auto"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -172,6 +172,11 @@ def as_bool(value: Any) -> bool | None:
     return BOOL_WORDS.get(value.lower()) if isinstance(value, str) else None
 
 
+# The largest whole number a setting takes: sizes, steps and counts beyond it overflow the libraries' 32-bit fields
+# (or Python's own sys.maxsize bounds), with a traceback.
+INT_LIMIT = 2**31 - 1
+
+
 def as_path(value: str) -> str:
     """A path setting as the user meant it: `~` and `~user` at its start expanded, as a shell would have done for
     a flag (a config file's value reaches us unexpanded, and some libraries expand it themselves: two folders)."""
@@ -184,14 +189,14 @@ def check_value(name: str, value: Any, where: str) -> Any:
     if isinstance(option.default, bool):
         flag = as_bool(value)
         if flag is None:
-            raise OasstError(f"{where}: {name} must be true or false, not {value!r}")
+            raise OasstError(f"{where}: {name} must be true or false, not {shown(value)}")
         return flag
     if not isinstance(value, str):
-        raise OasstError(f"{where}: {name} must be text, not {value!r}")
+        raise OasstError(f"{where}: {name} must be text, not {shown(value)}")
     if "\0" in value:
         raise OasstError(f"{where}: {name} contains a NUL character")
     if option.choices and value not in option.choices:
-        raise OasstError(f"{where}: {name} must be one of {', '.join(option.choices)}, not {value!r}")
+        raise OasstError(f"{where}: {name} must be one of {', '.join(option.choices)}, not {shown(value)}")
     return as_path(value) if name == "model" else value
 
 
@@ -207,7 +212,7 @@ def recorded_format(adapter: str | Path) -> str:
     saved, where = read_yaml_mapping(record, "training config")
     value = saved.get("format", "guanaco")
     if value not in FORMATS:
-        raise OasstError(f"{where['format']}: format must be one of {', '.join(FORMATS)}, not {value!r}")
+        raise OasstError(f"{where['format']}: format must be one of {', '.join(FORMATS)}, not {shown(value)}")
     return value
 
 

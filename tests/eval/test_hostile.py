@@ -55,6 +55,16 @@ BAD_CONFIGS = {
     "flag-not-a-bool": (b"model: m\ncompare_base: maybe\n", "eval.yaml:2: compare_base must be true or false, "
                                                             "not 'maybe'"),
     "not-yaml": (b"model: {m\n", "eval.yaml:2: not valid YAML (expected ',' or '}', but got '<stream end>')"),
+    "limit-past-int32": (b"model: m\nlimit: 99999999999999999999\n", "eval.yaml:2: limit must be at most "
+                                                                      "2,147,483,647, not 99999999999999999999"),
+    "batch-size-negative": (b"model: m\nbatch_size: -1\n", "eval.yaml:2: batch_size must be auto or a whole number "
+                                                            "from 1 to 2,147,483,647, not '-1'"),
+    "tasks-empty": (b"model: m\ntasks: []\n", "eval.yaml:2: tasks is empty: name at least one task, e.g. --tasks "
+                                               "hellaswag"),
+    "nul-character": (b"model: m\n\nadapter: a\x00\n", "eval.yaml:3: not valid YAML (the character U+0000 is not "
+                                                        "allowed in YAML)"),
+    "a-huge-list": (b"model: m\nlimit: [" + b",".join([b"1"] * 20000) + b"]\n",
+                    "eval.yaml:2: limit must be a whole number, not [1, 1, 1, 1, ...]"),
 }
 
 
@@ -89,7 +99,7 @@ BAD_HELLASWAG = {
                  "validation.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes)"),
     "row-a-list": ("validation.jsonl", _jsonl([1, 2]), "validation.jsonl:1: a row must be a JSON object, not a list"),
     "endings-missing": ("validation.jsonl", _jsonl({k: v for k, v in HELLASWAG_ROWS[0].items() if k != "endings"}),
-                        "validation.jsonl:1: `endings` must be a non-empty list of strings, not None"),
+                        "validation.jsonl:1: no `endings`"),
     "ctx-not-a-string": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0], HELLASWAG_ROWS[1] | {"ctx_a": 7}),
                          "validation.jsonl:2: `ctx_a` must be a string, not a number"),
     "label-out-of-range": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0] | {"label": 9}),
@@ -100,7 +110,11 @@ BAD_HELLASWAG = {
     "gz-garbage": ("validation.jsonl.gz", b"\x1f\x8b\x08\x00" + b"\xff" * 40,
                    "validation.jsonl.gz:1: not a readable gzip file"),
     "gz-not-gzip": ("validation.jsonl.gz", b"plain text, not gzip\n",
-                    "validation.jsonl.gz:1: not a readable gzip file (Not a gzipped file (b'pl'))"),
+                    "validation.jsonl.gz:1: not a gzip file (named .gz, but without gzip's first bytes)"),
+    "gz-short-not-gzip": ("validation.jsonl.gz", b"garbage",
+                          "validation.jsonl.gz:1: not a gzip file (named .gz, but without gzip's first bytes)"),
+    "huge-integer": ("validation.jsonl", _jsonl(json.dumps(HELLASWAG_ROWS[0]).encode()[:-1] + b', "n": 1' + b"0" * 5000 + b"}"),
+                     "validation.jsonl:1: a number with more than 4,300 digits"),
 }
 
 
@@ -148,6 +162,9 @@ BAD_GUANACO = {
     "no-text": (_jsonl({"messages": []}), "build/test.jsonl:1: row has no `text` (it has: messages)"),
     "not-json": (b'{"text": "a"\n', "build/test.jsonl:1: not valid JSON (Expecting ',' delimiter)"),
     "empty": (b"", "build/test.jsonl: no rows to score"),
+    "lone-surrogate": (_jsonl({"text": "ok"}, b'{"text": "### Human: hi \\ud800### Assistant: x"}'),
+                       "build/test.jsonl:2: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff without its "
+                       "pair): not text"),
 }
 
 

@@ -70,6 +70,12 @@ BAD_ROWS = {
                              "data/train.jsonl:2: messages[0] content must be a string, not a list"),
     "messages-checked-beside-text": ({"text": "### Human: hi", "messages": [{"role": "user", "content": None}]},
                                      "data/train.jsonl:2: messages[0] content must be a string, not null"),
+    # Python's json refuses to convert it (its 4,300-digit limit); the tokenizer would refuse the lone surrogate.
+    "huge-integer": (b'{"text": "### Human: hi### Assistant: x", "n": 1' + b"0" * 5000 + b"}",
+                     "data/train.jsonl:2: a number with more than 4,300 digits"),
+    "lone-surrogate": ({"messages": [{"role": "user", "content": "hi \ud800"}]},
+                       "data/train.jsonl:2: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff without its "
+                       "pair): not text"),
 }
 
 
@@ -231,13 +237,32 @@ BAD_CONFIGS = {
     "epochs-inf": (b"epochs: .inf\n", "cfg.yaml:1: epochs must be a finite number, not inf"),
     "weight-decay-negative": (b"weight_decay: -0.1\n", "cfg.yaml:1: weight_decay must not be negative, not -0.1"),
     "warmup-steps-negative": (b"\nwarmup_steps: -5\n", "cfg.yaml:2: warmup_steps must not be negative, not -5"),
-    "max-steps-inf": (b"max_steps: .inf\n", "cfg.yaml:1: max_steps must be int, not inf"),
+    "max-steps-inf": (b"max_steps: .inf\n", "cfg.yaml:1: max_steps must be a whole number, not inf"),
     "group-by-length-with-packing": (b"packing: true\ngroup_by_length: true\n", "cfg.yaml:2: group_by_length does "
                                      "not apply with packing (packed rows are all near max_length); set "
                                      "group_by_length false"),
-    "model-a-list": (b"model: [a, b]\n", "cfg.yaml:1: model must be str, not ['a', 'b']"),
+    "model-a-list": (b"model: [a, b]\n", "cfg.yaml:1: model must be text, not ['a', 'b']"),
     "not-yaml": (b"model: [unclosed\n", "cfg.yaml:2: not valid YAML (expected ',' or ']', but got '<stream end>')"),
+    "nul-character": (b"model: m\nout: a\x00b\n", "cfg.yaml:2: not valid YAML (the character U+0000 is not allowed "
+                                                  "in YAML)"),
+    "pad-past-max-length": (b"max_length: 256\npad_to_multiple_of: 2147483647\n", "cfg.yaml:2: pad_to_multiple_of "
+                            "must be at most max_length (256), not 2147483647"),
+    # 20,000 items, and a list of aliases whose full repr would never end: the value is shown cut short.
+    "a-huge-list": (b"lora_r: [" + b",".join([b"xxxxxxxxxx"] * 20000) + b"]\n",
+                    "cfg.yaml:1: lora_r must be a whole number, not ['xxxxxxxxxx', 'xxxxxxxxxx', 'xxxxxxxxxx', "
+                    "'xxxxxxxxxx', ...]"),
+    "an-alias-bomb": (b"model: [&a [x,x,x,x,x,x,x,x,x], " + b"".join(
+        f"&{b} [{','.join([f'*{a}'] * 9)}], ".encode() for a, b in zip("abcdefgh", "bcdefghi")) + b"*i]\n",
+        "cfg.yaml:1: model must be text, not [['x', 'x', 'x', 'x', ...], [['x', 'x', 'x', 'x', ...], ['x', 'x', 'x', "
+        "'x', ...], ['x', 'x', 'x', 'x', ...], ['x', '..."),
 }
+
+
+def test_a_config_file_with_a_byte_order_mark_reads_its_first_key(tmp_path: Path) -> None:
+    from oasst_train.config import resolve_config
+
+    (tmp_path / "cfg.yaml").write_bytes(b"\xef\xbb\xbflora_r: 8\nmodel: m\ndata: d\nout: o\n")
+    assert resolve_config(tmp_path / "cfg.yaml", {}).lora_r == 8
 
 
 @pytest.mark.parametrize("case", BAD_CONFIGS)
@@ -325,12 +350,36 @@ def test_model_path_through_a_file_is_named(oasst, data: Path, tmp_path: Path) -
     assert_unchanged(before, tmp_path)
 
 
-@pytest.mark.parametrize(("flag", "kind"), [("--optim", "OptimizerNames"), ("--lr-scheduler", "SchedulerType")])
-def test_a_name_transformers_does_not_know_is_one_line_and_leaves_nothing(oasst, data: Path, tmp_path: Path,
-                                                                          flag: str, kind: str) -> None:
+@pytest.mark.parametrize("dry_run", [(), ("--dry-run",)], ids=["run", "dry-run"])
+@pytest.mark.parametrize(("flag", "name", "close"), [("--optim", "optim", "adamw_torch"),
+                                                     ("--lr-scheduler", "lr_scheduler", "cosine")])
+def test_a_name_transformers_does_not_know_is_one_line_before_a_model_loads(
+        oasst, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str, name: str, close: str,
+        dry_run: tuple[str, ...]) -> None:
+    import oasst_model.load
+
+    def no_model(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model loaded before the name was checked")
+
+    monkeypatch.setattr(oasst_model.load, "load_model", no_model)
     before = snapshot(tmp_path)
-    line = assert_refused(_train(oasst, "--data", "data", "--out", "out", flag, "[bold]nope", "-q"))
-    assert line.startswith(f"error: the training settings were refused: [bold]nope is not a valid {kind}"), line
+    line = assert_refused(_train(oasst, "--data", "data", "--out", "out", flag, "[bold]nope", "-q", *dry_run))
+    assert line.startswith(f"error: {flag}: {name} '[bold]nope' is not a name transformers knows ("), line
+    typo = close[:-1] + "x"  # one letter off: the name meant is offered
+    line = assert_refused(_train(oasst, "--data", "data", "--out", "out", flag, typo, "-q", *dry_run))
+    assert f"(close: {close}" in line, line
+    assert_unchanged(before, tmp_path)
+
+
+def test_where_the_early_name_check_cannot_run_transformers_refusal_is_still_one_line(
+        oasst, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from oasst_train import arguments
+
+    # A release that moved its list of schedule names.
+    monkeypatch.setattr(arguments, "NAME_LISTS", (("lr_scheduler", "transformers.trainer_utils", "Moved"),))
+    before = snapshot(tmp_path)
+    line = assert_refused(_train(oasst, "--data", "data", "--out", "out", "--lr-scheduler", "nope", "-q"))
+    assert line.startswith("error: the training settings were refused: nope is not a valid SchedulerType"), line
     assert_unchanged(before, tmp_path)  # `out` was made after the model loaded, and is gone again
 
 

@@ -16,6 +16,32 @@ from oasst_train.checkpoints import CHECKPOINTS
 from oasst_train.config import TrainConfig
 
 
+# Where transformers lists the names it takes: (setting, module, enum). A release that moves one leaves that check
+# to trainer_config's own refusal.
+NAME_LISTS = (("optim", "transformers.training_args", "OptimizerNames"),
+              ("lr_scheduler", "transformers.trainer_utils", "SchedulerType"))
+
+
+def check_trainer_names(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
+    """An optimizer or learning-rate schedule the installed transformers does not know is one error line, before a
+    model loads (and in --dry-run, which loads none)."""
+    import difflib
+    import importlib
+
+    for name, module, enum in NAME_LISTS:
+        try:
+            known = getattr(importlib.import_module(module), enum)
+            names = [str(member.value) for member in known]
+        except (ImportError, AttributeError, TypeError):
+            continue
+        value = getattr(cfg, name)
+        if names and value not in names:
+            close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
+            hint = f" (close: {', '.join(close)})" if close else f" ({len(names)} known: {', '.join(names[:6])}, ...)"
+            where = (origins or {}).get(name)
+            raise OasstError(f"{where + ': ' if where else ''}{name} {value!r} is not a name transformers knows{hint}")
+
+
 def trainer_config(config_class: type, cfg: TrainConfig, *, has_eval: bool, fresh: bool, **extra: Any) -> Any:
     """trl's SFTConfig or DPOConfig with the settings every method shares, and `extra`; a name transformers refuses
     (an optimizer, a schedule) is one error line.

@@ -93,7 +93,8 @@ def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, ve
         _dry_run(config_file, resume, flags)
         return
     notes: list[str] = []
-    cfg = resolve_config(config_file, take_aliases(flags), notes=notes)
+    origins: dict[str, str] = {}
+    cfg = resolve_config(config_file, take_aliases(flags), notes=notes, origins=origins)
     if not resume:  # a new run writes train_config.yaml into --out: never over the recipe it reads
         from oasst_tools.output import check_apart
 
@@ -116,7 +117,10 @@ def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, ve
             console.print(line, markup=False, highlight=False)
 
     _quiet_libraries(verbose)
+    from oasst_train.arguments import check_trainer_names
     from oasst_train.trainer import run_training
+
+    check_trainer_names(cfg, origins)
 
     out = Path(cfg.out)
     existed = os.path.lexists(out)  # False, not an exception, for a name the system refuses
@@ -139,14 +143,18 @@ def _dry_run(config_file: Path | None, resume: bool, flags: dict[str, Any]) -> N
     from oasst_train.config import REQUIRED, resolve_config
 
     notes: list[str] = []
+    origins: dict[str, str] = {}
     cfg = resolve_config(config_file, take_aliases(flags), required=tuple(n for n in REQUIRED if n != "out"),
-                         notes=notes)
+                         notes=notes, origins=origins)
     for line in notes:
         Console(stderr=True).print(line, markup=False, highlight=False, soft_wrap=True)
     if resume:
         from oasst_train.report import warn
 
         warn("--resume does nothing with --dry-run")
+    from oasst_train.arguments import check_trainer_names
+
+    check_trainer_names(cfg, origins)
     from oasst_train.preview import dry_run
 
     dry_run(cfg, Console())

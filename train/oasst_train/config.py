@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from oasst_model.attention import CUDNN_ATTENTION_HELP
-from oasst_model.spec import AUTO, DeviceProfile, as_bool, as_path, auto_compute_dtype, flag, option_field
+from oasst_model.spec import AUTO, INT_LIMIT, DeviceProfile, as_bool, as_path, auto_compute_dtype, flag, option_field
 from oasst_tools.conversation import ASSISTANT, HUMAN
-from oasst_tools.errors import OasstError
+from oasst_tools.errors import OasstError, shown
 
 
 # trl 1.16's DPO losses (DPOConfig.loss_type; trl keeps no list of them, tests/train/test_dpo.py compares this one
@@ -142,10 +142,8 @@ AUTO_FIELDS = ("precision", "compute_dtype", "gradient_checkpointing", "batch_si
 # accelerator memory to save, and each extra forward pass there costs its fixed work again (measured: 5 no-recipe
 # steps of stories260K 5.5 s in 4 passes of 4 rows, 4.8 s in one of 16; bench/train_device_defaults.py).
 AUTO_BATCH = {"batch_size": (4, 16), "grad_accum": (4, 1)}
-# Settings that name files or folders (a leading `~` is expanded), and the largest whole number any setting takes
-# (sizes, steps and counts beyond it overflow the libraries' 32-bit fields, with a traceback).
+# Settings that name files or folders (a leading `~` is expanded).
 PATH_FIELDS = ("model", "data", "out", "init_adapter")
-INT_LIMIT = 2**31 - 1
 PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -199,24 +197,27 @@ def coerce(name: str, value: Any, origin: str) -> Any:
             return float(value)
         choices = field_choices(name)
         if choices and value not in choices:
-            raise OasstError(f"{origin}: {name} must be one of {', '.join(choices)}, not {value!r}")
+            raise OasstError(f"{origin}: {name} must be one of {', '.join(choices)}, not {shown(value)}")
         if isinstance(value, (list, dict, tuple, set)):
             raise ValueError  # str() would turn a YAML list into a "model name"
         if value is None:  # `init_adapter:` with nothing after it: the setting's default (required ones: missing)
             return FIELD_DEFAULTS[name]
         return as_path(str(value)) if name in PATH_FIELDS else str(value)
     except (TypeError, ValueError, OverflowError):
-        kind_name = "a list of names" if kind is tuple else kind.__name__
-        raise OasstError(f"{origin}: {name} must be {kind_name}, not {value!r}") from None
+        # The words eval's and the load settings' messages use for the same types.
+        kind_name = {tuple: "a list of names", int: "a whole number", float: "a number", str: "text",
+                     bool: "true or false"}.get(kind, kind.__name__)
+        raise OasstError(f"{origin}: {name} must be {kind_name}, not {shown(value)}") from None
 
 
 def resolve_config(config_file: Path | None, overrides: dict[str, Any], required: tuple[str, ...] = REQUIRED,
-                   notes: list[str] | None = None) -> TrainConfig:
+                   notes: list[str] | None = None, origins: dict[str, str] | None = None) -> TrainConfig:
     """Defaults, then the YAML recipe, then flags (only those given); checked once, then frozen. `notes` gets one
-    line per flag that replaced a different value of the recipe."""
+    line per flag that replaced a different value of the recipe; `origins` where each setting given was set
+    (`recipe.yaml:7`, `--lr`)."""
     from oasst_tools.files import override_lines
 
-    origins: dict[str, str] = {}
+    origins = {} if origins is None else origins
     values = load_yaml(config_file, origins) if config_file is not None else {}
     from_file, where = dict(values), dict(origins)
     flags = {}
@@ -276,6 +277,9 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: 
                  "weight_decay", "max_grad_norm"):
         if getattr(cfg, name) < 0:
             raise fail(name, f"{name} must not be negative, not {getattr(cfg, name)}")
+    if cfg.pad_to_multiple_of > cfg.max_length:  # every batch would be padded past the longest row allowed
+        raise fail("pad_to_multiple_of", f"pad_to_multiple_of must be at most max_length ({cfg.max_length}), not "
+                                         f"{cfg.pad_to_multiple_of}")
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise fail("max_steps", f"max_steps must be -1 (use epochs) or at least 1, not {cfg.max_steps}")
     if cfg.max_steps == -1 and cfg.epochs <= 0:
@@ -303,7 +307,7 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: 
                                       "max_length); set group_by_length false")
     for name in PATH_FIELDS:
         if "\0" in getattr(cfg, name):
-            raise fail(name, f"{name} {getattr(cfg, name)!r} contains a NUL character")
+            raise fail(name, f"{name} {shown(getattr(cfg, name))} contains a NUL character")
     if cfg.precision == "fp16" and cfg.compute_dtype == "bfloat16":  # `auto` ones are checked once resolved
         raise OasstError("precision fp16 with compute_dtype bfloat16 mixes two 16-bit formats; "
                          "use precision bf16, or compute_dtype float16")
