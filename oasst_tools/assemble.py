@@ -70,7 +70,7 @@ def _group_flat(
                     if type(tree_id) is not str or not tree_id or not (parent is None or type(parent) is str):
                         try:
                             required_str(record, "message_tree_id", path, line)
-                            if parent == 0:
+                            if "parent_id" not in record:  # the 0 above: 0, 0.0 and false are wrong types
                                 raise OasstInputError(path, line, "missing required field 'parent_id'",
                                                       reason="missing_field")
                             optional_str(record, "parent_id", path, line)

@@ -94,6 +94,7 @@ class BuildReport:
             "trees_read": self.read.trees,
             "messages_read": self.read.messages,
             "orphaned_messages": self.read.orphaned,
+            "trees_without_prompt": self.read.without_prompt,
             "orphaned_first": self.read.orphaned_first,
             "dropped": dict(sorted(self.dropped.items())),
             "skipped": dict(sorted(self.read.skipped.items())),
@@ -339,6 +340,8 @@ def _no_rows_message(cfg: BuildConfig, report: BuildReport) -> str:
         lost.append(f"{sum(read.skipped.values())} bad record(s) or tree(s) skipped")
     if read.orphaned:
         lost.append(f"{read.orphaned} message(s) without their parent dropped")
+    if read.without_prompt:
+        lost.append(f"{read.without_prompt} tree(s) with a null prompt dropped")
     if not read.trees:
         why = "no tree was read from the input"
     elif cfg.pairs is not None:

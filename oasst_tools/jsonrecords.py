@@ -26,6 +26,7 @@ except ImportError:  # orjson is a core dependency, but the walker must work wit
     _loads = json.loads
     _JSONError = json.JSONDecodeError
 
+from oasst_tools.conversation import kind
 from oasst_tools.errors import OasstInputError, os_input_error
 from oasst_tools.lines import FileLines, Progress, Source, iter_lines
 from oasst_tools.rawtree import OnError, ReadReport
@@ -84,7 +85,7 @@ def _parsed(lines: Iterator[tuple[int, bytes]], spath: str, on_error: OnError,
 
 def _not_an_object(record: Any, path: str, line: int, on_error: OnError, report: ReadReport) -> None:
     hint = " (JSON Lines: one object per line; convert an array with jq -c '.[]')" if type(record) is list else ""
-    err = OasstInputError(path, line, f"expected a JSON object, got {type(record).__name__}{hint}", reason="wrong_type")
+    err = OasstInputError(path, line, f"expected a JSON object, got {kind(record)}{hint}", reason="wrong_type")
     if on_error == "fail":
         raise err
     report.skip(err)

@@ -15,7 +15,8 @@ from itertools import repeat
 from typing import Any
 
 from oasst_tools.assemble import _check_roles
-from oasst_tools.errors import OasstInputError
+from oasst_tools.conversation import kind
+from oasst_tools.errors import OasstInputError, shown
 from oasst_tools.jsonrecords import _json_records, gc_paused
 from oasst_tools.lines import Progress, Source
 from oasst_tools.rawtree import _CUT, OnError, RawTree, ReadReport, split_of
@@ -67,12 +68,16 @@ def _nested_tree(record: dict[str, Any], path: str, line: int, split: str | None
     if prompt is None:
         if "prompt" not in record:
             raise OasstInputError(path, line, "missing required field 'prompt'", reason="missing_field")
-        return None  # OASST2 exports trees whose prompt was deleted as `"prompt": null`
+        # OASST2 exports trees whose prompt was deleted as `"prompt": null`: counted, said once, not an error.
+        report.without_prompt += 1
+        if report.without_prompt_first is None:
+            report.without_prompt_first = f"{path}:{line}: tree {tree_id}"
+        return None
     if type(prompt) is not dict:
-        raise OasstInputError(path, line, f"field 'prompt' must be an object, got {type(prompt).__name__}",
+        raise OasstInputError(path, line, f"field 'prompt' must be an object, got {kind(prompt)}",
                               reason="wrong_type")
     extra = {k: v for k, v in record.items() if k not in _TREE_FIELDS} if len(record) > 3 else {}
-    items = _nested_items(prompt, line)
+    items = _nested_items(prompt, tree_id, line)
     index = index_tree(items) if items is not None else None
     if index is None:
         index = index_tree(_nested_records(prompt, tree_id, path, line), strict=False)
@@ -89,10 +94,10 @@ def _nested_tree(record: dict[str, Any], path: str, line: int, split: str | None
     return RawTree(tree_id, state, split, path, prompt["message_id"], records, children, flagged, plain, extra)
 
 
-def _nested_items(prompt: dict[str, Any], line: int) -> list[Item] | None:
+def _nested_items(prompt: dict[str, Any], tree_id: str, line: int) -> list[Item] | None:
     """One nested tree's messages as (line, parent id, record), depth first, for `index_tree`; None when a reply
-    names another parent in `parent_id` (or none), or `replies` is not a list of objects: `_nested_records` then
-    raises the first error in its order, or mends a missing `parent_id`."""
+    names another parent in `parent_id` (or none) or another tree in `message_tree_id`, or `replies` is not a list
+    of objects: `_nested_records` then raises the first error in its order, or mends a missing `parent_id`."""
     items: list[Item] = []
     stack: list[Item] = [(line, None, prompt)]
     while stack:
@@ -100,10 +105,10 @@ def _nested_items(prompt: dict[str, Any], line: int) -> list[Item] | None:
         items.append(item)
         node = item[2]
         g = node.get
-        if g("parent_id") != item[1]:
+        if g("parent_id") != item[1] or ((tree := g("message_tree_id")) is not None and tree != tree_id):
             return None
         replies = g("replies")
-        if replies:
+        if replies is not None:
             # map(type, ...) stays in C: this loop visits every message of the input.
             if type(replies) is not list or not DICT_ONLY.issuperset(map(type, replies)):
                 return None
@@ -126,6 +131,10 @@ def _nested_records(prompt: dict[str, Any], tree_id: str, path: str, line: int) 
             raise OasstInputError(path, line, f"duplicate message_id {message_id} in tree {tree_id}",
                                   reason="duplicate_id")
         seen.add(message_id)
+        tree = node.get("message_tree_id")
+        if tree is not None and tree != tree_id:  # a message of another tree pasted into this one
+            raise OasstInputError(path, line, f"message {message_id} has message_tree_id {shown(tree)} but is in "
+                                  f"tree {tree_id}", reason="tree_mismatch")
         declared = node.get("parent_id")
         if declared != parent:
             if declared is not None or "parent_id" in node and parent is None:
@@ -135,7 +144,7 @@ def _nested_records(prompt: dict[str, Any], tree_id: str, path: str, line: int) 
             node = {**node, "parent_id": parent}
         items.append((line, parent, node))
         replies = node.get("replies")
-        if replies:
+        if replies is not None:
             if type(replies) is not list or not DICT_ONLY.issuperset(map(type, replies)):
                 raise OasstInputError(path, line, f"field 'replies' of message {message_id} must be a list of "
                                       "objects", reason="wrong_type")

@@ -46,6 +46,9 @@ class ReadReport:
     # The missing parents of orphaned messages -> where the first of their orphans is (path:line, message id); a
     # parent another input or tree holds means the inputs split a tree (`split_tree_error`). At most ORPHANS_KEPT.
     orphan_parents: dict[str, tuple[str, int | None, str]] = field(default_factory=dict)
+    # Nested trees exported with `"prompt": null` (OASST2: the prompt was deleted), dropped whole (not an error).
+    without_prompt: int = 0
+    without_prompt_first: str | None = None
     # Tree and message ids read so far (every input of a build): one read twice is a duplicate.
     ids: IdRegistry = field(default_factory=IdRegistry, repr=False)
 

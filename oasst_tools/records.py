@@ -47,6 +47,7 @@ FLAG_REASON: dict[bool | None, dict[bool | None, str | None]] = {
 Item = tuple[int | None, str | None, dict[str, Any]]
 INT64_LIMIT = 1 << 63  # ranks and counts beyond it cannot be written to parquet or read back by most JSON readers
 DICT_ONLY = frozenset((dict,))  # `DICT_ONLY.issuperset(map(type, xs))`: every x is an object, tested in C
+STR_ONLY, INT_ONLY = frozenset((str,)), frozenset((int,))
 
 
 def _describe(value: Any) -> str:
@@ -106,7 +107,7 @@ def _count_field(record: Mapping[str, Any], name: str, path: str, line: int | No
 
 def normalize_labels(value: Any, path: str | None, line: int | None) -> dict[str, float]:
     """Labels as {name: value} from the columnar HF form or the export's {name: {value, count}} form."""
-    if not value:
+    if value is None:
         return {}
     if type(value) is not dict:
         raise _wrong_type(path, line, "labels", "an object", value)
@@ -134,18 +135,23 @@ def normalize_labels(value: Any, path: str | None, line: int | None) -> dict[str
 
 
 def normalize_emojis(value: Any, path: str, line: int | None) -> dict[str, int]:
-    """Emojis as {name: count} from the columnar HF form or the export's {name: count} form."""
-    if not value:
+    """Emojis as {name: count} from the columnar HF form ({name: [...], count: [...]}) or the export's {name: count}
+    form; what `index_tree` accepts without a call, and nothing else."""
+    if value is None:
         return {}
     if type(value) is not dict:
         raise _wrong_type(path, line, "emojis", "an object", value)
-    names = value.get("name")
-    if type(names) is list:
-        try:
-            return dict(zip(names, value.get("count") or ()))
-        except TypeError:  # a name that is a list or an object
-            raise _wrong_type(path, line, "emojis.name", "a list of strings", names) from None
-    return dict(value)
+    if "name" not in value:
+        for name, count in value.items():
+            if type(count) is not int:
+                raise _wrong_type(path, line, f"emojis.{name}", "a whole number", count)
+        return dict(value)
+    names, counts = value.get("name"), value.get("count")
+    if type(names) is not list or not STR_ONLY.issuperset(map(type, names)):
+        raise _wrong_type(path, line, "emojis.name", "a list of strings", names)
+    if type(counts) is not list or len(counts) != len(names) or not INT_ONLY.issuperset(map(type, counts)):
+        raise _wrong_type(path, line, "emojis.count", f"a list of {len(names)} whole number(s), one per name", counts)
+    return dict(zip(names, counts))
 
 
 def make_message(
@@ -203,6 +209,10 @@ def index_tree(items: Iterable[Item], strict: bool = True) -> tuple[
     children: dict[str | None, list[dict[str, Any]]] = {}
     flagged: list[dict[str, Any]] = []
     tables: list[dict[str, Any]] = []  # labels in the export's {name: {value, count}} form, checked at the end
+    # Emojis' columnar names and counts, and export-form {name: count} tables: their items' types checked at the end.
+    emoji_names: list[list[Any]] = []
+    emoji_counts: list[list[Any]] = []
+    emoji_tables: list[dict[str, Any]] = []
     reasons = FLAG_REASON
     plain = ordered = alternates = True
     for item in items:
@@ -229,7 +239,10 @@ def index_tree(items: Iterable[Item], strict: bool = True) -> tuple[
             and ((value := g("review_count")) is None or (type(value) is int and 0 <= value < INT64_LIMIT))
             and (deleted is None or type(deleted) is bool) and (review is None or type(review) is bool)
             and ((value := g("synthetic")) is None or type(value) is bool)
-            and ((value := g("emojis")) is None or type(value) is dict)
+            and ((value := g("emojis")) is None or (type(value) is dict and (
+                (type(names := value.get("name")) is list and type(counts := value.get("count")) is list
+                 and len(names) == len(counts) and not emoji_names.append(names) and not emoji_counts.append(counts))
+                or ("name" not in value and not emoji_tables.append(value)))))
             and (labels is None or (type(labels) is dict and (
                 (type(names := labels.get("name")) is list and type(values := labels.get("value")) is list
                  and len(names) == len(values))
@@ -260,4 +273,9 @@ def index_tree(items: Iterable[Item], strict: bool = True) -> tuple[
         if strict:
             return None
         plain = False  # label values that are numbers, not {value, count}: valid, converted by `normalize_labels`
+    if strict and ((emoji_names and not STR_ONLY.issuperset(map(type, chain.from_iterable(emoji_names))))
+                   or (emoji_counts and not INT_ONLY.issuperset(map(type, chain.from_iterable(emoji_counts))))
+                   or (emoji_tables and not INT_ONLY.issuperset(
+                       map(type, chain.from_iterable(map(dict.values, emoji_tables)))))):
+        return None  # the reader checks each record and names the first bad one
     return by_id, children, flagged, plain, ordered, alternates

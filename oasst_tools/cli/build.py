@@ -10,7 +10,6 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
 from oasst_tools.build import BuildConfig, BuildReport, NoRowsError, build_dataset, parse_label_limits
 from oasst_tools.errors import printable
@@ -63,9 +62,9 @@ def _help(cls: type, name: str) -> str:
 @click.option("--lang", "langs", multiple=True, metavar="CODES", callback=_langs, help="Comma-separated languages "
               "of the root prompt to keep, e.g. en,de (default: all). 'pt' also matches 'pt-BR'.")
 @click.option("--lang-exact", is_flag=True, help=_help(Selection, "lang_exact"))
-@click.option("--top-rank", "mode", flag_value="top-rank", default=True, help="One thread per tree: the best-"
-              "ranked reply at every step (Guanaco). The default.")
-@click.option("--all-threads", "mode", flag_value="all-threads", help="Every root-to-leaf thread.")
+@click.option("--top-rank", is_flag=True, help="One thread per tree: the best-ranked reply at every step (Guanaco). "
+              "The default.")
+@click.option("--all-threads", is_flag=True, help="Every root-to-leaf thread.")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, metavar="N", help=_help(Selection, "top_k"))
 @click.option("--pairs", type=click.Choice(PAIR_MODES), default=None, help=_help(BuildConfig, "pairs")
               + " Rows in trl's conversational preference format; not with --top-rank, --all-threads or --top-k.")
@@ -89,8 +88,8 @@ def _help(cls: type, name: str) -> str:
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help=_help(BuildConfig, "on_error"))
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
-def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact: bool, mode: str,
-          top_k: int | None, pairs: str | None, tree_states: frozenset[str], label_max: tuple[str, ...],
+def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact: bool, top_rank: bool,
+          all_threads: bool, top_k: int | None, pairs: str | None, tree_states: frozenset[str], label_max: tuple[str, ...],
           label_min: tuple[str, ...], no_synthetic: bool, end_with_assistant: bool, min_turns: int,
           max_turns: int | None, test_size: float | None, seed: int, format_: str, overwrite: bool, on_error: str,
           quiet: bool) -> None:
@@ -105,8 +104,14 @@ def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact:
         oasst build --input ../shared/data/oasst1/validation-en.messages.jsonl \\
                     --lang en --pairs all --test-size 0.1 --out data/pairs-en
     """
+    # One selection: two given would leave one silently unused (click would keep the last of two flags).
+    chosen = [flag for flag, given in (("--top-rank", top_rank), ("--all-threads", all_threads),
+                                       ("--top-k", top_k is not None)) if given]
     if pairs is not None:
-        _check_pairs(mode, top_k, end_with_assistant, min_turns, max_turns)
+        _check_pairs(chosen, end_with_assistant, min_turns, max_turns)
+    if len(chosen) > 1:
+        raise click.UsageError(f"{chosen[0]} and {chosen[1]} are mutually exclusive: choose one thread selection")
+    mode = "all-threads" if all_threads else "top-rank"
     if max_turns is not None and min_turns > max_turns:
         raise click.BadParameter(f"--min-turns {min_turns} is above --max-turns {max_turns}: no thread could be kept",
                                  param_hint="'--min-turns'")
@@ -141,16 +146,12 @@ def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact:
         show_summary(report, cfg.out)
 
 
-def _check_pairs(mode: str, top_k: int | None, end_with_assistant: bool, min_turns: int,
-                 max_turns: int | None) -> None:
-    """--pairs with a thread selection is a usage error; the turn rules shape threads, so each gets a warning."""
-    ctx = click.get_current_context()
-    chosen = ctx.get_parameter_source("mode") not in (None, ParameterSource.DEFAULT)
-    for flag, given in (("--top-rank", chosen and mode == "top-rank"), ("--all-threads", mode == "all-threads"),
-                        ("--top-k", top_k is not None)):
-        if given:
-            raise click.UsageError(f"--pairs and {flag} are mutually exclusive: --pairs writes preference pairs "
-                                   "instead of threads", ctx)
+def _check_pairs(chosen: list[str], end_with_assistant: bool, min_turns: int, max_turns: int | None) -> None:
+    """--pairs with a thread selection (`chosen`: the flags given) is a usage error; the turn rules shape threads,
+    so each gets a warning."""
+    if chosen:
+        raise click.UsageError(f"--pairs and {chosen[0]} are mutually exclusive: --pairs writes preference pairs "
+                               "instead of threads")
     for flag, given in (("--end-with-assistant", end_with_assistant), ("--min-turns", min_turns != 1),
                         ("--max-turns", max_turns is not None)):
         if given:
@@ -203,6 +204,9 @@ def warn_read(read: ReadReport) -> None:
     if read.orphaned:
         _warning(f"dropped {read.orphaned} message(s) whose parent is missing, with their subtrees (first: "
                  f"{read.orphaned_first})")
+    if read.without_prompt:
+        _warning(f"dropped {read.without_prompt} tree(s) whose prompt is null (deleted in the export; first: "
+                 f"{read.without_prompt_first})")
     for reason, count in sorted(read.skipped.items()):
         first = read.skipped_first[reason]
         if reason == "duplicate_input":

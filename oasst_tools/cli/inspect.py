@@ -52,8 +52,8 @@ def stats(source: str, json_: bool, on_error: str) -> None:
     report.settle_split_trees(on_error)  # type: ignore[arg-type]
     warn_read(report)  # what the counts leave out, as `build` says it
     # The same names as build_report.json: messages the counts leave out.
-    lost = {"orphaned_messages": report.orphaned, "skipped": dict(sorted(report.skipped.items())),
-            "skipped_messages": report.skipped_messages}
+    lost = {"orphaned_messages": report.orphaned, "trees_without_prompt": report.without_prompt,
+            "skipped": dict(sorted(report.skipped.items())), "skipped_messages": report.skipped_messages}
     if json_:
         click.echo(json.dumps(result.to_dict() | lost, indent=2))
         return
@@ -73,8 +73,9 @@ def stats(source: str, json_: bool, on_error: str) -> None:
 
     overview = [("trees", result.trees), ("messages", result.messages), ("leaves", result.leaves),
                 *sorted(result.roles.items()), *sorted(result.flags.items()),
-                *[(f"{what}, not counted", lost[name]) for name, what in (("orphaned_messages", "orphaned"),
-                                                                         ("skipped_messages", "skipped")) if lost[name]]]
+                *[(f"{what}, not counted", lost[name]) for name, what in (
+                    ("orphaned_messages", "orphaned"), ("trees_without_prompt", "trees with a null prompt"),
+                    ("skipped_messages", "skipped")) if lost[name]]]
     stdout.print(Columns([
         table("overview", "what", overview),
         table("tree states", "state", result.states.most_common()),

@@ -469,6 +469,72 @@ def _(tmp: Path):
     return ["build", "--input", "in.jsonl", "--out", "out", "--min-turns", "5", "--max-turns", "2"], "--min-turns", 2
 
 
+def _flat_field(index: int, name: str, value: object, command: tuple[str, ...], expected: str) -> Callable:
+    """A case: row `index` of the flat fixture with `name` set to `value`, refused by `command` as `expected`."""
+    def make(tmp: Path):
+        rows = read_jsonl(FLAT)
+        rows[index][name] = value
+        write_rows(tmp / "in.jsonl", rows)
+        argv = [*command[:1], *(("--input",) if command[0] == "build" else ()), "in.jsonl", *command[1:]]
+        return argv, expected, 1
+    return make
+
+
+# Every reader and every build mode takes or refuses the same records (the top-rank build once skipped the checks
+# of fields it does not read), and says which field is wrong.
+for _command in (("build", "--out", "out"), ("build", "--out", "out", "--all-threads"), ("stats",)):
+    _label = " ".join(_command[:1] + _command[3:])
+    CASES[f"emoji counts that are not a list, {_label}"] = _flat_field(
+        1, "emojis", {"name": ["+1"], "count": 5}, _command,
+        "in.jsonl:2: field 'emojis.count' must be a list of 1 whole number(s), one per name, got 5")
+    CASES[f"emoji names that are lists, {_label}"] = _flat_field(
+        1, "emojis", {"name": [["x"]], "count": [1]}, _command, "in.jsonl:2: field 'emojis.name' must be a list")
+    CASES[f"labels that are a list, {_label}"] = _flat_field(
+        1, "labels", [], _command, "in.jsonl:2: field 'labels' must be an object, got []")
+    CASES[f"a parent_id of 0, {_label}"] = _flat_field(
+        1, "parent_id", 0, _command, "in.jsonl:2: field 'parent_id' must be a string or null, got 0")
+CASES["emojis that are false"] = _flat_field(1, "emojis", False, ("build", "--out", "out"),
+                                             "in.jsonl:2: field 'emojis' must be an object, got False")
+CASES["an export-form emoji count that is text"] = _flat_field(
+    1, "emojis", {"+1": "x"}, ("build", "--out", "out"), "in.jsonl:2: field 'emojis.+1' must be a whole number")
+
+
+def _nested_reply(name: str, value: object) -> Callable:
+    """A case: the first reply of the first nested fixture tree with `name` set to `value`."""
+    def make(tmp: Path):
+        tree = json.loads(gzip.decompress(NESTED.read_bytes()).splitlines()[0])
+        tree["prompt"]["replies"][0][name] = value
+        (tmp / "in.trees.jsonl").write_text(json.dumps(tree) + "\n")
+        return ["build", "--input", "in.trees.jsonl", "--out", "out"], "in.trees.jsonl:1: ", 1
+    return make
+
+
+CASES["a reply of another tree, nested"] = _nested_reply("message_tree_id", "another-tree")
+CASES["a message_tree_id that is a number, nested"] = _nested_reply("message_tree_id", 5)
+CASES["replies that are false, nested"] = _nested_reply("replies", False)
+CASES["replies that are an object, nested"] = _nested_reply("replies", {})
+
+
+@case("two thread selections")
+def _(tmp: Path):
+    _input(tmp)
+    return ["build", "--input", "in.jsonl", "--out", "out", "--top-rank", "--all-threads"], "--top-rank and " \
+        "--all-threads are mutually exclusive", 2
+
+
+@case("--all-threads with --top-k")
+def _(tmp: Path):
+    _input(tmp)
+    return ["build", "--input", "in.jsonl", "--out", "out", "--all-threads", "--top-k", "2"], "--all-threads and " \
+        "--top-k are mutually exclusive", 2
+
+
+@case("a line that is null")
+def _(tmp: Path):
+    (tmp / "in.jsonl").write_text(FLAT.read_text().splitlines()[0] + "\nnull\n")
+    return ["build", "--input", "in.jsonl", "--out", "out"], "in.jsonl:2: expected a JSON object, got null", 1
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_hostile_input_is_refused_with_one_line_and_nothing_changes(run, tmp_path: Path, name: str,
                                                                     monkeypatch: pytest.MonkeyPatch):
@@ -1001,7 +1067,7 @@ def test_a_plain_file_parsed_in_c_fails_and_skips_as_the_line_by_line_reader_doe
             results.append((str(err).replace(str(tmp_path / name), "FILE"), err.line))
     assert results[0] == results[1]
     if on_error == "fail":
-        assert results[0] == ("FILE:6: expected a JSON object, got list (JSON Lines: one object per line; convert an "
+        assert results[0] == ("FILE:6: expected a JSON object, got a list (JSON Lines: one object per line; convert an "
                               "array with jq -c '.[]')", 6)
     else:
         assert results[0][1] == {"wrong_type": 3, "invalid_json": 1, "missing_field": 1}
@@ -1043,3 +1109,36 @@ def test_a_signal_once_the_output_is_in_place_goes_to_the_previous_handler_and_k
         assert received == [signal.SIGTERM]  # then the previous handler has it
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_trees_with_a_null_prompt_are_counted_and_said_not_lost_silently(run, tmp_path: Path):
+    lines = gzip.decompress(NESTED.read_bytes()).splitlines()
+    deleted = [json.dumps({"message_tree_id": f"gone-{i}", "tree_state": "ready_for_export", "prompt": None}).encode()
+               for i in range(2)]
+    (tmp_path / "in.trees.jsonl").write_bytes(b"\n".join([lines[0], deleted[0], lines[1], deleted[1]]) + b"\n")
+    result = run("build", "--input", "in.trees.jsonl", "--out", "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert "warning: dropped 2 tree(s) whose prompt is null (deleted in the export; first: in.trees.jsonl:2: tree " \
+           "gone-0)" in result.stderr
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert (report["trees_read"], report["trees_without_prompt"]) == (2, 2)
+    stats = run("stats", "in.trees.jsonl", "--json")
+    assert json.loads(stats.stdout)["trees_without_prompt"] == 2
+    # Only such trees: the error says so instead of blaming the filters.
+    (tmp_path / "only.trees.jsonl").write_bytes(deleted[0] + b"\n")
+    line = assert_refused(run("build", "--input", "only.trees.jsonl", "--out", "out2"))
+    assert line == ("error: no rows selected: no tree was read from the input (1 tree(s) with a null prompt dropped: "
+                    "see the warnings); nothing written")
+
+
+def test_skip_mode_skips_a_tree_with_bad_emojis_in_stats_as_in_build(run, tmp_path: Path):
+    rows = read_jsonl(FLAT)
+    rows[1]["emojis"] = {"name": ["+1"], "count": 5}
+    write_rows(tmp_path / "in.jsonl", rows)
+    stats = run("stats", "in.jsonl", "--on-error", "skip", "--json")
+    assert stats.exit_code == 0, stats.output
+    assert "in.jsonl:2: field 'emojis.count'" in stats.stderr
+    build = run("build", "--input", "in.jsonl", "--out", "out", "--on-error", "skip", "-q")
+    assert build.exit_code == 0, build.output
+    skipped = json.loads((tmp_path / "out" / "build_report.json").read_text())["skipped"]
+    assert json.loads(stats.stdout)["skipped"] == skipped and sum(skipped.values()) == 1

@@ -83,11 +83,24 @@ MUTATIONS = {
     "no text": _drop("text", _deep),
     "empty id": _set("message_id", "", _deep),
     "lang a number": _set("lang", 3, _deep),
+    "replies false": _set("replies", False, _deep),
+    "replies zero": _set("replies", 0, _deep),
+    "a reply of another tree": _set("message_tree_id", "another", _deep),
+    "a reply naming its own tree": _set("message_tree_id", "tree", _deep),
+    "emojis columnar": _set("emojis", {"name": ["+1", "-1"], "count": [2, 1]}),
+    "emojis export form": _set("emojis", {"+1": 2}),
+    "emojis false": _set("emojis", False),
+    "emoji count not a list": _set("emojis", {"name": ["+1"], "count": 5}),
+    "emoji counts of another length": _set("emojis", {"name": ["+1"], "count": [1, 2]}),
+    "emoji name a list": _set("emojis", {"name": [["+1"]], "count": [1]}),
+    "emoji count a string": _set("emojis", {"name": ["+1"], "count": ["1"]}),
+    "emoji count true": _set("emojis", {"+1": True}),
 }
 
 
 # Plain and valid: the fast path must take these itself.
-ACCEPTED = ("unchanged", "deleted reply", "spam reply", "roles do not alternate")
+ACCEPTED = ("unchanged", "deleted reply", "spam reply", "roles do not alternate", "a reply naming its own tree",
+            "emojis columnar", "emojis export form")
 
 
 def _result(index: tuple | None, path: str) -> tuple | str:
@@ -118,7 +131,7 @@ def test_the_nested_fast_path_accepts_only_what_the_walk_accepts_as_plain_and_ag
     prompt = copy.deepcopy(_tree()["prompt"])
     MUTATIONS[name](prompt)
     walked = _walked(prompt)
-    items = _nested_items(prompt, 1)
+    items = _nested_items(prompt, "tree", 1)
     index = index_tree(items) if items is not None else None
     if index is None:
         assert name not in ACCEPTED
