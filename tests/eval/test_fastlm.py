@@ -140,3 +140,40 @@ def test_hellaswag_docs_processed_once_and_identical() -> None:
     first = hellaswag_process_docs(dataset)
     assert hellaswag_process_docs(dataset) is first
     assert first.to_list() == process_docs(dataset).to_list()
+
+
+@pytest.mark.parametrize(("free_gib", "probed"), [(60, False), (0.5, True)])
+def test_the_probe_batch_runs_only_where_the_cap_may_not_fit(stories_model: tuple[object, object],
+                                                            monkeypatch: pytest.MonkeyPatch, free_gib: float,
+                                                            probed: bool) -> None:
+    """On a GPU the token budget comes from a probe forward; where a generous bound of its per-token memory shows
+    the cap fits, the cap is taken without it (the probe could only have answered the cap). The GPU is faked: its
+    memory figures, and a probe that says it ran."""
+    import torch
+
+    from oasst_eval import fastlm
+
+    model, tokenizer = stories_model
+    lm = fastlm.FastHFLM(pretrained=model, tokenizer=tokenizer, batch_size="auto", max_batch_tokens=16384)
+    monkeypatch.setattr(lm, "_device", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+
+    class Probed(Exception):
+        pass
+
+    def probe(*args: object, **kwargs: object) -> None:
+        raise Probed
+
+    monkeypatch.setattr(torch, "ones", probe)  # the probe batch's first step
+    if probed:
+        with pytest.raises(Probed):
+            lm._batch_tokens(200)
+    else:
+        assert lm._batch_tokens(200) == 16384
+    # stories260K's sizes (vocab 512, hidden 64, 8 heads): the bound at 200 tokens, 4 bytes a value, margin 2.
+    config = model.config
+    inner = config.intermediate_size
+    per_token = 4 * (3 * config.vocab_size + 3 * inner + 8 * config.hidden_size + 2 * config.num_attention_heads * 200)
+    assert (fastlm.BOUND_MARGIN * 16384 * per_token <= fastlm.MEMORY_SHARE * free_gib * 2**30) is not probed
