@@ -203,5 +203,6 @@ def resolve_config(file: Path | None, flags: dict[str, Any], notes: list[str] | 
                                                           and 0 < int(cfg.batch_size) <= INT_LIMIT):
         origin = "--batch-size" if flags.get("batch_size") is not None else where.get("batch_size", "--batch-size")
         origin = origin if origin.startswith("--") else f"{origin}: batch_size"
-        raise OasstError(f"{origin} must be auto or a whole number from 1 to {INT_LIMIT:,}, not {shown(cfg.batch_size)}")
+        raise OasstError(f"{origin} must be auto or a whole number from 1 to {INT_LIMIT:,}, not "
+                         f"{shown(cfg.batch_size)}")
     return cfg

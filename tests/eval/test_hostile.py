@@ -113,7 +113,8 @@ BAD_HELLASWAG = {
                     "validation.jsonl.gz:1: not a gzip file (named .gz, but without gzip's first bytes)"),
     "gz-short-not-gzip": ("validation.jsonl.gz", b"garbage",
                           "validation.jsonl.gz:1: not a gzip file (named .gz, but without gzip's first bytes)"),
-    "huge-integer": ("validation.jsonl", _jsonl(json.dumps(HELLASWAG_ROWS[0]).encode()[:-1] + b', "n": 1' + b"0" * 5000 + b"}"),
+    "huge-integer": ("validation.jsonl",
+                     _jsonl(json.dumps(HELLASWAG_ROWS[0]).encode()[:-1] + b', "n": 1' + b"0" * 5000 + b"}"),
                      "validation.jsonl:1: a number with more than 4,300 digits"),
 }
 

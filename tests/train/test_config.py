@@ -47,7 +47,8 @@ def test_unknown_config_keys_are_all_listed_in_one_error(oasst, tmp_path: Path) 
 def test_wrong_value_type_names_the_key(oasst, tmp_path: Path) -> None:
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("model: m\nlora_r: eight\n")
-    assert error_line(oasst("train", "--config", recipe)) == f"error: {recipe}:2: lora_r must be a whole number, not 'eight'"
+    assert error_line(oasst("train", "--config", recipe)) == \
+        f"error: {recipe}:2: lora_r must be a whole number, not 'eight'"
 
 
 def test_missing_required_values_are_named(oasst) -> None:
