@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -119,10 +120,12 @@ def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> 
 def override_lines(from_file: dict[str, Any], where: dict[str, str], flags: dict[str, Any]) -> list[str]:
     """One line per flag that replaces a different value the config file set (`--lora-r 16 overrides recipe.yaml:9
     (lora_r: 64)`), so that a recipe's value a flag changed is never a surprise."""
-    def shown(value: Any) -> str:
-        return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+    def as_given(value: Any) -> str:  # a list as its flag spells it (a,b), cut short as every error value is
+        text = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+        return text if len(text) <= 120 else text[:117] + "..."
 
-    return [f"--{name.replace('_', '-')} {shown(value)} overrides {where[name]} ({name}: {shown(from_file[name])})"
+    return [f"--{name.replace('_', '-')} {as_given(value)} overrides {where[name]} ({name}: "
+            f"{as_given(from_file[name])})"
             for name, value in flags.items()
             if value is not None and name in from_file and value != from_file[name]]
 
@@ -179,7 +182,8 @@ def split_rows(path: Path, columns: str = "") -> Iterator[tuple[int, dict[str, A
                 except RecursionError:
                     raise OasstInputError(path, lineno, "JSON nested too deeply") from None
                 except ValueError:  # Python's limit on the digits of an integer it converts
-                    raise OasstInputError(path, lineno, "a number with more than 4,300 digits") from None
+                    raise OasstInputError(path, lineno, f"a number with more than {sys.get_int_max_str_digits():,} "
+                                                        "digits") from None
                 if not isinstance(row, dict):
                     raise OasstInputError(path, lineno, f"a row must be a JSON object{should}, not {kind(row)}")
                 # `\ud800` alone is valid JSON but no text a tokenizer (or a UTF-8 file) takes; only lines that

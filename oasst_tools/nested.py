@@ -108,11 +108,13 @@ def _nested_items(prompt: dict[str, Any], tree_id: str, line: int) -> list[Item]
         if g("parent_id") != item[1] or ((tree := g("message_tree_id")) is not None and tree != tree_id):
             return None
         replies = g("replies")
-        if replies is not None:
+        if replies:
             # map(type, ...) stays in C: this loop visits every message of the input.
             if type(replies) is not list or not DICT_ONLY.issuperset(map(type, replies)):
                 return None
             stack.extend(zip(repeat(line), repeat(g("message_id")), reversed(replies)))
+        elif replies is not None and type(replies) is not list:  # false, 0, "" or {}: not "no replies"
+            return None
     return items
 
 

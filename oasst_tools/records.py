@@ -118,10 +118,9 @@ def normalize_labels(value: Any, path: str | None, line: int | None) -> dict[str
             raise OasstInputError(
                 path, line, "field 'labels' has 'name' and 'value' lists of different lengths", reason="wrong_type"
             )
-        try:
-            out = dict(zip(names, values))
-        except TypeError:  # a name that is a list or an object: it cannot name a label
-            raise _wrong_type(path, line, "labels.name", "a list of strings", names) from None
+        if not STR_ONLY.issuperset(map(type, names)):  # a name that is a number, a list or an object
+            raise _wrong_type(path, line, "labels.name", "a list of strings", names)
+        out = dict(zip(names, values))
     else:
         out = {}
         for name, item in value.items():
@@ -209,10 +208,11 @@ def index_tree(items: Iterable[Item], strict: bool = True) -> tuple[
     children: dict[str | None, list[dict[str, Any]]] = {}
     flagged: list[dict[str, Any]] = []
     tables: list[dict[str, Any]] = []  # labels in the export's {name: {value, count}} form, checked at the end
-    # Emojis' columnar names and counts, and export-form {name: count} tables: their items' types checked at the end.
-    emoji_names: list[list[Any]] = []
-    emoji_counts: list[list[Any]] = []
-    emoji_tables: list[dict[str, Any]] = []
+    # Columnar labels' name lists, emojis' name lists and their counts (lists, or the export form's values): their
+    # items' types checked at the end, in C.
+    label_names: list[Any] = []
+    emoji_names: list[Any] = []
+    emoji_counts: list[Any] = []
     reasons = FLAG_REASON
     plain = ordered = alternates = True
     for item in items:
@@ -242,10 +242,10 @@ def index_tree(items: Iterable[Item], strict: bool = True) -> tuple[
             and ((value := g("emojis")) is None or (type(value) is dict and (
                 (type(names := value.get("name")) is list and type(counts := value.get("count")) is list
                  and len(names) == len(counts) and not emoji_names.append(names) and not emoji_counts.append(counts))
-                or ("name" not in value and not emoji_tables.append(value)))))
+                or ("name" not in value and not emoji_counts.append(value.values())))))
             and (labels is None or (type(labels) is dict and (
                 (type(names := labels.get("name")) is list and type(values := labels.get("value")) is list
-                 and len(names) == len(values))
+                 and len(names) == len(values) and not label_names.append(names))
                 or ("name" not in labels and not tables.append(labels)))))
         ):
             if strict:
@@ -273,9 +273,7 @@ def index_tree(items: Iterable[Item], strict: bool = True) -> tuple[
         if strict:
             return None
         plain = False  # label values that are numbers, not {value, count}: valid, converted by `normalize_labels`
-    if strict and ((emoji_names and not STR_ONLY.issuperset(map(type, chain.from_iterable(emoji_names))))
-                   or (emoji_counts and not INT_ONLY.issuperset(map(type, chain.from_iterable(emoji_counts))))
-                   or (emoji_tables and not INT_ONLY.issuperset(
-                       map(type, chain.from_iterable(map(dict.values, emoji_tables)))))):
+    if strict and not (STR_ONLY.issuperset(map(type, chain.from_iterable(label_names + emoji_names)))
+                       and INT_ONLY.issuperset(map(type, chain.from_iterable(emoji_counts)))):
         return None  # the reader checks each record and names the first bad one
     return by_id, children, flagged, plain, ordered, alternates

@@ -355,21 +355,40 @@ class FastHFLM(shared.SharedContextScoring, HFLM):
 
     def _cap_surely_fits(self, cap: int, length: int) -> bool:
         """Whether `cap` tokens per batch fit the free GPU memory by a generous bound of the probe's per-token
-        memory (4 bytes for each of: three vocabulary-wide values, the logits, log-softmax and its argmax; three
-        MLP-wide values; eight hidden-wide ones; two attention scores per head and position, as eager attention
-        keeps them), times BOUND_MARGIN; False when the model's config lacks a size (the probe decides then)."""
-        config = getattr(self.model, "config", None)
-        sizes = [getattr(config, name, None) for name in ("vocab_size", "hidden_size", "num_attention_heads")]
-        hidden = sizes[1]
-        inner = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_hidden_size", None)
-                 or (4 * hidden if isinstance(hidden, int) else None))
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (*sizes, inner)):
+        memory (`probe_bytes_per_token`) times BOUND_MARGIN; False when the model's config lacks a size (the probe
+        decides then)."""
+        per_token = probe_bytes_per_token(getattr(self.model, "config", None), length)
+        if per_token is None:
             return False
-        vocab, hidden, heads = sizes
-        per_token = 4 * (3 * vocab + 3 * inner + 8 * hidden + 2 * heads * length)
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return BOUND_MARGIN * cap * per_token <= MEMORY_SHARE * free
+
+
+def probe_bytes_per_token(config: Any, length: int) -> int | None:
+    """An upper bound of the memory per token of one scoring forward at `length` tokens with every position's
+    log-softmax, 4 bytes a value: three vocabulary-wide values (logits, log-softmax, its argmax), three MLP-wide
+    ones (gated MLPs keep gate, up and their product), eight hidden-wide ones, two attention scores per head and
+    position (as eager attention keeps them) and the key/value cache the model builds for every layer (HF models
+    do unless told not to). None when the config lacks a size."""
+    def size(*names: str) -> int | None:
+        for name in names:
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    vocab, hidden = size("vocab_size"), size("hidden_size", "n_embd", "d_model")
+    heads, layers = size("num_attention_heads", "n_head"), size("num_hidden_layers", "n_layer", "num_layers")
+    if None in (vocab, hidden, heads, layers):
+        return None
+    inner = size("intermediate_size", "ffn_hidden_size", "n_inner", "ffn_dim", "d_ff") or 4 * hidden
+    # Falcon's multi_query (its 7B): one key/value head whatever num_kv_heads says.
+    multi_query = getattr(config, "multi_query", False) is True and not getattr(config, "new_decoder_architecture",
+                                                                                 False)
+    kv_heads = 1 if multi_query else size("num_key_value_heads", "num_kv_heads") or heads
+    head_dim = size("head_dim") or hidden // heads
+    return 4 * (3 * vocab + 3 * inner + 8 * hidden + 2 * heads * length + 2 * layers * kv_heads * head_dim)
 
 
 # Strings tokenized both ways (transformers' call and the backend's encode_batch) before the backend is trusted.

@@ -491,6 +491,8 @@ for _command in (("build", "--out", "out"), ("build", "--out", "out", "--all-thr
         1, "emojis", {"name": [["x"]], "count": [1]}, _command, "in.jsonl:2: field 'emojis.name' must be a list")
     CASES[f"labels that are a list, {_label}"] = _flat_field(
         1, "labels", [], _command, "in.jsonl:2: field 'labels' must be an object, got []")
+    CASES[f"label names that are lists, {_label}"] = _flat_field(
+        1, "labels", {"name": [["x"]], "value": [1.0]}, _command, "in.jsonl:2: field 'labels.name' must be a list")
     CASES[f"a parent_id of 0, {_label}"] = _flat_field(
         1, "parent_id", 0, _command, "in.jsonl:2: field 'parent_id' must be a string or null, got 0")
 CASES["emojis that are false"] = _flat_field(1, "emojis", False, ("build", "--out", "out"),

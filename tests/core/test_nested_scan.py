@@ -95,6 +95,8 @@ MUTATIONS = {
     "emoji name a list": _set("emojis", {"name": [["+1"]], "count": [1]}),
     "emoji count a string": _set("emojis", {"name": ["+1"], "count": ["1"]}),
     "emoji count true": _set("emojis", {"+1": True}),
+    "columnar label names lists": _set("labels", {"name": [["toxicity"]], "value": [0.1]}),
+    "columnar label names numbers": _set("labels", {"name": [1], "value": [0.1]}),
 }
 
 

@@ -172,8 +172,66 @@ def test_the_probe_batch_runs_only_where_the_cap_may_not_fit(stories_model: tupl
             lm._batch_tokens(200)
     else:
         assert lm._batch_tokens(200) == 16384
-    # stories260K's sizes (vocab 512, hidden 64, 8 heads): the bound at 200 tokens, 4 bytes a value, margin 2.
-    config = model.config
-    inner = config.intermediate_size
-    per_token = 4 * (3 * config.vocab_size + 3 * inner + 8 * config.hidden_size + 2 * config.num_attention_heads * 200)
+    per_token = fastlm.probe_bytes_per_token(model.config, 200)
     assert (fastlm.BOUND_MARGIN * 16384 * per_token <= fastlm.MEMORY_SHARE * free_gib * 2**30) is not probed
+
+
+def _peak_bytes_per_token(model: object, rows: int, length: int) -> float:
+    """Peak bytes of the tensors alive during one probe-like forward (every position's log-softmax and argmax),
+    per token, counted by a dispatch mode that sees every tensor torch makes (freed when its last view dies)."""
+    import weakref
+
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Peak(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live = self.peak = 0
+            self.seen: set[int] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_flatten(out)[0]:
+                if isinstance(tensor, torch.Tensor):
+                    storage = tensor.untyped_storage()
+                    key, size = storage.data_ptr(), storage.nbytes()
+                    if key in self.seen or size == 0:
+                        continue
+                    self.seen.add(key)
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+
+                    def freed(key: int = key, size: int = size) -> None:
+                        self.live -= size
+                        self.seen.discard(key)
+
+                    weakref.finalize(tensor, freed)
+            return out
+
+    with torch.no_grad(), Peak() as peak:
+        logits = model(torch.ones((rows, length), dtype=torch.long)).logits  # use_cache as lm-eval leaves it
+        F.log_softmax(logits, dim=-1).argmax(dim=-1)
+    return peak.peak / (rows * length)
+
+
+@pytest.mark.parametrize("shape", ["stories260K", "deep-many-kv-heads"])
+def test_the_per_token_bound_is_above_a_measured_forward(stories_model: tuple[object, object], shape: str) -> None:
+    """The bound that lets the probe be skipped holds for a real forward, in fp32 (4 bytes a value, its own
+    worst case), with the key/value cache HF models build: stories260K, and a Llama as deep for its width as a
+    65B one with a key/value head per attention head (where the cache dominates)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from oasst_eval.fastlm import probe_bytes_per_token
+
+    model = stories_model[0]
+    if shape != "stories260K":
+        config = LlamaConfig(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=40,
+                             num_attention_heads=4, num_key_value_heads=4, attn_implementation="eager")
+        model = LlamaForCausalLM(config).float().eval()
+    measured = _peak_bytes_per_token(model, rows=2, length=64)
+    bound = probe_bytes_per_token(model.config, 64)
+    assert measured <= bound, (measured, bound)
+    assert bound < 4 * measured  # a bound, not a refusal to ever skip the probe

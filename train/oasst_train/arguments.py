@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from oasst_tools.errors import OasstError
+from oasst_tools.errors import OasstError, shown
 from oasst_train.async_inputs import loader_args
 from oasst_train.checkpoints import CHECKPOINTS
 from oasst_train.config import TrainConfig
@@ -39,7 +39,8 @@ def check_trainer_names(cfg: TrainConfig, origins: dict[str, str] | None = None)
             close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
             hint = f" (close: {', '.join(close)})" if close else f" ({len(names)} known: {', '.join(names[:6])}, ...)"
             where = (origins or {}).get(name)
-            raise OasstError(f"{where + ': ' if where else ''}{name} {value!r} is not a name transformers knows{hint}")
+            raise OasstError(f"{where + ': ' if where else ''}{name} {shown(value)} is not a name transformers "
+                             f"knows{hint}")
 
 
 def trainer_config(config_class: type, cfg: TrainConfig, *, has_eval: bool, fresh: bool, **extra: Any) -> Any:
