@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from oasst_tools.errors import OasstError
+from oasst_tools.errors import OasstError, kind
 
 HUMAN = "### Human: "
 ASSISTANT = "### Assistant: "
@@ -72,12 +72,6 @@ def check_messages(messages: Any, where: str = "messages") -> list[dict[str, str
 def chat_messages(turns: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
     """(role, text) turns as {role, content} messages with chat roles (`prompter` -> `user`), as build writes them."""
     return [{"role": ROLES[role], "content": text} for role, text in turns]
-
-
-def kind(value: Any) -> str:
-    """How a JSON value is called in messages: `a number`, `null`, `an object`..."""
-    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
-            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 # ------------------------------------------------------------------------------------------------- Guanaco

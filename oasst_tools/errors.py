@@ -94,6 +94,12 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
 
 
+def kind(value: Any) -> str:
+    """How a JSON value is called in messages: `a number`, `null`, `an object`..."""
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def shown(value: Any) -> str:
     """`repr(value)` cut to a readable length for an error line: a YAML list of 20,000 items (or one made of
     aliases, whose full repr never ends) shows its first items and `...`."""
@@ -102,5 +108,9 @@ def shown(value: Any) -> str:
     short = reprlib.Repr()  # limits as attributes: Python 3.11's constructor takes none
     short.maxlevel, short.maxstring, short.maxother, short.maxlong = 3, 60, 60, 40
     short.maxlist = short.maxtuple = short.maxdict = short.maxset = short.maxfrozenset = 4
-    text = short.repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
+    return clipped(short.repr(value))
+
+
+def clipped(text: str, limit: int = 120) -> str:
+    """`text` cut to `limit` characters, the last three `...`, for a value quoted in a message line."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -23,8 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from oasst_tools.conversation import kind
-from oasst_tools.errors import OasstError, OasstInputError, describe_os_error, os_error_text
+from oasst_tools.errors import OasstError, OasstInputError, clipped, describe_os_error, kind, os_error_text
 
 # A safetensors header is a few KB per thousand tensors; more than this is a file that is not safetensors.
 MAX_SAFETENSORS_HEADER = 100 * 2**20
@@ -121,8 +120,7 @@ def override_lines(from_file: dict[str, Any], where: dict[str, str], flags: dict
     """One line per flag that replaces a different value the config file set (`--lora-r 16 overrides recipe.yaml:9
     (lora_r: 64)`), so that a recipe's value a flag changed is never a surprise."""
     def as_given(value: Any) -> str:  # a list as its flag spells it (a,b), cut short as every error value is
-        text = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-        return text if len(text) <= 120 else text[:117] + "..."
+        return clipped(",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value))
 
     return [f"--{name.replace('_', '-')} {as_given(value)} overrides {where[name]} ({name}: "
             f"{as_given(from_file[name])})"

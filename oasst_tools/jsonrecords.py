@@ -26,8 +26,7 @@ except ImportError:  # orjson is a core dependency, but the walker must work wit
     _loads = json.loads
     _JSONError = json.JSONDecodeError
 
-from oasst_tools.conversation import kind
-from oasst_tools.errors import OasstInputError, os_input_error
+from oasst_tools.errors import OasstInputError, kind, os_input_error
 from oasst_tools.lines import FileLines, Progress, Source, iter_lines
 from oasst_tools.rawtree import OnError, ReadReport
 

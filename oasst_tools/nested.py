@@ -15,8 +15,7 @@ from itertools import repeat
 from typing import Any
 
 from oasst_tools.assemble import _check_roles
-from oasst_tools.conversation import kind
-from oasst_tools.errors import OasstInputError, shown
+from oasst_tools.errors import OasstInputError, kind, shown
 from oasst_tools.jsonrecords import _json_records, gc_paused
 from oasst_tools.lines import Progress, Source
 from oasst_tools.rawtree import _CUT, OnError, RawTree, ReadReport, split_of

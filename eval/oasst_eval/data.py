@@ -19,8 +19,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from oasst_tools.conversation import ROLES, kind
-from oasst_tools.errors import OasstError, OasstInputError, describe_os_error, shown
+from oasst_tools.conversation import ROLES
+from oasst_tools.errors import OasstError, OasstInputError, describe_os_error, kind, shown
 from oasst_tools.files import split_rows
 
 DATA_ENV = "OASST_EVAL_DATA"

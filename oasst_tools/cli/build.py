@@ -90,9 +90,9 @@ def _help(cls: type, name: str) -> str:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
 def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact: bool, top_rank: bool,
           all_threads: bool, top_k: int | None, pairs: str | None, tree_states: frozenset[str],
-          label_max: tuple[str, ...], label_min: tuple[str, ...], no_synthetic: bool, end_with_assistant: bool, min_turns: int,
-          max_turns: int | None, test_size: float | None, seed: int, format_: str, overwrite: bool, on_error: str,
-          quiet: bool) -> None:
+          label_max: tuple[str, ...], label_min: tuple[str, ...], no_synthetic: bool, end_with_assistant: bool,
+          min_turns: int, max_turns: int | None, test_size: float | None, seed: int, format_: str, overwrite: bool,
+          on_error: str, quiet: bool) -> None:
     """Build a Guanaco-style dataset from OpenAssistant conversation trees.
 
     \b

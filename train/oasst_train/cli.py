@@ -85,24 +85,20 @@ def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, ve
     from rich.pretty import Pretty
     from rich.text import Text
 
-    from oasst_train.config import resolve_config, to_dict
+    from oasst_train.config import to_dict
     from oasst_train.report import check_report_to, summary_table, tensorboard_dir
 
     if dry_run:
         _quiet_libraries(verbose)
         _dry_run(config_file, resume, flags)
         return
-    notes: list[str] = []
-    origins: dict[str, str] = {}
-    cfg = resolve_config(config_file, take_aliases(flags), notes=notes, origins=origins)
+    console = Console(stderr=True, quiet=quiet)
+    cfg, origins = _resolved(config_file, flags, console)
     if not resume:  # a new run writes train_config.yaml into --out: never over the recipe it reads
         from oasst_tools.output import check_apart
 
         check_apart(cfg.out, [("--config", config_file)])
     check_report_to(cfg.report_to)
-    console = Console(stderr=True, quiet=quiet)
-    for line in notes:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def announce(resolved: TrainConfig, lines: list[str]) -> None:
         # Text and Pretty, not a markup string: paths and values may hold `[/]` or `[bold]`.
@@ -136,18 +132,28 @@ def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, ve
         Console().print(summary_table(summary, f"oasst train -> {cfg.out}"))
 
 
-def _dry_run(config_file: Path | None, resume: bool, flags: dict[str, Any]) -> None:
-    """`oasst train --dry-run`: the data report and one example on stdout; --out is neither needed nor touched."""
-    from rich.console import Console
-
+def _resolved(config_file: Path | None, flags: dict[str, Any], console: Any,
+              required: tuple[str, ...] | None = None) -> tuple[TrainConfig, dict[str, str]]:
+    """The run's config (defaults < recipe < flags) and where each given setting was set; one line on `console`
+    for each flag that changed a value of the recipe."""
     from oasst_train.config import REQUIRED, resolve_config
 
     notes: list[str] = []
     origins: dict[str, str] = {}
-    cfg = resolve_config(config_file, take_aliases(flags), required=tuple(n for n in REQUIRED if n != "out"),
-                         notes=notes, origins=origins)
+    cfg = resolve_config(config_file, take_aliases(flags), REQUIRED if required is None else required, notes=notes,
+                         origins=origins)
     for line in notes:
-        Console(stderr=True).print(line, markup=False, highlight=False, soft_wrap=True)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return cfg, origins
+
+
+def _dry_run(config_file: Path | None, resume: bool, flags: dict[str, Any]) -> None:
+    """`oasst train --dry-run`: the data report and one example on stdout; --out is neither needed nor touched."""
+    from rich.console import Console
+
+    from oasst_train.config import REQUIRED
+
+    cfg, origins = _resolved(config_file, flags, Console(stderr=True), tuple(n for n in REQUIRED if n != "out"))
     if resume:
         from oasst_train.report import warn
 

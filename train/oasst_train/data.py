@@ -19,8 +19,8 @@ from typing import Any
 
 from oasst_tools.conversation import Encoded, Format, check_messages, encode, encode_guanaco, render_guanaco
 from oasst_tools.conversation import guanaco_prompt  # noqa: F401 - merge.py's check prompt imports it from here
-from oasst_tools.conversation import kind as _kind
 from oasst_tools.errors import OasstError, OasstInputError
+from oasst_tools.errors import kind as _kind
 from oasst_tools.files import split_rows
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from oasst_tools.errors import OasstError
 
+
 def warn(message: str) -> None:
     """One `warning:` line on stderr: how `oasst train` says what it went on with."""
     import click
