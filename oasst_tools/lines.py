@@ -302,8 +302,13 @@ def _inflated_blocks(src: Source, reads: tuple[int, ...]) -> Iterator[tuple[int,
     decomp = _inflate.decompressobj(31)
     sizes = iter(reads)
     size = next(sizes)
+    first = True
     while block := src.read(size):
         size = next(sizes, size)
+        if first and not block.startswith(GZIP_MAGIC[:len(block)]):  # a pipe may hand over one byte first
+            # zlib's own complaint depends on the length (a short file reads as "truncated"): say what it is.
+            raise _BadGzip("not a gzip file (read as gzip, but without gzip's first bytes)", "corrupt_gzip")
+        first = False
         try:
             if decomp is None:  # after a complete member: padding, or the next member
                 rest = block.lstrip(b"\0")

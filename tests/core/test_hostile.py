@@ -531,6 +531,12 @@ def _(tmp: Path):
         "--top-k are mutually exclusive", 2
 
 
+@case("a short .gz that is not gzip")
+def _(tmp: Path):
+    (tmp / "in.jsonl.gz").write_bytes(b"garbage")  # zlib alone calls this "truncated"
+    return ["stats", "in.jsonl.gz"], "in.jsonl.gz:1: not a gzip file (read as gzip, but without gzip's first bytes)", 1
+
+
 @case("a line that is null")
 def _(tmp: Path):
     (tmp / "in.jsonl").write_text(FLAT.read_text().splitlines()[0] + "\nnull\n")
