@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from itertools import chain
 from typing import Any
 
-from oasst_tools.errors import OasstInputError
+from oasst_tools.errors import OasstInputError, shown
 from oasst_tools.schema import ROLES, Message
 
 # Fields that `Message` interprets; anything else in a record lands in `Message.extra`.
@@ -50,14 +50,9 @@ DICT_ONLY = frozenset((dict,))  # `DICT_ONLY.issuperset(map(type, xs))`: every x
 STR_ONLY, INT_ONLY = frozenset((str,)), frozenset((int,))
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _wrong_type(path: str | None, line: int | None, name: str, want: str, value: Any) -> OasstInputError:
     return OasstInputError(
-        path, line, f"field '{name}' must be {want}, got {_describe(value)}", reason="wrong_type"
+        path, line, f"field '{name}' must be {want}, got {shown(value)}", reason="wrong_type"
     )
 
 

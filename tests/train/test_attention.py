@@ -379,7 +379,7 @@ def test_packed_training_run_on_the_varlen_kernel_learns_as_on_the_block_mask(
     from tests.train.conftest import GUANACO, read_summary
 
     args = ("--model", tiny_falcon, "--data", GUANACO, "--packing", "--no-load-in-4bit", "--max-steps", 3,
-            "--batch-size", 2, "--grad-accum", 1, "--max-length", 512, "--lora-dropout", 0.0, "--eval-rows", 2,
+            "--batch-size", 2, "--grad-accum", 1, "--max-length", 384, "--lora-dropout", 0.0, "--eval-rows", 2,
             "--save-steps", 3, "--logging-steps", 1, "-q")
     decided: dict[str, list[str]] = {}
     own = attention._collated_decision
@@ -401,7 +401,7 @@ def test_packed_training_run_on_the_varlen_kernel_learns_as_on_the_block_mask(
     assert len(losses["varlen"]) == 3 and losses["varlen"] == pytest.approx(losses["block"], rel=1e-5)
     assert losses["async"] == losses["varlen"]
     assert len(varlen_calls) >= 2 * 3 * 2  # two runs of 3 steps, a forward of 2 layers each
-    assert max(len(bounds) for bounds, _ in varlen_calls) > 4  # bins of 512 tokens hold several examples
+    assert max(len(bounds) for bounds, _ in varlen_calls) > 3  # 3+ examples in 2 rows: a bin holds several
     assert runs["varlen"]["patches"]["varlen_attention"]["state"] == "active"
     assert runs["block"]["patches"]["varlen_attention"]["state"] == "not needed"  # a CPU: the block mask
     # Every forward of the async run (3 steps, 2 evaluations) on the collated boundaries; none of the others asked.
