@@ -189,8 +189,9 @@ def test_resume_refuses_other_training_rows(oasst: Any, stories_run: Path, stori
     lines = (GUANACO / "train.jsonl").read_text().splitlines(keepends=True)
     (data / "train.jsonl").write_text("".join(lines[:40]))
     shutil.copy(GUANACO / "test.jsonl", data / "test.jsonl")
+    previous = STORIES_STEPS // 2  # the run's first checkpoint; one step past it shows the resumed run trains
     args = ("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--out", out, "--max-steps",
-            STORIES_STEPS, "--save-steps", 30, "-q", "--resume")
+            previous + 1, "--save-steps", 30, "-q", "--resume")
     before = snapshot(tmp_path)
     assert error_line(oasst(*args, "--data", data)) == (
         f"error: --resume: the data differs from the run in {out} ({len(lines)} -> 40 train rows); resume with the "
@@ -201,7 +202,8 @@ def test_resume_refuses_other_training_rows(oasst: Any, stories_run: Path, stori
     assert json.loads((out / "data_fingerprint.json").read_text())["train_rows"] == len(lines)
     result = oasst(*args, "--data", data)
     assert result.exit_code == 0, result.output
-    assert read_summary(out)["global_step"] == STORIES_STEPS
+    summary = read_summary(out)
+    assert summary["resumed_from"] == f"checkpoint-{previous}" and summary["global_step"] == previous + 1
 
 
 
