@@ -30,6 +30,7 @@ from oasst_model.targets import (
     _bnb_packs_for_cpu, _check_autocast, _check_bnb_cpu_packing, _check_bnb_fold, _check_compile,
     _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag,
     _check_lm_eval_loglikelihood, _check_lm_eval_request_bars, _check_lm_eval_templates, _check_lazy_metrics,
+    _check_resume_non_blocking,
     _check_backend_tokenize, _check_collated_boundaries, _check_concat_lora, _check_peft_lora, _check_shared_context,
     _check_varlen, _falcon_linear_subclass)
 
@@ -95,6 +96,17 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
             "the batch instead of being read back from the GPU",
         fallback="the planner reads the example starts back from the GPU (one host wait per forward)",
         check=_check_collated_boundaries,
+    ),
+    Patch(
+        name="resume_non_blocking",
+        library="transformers",
+        target="transformers.trainer.skip_first_batches (wrapped while a resumed run trains) and the _non_blocking "
+               "attribute of the accelerate DataLoaderShard it returns (train option async_inputs, on a GPU)",
+        written_for="transformers 5.17.0, 5.24.0, 5.25.0; accelerate 1.15.0, 1.16.0",
+        why="the loader rebuilt to skip a resumed epoch's seen batches keeps the non-blocking copy (accelerate builds "
+            "it blocking): no host wait for the GPU at every step of that epoch",
+        fallback="the rest of the resumed epoch copies each batch with a wait (later epochs do not)",
+        check=_check_resume_non_blocking,
     ),
     Patch(
         name="fused_lora",

@@ -259,6 +259,20 @@ def _check_collated_boundaries() -> str | None:
                                                                  if f'"{key}"' not in source]))
 
 
+def _check_resume_non_blocking() -> str | None:
+    """transformers' Trainer still rebuilds a resumed run's loader through a module-level `skip_first_batches`, and
+    accelerate's loader still keeps its copy mode in `_non_blocking` (None), else what changed."""
+    trainer, problem = _module_with("transformers.trainer", ("skip_first_batches",))
+    if problem:
+        return problem
+    loader, problem = _module_with("accelerate.data_loader", ("DataLoaderShard",))
+    if problem:
+        return problem
+    if "self._non_blocking" not in _source(loader.DataLoaderShard):
+        return "accelerate.data_loader.DataLoaderShard lacks _non_blocking"
+    return None
+
+
 # What trl's SFTTrainer.compute_loss must still read and write for lazy_metrics to reproduce it (train option).
 TRL_COMPUTE_LOSS_NAMES = ("fused_lm_head=True", "log_probs", "label_mask", "entropy", "is_top1",
                           '"mean_token_accuracy"', '"num_tokens"', "_total_train_tokens")

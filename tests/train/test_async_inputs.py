@@ -199,3 +199,53 @@ def test_changed_trl_collator_falls_back_with_one_warning(monkeypatch: pytest.Mo
     err = capsys.readouterr().err
     assert err.count("warning: patch collated_boundaries is off") == 1 and '"cu_seq_lens_q"' in err
     assert patches.report()["collated_boundaries"]["state"] == "fallback"
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("changed", [False, True])
+def test_a_resumed_epoch_copies_its_batches_as_the_run_asked(oasst: Any, stories_run: Path, stories: Path,
+                                                             tmp_path: Path, changed: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumed mid-epoch with non-blocking copies asked (as loader_args asks on a GPU): the loader transformers
+    rebuilds to skip the seen batches copies every batch non-blocking too (accelerate builds it blocking). Where
+    accelerate's loader changed, the run finishes as before and one warning says the patch is off."""
+    import shutil
+
+    import accelerate.data_loader
+
+    import oasst_train.arguments
+    from tests.train.conftest import GUANACO, RECIPES, STORIES_STEPS, read_summary
+
+    monkeypatch.setattr(oasst_train.arguments, "loader_args",
+                        lambda enabled: {"accelerator_config": {"non_blocking": True}} if enabled else {})
+    copies: list[bool] = []
+    own_send = accelerate.data_loader.send_to_device
+
+    def send_to_device(batch: Any, device: Any, non_blocking: bool = False, **kwargs: Any) -> Any:
+        copies.append(non_blocking)
+        return own_send(batch, device, non_blocking=non_blocking, **kwargs)
+
+    monkeypatch.setattr(accelerate.data_loader, "send_to_device", send_to_device)
+    if changed:  # a release whose loader keeps its copy mode elsewhere (the check reads the class's source)
+        class DataLoaderShard(accelerate.data_loader.DataLoaderShard):
+            """Renamed state."""
+
+        monkeypatch.setattr(accelerate.data_loader, "DataLoaderShard", DataLoaderShard)
+    out = tmp_path / "run"
+    shutil.copytree(stories_run, out)
+    (out / "train_summary.json").unlink()
+    shutil.rmtree(out / "checkpoints" / f"checkpoint-{STORIES_STEPS}")
+    previous = STORIES_STEPS // 2  # mid-epoch: the recipe's 171 rows make 22 steps an epoch
+    result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--data", GUANACO, "--out",
+                   out, "--max-steps", previous + 2, "--save-steps", 30, "--async-inputs", "-q", "--resume")
+    assert result.exit_code == 0, result.output
+    summary = read_summary(out)
+    assert summary["resumed_from"] == f"checkpoint-{previous}" and summary["global_step"] == previous + 2
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning: patch resume_non_blocking")]
+    if changed:
+        assert summary["patches"]["resume_non_blocking"]["state"] == "fallback"
+        assert len(warned) == 1 and "DataLoaderShard lacks _non_blocking" in warned[0], result.stderr
+        return
+    assert summary["patches"]["resume_non_blocking"]["state"] == "active" and not warned
+    assert len(copies) >= 2 and all(copies), copies  # the two training steps' batches (and the evaluation's)

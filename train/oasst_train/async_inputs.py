@@ -21,15 +21,19 @@ What changes, and what does not:
   (tests compare plans and logits). Guarded by the patch registry (`collated_boundaries`): where trl's collator no
   longer makes those keys, the planner reads the boundaries back as before, with one warning line.
 - a logging step still waits (the Trainer reads the loss): the recipes log every 5th or 10th step;
-- a resumed run copies the rest of its first epoch with a wait (accelerate's `skip_first_batches` builds its
-  loader without `non_blocking`); later epochs copy without one.
+- a resumed run's first epoch: accelerate's `skip_first_batches` builds the loader that skips the batches already
+  seen without `non_blocking`; `resumed_copies_non_blocking` gives it back (patch `resume_non_blocking`; where
+  transformers or accelerate changed, that epoch copies with a wait, as before, with one warning line).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 PATCH = "collated_boundaries"
+RESUME_PATCH = "resume_non_blocking"
 
 
 def loader_args(enabled: bool) -> dict[str, Any]:
@@ -80,3 +84,33 @@ def async_inputs(trainer: Any) -> bool:
     use_collated_boundaries(trainer.model)
     patches.activated(PATCH)
     return True
+
+
+@contextmanager
+def resumed_copies_non_blocking(trainer: Any) -> Iterator[None]:
+    """While `trainer` resumes: the loader transformers rebuilds to skip the seen batches of the first epoch copies
+    them as the original loader does (non-blocking where loader_args asked for it)."""
+    from oasst_model import patches
+
+    if not getattr(getattr(trainer.args, "accelerator_config", None), "non_blocking", False):
+        yield  # loader_args set nothing (off, or no CUDA): the rebuilt loader copies as the original does
+        return
+    if not patches.applies(RESUME_PATCH):
+        yield
+        return
+    import transformers.trainer as hf_trainer
+
+    own = hf_trainer.skip_first_batches
+
+    def skipping(dataloader: Any, num_batches: int = 0) -> Any:
+        skipped = own(dataloader, num_batches)
+        if getattr(dataloader, "_non_blocking", False) and hasattr(skipped, "_non_blocking"):
+            skipped._non_blocking = True
+            patches.activated(RESUME_PATCH, once=True)
+        return skipped
+
+    hf_trainer.skip_first_batches = skipping
+    try:
+        yield
+    finally:
+        hf_trainer.skip_first_batches = own

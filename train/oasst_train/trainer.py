@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -307,7 +308,10 @@ def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, 
             trainer.model.load_adapter(str(checkpoint), adapter_name="default", is_trainable=True)
             trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
         else:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            from oasst_train.async_inputs import resumed_copies_non_blocking
+
+            with resumed_copies_non_blocking(trainer) if checkpoint else nullcontext():
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         stopper.uninstall()
     state = trainer.state
