@@ -262,7 +262,7 @@ def _check_collated_boundaries() -> str | None:
 def _check_resume_non_blocking() -> str | None:
     """transformers' Trainer still rebuilds a resumed run's loader through a module-level `skip_first_batches`, and
     accelerate's loader still keeps its copy mode in `_non_blocking` (None), else what changed."""
-    trainer, problem = _module_with("transformers.trainer", ("skip_first_batches",))
+    _, problem = _module_with("transformers.trainer", ("skip_first_batches",))
     if problem:
         return problem
     loader, problem = _module_with("accelerate.data_loader", ("DataLoaderShard",))
