@@ -113,7 +113,12 @@ def ensure_forest(scale: int, seed: int, verify: bool, log) -> dict:
             return meta
     log(f"generating the {scale}x forest (seed {seed}) ...")
     started = time.perf_counter()
-    meta = generate(scale, seed, paths, params)
+    # In a process of its own: Linux hands a child the parent's resident-set high-water mark through fork and exec,
+    # so a parent grown by the generation (~190 MB) would floor every later child's peak RSS (the 2026-12-06 run).
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        meta = pool.apply(generate, (scale, seed, paths, params))
     meta["generate_seconds"] = round(time.perf_counter() - started, 1)
     paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
     log(f"  {meta['trees']:,} trees, {meta['messages']:,} messages in {meta['generate_seconds']} s: "
