@@ -373,9 +373,9 @@ def test_packed_training_run_on_the_varlen_kernel_learns_as_on_the_block_mask(
         oasst: Any, tiny_falcon: Path, tmp_path: Path, varlen_calls: list[tuple[list[int], int]],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`oasst train --packing` through trl's padding-free batches: every step's attention goes to the varlen kernel,
-    with the same losses as the block mask, and train_summary.json records the patch. With `--async-inputs` the
-    boundaries come with each batch (every forward takes the collated plan) and the losses are the varlen run's
-    exactly."""
+    with the same losses as the block mask, and train_summary.json records the patch. With `--async-inputs` and
+    `--lazy-metrics` (the Falcon recipes' pair) the boundaries come with each batch (every forward takes the collated
+    plan), and the losses and token counts are the varlen run's."""
     from tests.train.conftest import GUANACO, read_summary
 
     args = ("--model", tiny_falcon, "--data", GUANACO, "--packing", "--no-load-in-4bit", "--max-steps", 3,
@@ -394,12 +394,17 @@ def test_packed_training_run_on_the_varlen_kernel_learns_as_on_the_block_mask(
     for name, devices, flag in (("varlen", ("cuda", "cpu"), "--no-async-inputs"),
                                 ("async", ("cuda", "cpu"), "--async-inputs"), ("block", ("cuda",), "--async-inputs")):
         monkeypatch.setattr(attention, "VARLEN_DEVICES", devices)
-        result = oasst("train", *args, flag, "--out", tmp_path / name)
+        lazy = ("--lazy-metrics",) if name == "async" else ()  # as the Falcon recipes run: both options together
+        result = oasst("train", *args, flag, *lazy, "--out", tmp_path / name)
         assert result.exit_code == 0, result.output
         runs[name] = read_summary(tmp_path / name)
     losses = {name: [h["loss"] for h in s["log_history"] if "loss" in h] for name, s in runs.items()}
     assert len(losses["varlen"]) == 3 and losses["varlen"] == pytest.approx(losses["block"], rel=1e-5)
-    assert losses["async"] == losses["varlen"]
+    assert losses["async"] == pytest.approx(losses["varlen"], rel=1e-6)
+    # lazy_metrics counts tokens at collate, around the collator async_inputs wrapped: the Trainer's own counts.
+    assert runs["async"]["patches"]["lazy_metrics"]["state"] == "active"
+    assert runs["async"]["step_tokens"] == runs["varlen"]["step_tokens"]
+    assert runs["async"]["tokens_seen"] == runs["varlen"]["tokens_seen"] > 0
     assert len(varlen_calls) >= 2 * 3 * 2  # two runs of 3 steps, a forward of 2 layers each
     assert max(len(bounds) for bounds, _ in varlen_calls) > 3  # 3+ examples in 2 rows: a bin holds several
     assert runs["varlen"]["patches"]["varlen_attention"]["state"] == "active"
