@@ -206,3 +206,66 @@ def test_a_corrupt_gzip_through_the_threaded_reader_is_one_error_line_and_no_out
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
     assert _inflaters() == [] and sys.getswitchinterval() == switch  # the build put the interval back
+
+
+def _lines_before_damage(data: bytes) -> int:
+    """Whole lines zlib inflates from `data` fed one byte at a time, up to the byte where it fails."""
+    decomp, out = zlib.decompressobj(31), []
+    for i in range(len(data)):
+        try:
+            out.append(decomp.decompress(data[i:i + 1]))
+        except zlib.error:
+            break
+    return b"".join(out).count(b"\n")
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_damage_late_in_a_real_sized_block_is_named_at_its_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   ahead: bool):
+    """Reads of real size (the fixture is one block): an inflater's failing call returns nothing it inflated, so
+    the lines before the damage come from inflating again, and the error names the damaged line, not line 1."""
+    monkeypatch.setattr(lines_module, "AHEAD_MIN_BYTES", 0 if ahead else lines_module.AHEAD_MIN_BYTES)
+    data = bytearray(gzip.compress(FLAT.read_bytes()))
+    at = len(data) * 9 // 10
+    data[at:at + 16] = b"\xff" * 16
+    path = tmp_path / "late.jsonl.gz"
+    path.write_bytes(bytes(data))
+    count = 0
+    with pytest.raises(OasstInputError) as err:
+        for count, _ in iter_lines(path, ahead=ahead):  # noqa: B007
+            pass
+    expected = _lines_before_damage(bytes(data))
+    assert expected > 150 and count == expected
+    assert str(err.value).startswith(f"{path}:{expected + 1}: gzip data is corrupt (")
+    assert _inflaters() == []
+
+
+@pytest.mark.parametrize("offset", [-8, -2])  # the CRC-32, the length
+def test_a_wrong_gzip_trailer_is_found_after_every_line(tmp_path: Path, offset: int):
+    """Only the trailer is wrong: every line inflated comes out, and the error is after the last one."""
+    data = bytearray(gzip.compress(FLAT.read_bytes()))
+    data[offset] ^= 1
+    path = tmp_path / "trailer.jsonl.gz"
+    path.write_bytes(bytes(data))
+    got = []
+    with pytest.raises(OasstInputError) as err:
+        got.extend(line for _, line in iter_lines(path))
+    assert b"".join(got) == FLAT.read_bytes()
+    lines = FLAT.read_bytes().count(b"\n")
+    assert str(err.value).startswith(f"{path}:{lines + 1}: gzip data is corrupt: the CRC-32 or length")
+    assert err.value.reason == "corrupt_gzip"
+
+
+def test_skipping_a_damaged_gzip_trailer_keeps_every_tree_but_the_last(run, tmp_path: Path):
+    whole = run("build", "--input", FLAT, "--out", tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+    data = bytearray(gzip.compress(FLAT.read_bytes()))
+    data[-8] ^= 1
+    path = tmp_path / "trailer.jsonl.gz"
+    path.write_bytes(bytes(data))
+    result = run("build", "--input", path, "--out", tmp_path / "out", "--on-error", "skip")
+    assert result.exit_code == 0, result.output
+    lines = FLAT.read_bytes().count(b"\n")
+    assert f"{path}:{lines + 1}: gzip data is corrupt: the CRC-32" in result.stderr
+    rows = [sum(f.read_text().count("\n") for f in (tmp_path / name).glob("*.jsonl")) for name in ("whole", "out")]
+    assert rows[0] - 1 <= rows[1] < rows[0]
