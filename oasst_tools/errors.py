@@ -100,6 +100,34 @@ def kind(value: Any) -> str:
             bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+# What a file's first bytes say it is when it is not UTF-8 text: (first bytes, what to say), longest first.
+OTHER_FORMATS = (
+    (b"\xff\xfe\x00\x00", "UTF-32 text, by its byte-order mark: convert it, e.g. iconv -f utf-32 -t utf-8"),
+    (b"\x00\x00\xfe\xff", "UTF-32 text, by its byte-order mark: convert it, e.g. iconv -f utf-32 -t utf-8"),
+    (b"\xfd7zXZ\x00", "an xz-compressed file: decompress it first (unxz); of compressed files only gzip is read"),
+    (b"\x28\xb5\x2f\xfd", "a zstd-compressed file: decompress it first (unzstd); of compressed files only gzip is "
+                          "read"),
+    (b"PK\x03\x04", "a zip archive: unpack it first; of compressed files only gzip is read"),
+    (b"BZh", "a bzip2-compressed file: decompress it first (bunzip2); of compressed files only gzip is read"),
+    (b"\xff\xfe", "UTF-16 text, by its byte-order mark: convert it, e.g. iconv -f utf-16 -t utf-8"),
+    (b"\xfe\xff", "UTF-16 text, by its byte-order mark: convert it, e.g. iconv -f utf-16 -t utf-8"),
+)
+
+
+def first_bytes_hint(data: bytes) -> str | None:
+    """What a file that is not UTF-8 text is, by its first bytes (`data`), and how to read it; None if unknown."""
+    return next((what for magic, what in OTHER_FORMATS if data.startswith(magic)), None)
+
+
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def whole_number(text: str) -> int | None:
+    """`text` as a whole number when it is 1-18 ASCII digits, else None. `str.isdigit` also takes "²" and "٣",
+    which `int()` then refuses or reads, and `int()` alone takes " 1 " and "1_0"."""
+    return int(text) if _DIGITS.fullmatch(text) else None
+
+
 def shown(value: Any) -> str:
     """`repr(value)` cut to a readable length for an error line: a YAML list of 20,000 items (or one made of
     aliases, whose full repr never ends) shows its first items and `...`."""

@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from oasst_tools.errors import OasstError, OasstInputError, clipped, describe_os_error, kind, os_error_text
+from oasst_tools.errors import (OasstError, OasstInputError, clipped, describe_os_error, first_bytes_hint, kind,
+                                 os_error_text)
 
 # A safetensors header is a few KB per thousand tensors; more than this is a file that is not safetensors.
 MAX_SAFETENSORS_HEADER = 100 * 2**20
@@ -40,8 +41,9 @@ def decode_utf8(data: bytes, path: str | Path, line: int | None = None) -> str:
             column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         else:
             column = exc.start + 1
-        raise OasstInputError(path, line, f"not valid UTF-8 text (byte 0x{bad} at column {column})",
-                              reason="encoding") from None
+        hint = first_bytes_hint(data) if line == 1 else None
+        raise OasstInputError(path, line, f"not valid UTF-8 text (byte 0x{bad} at column {column}"
+                                          f"{'; ' + hint if hint else ''})", reason="encoding") from None
 
 
 def read_bytes(path: Path, what: str = "file") -> bytes:
@@ -144,12 +146,20 @@ def unknown_keys_error(path: Path, unknown: list[str], known: Any, command: str)
 
 def build_split(folder: Path, split: str) -> Path | None:
     """The file of one split of an `oasst build` output folder: `SPLIT.jsonl`, or `SPLIT.parquet` (--format
-    parquet); None when the folder has neither."""
+    parquet); None when the folder has neither. One error line when a split's name is not a file, or both are
+    there (which one is meant cannot be told: one would be ignored silently)."""
+    found = []
     for suffix in (".jsonl", ".parquet"):
         path = folder / f"{split}{suffix}"
         if path.is_file():
-            return path
-    return None
+            found.append(path)
+        elif path.exists():
+            what = "a folder" if path.is_dir() else "not a regular file"
+            raise OasstError(f"{path} is {what}: the {split} split of an `oasst build` output is a file")
+    if len(found) > 1:
+        raise OasstError(f"{folder} holds both {found[0].name} and {found[1].name}: which one is the {split} split "
+                         "cannot be told; keep one")
+    return found[0] if found else None
 
 
 def split_rows(path: Path, columns: str = "") -> Iterator[tuple[int, dict[str, Any]]]:

@@ -26,7 +26,7 @@ except ImportError:  # orjson is a core dependency, but the walker must work wit
     _loads = json.loads
     _JSONError = json.JSONDecodeError
 
-from oasst_tools.errors import OasstInputError, kind, os_input_error
+from oasst_tools.errors import OasstInputError, first_bytes_hint, kind, os_input_error
 from oasst_tools.lines import FileLines, Progress, Source, iter_lines
 from oasst_tools.rawtree import OnError, ReadReport
 
@@ -140,8 +140,8 @@ def _loads_again(raw: bytes, exc: Exception) -> Any:
         raw.decode("utf-8")
     except UnicodeDecodeError as bad:
         column = len(raw[:bad.start].decode("utf-8", "replace")) + 1  # in characters, as an editor counts
-        raise NotJSONLines(f"not UTF-8 text: byte 0x{raw[bad.start]:02x} at column {column} (convert the file, e.g. "
-                           "iconv -f latin1 -t utf-8)") from None
+        raise NotJSONLines(f"not UTF-8 text: byte 0x{raw[bad.start]:02x} at column {column} ({first_bytes_hint(raw) or 'convert the file, e.g. iconv -f latin1 -t utf-8'})"
+                           ) from None
     if raw.lstrip().startswith(b"["):
         raise NotJSONLines("a JSON array, not JSON Lines (one object per line; convert with jq -c '.[]')")
     try:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from oasst_tools.errors import OasstError, describe_os_error
+from oasst_tools.errors import OasstError, describe_os_error, whole_number
 from oasst_tools.sources import InputInfo
 
 MARKER = ".oasst-build"
@@ -185,7 +185,8 @@ def clean_stale(out: Path) -> list[Path]:
             continue
         path = parent / entry
         pid = entry[len(_stem(out)) + 1 + len(kind):].partition("-")[0]
-        if not pid.isdigit() or _alive(int(pid)) or not (is_build_output(path) or _empty(path)):
+        number = whole_number(pid)
+        if number is None or _alive(number) or not (is_build_output(path) or _empty(path)):
             continue
         if not _this_host(path):
             continue
@@ -214,7 +215,7 @@ def _alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number no process id reaches
         return False
     except OSError:  # EPERM: it exists, as another user
         return True

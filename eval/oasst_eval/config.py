@@ -14,7 +14,7 @@ from typing import Any
 from oasst_model.attention import CUDNN_ATTENTION_HELP
 from oasst_model.spec import INT_LIMIT, LOAD_FIELDS, as_bool, as_path, check_value, option_field
 from oasst_tools.conversation import FORMATS
-from oasst_tools.errors import OasstError, shown
+from oasst_tools.errors import OasstError, shown, whole_number
 
 # eval's `dtype` setting was renamed to train's `compute_dtype`; the old YAML key is read, with a warning, until the
 # next release.
@@ -199,8 +199,7 @@ def resolve_config(file: Path | None, flags: dict[str, Any], notes: list[str] | 
             raise OasstError(f"--{name.replace('_', '-')} contains a NUL character")
     if cfg.compare_base and not cfg.adapter:
         raise OasstError("--compare-base needs --adapter: it compares the base model with base + adapter")
-    if cfg.batch_size not in ("default", "auto") and not (cfg.batch_size.isdigit()
-                                                          and 0 < int(cfg.batch_size) <= INT_LIMIT):
+    if cfg.batch_size not in ("default", "auto") and not 0 < (whole_number(cfg.batch_size) or 0) <= INT_LIMIT:
         origin = "--batch-size" if flags.get("batch_size") is not None else where.get("batch_size", "--batch-size")
         origin = origin if origin.startswith("--") else f"{origin}: batch_size"
         raise OasstError(f"{origin} must be auto or a whole number from 1 to {INT_LIMIT:,}, not "

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from oasst_tools.conversation import ROLES
-from oasst_tools.errors import OasstError, OasstInputError, describe_os_error, kind, shown
+from oasst_tools.errors import OasstError, OasstInputError, describe_os_error, kind, shown, whole_number
 from oasst_tools.files import split_rows
 
 DATA_ENV = "OASST_EVAL_DATA"
@@ -78,6 +78,11 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
         yield row
 
 
+# HellaSwag's columns besides the ones lm-eval reads, with their types (the Hub dataset's schema): a row may lack
+# them; one with another type, or a column outside the schema, could not share a table with the other rows.
+HELLASWAG_EXTRA = {"ind": int, "ctx": str, "source_id": str, "split": str, "split_type": str}
+
+
 def _check_hellaswag_row(row: dict[str, Any]) -> str | None:
     """What is wrong with one HellaSwag row for lm-eval's preprocessing, or None."""
     for key in ("activity_label", "ctx_a", "ctx_b"):
@@ -89,12 +94,44 @@ def _check_hellaswag_row(row: dict[str, Any]) -> str | None:
     if not (isinstance(endings, list) and endings and all(isinstance(e, str) for e in endings)):
         given = shown(endings) if isinstance(endings, list) else kind(endings)
         return f"`endings` must be a non-empty list of strings, not {given}"
-    label = row.get("label")
-    number = label if isinstance(label, int) and not isinstance(label, bool) else (
-        int(label) if isinstance(label, str) and label.strip().isdigit() else None)
-    if number is None or not 0 <= number < len(endings):
-        return f"`label` must be the index of the right ending (0-{len(endings) - 1}), not {shown(label)}"
+    for i, ending in enumerate(endings):
+        if not _hellaswag_text(ending):
+            return (f"ending {i} is empty once lm-eval's hellaswag preprocessing drops its [bracketed] parts: "
+                    f"{shown(ending)}")
+    if hellaswag_label(row.get("label"), len(endings)) is None:
+        return f"`label` must be the index of the right ending (0-{len(endings) - 1}), not {shown(row.get('label'))}"
+    for key, wanted in HELLASWAG_EXTRA.items():
+        value = row.get(key)
+        if value is not None and not (type(value) is wanted):
+            return f"`{key}` must be {'an integer' if wanted is int else 'a string'}, not {kind(value)}"
     return None
+
+
+def hellaswag_label(label: Any, choices: int) -> int | None:
+    """A HellaSwag `label` (an int, or the Hub's digit string) as the index of the right ending, or None.
+
+    Digits only, as lm-eval reads `{{label}}`: `" 1 "` or `"²"` would pass `int()` or `isdigit()` and then fail
+    (or score against no ending) inside lm-eval."""
+    if isinstance(label, str):
+        label = whole_number(label)
+    if type(label) is not int or not 0 <= label < choices:
+        return None
+    return label
+
+
+def _hellaswag_text(text: str) -> str:
+    """A HellaSwag text after lm-eval's hellaswag `preprocess` (lm_eval/tasks/hellaswag/utils.py): an ending it
+    makes empty crashes lm-eval (`choice[0]`), so the row check runs it here, before lm-eval is imported."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def hellaswag_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A checked HellaSwag row as lm-eval's table gets it: the schema's columns only, `label` an int."""
+    record = {key: row[key] for key in ("activity_label", "ctx_a", "ctx_b", "endings")}
+    record["label"] = hellaswag_label(row["label"], len(row["endings"]))
+    record.update((key, row[key]) for key in HELLASWAG_EXTRA if row.get(key) is not None)
+    return record
 
 
 def _check_guanaco_row(row: dict[str, Any]) -> str | None:
@@ -163,6 +200,8 @@ def _shape(value: Any) -> str:
 
 _CHECKS = {"hellaswag": _check_hellaswag_row, "guanaco_test": _check_guanaco_row, "guanaco_pairs": _check_pair_row}
 _ROWS: dict[tuple[str, int, int, str], list[tuple[int, dict[str, Any]]]] = {}
+# Task -> (the file its scored documents were read from, the line of each, in lm-eval's document order).
+_DOCUMENT_LINES: dict[str, tuple[Path, list[int]]] = {}
 
 
 def task_rows(path: Path, task: str) -> list[dict[str, Any]]:
@@ -197,6 +236,17 @@ def numbered_task_rows(path: Path, task: str) -> list[tuple[int, dict[str, Any]]
     return _ROWS[key]
 
 
+def record_document_lines(task: str, path: Path, lines: list[int]) -> None:
+    """Remember the file and lines a task's documents came from, for `document_origin`."""
+    _DOCUMENT_LINES[task] = (path, lines)
+
+
+def document_origin(task: str, doc_id: int) -> str:
+    """`FILE:LINE` of one of a task's documents when the task's data was read here, else `task document N`."""
+    path, lines = _DOCUMENT_LINES.get(task, (None, []))
+    return f"{path}:{lines[doc_id]}" if path is not None and 0 <= doc_id < len(lines) else f"{task} document {doc_id}"
+
+
 def hellaswag_dataset(*, data_dir: str | None = None, **_: Any) -> Any:
     """lm-eval `custom_dataset` for `hellaswag`: local split files in the original schema, else the Hub copy."""
     import datasets
@@ -207,12 +257,20 @@ def hellaswag_dataset(*, data_dir: str | None = None, **_: Any) -> Any:
         return datasets.load_dataset(HUB_FALLBACK["hellaswag"])
     main_split, optional = LOCAL_SPLITS["hellaswag"]
     main_file = require_split(root, "hellaswag", main_split, source)
-    splits = {main_split: datasets.Dataset.from_list(task_rows(main_file, "hellaswag"))}
+    record_document_lines("hellaswag", main_file, [line for line, _ in numbered_task_rows(main_file, "hellaswag")])
+    splits = {main_split: _hellaswag_table(main_file)}
     for split in optional:
         path = split_file(root, "hellaswag", split)
         # An empty split keeps lm-eval's few-shot sampler happy at zero shots; the CLI refuses k > 0 without it.
-        splits[split] = datasets.Dataset.from_list(task_rows(path, "hellaswag") if path else [])
+        splits[split] = _hellaswag_table(path) if path else datasets.Dataset.from_list([])
     return datasets.DatasetDict(splits)
+
+
+def _hellaswag_table(path: Path) -> Any:
+    """One HellaSwag split file as a `datasets.Dataset` of `hellaswag_record`s."""
+    import datasets
+
+    return datasets.Dataset.from_list([hellaswag_record(row) for row in task_rows(path, "hellaswag")])
 
 
 def hellaswag_process_docs(dataset: Any) -> Any:
@@ -308,10 +366,15 @@ def guanaco_test_dataset(
         # loss is per scored token (HFLM's default add_special_tokens).
         rows.append({
             "text": text,
-            "message_tree_id": row.get("message_tree_id", ""),
+            "message_tree_id": id_text(row.get("message_tree_id")),
             "num_tokens": len(tok.encode(text)),
         })
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def id_text(value: Any) -> str:
+    """An id as written, or "" when the row has none or a non-string one (a table column takes one type)."""
+    return value if isinstance(value, str) else ""
 
 
 def guanaco_text(doc: dict[str, Any]) -> str:

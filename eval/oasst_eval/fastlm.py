@@ -37,7 +37,8 @@ from lm_eval.models.utils import Collator, _add_special_kwargs, has_bos_prefix
 from tqdm import tqdm
 
 from oasst_eval import shared
-from oasst_eval.data import move_trailing_space
+from oasst_eval.data import document_origin, move_trailing_space
+from oasst_tools.errors import OasstError
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +119,13 @@ class FastHFLM(shared.SharedContextScoring, HFLM):
         # Called with the number of lm-eval requests each batch answered, in place of the tqdm bar (set by
         # oasst_eval.progress, which draws one bar over every request of a model).
         self.answered: Callable[[int], None] | None = None
+        self._instances: Sequence[Any] = ()  # the lm-eval requests being scored, to name a bad one's document
 
     # ---- tokenization -------------------------------------------------------------------------------------
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """lm-eval's `TemplateLM.loglikelihood`, tokenizing every distinct string once, in one batched call."""
+        self._instances = requests
         if self.backend != "causal" or not getattr(self.tokenizer, "is_fast", False) or self.enable_thinking:
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         started = time.perf_counter()
@@ -174,6 +177,12 @@ class FastHFLM(shared.SharedContextScoring, HFLM):
         if self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         max_length = self.max_length  # a property that re-reads the model config on every access
+        too_long = next((req for req in requests if len(req[2]) > max_length), None)
+        if too_long is not None:
+            # No window holds it: lm-eval's own path fails on a shape mismatch, this one on its own check.
+            raise OasstError(f"{self._origin(too_long)}: a choice of {len(too_long[2]):,} tokens is longer than the "
+                             f"model's {max_length:,}-token window, so no window can score it (nor can lm-eval): "
+                             "shorten it or leave that row out")
         pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0 or self.answered is not None),
                     desc="Running loglikelihood requests")
         groups, rest = [], list(range(len(requests)))
@@ -190,6 +199,13 @@ class FastHFLM(shared.SharedContextScoring, HFLM):
         pbar.close()
         assert all(a is not None for a in answers)
         return answers  # type: ignore[return-value]
+
+    def _origin(self, request: Request) -> str:
+        """Where a request's document was read (`FILE:LINE`, or the task and document number) and which choice."""
+        instance = next((i for i in self._instances if tuple(i.args) == request[0]), None)
+        if instance is None:
+            return "a loglikelihood request"
+        return f"{document_origin(instance.task_name, instance.doc_id)} (choice {instance.idx})"
 
     def _score_unshared(self, requests: list[Request], override_bs: int | None, max_length: int,
                         pbar: Any) -> list[tuple[float, bool]]:

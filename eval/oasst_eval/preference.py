@@ -32,7 +32,7 @@ from typing import Any
 
 from oasst_tools.conversation import ASSISTANT_CUE, chat_prompt, render_chat, render_guanaco, resolve_format
 from oasst_tools.errors import OasstError
-from oasst_eval.data import guanaco_file, loaded_tokenizer, move_trailing_space, numbered_task_rows
+from oasst_eval.data import guanaco_file, id_text, loaded_tokenizer, move_trailing_space, numbered_task_rows
 
 TASK = "guanaco_pairs"
 _WINDOW: dict[str, int | None] = {"tokens": None}  # the scored model's window, set by `oasst eval` for one run
@@ -67,9 +67,9 @@ def pairs_dataset(
             "context": context,
             "choices": [chosen, rejected],
             "reply_tokens": max(choice_tokens(tok, context, chosen), choice_tokens(tok, context, rejected)),
-            "message_tree_id": _text(row.get("message_tree_id")),
-            "chosen_id": _text(row.get("chosen_id")),
-            "rejected_id": _text(row.get("rejected_id")),
+            "message_tree_id": id_text(row.get("message_tree_id")),
+            "chosen_id": id_text(row.get("chosen_id")),
+            "rejected_id": id_text(row.get("rejected_id")),
         })
     if same:
         sys.stderr.write(f"warning: {path}: {same} pair(s) whose chosen and rejected replies render to the same text "
@@ -136,7 +136,3 @@ def pairs_process_docs(dataset: Any) -> Any:
                          "nothing to score")
     return dataset.select(keep)
 
-
-def _text(value: Any) -> str:
-    """An id as written, or "" when the row has none (the dataset needs one type per column)."""
-    return value if isinstance(value, str) else ""

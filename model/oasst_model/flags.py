@@ -106,13 +106,19 @@ def load_options(*, inference: bool, skip: tuple[str, ...] = ()) -> Callable[[F]
 
 
 def take_aliases(flags: dict[str, Any]) -> dict[str, Any]:
-    """`flags` with each hidden alias's value moved to its setting (the current spelling wins when both are given)."""
+    """`flags` with each hidden alias's value moved to its setting; both spellings with different values are one
+    error line (which one was meant cannot be told)."""
     out = {k: v for k, v in flags.items() if not k.startswith(ALIAS_PREFIX)}
     for key, value in flags.items():
         if key.startswith(ALIAS_PREFIX) and value is not None:
             name = key[len(ALIAS_PREFIX):]
             if out.get(name) is None:
                 out[name] = value
+            elif out[name] != value:
+                from oasst_tools.errors import OasstError, shown
+
+                raise OasstError(f"{flag(name)} is given twice, also under a former spelling, with different values "
+                                 f"({shown(out[name])} and {shown(value)}): give {flag(name)} once")
     return out
 
 

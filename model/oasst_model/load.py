@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,10 +125,39 @@ def load_adapter(model: Any, adapter_dir: str, *, is_trainable: bool = False) ->
         # peft warns when the stored base name differs from the loaded path; the shape check above is the real test.
         warnings.simplefilter("ignore", UserWarning)
         try:
-            return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+            wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
         except TypeError as exc:  # LoraConfig(**adapter_config.json) with a key or value it does not take
             raise OasstError(f"{folder / 'adapter_config.json'}: peft cannot read this adapter config "
                              f"({_first_line(exc)})") from None
+    _check_adapter_loaded(wrapped, folder)
+    return wrapped
+
+
+def _check_adapter_loaded(model: Any, folder: Path) -> None:
+    """Refuse an adapter whose file lacks weights its config's layers need, or holds NaN or infinite values.
+
+    peft loads whatever keys match and leaves the rest at their initial values (lora_B zero: the layer acts as the
+    base), warning at most: an adapter with its tensors renamed or dropped would score as the base model, silently.
+    """
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    needed = get_peft_model_state_dict(model)
+    with safe_open(str(weights), framework="pt") as f:
+        held = set(f.keys())
+    missing = [key for key in needed if key not in held]
+    if missing:
+        raise OasstError(f"{weights}: {len(missing)} of the {len(needed)} weights the layers in adapter_config.json "
+                         f"need are not in the file (first: {missing[0]}): those layers would act untrained")
+    extra = sorted(held - set(needed))
+    if extra:
+        sys.stderr.write(f"warning: {weights}: {len(extra)} tensor(s) match no adapted layer and are ignored "
+                         f"(first: {extra[0]})\n")
+    bad = next((key for key, value in needed.items() if not bool(torch.isfinite(value).all())), None)
+    if bad is not None:
+        raise OasstError(f"{weights}: {bad} holds NaN or infinite values (a run that diverged?): the adapter is unusable")
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
@@ -365,6 +395,11 @@ def _check_adapter_fits(model: Any, folder: Path, adapter_config: dict[str, Any]
                 raise OasstError(f"{adapter_mismatch(folder, trained_on, base)}: "
                                  f"{base} has no layer {module_path}")
             rows, cols = f.get_slice(key).get_shape()
+            rank = adapter_config["r"]
+            if rows != rank and not adapter_config.get("rank_pattern"):
+                # The adapter's own two files disagree: not the base's fault, whatever peft's size message says.
+                raise OasstError(f"{folder}: adapter_config.json says r {rank}, but {key} in "
+                                 f"adapter_model.safetensors has rank {rows}: the config is not these weights' own")
             in_features = getattr(module, "in_features", None)
             if in_features is not None and in_features != cols:
                 raise OasstError(f"{adapter_mismatch(folder, trained_on, base)}: layer "

@@ -292,6 +292,28 @@ def _(tmp: Path):
     return ["build", "--input", "in.jsonl", "--out", "out"], f"in.jsonl:3: not UTF-8 text: byte 0xff at column {column}", 1
 
 
+def _other_format(encode: Any, expected: str) -> Setup:
+    """The flat fixture in another encoding or compression: the first bytes name it, and what to do."""
+    def setup(tmp: Path):
+        (tmp / "in.jsonl").write_bytes(encode(FLAT.read_bytes()))
+        return ["build", "--input", "in.jsonl", "--out", "out"], expected, 1
+    return setup
+
+
+CASES["UTF-16 with a byte-order mark"] = _other_format(
+    lambda raw: raw.decode().encode("utf-16"),
+    "in.jsonl:1: not UTF-8 text: byte 0xff at column 1 (UTF-16 text, by its byte-order mark: convert it, e.g. iconv "
+    "-f utf-16 -t utf-8)")
+CASES["a bzip2 file"] = _other_format(
+    # The bad byte's column depends on the compressed bytes.
+    lambda raw: __import__("bz2").compress(raw), "(a bzip2-compressed file: decompress it first (bunzip2); of "
+                                                 "compressed files only gzip is read)")
+CASES["an xz file"] = _other_format(
+    lambda raw: __import__("lzma").compress(raw),
+    "in.jsonl:1: not UTF-8 text: byte 0xfd at column 1 (an xz-compressed file: decompress it first (unxz); of "
+    "compressed files only gzip is read)")
+
+
 def _bad_label(value: object, flag: str) -> Setup:
     def setup(tmp: Path):
         rows = read_jsonl(FLAT)

@@ -63,6 +63,9 @@ BAD_CONFIGS = {
                                                "hellaswag"),
     "nul-character": (b"model: m\n\nadapter: a\x00\n", "eval.yaml:3: not valid YAML (the character U+0000 is not "
                                                         "allowed in YAML)"),
+    "batch-size-superscript": ("model: m\nbatch_size: \"\u00b2\"\n".encode(),
+                               "eval.yaml:2: batch_size must be auto or a whole number from 1 to 2,147,483,647, "
+                               "not '\u00b2'"),
     "a-huge-list": (b"model: m\nlimit: [" + b",".join([b"1"] * 20000) + b"]\n",
                     "eval.yaml:2: limit must be a whole number, not [1, 1, 1, 1, ...]"),
 }
@@ -113,6 +116,26 @@ BAD_HELLASWAG = {
                     "validation.jsonl.gz:1: not a gzip file (named .gz, but without gzip's first bytes)"),
     "gz-short-not-gzip": ("validation.jsonl.gz", b"garbage",
                           "validation.jsonl.gz:1: not a gzip file (named .gz, but without gzip's first bytes)"),
+    # lm-eval's preprocessing makes these endings empty, and its first-document check indexes ending[0].
+    "ending-empty": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0], HELLASWAG_ROWS[1] | {"endings": ["a", "", "b"]}),
+                     "validation.jsonl:2: ending 1 is empty once lm-eval's hellaswag preprocessing drops its "
+                     "[bracketed] parts: ''"),
+    "ending-only-brackets": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0] | {"endings": ["a", " [title]", "b"]}),
+                             "validation.jsonl:1: ending 1 is empty once"),
+    # Texts `int()` or `str.isdigit` take that lm-eval's `{{label}}` then cannot use.
+    "label-padded": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0] | {"label": " 1 "}),
+                     "validation.jsonl:1: `label` must be the index of the right ending (0-3), not ' 1 '"),
+    "label-superscript": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0] | {"label": "\u00b2"}),
+                          "validation.jsonl:1: `label` must be the index of the right ending (0-3), not '\u00b2'"),
+    "label-arabic-indic": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0] | {"label": "\u0663"}),
+                           "validation.jsonl:1: `label` must be the index"),
+    "label-5000-digits": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0] | {"label": "9" * 5000}),
+                          "validation.jsonl:1: `label` must be the index"),
+    # A column of the schema with another type could not share lm-eval's table with the other rows.
+    "ind-a-string": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0], HELLASWAG_ROWS[1] | {"ind": "x"}),
+                     "validation.jsonl:2: `ind` must be an integer, not a string"),
+    "source-id-a-list": ("validation.jsonl", _jsonl(HELLASWAG_ROWS[0] | {"source_id": [1, 2]}),
+                         "validation.jsonl:1: `source_id` must be a string, not a list"),
     "huge-integer": ("validation.jsonl",
                      _jsonl(json.dumps(HELLASWAG_ROWS[0]).encode()[:-1] + b', "n": 1' + b"0" * 5000 + b"}"),
                      "validation.jsonl:1: a number with more than 4,300 digits"),
@@ -127,6 +150,42 @@ def test_bad_hellaswag_file_is_one_error_naming_file_and_line(oasst, tmp_path: P
     result = oasst("eval", "--model", STORIES, "--tasks", "hellaswag", "--data-dir", "data")
     line = assert_refused(result, names=f"data/hellaswag/{name}")
     assert line.startswith(f"error: data/hellaswag/{expected}"), line
+    assert_unchanged(before, tmp_path)
+
+
+def test_rows_that_differ_in_optional_types_share_one_table(tmp_path: Path) -> None:
+    """An int and a digit-string label, a column outside the schema that changes type: lm-eval's table takes them
+    (labels as ints, the extra column left out), where Arrow refused to build it."""
+    from oasst_eval import data
+
+    _hellaswag(tmp_path, _jsonl(HELLASWAG_ROWS[0] | {"note": {"a": 1}}, HELLASWAG_ROWS[1] | {"label": "2", "note": [1]},
+                                HELLASWAG_ROWS[2]))
+    table = data.hellaswag_dataset(data_dir=str(tmp_path / "data"))["validation"]
+    assert table["label"] == [int(HELLASWAG_ROWS[0]["label"]), 2, int(HELLASWAG_ROWS[2]["label"])]
+    assert "note" not in table.column_names and table["endings"] == [r["endings"] for r in HELLASWAG_ROWS]
+
+
+def test_guanaco_rows_with_ids_of_other_types_share_one_table(tmp_path: Path) -> None:
+    from oasst_eval import data
+
+    (tmp_path / "build").mkdir()
+    text = "### Human: a### Assistant: b"
+    rows = _jsonl({"text": text, "message_tree_id": 5}, {"text": text, "message_tree_id": "t"}, {"text": text})
+    (tmp_path / "build" / "test.jsonl").write_bytes(rows)
+    table = data.guanaco_test_dataset(data=str(tmp_path / "build"), tokenizer=str(STORIES), format="guanaco")["test"]
+    assert table["message_tree_id"] == ["", "t", ""]
+
+
+def test_a_choice_longer_than_the_model_window_names_its_row(oasst, tmp_path: Path) -> None:
+    """stories260K reads 512 tokens: no window holds a 3,000-word ending (lm-eval fails on a shape mismatch)."""
+    long_row = HELLASWAG_ROWS[1] | {"endings": ["a", "b", "word " * 3000, "c"], "label": 0}
+    _hellaswag(tmp_path, _jsonl(HELLASWAG_ROWS[0], long_row))
+    before = snapshot(tmp_path)
+    line = assert_refused(oasst("eval", "--model", STORIES, "--tasks", "hellaswag", "--data-dir", "data",
+                                "--out", "out"))
+    assert line.startswith("error: ") and line.endswith("shorten it or leave that row out"), line
+    assert "data/hellaswag/validation.jsonl:2 (choice 2): a choice of " in line
+    assert "tokens is longer than the model's 512-token window" in line
     assert_unchanged(before, tmp_path)
 
 
@@ -320,6 +379,64 @@ def test_model_hub_id_with_a_hanging_hub_fails_within_two_seconds(oasst, tmp_pat
     assert line.startswith("error: cannot load model owner/model from the Hugging Face Hub (127.0.0.1 did not answer "
                            "within 1.5 s) and it is not in the local cache"), line
     assert_unchanged(before, tmp_path)
+
+
+# --- adapter weights that load but do not adapt: renamed, dropped, NaN ------------------------------------------------
+
+def _rewrite_weights(folder: Path, change: Any) -> None:
+    import torch  # noqa: F401 - safetensors.torch needs it
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    save_file(change(load_file(path)), path, metadata={"format": "pt"})
+
+
+ADAPTER_WEIGHTS = {
+    "none-match": (lambda t: {"foo.weight": next(iter(t.values()))}, "70 of the 70 weights"),
+    "lora-a-renamed": (lambda t: {k.replace("lora_A", "lora_X"): v for k, v in t.items()}, "35 of the 70 weights"),
+    "a-layer-dropped": (lambda t: {k: v for k, v in t.items() if ".layers.1." not in k}, "14 of the 70 weights"),
+    "nan": (lambda t: {k: v * float("nan") if ".layers.2.mlp.up_proj.lora_B" in k else v for k, v in t.items()},
+            "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight holds NaN or infinite values"),
+}
+
+
+@pytest.mark.parametrize("case", ADAPTER_WEIGHTS)
+def test_adapter_weights_its_layers_cannot_use_are_refused(oasst, tmp_path: Path, adapter_dir: Path,
+                                                           case: str) -> None:
+    """peft loads what matches and leaves the rest at init: without the check these scored as the base model."""
+    change, expected = ADAPTER_WEIGHTS[case]
+    shutil.copytree(adapter_dir, tmp_path / "adapter")
+    _rewrite_weights(tmp_path / "adapter", change)
+    before = snapshot(tmp_path)
+    line = assert_refused(oasst("eval", "--adapter", "adapter", "--limit", 2, "--out", "out"),
+                          names="adapter/adapter_model.safetensors")
+    assert line.startswith("error: adapter/adapter_model.safetensors: ") and expected in line, line
+    assert_unchanged(before, tmp_path)
+
+
+def test_an_adapter_config_whose_rank_is_not_its_weights_names_the_adapter(oasst, tmp_path: Path,
+                                                                            adapter_dir: Path) -> None:
+    """It read as a base model that changed since training (peft's size message names the model's layer)."""
+    shutil.copytree(adapter_dir, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    rank = config["r"]
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config | {"r": rank // 2}))
+    before = snapshot(tmp_path)
+    line = assert_refused(oasst("eval", "--adapter", "adapter", "--limit", 2, "--out", "out"))
+    assert line.startswith(f"error: adapter: adapter_config.json says r {rank // 2}, but "), line
+    assert line.endswith(f"in adapter_model.safetensors has rank {rank}: the config is not these weights' own"), line
+    assert_unchanged(before, tmp_path)
+
+
+def test_adapter_tensors_no_layer_takes_are_a_warning(oasst, tmp_path: Path, adapter_dir: Path) -> None:
+    import torch
+
+    shutil.copytree(adapter_dir, tmp_path / "adapter")
+    _rewrite_weights(tmp_path / "adapter", lambda t: {**t, "notes.weight": torch.zeros(2)})
+    result = oasst("eval", "--adapter", "adapter", "--limit", 2, "--out", "out")
+    assert result.exit_code == 0, result.output
+    assert ("warning: adapter/adapter_model.safetensors: 1 tensor(s) match no adapted layer and are ignored "
+            "(first: notes.weight)") in result.stderr
 
 
 # --- --out -----------------------------------------------------------------------------------------------------------

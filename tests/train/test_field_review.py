@@ -236,7 +236,7 @@ def test_an_empty_test_split_is_said_not_silently_skipped(oasst: Any, stories: P
     (data / "test.jsonl").write_text("")
     result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--data", data,
                    "--out", tmp_path / "o", "--max-steps", 1, "--eval-steps", 1, "--max-length", 1024,
-                   "--optim", "paged_adamw_32bit", "-q")
+                   "--optim", "paged_adamw_32bit", "--activation-offloading", "-q")
     assert result.exit_code == 0, result.output
     assert (f"warning: --data {data}: its test split has no rows, so nothing is evaluated (eval_steps 1 is "
             "ignored)") in result.stderr
@@ -244,6 +244,9 @@ def test_an_empty_test_split_is_said_not_silently_skipped(oasst: Any, stories: P
     # bitsandbytes' warning per parameter becomes one line of ours (its own is filtered: see the next test).
     assert ("warning: optim paged_adamw_32bit: paged optimizers need a CUDA GPU; bitsandbytes runs it unpaged here "
             "(the same updates)") in result.stderr
+    # trl's offloading needs an accelerator (it failed at the first step on a CPU).
+    assert ("warning: activation_offloading: the model is on the CPU, where activations already are; training "
+            "without it") in result.stderr
     # stories260K was trained on 512 positions.
     assert (f"warning: max_length 1024 is beyond the 512 positions {stories} was trained with; rows longer than 512 "
             "tokens go past them") in result.stderr

@@ -106,6 +106,20 @@ def test_empty_train_split_is_refused(oasst, data: Path, tmp_path: Path, content
     assert_unchanged(before, tmp_path)
 
 
+@pytest.mark.parametrize(("make", "expected"), [
+    (lambda d: (d / "test.jsonl").mkdir(), "data/test.jsonl is a folder: the test split of an `oasst build` output is "
+                                           "a file"),
+    (lambda d: (d / "train.parquet").write_bytes(b"PAR1"), "data holds both train.jsonl and train.parquet: which one "
+                                                           "is the train split cannot be told; keep one"),
+], ids=["test-split-a-folder", "two-train-files"])
+def test_a_split_that_cannot_be_told_is_refused(oasst, data: Path, tmp_path: Path, make: Any, expected: str) -> None:
+    """Both were passed over silently: a folder as no test split (no eval), a second file as not there."""
+    make(data)
+    before = snapshot(tmp_path)
+    assert assert_refused(_train(oasst, "--data", "data", "--out", "out")) == f"error: {expected}"
+    assert_unchanged(before, tmp_path)
+
+
 def test_markup_in_a_data_path_is_printed_as_typed(oasst, tmp_path: Path) -> None:
     folder = tmp_path / "[bold]data[/]"  # the `/` of `[/]` makes it two folders: `[bold]data[` and `]`
     folder.mkdir(parents=True)
@@ -234,6 +248,10 @@ BAD_CONFIGS = {
     "learning-rate-inf": (b"learning_rate: .inf\n", "cfg.yaml:1: learning_rate must be a finite number, not inf"),
     "lora-dropout-nan": (b"lora_dropout: .nan\n", "cfg.yaml:1: lora_dropout must be a finite number, not nan"),
     "max-grad-norm-negative": (b"max_grad_norm: -1\n", "cfg.yaml:1: max_grad_norm must not be negative, not -1.0"),
+    # Refused before the run (it failed at the first optimizer step: float32 overflow).
+    "learning-rate-overflow": (b"learning_rate: 1.0e+300\n", "cfg.yaml:1: learning_rate must be at most 1,000, not "
+                                                              "1e+300"),
+    "weight-decay-overflow": (b"weight_decay: 1.0e+40\n", "cfg.yaml:1: weight_decay must be at most 1,000, not 1e+40"),
     "epochs-inf": (b"epochs: .inf\n", "cfg.yaml:1: epochs must be a finite number, not inf"),
     "weight-decay-negative": (b"weight_decay: -0.1\n", "cfg.yaml:1: weight_decay must not be negative, not -0.1"),
     "warmup-steps-negative": (b"\nwarmup_steps: -5\n", "cfg.yaml:2: warmup_steps must not be negative, not -5"),
@@ -286,6 +304,14 @@ def test_impossible_hyperparameter_flag_is_refused(oasst, data: Path, tmp_path: 
     before = snapshot(tmp_path)
     line = assert_refused(_train(oasst, "--data", "data", "--out", "out", flag, value))
     assert line == f"error: {expected}"
+    assert_unchanged(before, tmp_path)
+
+
+def test_a_setting_under_both_spellings_with_different_values_is_refused(oasst, data: Path, tmp_path: Path) -> None:
+    before = snapshot(tmp_path)
+    line = assert_refused(_train(oasst, "--data", "data", "--out", "out", "--lr", "1e-3", "--learning-rate", "2e-3"))
+    assert line == ("error: --learning-rate is given twice, also under a former spelling, with different values "
+                    "(0.002 and 0.001): give --learning-rate once")
     assert_unchanged(before, tmp_path)
 
 

@@ -126,7 +126,7 @@ class TrainConfig:
 
     # Checkpoints and logging
     save_steps: int = _f(100, "Save a resumable checkpoint every N optimizer steps.")
-    save_total_limit: int = _f(2, "Checkpoints kept (oldest deleted first).")
+    save_total_limit: int = _f(2, "Checkpoints kept (oldest deleted first); 0 keeps every one.")
     eval_steps: int = _f(0, "Evaluate every N steps (0: at the start and the end only).")
     logging_steps: int = _f(10, "Log the training loss every N steps.")
     report_to: Literal["none", "tensorboard", "wandb"] = _f("none", "Where to send metrics besides the "
@@ -144,6 +144,8 @@ AUTO_FIELDS = ("precision", "compute_dtype", "gradient_checkpointing", "batch_si
 AUTO_BATCH = {"batch_size": (4, 16), "grad_accum": (4, 1)}
 # Settings that name files or folders (a leading `~` is expanded).
 PATH_FIELDS = ("model", "data", "out", "init_adapter")
+# The largest learning_rate and weight_decay taken (see validate).
+STEP_SCALE_LIMIT = 1000
 PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -288,6 +290,11 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: 
         raise fail("lora_dropout", f"lora_dropout must be in [0, 1), not {cfg.lora_dropout}")
     if cfg.learning_rate <= 0:
         raise fail("learning_rate", f"learning_rate must be positive, not {cfg.learning_rate}")
+    for name in ("learning_rate", "weight_decay"):
+        # The optimizers' steps are float32 scalars: from ~1e37 torch refuses them mid-run; no update means
+        # anything long before that.
+        if getattr(cfg, name) > STEP_SCALE_LIMIT:
+            raise fail(name, f"{name} must be at most {STEP_SCALE_LIMIT:,}, not {getattr(cfg, name)}")
     if cfg.beta <= 0:
         raise fail("beta", f"beta must be positive, not {cfg.beta}")
     if cfg.method == "sft" and cfg.init_adapter:

@@ -23,8 +23,9 @@ from oasst_train.config import AUTO, TrainConfig, to_dict
 CONFIG_NAME = "train_config.yaml"
 SUMMARY_NAME = "train_summary.json"
 # Knobs that may change between a run and its --resume without breaking the data order or the optimizer state.
+# async_inputs: when, not what, is computed; activation_offloading: where activations wait, not their values.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "save_steps", "save_total_limit", "eval_steps", "logging_steps",
-                     "report_to", "eval_rows", "async_inputs"}  # async_inputs: when, not what, is computed
+                     "report_to", "eval_rows", "async_inputs", "activation_offloading"}
 
 
 def check_out(cfg: TrainConfig, resume: bool) -> Path | None:

@@ -10,6 +10,7 @@ Multi-GPU and multi-node through accelerate, nothing home-made:
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections.abc import Callable
@@ -156,6 +157,10 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     if "paged" in cfg.optim and not _on_cuda(prepared.model):
         warn(f"optim {cfg.optim}: paged optimizers need a CUDA GPU; bitsandbytes runs it unpaged here (the same "
              "updates)")
+    if cfg.activation_offloading and all(p.device.type == "cpu" for p in prepared.model.parameters()):
+        # trl's offloading moves activations from an accelerator to the host; on a CPU it fails at the first step.
+        warn("activation_offloading: the model is on the CPU, where activations already are; training without it")
+        cfg = dataclasses.replace(cfg, activation_offloading=False)
     positions = getattr(getattr(prepared.model, "config", None), "max_position_embeddings", None)
     if isinstance(positions, int) and cfg.max_length > positions:
         warn(f"max_length {cfg.max_length} is beyond the {positions} positions {cfg.model} was trained with; rows "
