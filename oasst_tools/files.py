@@ -108,14 +108,25 @@ def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> 
     except yaml.YAMLError:  # parsed above, so this cannot fail; no line numbers rather than an error
         node = None
     lines: dict[Any, int] = {}
-    for key, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+    for key, line in _mapping_keys(node):
+        if key in lines:  # YAML keeps one silently: which one the user meant is not ours to guess
+            raise OasstError(f"{path}:{line}: {key} is set twice (first at line {lines[key]}); keep one")
+        lines[key] = line
+    return raw, {k: f"{path}:{lines[k]}" if k in lines else str(path) for k in raw}
+
+
+def _mapping_keys(node: Any) -> Iterator[tuple[str, int]]:
+    """(key, line) of each setting of a composed YAML mapping, the keys a `<<` merge brings in included."""
+    import yaml
+
+    for key, value in node.value if isinstance(node, yaml.MappingNode) else ():
         if not isinstance(key, yaml.ScalarNode):
             continue
-        line = key.start_mark.line + 1
-        if key.value in lines:  # YAML keeps the last silently: which one the user meant is not ours to guess
-            raise OasstError(f"{path}:{line}: {key.value} is set twice (first at line {lines[key.value]}); keep one")
-        lines[key.value] = line
-    return raw, {k: f"{path}:{lines[k]}" if k in lines else str(path) for k in raw}
+        if key.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` or `<<: [*a, *b]`: their keys are set here too
+            for merged in value.value if isinstance(value, yaml.SequenceNode) else [value]:
+                yield from _mapping_keys(merged)
+            continue
+        yield key.value, key.start_mark.line + 1
 
 
 def override_lines(from_file: dict[str, Any], where: dict[str, str], flags: dict[str, Any]) -> list[str]:

@@ -252,6 +252,9 @@ BAD_CONFIGS = {
     "learning-rate-overflow": (b"learning_rate: 1.0e+300\n", "cfg.yaml:1: learning_rate must be at most 1,000, not "
                                                               "1e+300"),
     "weight-decay-overflow": (b"weight_decay: 1.0e+40\n", "cfg.yaml:1: weight_decay must be at most 1,000, not 1e+40"),
+    # A YAML merge key sets its keys too: YAML keeps the explicit one silently.
+    "set-twice-through-a-merge": (b"lora_r: 8\n<<: {lora_r: 4}\n", "cfg.yaml:2: lora_r is set twice (first at line 1); "
+                                                                  "keep one"),
     "epochs-inf": (b"epochs: .inf\n", "cfg.yaml:1: epochs must be a finite number, not inf"),
     "weight-decay-negative": (b"weight_decay: -0.1\n", "cfg.yaml:1: weight_decay must not be negative, not -0.1"),
     "warmup-steps-negative": (b"\nwarmup_steps: -5\n", "cfg.yaml:2: warmup_steps must not be negative, not -5"),
