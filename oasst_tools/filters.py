@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from itertools import count, repeat
 from typing import TYPE_CHECKING, Any, Literal
 
-from oasst_tools.errors import OasstInputError
+from oasst_tools.errors import OasstError, OasstInputError
 from oasst_tools.records import FLAG_REASON, NUMBER_TYPES, normalize_labels
 from oasst_tools.read import subtree_records
 from oasst_tools.schema import Message, Tree
@@ -49,6 +49,42 @@ class Selection:
     end_with_assistant: bool = field(default=False, metadata={"help": "Trim a trailing prompter turn."})
     min_turns: int = field(default=1, metadata={"help": "Drop threads with fewer messages than this."})
     max_turns: int | None = field(default=None, metadata={"help": "Cut threads after this many messages."})
+
+    def __post_init__(self) -> None:
+        """One `OasstError` naming the field for a value the selection cannot use (a library caller's typo would
+        otherwise select something else silently: `langs="en"` is the languages "e" and "n")."""
+        problem = _selection_problem(self)
+        if problem is not None:
+            raise OasstError(f"Selection: {problem}")
+
+
+MODES: tuple[str, ...] = ("top-rank", "all-threads", "top-k")
+
+
+def _selection_problem(sel: Selection) -> str | None:
+    """What is wrong with one field of `sel`, or None."""
+    if sel.mode not in MODES:
+        return f"mode must be one of {', '.join(MODES)}, not {sel.mode!r}"
+    for name in ("top_k", "min_turns"):
+        value = getattr(sel, name)
+        if type(value) is not int or value < 1:
+            return f"{name} must be a whole number of at least 1, not {value!r}"
+    if sel.max_turns is not None and (type(sel.max_turns) is not int or sel.max_turns < 1):
+        return f"max_turns must be None or a whole number of at least 1, not {sel.max_turns!r}"
+    for name in ("langs", "tree_states"):
+        value = getattr(sel, name)
+        if isinstance(value, (str, bytes)) or not isinstance(value, Collection) or not all(
+                isinstance(item, str) for item in value):
+            return f"{name} must be a set of strings (e.g. frozenset({{'en'}})), not {value!r}"[:200]
+    for name in ("label_max", "label_min"):
+        value = getattr(sel, name)
+        if not isinstance(value, Mapping) or not all(
+                isinstance(k, str) and type(v) in (int, float) for k, v in value.items()):
+            return f"{name} must map label names to numbers, not {value!r}"[:200]
+    for name in ("lang_exact", "drop_synthetic", "end_with_assistant"):
+        if not isinstance(getattr(sel, name), bool):
+            return f"{name} must be True or False, not {getattr(sel, name)!r}"
+    return None
 
 
 def lang_matches(lang: str | None, langs: frozenset[str], exact: bool = False) -> bool:

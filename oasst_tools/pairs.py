@@ -12,8 +12,10 @@ surviving replies that carry a rank are ordered by `walk.rank_key` (rank, create
 - `all`: every two.
 
 A pair is made only when the two ranks differ (the better rank is chosen): equal ranks say neither is preferred,
-so a tie makes no pair in any mode (in `best`, a reply tied with the first is paired with nobody). The prompt is
-the surviving path from the root to P. Standard library only.
+so a tie makes no pair in any mode (in `best`, a reply tied with the first is paired with nobody). A pair whose two
+replies are the same text (stripped), or whose either reply is empty, is left out and counted (`pair:same_text`,
+`pair:empty_reply`): there is nothing to prefer, and `oasst train --method dpo` and `oasst eval --tasks
+guanaco_pairs` skip or refuse such rows. The prompt is the surviving path from the root to P. Standard library only.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from oasst_tools.walk import Thread, iter_threads, rank_key
 PairMode = Literal["best", "adjacent", "all"]
 PAIR_MODES: tuple[str, ...] = ("best", "adjacent", "all")
 # How each surviving prompter message counted: it gave pairs, it had fewer than two ranked replies (a leaf, one
-# reply, or replies without ranks), or its ranked replies all share one rank.
-PROMPT_OUTCOMES: tuple[str, ...] = ("paired", "fewer_than_two_ranked", "equal_ranks_only")
+# reply, or replies without ranks), its ranked replies all share one rank, or its only pairs of differing ranks
+# were left out (same text, or an empty reply).
+PROMPT_OUTCOMES: tuple[str, ...] = ("paired", "fewer_than_two_ranked", "equal_ranks_only", "unusable_replies_only")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +72,27 @@ def preference_pairs(tree: Tree, sel: Selection, mode: PairMode, dropped: Counte
         prompt = path[-1]
         if prompt.role != "prompter":
             continue
-        found = ranked_pairs(prompt.replies, mode)
+        ranked_found = ranked_pairs(prompt.replies, mode)
+        found = []
+        for chosen, rejected in ranked_found:
+            why = unusable_pair(chosen.text, rejected.text)
+            if why is None:
+                found.append((chosen, rejected))
+            elif dropped is not None:
+                dropped[f"pair:{why}"] += 1
         pairs.extend(Pair(path, chosen, rejected) for chosen, rejected in found)
         if prompts is not None:
             ranked = sum(r.rank is not None for r in prompt.replies)
-            prompts["paired" if found else "fewer_than_two_ranked" if ranked < 2 else "equal_ranks_only"] += 1
+            prompts["paired" if found else "unusable_replies_only" if ranked_found else
+                    "fewer_than_two_ranked" if ranked < 2 else "equal_ranks_only"] += 1
     return pairs
+
+
+def unusable_pair(chosen: str, rejected: str) -> str | None:
+    """Why two reply texts make no preference pair (`empty_reply`, `same_text`), or None when they do."""
+    if not chosen.strip() or not rejected.strip():
+        return "empty_reply"
+    return "same_text" if chosen.strip() == rejected.strip() else None
 
 
 def pair_row(tree: Tree, pair: Pair) -> dict[str, Any]:

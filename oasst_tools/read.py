@@ -22,13 +22,15 @@ holds `RawTree` and `ReadReport` (re-exported here, as are the names the tests a
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 # Re-exported: `filters.py` and the tests import these from here.
 from oasst_tools.assemble import _check_roles, _group_flat, subtree_records  # noqa: F401
-from oasst_tools.errors import OasstError, OasstInputError, os_input_error
+from oasst_tools.errors import OasstError, OasstInputError, os_input_error, shown
 from oasst_tools.jsonrecords import _json_records, _ParsedFile, _short
 from oasst_tools.lines import FileLines, Progress, Source, iter_lines
 from oasst_tools.nested import _nested_items, _nested_records, _read_nested  # noqa: F401
@@ -92,6 +94,11 @@ def iter_raw_trees(
     buffered: bool = False,
 ) -> Iterator[RawTree]:
     """Like `read_trees`, but yields validated `RawTree`s (records, not `Message`s)."""
+    if on_error not in ("fail", "skip"):
+        raise OasstError(f"on_error must be 'fail' or 'skip', not {on_error!r}")  # a typo read as skip before
+    if not isinstance(source, (str, os.PathLike)) or not isinstance(os.fspath(source), str) or "\0" in os.fspath(
+            source):
+        raise OasstError(f"source must be a path (str or os.PathLike) or a hub id, not {shown(source)}")
     report = report if report is not None else ReadReport()
     shape, src = open_input(source)
     if src is None:

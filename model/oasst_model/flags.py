@@ -64,6 +64,26 @@ class AutoInt(click.ParamType):
 AUTO_INT = AutoInt()
 
 
+class NonNegative(click.ParamType):
+    """A number >= 0, never NaN (`FloatRange(min=0)` lets NaN through: every comparison with it is false); infinity
+    only where `infinite` says what it means."""
+
+    name = "float"
+
+    def __init__(self, infinite: bool = False) -> None:
+        self.infinite = infinite
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """click's FLOAT reading, then the range."""
+        number = click.FLOAT.convert(value, param, ctx)
+        if not (number >= 0 and (self.infinite or number != float("inf"))):
+            self.fail(f"{value!r} is not a {'' if self.infinite else 'finite '}number >= 0", param, ctx)
+        return number
+
+
+NON_NEGATIVE = NonNegative()
+
+
 def option(name: str, *, help: str, default: str | None = None, kind: Any = str,  # noqa: A002 - click's word
            choices: tuple[str, ...] = (), metavar: str | None = None, aliases: tuple[str, ...] = ()) -> Callable[[F], F]:
     """The flag of setting `name` (value None unless given; `default` is the text `--help` shows), plus its hidden

@@ -114,8 +114,9 @@ def count_linear4bit(model: Any) -> int:
     return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
-def load_adapter(model: Any, adapter_dir: str, *, is_trainable: bool = False) -> Any:
-    """`model` wrapped as a `PeftModel` with the LoRA adapter in `adapter_dir`, checked to fit it first."""
+def load_adapter(model: Any, adapter_dir: str, *, is_trainable: bool = False, base: str | None = None) -> Any:
+    """`model` wrapped as a `PeftModel` with the LoRA adapter in `adapter_dir`, checked to fit it first and to have
+    loaded whole after; `base` names the model in messages (default: the name it was loaded under)."""
     from peft import PeftModel
 
     folder = Path(adapter_dir)
@@ -129,8 +130,27 @@ def load_adapter(model: Any, adapter_dir: str, *, is_trainable: bool = False) ->
         except TypeError as exc:  # LoraConfig(**adapter_config.json) with a key or value it does not take
             raise OasstError(f"{folder / 'adapter_config.json'}: peft cannot read this adapter config "
                              f"({_first_line(exc)})") from None
+        except (RuntimeError, ValueError, KeyError) as exc:  # peft's words for an adapter of another base
+            raise OasstError(_peft_mismatch(folder, adapter_config, base or model_name(model), exc)) from None
     _check_adapter_loaded(wrapped, folder)
     return wrapped
+
+
+def _peft_mismatch(folder: Path, adapter_config: dict[str, Any], base: str, exc: BaseException) -> str:
+    """The error line for a peft load failure: the adapter does not fit the model named `base` (a layer's size, a
+    target module it lacks), said as which adapter, which base, and peft's reason in one line."""
+    import re
+
+    message = str(exc)
+    size = re.search(r"size mismatch for (?:base_model\.model\.)?(\S+?)(?:\.default)?\.weight: copying a param "
+                     r"with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape in current model is "
+                     r"torch\.Size\(\[([\d, ]*)\]\)", message)
+    if size:
+        why = f"{size.group(1)} is [{size.group(2)}] in the adapter but [{size.group(3)}] in the model"
+    else:
+        why = (message.strip().splitlines()[0] if message.strip() else "its weights do not load")[:300]
+    trained_on = adapter_config.get("base_model_name_or_path") or "an unnamed model"
+    return f"{adapter_mismatch(folder, trained_on, base)}: {why}"
 
 
 def _check_adapter_loaded(model: Any, folder: Path) -> None:
@@ -181,6 +201,10 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         value = config.get(key)
         if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
             raise OasstError(f"{config_file}: `{key}` must be {what}, not {value!r}")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
+                                    and 0 <= dropout < 1):
+        raise OasstError(f"{config_file}: `lora_dropout` must be a number in [0, 1), not {dropout!r}")
     targets = config.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets
                                          and all(isinstance(t, str) for t in targets))):
@@ -366,7 +390,11 @@ def _unquantized_linears(model: Any) -> list[str]:
 def adapter_mismatch(folder: Any, trained_on: Any, base: Any) -> str:
     """The start of the error for an adapter whose weights do not fit a base model (named as the adapter names its
     base, or not)."""
-    if str(trained_on) == str(base):
+    import os
+
+    same = str(trained_on) == str(base) or (
+        os.path.exists(str(trained_on)) and os.path.realpath(str(trained_on)) == os.path.realpath(str(base)))
+    if same:  # one model, perhaps named by another path
         return f"adapter {folder} does not fit {base}, the model it names as its base (changed since it was trained?)"
     return f"adapter {folder} was trained on {trained_on}, not on {base}"
 

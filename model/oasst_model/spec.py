@@ -313,23 +313,7 @@ def _saved_tokenizer(folder: Path) -> Any:
 
 
 def _attach(model: Any, spec: ModelSpec) -> Any:
-    """`model` with the adapter of `spec`; a load error from peft means the adapter belongs to another base."""
-    import re
+    """`model` with the adapter of `spec` (a peft load error names the base as the spec does)."""
+    from oasst_model.load import load_adapter
 
-    from oasst_model.load import adapter_mismatch, load_adapter, read_adapter_config
-
-    try:
-        return load_adapter(model, str(spec.adapter))
-    except OasstError:
-        raise
-    except (RuntimeError, ValueError, KeyError) as exc:
-        message = str(exc)
-        size = re.search(r"size mismatch for (?:base_model\.model\.)?(\S+?)(?:\.default)?\.weight: copying a param "
-                         r"with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape in current model is "
-                         r"torch\.Size\(\[([\d, ]*)\]\)", message)
-        if size:
-            why = f"{size.group(1)} is [{size.group(2)}] in the adapter but [{size.group(3)}] in the model"
-        else:
-            why = (message.strip().splitlines()[0] if message.strip() else "its weights do not load")[:300]
-        trained_on = read_adapter_config(Path(spec.adapter)).get("base_model_name_or_path") or "an unnamed model"
-        raise OasstError(f"{adapter_mismatch(spec.adapter, trained_on, spec.model)}: {why}") from None
+    return load_adapter(model, str(spec.adapter), base=spec.model)

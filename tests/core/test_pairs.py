@@ -80,9 +80,13 @@ def reference_pairs(records: list[dict[str, Any]], mode: str, lang: str | None =
                          if b["rank"] > a["rank"]]
             else:
                 found = [(a, b) for a in ranked for b in ranked if a["rank"] < b["rank"]]
-            for a, b in found:
+            # Two replies of one text, or an empty one: nothing to prefer.
+            usable = [(a, b) for a, b in found
+                      if a["text"].strip() and b["text"].strip() and a["text"].strip() != b["text"].strip()]
+            for a, b in usable:
                 pairs[(node["message_id"], a["message_id"], b["message_id"])] = tree
-            outcome = "paired" if found else "fewer_than_two_ranked" if len(ranked) < 2 else "equal_ranks_only"
+            outcome = ("paired" if usable else "unusable_replies_only" if found else
+                       "fewer_than_two_ranked" if len(ranked) < 2 else "equal_ranks_only")
             outcomes[tree][outcome] += 1
     return pairs, outcomes
 
@@ -188,6 +192,23 @@ def test_equal_ranks_make_no_pair_in_any_mode(tmp_path: Path) -> None:
     assert prompts == {"paired": 2, "fewer_than_two_ranked": 1, "equal_ranks_only": 1}
 
 
+def test_an_empty_reply_or_two_of_one_text_make_no_pair(tmp_path: Path) -> None:
+    """Nothing to prefer: `oasst train --method dpo` would learn nothing from them, eval's guanaco_pairs skips them."""
+    lines = [json.loads(line) for line in FLAT.read_text().splitlines()]
+    tree_lines = [r for r in lines if r["message_tree_id"].startswith("835d3696")]
+    texts = {r["message_id"][:8]: r for r in tree_lines}
+    texts["be75c6e7"]["text"] = " \n"  # ranked last at the root
+    texts["33d0467b"]["text"] = texts["842b9fb4"]["text"] + " "  # the second ranked: the first's text again
+    (tmp_path / "odd.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tree_lines))
+    (tree,) = read_trees(tmp_path / "odd.jsonl")
+    dropped: Counter[str] = Counter()
+    prompts: Counter[str] = Counter()
+    found = short(triples(preference_pairs(tree, EN, "all", dropped, prompts)))
+    assert not {t for t in found if t[0] == "835d3696"}
+    assert dropped["pair:empty_reply"] == 2 and dropped["pair:same_text"] == 1
+    assert prompts["unusable_replies_only"] == 1
+
+
 def test_an_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="pair mode 'worst': expected one of best, adjacent, all"):
         preference_pairs(FLAT_TREES["835d3696"], EN, "worst")  # type: ignore[arg-type]
@@ -230,7 +251,7 @@ def test_the_library_gives_the_reference_pairs_on_random_forests_with_ties(trees
 
 # ------------------------------------------------------------------------------------------ oasst build --pairs
 
-COUNTS = {"best": 711, "adjacent": 711, "all": 1022}  # pairs of the English validation file (README.md)
+COUNTS = {"best": 710, "adjacent": 711, "all": 1021}  # pairs of the English validation file (README.md)
 
 
 @pytest.mark.parametrize("mode", PAIR_MODES)
@@ -257,10 +278,13 @@ def test_build_writes_the_reference_pairs_of_the_english_validation_file(run, tm
         assert (row["message_tree_id"], row["lang"]) == (path[0]["message_tree_id"], "en")
     report = json.loads((tmp_path / "out" / "build_report.json").read_text())
     assert report["rows"] == {"train": COUNTS[mode]} and report["pairs"] == mode
-    assert report["prompts"] == {"train": {"paired": 416, "fewer_than_two_ranked": 335, "equal_ranks_only": 0}}
+    assert report["prompts"] == {"train": {"paired": 416, "fewer_than_two_ranked": 335, "equal_ranks_only": 0,
+                                           "unusable_replies_only": 0}}
     assert report["prompts"]["train"] == {**dict.fromkeys(report["prompts"]["train"], 0),
                                           **sum(outcomes.values(), Counter())}
-    assert report["dropped"] == {"deleted": 40, "spam": 43}
+    # "Jay's brother is John." twice, ranks 0 and 2: a pair in best and all, none in adjacent (rank 1 is between).
+    same = {} if mode == "adjacent" else {"pair:same_text": 1}
+    assert report["dropped"] == {"deleted": 40, "spam": 43, **same}
     assert f"pairs ({mode}) train (en {COUNTS[mode]})" in result.stdout
     card = (tmp_path / "out" / "README.md").read_text()
     assert "# Preference pairs built by `oasst build`" in card and f"| train | en | {COUNTS[mode]} |" in card

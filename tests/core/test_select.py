@@ -143,3 +143,31 @@ def test_the_raw_best_reply_picks_the_message_the_rank_key_picks(replies: list[t
     messages = [Message(message_id=r["message_id"], role="assistant", text="", rank=r.get("rank"),
                         created_date=r.get("created_date")) for r in records]
     assert best_reply(records)["message_id"] == min(messages, key=rank_key).message_id
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"langs": "en"}, "langs must be a set of strings (e.g. frozenset({'en'})), not 'en'"),  # was "e" and "n"
+    ({"mode": "top_rank"}, "mode must be one of top-rank, all-threads, top-k, not 'top_rank'"),  # was all-threads
+    ({"top_k": 0}, "top_k must be a whole number of at least 1, not 0"),
+    ({"min_turns": None}, "min_turns must be a whole number of at least 1, not None"),
+    ({"label_max": {"toxicity": "high"}}, "label_max must map label names to numbers, not {'toxicity': 'high'}"),
+], ids=["langs-a-string", "mode-typo", "top-k-zero", "min-turns-none", "label-limit-text"])
+def test_a_selection_a_library_caller_got_wrong_is_one_error_naming_the_field(fields: dict, expected: str) -> None:
+    from oasst_tools.errors import OasstError
+
+    with pytest.raises(OasstError) as err:
+        Selection(**fields)
+    assert str(err.value) == f"Selection: {expected}"
+
+
+@pytest.mark.parametrize(("source", "on_error", "expected"), [
+    (FLAT, "skpi", "on_error must be 'fail' or 'skip', not 'skpi'"),  # read as skip before
+    (None, "fail", "source must be a path (str or os.PathLike) or a hub id, not None"),
+    (b"in.jsonl", "fail", "source must be a path (str or os.PathLike) or a hub id, not b'in.jsonl'"),
+], ids=["on-error-typo", "none", "bytes"])
+def test_read_trees_refuses_what_is_no_source_or_mode(source: object, on_error: str, expected: str) -> None:
+    from oasst_tools.errors import OasstError
+
+    with pytest.raises(OasstError) as err:
+        list(read_trees(source, on_error=on_error))  # type: ignore[arg-type]
+    assert str(err.value) == expected

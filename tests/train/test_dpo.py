@@ -112,11 +112,27 @@ def test_a_pairs_build_trained_with_method_sft_is_one_line_naming_the_build_need
     ({**SHORT_PAIRS[0], "prompt": SHORT_PAIRS[1]["prompt"][:2]},
      "`prompt` must end with the user turn the replies answer, not assistant"),
     ("[1, 2]", "a row must be a JSON object with prompt, chosen and rejected, not a list"),
-], ids=["missing-column", "two-replies", "bad-role", "prompt-ends-with-reply", "not-an-object"])
+    ({**SHORT_PAIRS[0], "chosen": [{"role": "user", "content": "x"}]},
+     "`chosen` must be one assistant message ([{\"role\": \"assistant\", \"content\": ...}]), not one user turn"),
+    ({**SHORT_PAIRS[0], "rejected": [{"role": "assistant", "content": " "}]},
+     "`rejected` content is empty: a reply with no text to prefer or not"),
+    ({"text": "### Human: a### Assistant: b"}, "row is a conversation thread (`text` / `messages`) among preference "
+                                                "pairs"),
+], ids=["missing-column", "two-replies", "bad-role", "prompt-ends-with-reply", "not-an-object", "a-user-reply",
+        "empty-reply", "one-thread-row"])
 def test_a_bad_pair_row_is_one_line_naming_its_line(oasst, tmp_path: Path, row: Any, message: str) -> None:
     data = write_pairs(tmp_path / "pairs", [SHORT_PAIRS[1], row])
     result = oasst("train", "--method", "dpo", "--model", STORIES, "--data", data, "--out", tmp_path / "run")
     assert error_line(result) == f"error: {data / 'train.jsonl'}:2: {message}"
+
+
+def test_pairs_whose_replies_are_one_text_are_skipped_with_one_warning(oasst, tmp_path: Path) -> None:
+    same = {**SHORT_PAIRS[0], "rejected": SHORT_PAIRS[0]["chosen"]}
+    data = write_pairs(tmp_path / "pairs", [SHORT_PAIRS[1], same, same])
+    result = oasst("train", "--method", "dpo", "--model", STORIES, "--data", data, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: {data / 'train.jsonl'}: 2 pair(s) whose chosen and rejected replies are the same text were "
+            f"skipped: neither can be preferred (first: {data / 'train.jsonl'}:2)") in result.stderr
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -128,12 +144,26 @@ def test_a_bad_pair_row_is_one_line_naming_its_line(oasst, tmp_path: Path, row: 
     (("--method", "dpo", "--group-by-length"), "--group-by-length: group_by_length does not apply to method dpo (its "
                                                "sampler needs conversation rows); set group_by_length false"),
     (("--method", "dpo", "--init-adapter", "no/such/adapter"), "adapter folder no/such/adapter does not exist"),
+    # `--init-adapter "$SFT"` with SFT unset trained against the bare base, silently.
+    (("--method", "dpo", "--init-adapter", ""), "--init-adapter: init_adapter is empty: give a path, or leave the "
+                                                "flag out"),
 ])
 def test_dpo_settings_that_cannot_work_are_one_line(oasst, pairs: Path, tmp_path: Path, flags: tuple[str, ...],
                                                     message: str) -> None:
     result = oasst("train", "--model", STORIES, "--data", pairs, "--out", tmp_path / "run", *flags)
     assert error_line(result) == f"error: {message}"
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_inside_the_init_adapter_is_refused(oasst, pairs: Path, tmp_path: Path) -> None:
+    """It trained and wrote into the SFT run (inputs are never touched, as for --data and --model)."""
+    from tests.train.test_hostile import fake_adapter
+
+    fake_adapter(tmp_path / "sft")
+    result = oasst("train", "--method", "dpo", "--model", STORIES, "--data", pairs, "--init-adapter",
+                   tmp_path / "sft", "--out", tmp_path / "sft" / "dpo")
+    assert error_line(result) == (f"error: --out {tmp_path / 'sft' / 'dpo'} lies inside the input --init-adapter "
+                                  f"{tmp_path / 'sft'}; choose another --out")
 
 
 def test_a_loss_type_trl_lacks_is_one_line_naming_the_recipe_line(oasst, tmp_path: Path) -> None:

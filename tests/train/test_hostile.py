@@ -496,18 +496,29 @@ def test_disk_full_while_saving_a_checkpoint_leaves_no_output(oasst, data: Path,
 
 
 def _oasst_process(*args: object, cwd: Path, file_size_limit: int | None = None, timeout: float = 120,
-                   code: str | None = None) -> Ran:
-    """`python -m oasst_tools ARGS` (or `python -c CODE`) in a fresh interpreter, as a user's terminal runs it."""
+                   code: str | None = None, close_stdin: bool = False) -> Ran:
+    """`python -m oasst_tools ARGS` (or `python -c CODE`) in a fresh interpreter, as a user's terminal runs it
+    (`close_stdin`: with file descriptor 0 closed, as `<&-` starts it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
 
     def limit() -> None:  # Python ignores SIGXFSZ, so the limit surfaces as OSError(EFBIG)
         if file_size_limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+        if close_stdin:
+            os.close(0)
 
     command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "oasst_tools"]
     done = subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, preexec_fn=limit)
     return Ran(done.returncode, done.stdout, done.stderr)
+
+
+def test_chat_with_stdin_closed_is_one_line_before_the_model_loads(tmp_path: Path) -> None:
+    """`input()` raised RuntimeError (lost sys.stdin) after the model had loaded."""
+    fake_adapter(tmp_path / "adapter")
+    ran = _oasst_process("chat", "adapter", cwd=tmp_path, close_stdin=True)
+    assert assert_refused(ran) == ("error: stdin is closed: chat reads your turns from it (pipe them in, or use "
+                                   "oasst generate)")
 
 
 @pytest.mark.slow
@@ -620,6 +631,10 @@ ADAPTER_DAMAGE = {
         "adapter/adapter_config.json: `r` must be a positive integer, not 'two'"),
     "weights-missing": (lambda a: (a / "adapter_model.safetensors").unlink(),
                         "adapter has no adapter_model.safetensors"),
+    # DPO's --init-adapter read it with float() (ValueError: an "unexpected" line); every command checks it now.
+    "config-bad-dropout": (lambda a: (a / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"], "lora_dropout": "abc"}'),
+        "adapter/adapter_config.json: `lora_dropout` must be a number in [0, 1), not 'abc'"),
     "weights-truncated": (lambda a: _truncate(a / "adapter_model.safetensors", 100),
                           "adapter/adapter_model.safetensors: truncated safetensors file"),
     "weights-garbage-header": (lambda a: (a / "adapter_model.safetensors").write_bytes(b"PK\x03\x04" * 40),
@@ -648,6 +663,23 @@ def test_damaged_adapter_is_one_error_before_the_model_loads(oasst, tmp_path: Pa
     result = oasst(*ADAPTER_COMMANDS[command], input="hello\n\n")
     line = assert_refused(result, names="model" if case == "base-model-gone" else "adapter")
     assert line.startswith(f"error: {expected}"), line
+    assert_unchanged(before, tmp_path)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("generate", "a", "--prompt", "hi", "--seed", str(2**32)), "Invalid value for '--seed': 4294967296 is not in "
+                                                                "the range 0<=x<=4294967295."),
+    (("generate", "a", "--prompt", "hi", "--temperature", "nan"), "Invalid value for '--temperature': 'nan' is not "
+                                                                  "a finite number >= 0"),
+    (("chat", "a", "--temperature", "inf"), "Invalid value for '--temperature': 'inf' is not a finite number >= 0"),
+    (("merge", "a", "--out", "m", "--tolerance", "-1"), "Invalid value for '--tolerance': '-1' is not a number >= 0"),
+    (("merge", "a", "--out", "m", "--tolerance", "nan"), "Invalid value for '--tolerance': 'nan' is not a number >= 0"),
+], ids=["seed-past-32-bit", "temperature-nan", "temperature-inf", "tolerance-negative", "tolerance-nan"])
+def test_sampling_and_merge_flags_out_of_range_are_usage_errors(oasst, tmp_path: Path, args: tuple[str, ...],
+                                                                expected: str) -> None:
+    """NaN passed FloatRange(min=0) (greedy output, silently); a bad tolerance failed after the whole merge."""
+    before = snapshot(tmp_path)
+    assert assert_refused(oasst(*args), code=2) == f"Error: {expected}"
     assert_unchanged(before, tmp_path)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from oasst_model.flags import Option, load_options, take_aliases, verbose_option
+from oasst_model.flags import NON_NEGATIVE, NonNegative, Option, load_options, take_aliases, verbose_option
 from oasst_tools.errors import OasstError
 from oasst_train.config import FIELDS, TrainConfig, field_choices, field_type
 
@@ -136,11 +136,17 @@ def _resolved(config_file: Path | None, flags: dict[str, Any], console: Any,
               required: tuple[str, ...] | None = None) -> tuple[TrainConfig, dict[str, str]]:
     """The run's config (defaults < recipe < flags) and where each given setting was set; one line on `console`
     for each flag that changed a value of the recipe."""
-    from oasst_train.config import REQUIRED, resolve_config
+    from oasst_train.config import PATH_FIELDS, REQUIRED, flag_name, resolve_config
 
+    flags = take_aliases(flags)
+    for name in PATH_FIELDS:
+        # `--init-adapter "$SFT"` with SFT unset would quietly train against the bare base: an empty path typed on
+        # the command line is a mistake, not "leave it out" (in a recipe, '' is the setting's default).
+        if isinstance(flags.get(name), str) and not flags[name].strip():
+            raise OasstError(f"{flag_name(name)}: {name} is empty: give a path, or leave the flag out")
     notes: list[str] = []
     origins: dict[str, str] = {}
-    cfg = resolve_config(config_file, take_aliases(flags), REQUIRED if required is None else required, notes=notes,
+    cfg = resolve_config(config_file, flags, REQUIRED if required is None else required, notes=notes,
                          origins=origins)
     for line in notes:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -199,8 +205,9 @@ def _train_failure(exc: BaseException, out: Path, existed: bool) -> OasstError |
               help="dtype of the merged model's weights (the dtype it computes in when loaded).")
 @click.option("--dtype", "alias__compute_dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
               default=None, hidden=True)
-@click.option("--tolerance", type=float, default=None, cls=Option, show_default="bf16 tolerance x logit scale",
-              help="Max allowed |merged - (base + adapter)| logit difference.")
+@click.option("--tolerance", type=NonNegative(infinite=True), default=None, cls=Option,
+              show_default="bf16 tolerance x logit scale",
+              help="Max allowed |merged - (base + adapter)| logit difference; inf: no check.")
 @verbose_option
 def merge(adapter: Path, out: Path, tolerance: float | None, verbose: bool, **flags: Any) -> None:
     """Merge a LoRA adapter into a 16-bit copy of its base model, and check the merged logits.
@@ -247,8 +254,10 @@ def _sampling_options(*, stop: str, temperature: float) -> Callable[[Callable[..
     """--max-new-tokens, --temperature and --seed of generate and chat (`stop`: the first one's help)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")(fn)
-        fn = click.option("--temperature", type=click.FloatRange(min=0), default=temperature, show_default=True,
+        # train's seed range (numpy's and torch's seeds are unsigned 32-bit)
+        fn = click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+                          help="Seed for sampling.")(fn)
+        fn = click.option("--temperature", type=NON_NEGATIVE, default=temperature, show_default=True,
                           help="Sampling temperature; 0: greedy decoding.")(fn)
         return click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
                             help=stop)(fn)
@@ -300,6 +309,10 @@ def chat(adapter: Path, format_: str | None, max_new_tokens: int, temperature: f
     \b
         oasst chat runs/stories
     """
+    import sys
+
+    if sys.stdin is None:  # started with file descriptor 0 closed (`<&-`): Python has no stdin to read turns from
+        raise OasstError("stdin is closed: chat reads your turns from it (pipe them in, or use oasst generate)")
     _quiet_libraries(verbose)
     from oasst_train.generate import Chatbot
 

@@ -204,6 +204,9 @@ def _read_jsonl(path: Path) -> list[Example]:
     for n, row in split_rows(path, "`text` or `messages`"):
         if "text" not in row and "messages" not in row:
             if PAIR_COLUMNS <= row.keys():
+                if examples:  # the rows before were threads: this one row is the odd one, named by its line
+                    raise OasstInputError(path, n, "row is a preference pair (prompt, chosen, rejected) among "
+                                                   "conversation rows")
                 raise OasstError(f"{path} {PAIRS_NOT_FOR_SFT}")
             raise OasstInputError(path, n, f"row has no `text` or `messages` column (it has: {', '.join(row)})")
         try:

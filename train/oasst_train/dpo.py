@@ -114,9 +114,13 @@ def _read_pair_rows(path: Path) -> list[PairRow]:
     from oasst_tools.files import split_rows
 
     pairs = []
+    same: list[str] = []  # pairs whose two replies are one text: nothing to prefer (eval's guanaco_pairs skips them)
     for n, row in split_rows(path, "prompt, chosen and rejected"):
         missing = [c for c in ("prompt", "chosen", "rejected") if c not in row]
         if missing and ("text" in row or "messages" in row):
+            if pairs or same:  # the rows before were pairs: this one row is the odd one, named by its line
+                raise OasstInputError(path, n, "row is a conversation thread (`text` / `messages`) among "
+                                               "preference pairs")
             raise OasstError(f"{path} {THREADS_NOT_FOR_DPO}")
         if missing:
             raise OasstInputError(path, n, f"row has no `{missing[0]}` column (it has: {', '.join(row)})")
@@ -131,9 +135,20 @@ def _read_pair_rows(path: Path) -> list[PairRow]:
             raise OasstInputError(path, n, f"`prompt` must end with the user turn the replies answer, not {last}")
         for name, reply in zip(("chosen", "rejected"), replies):
             if len(reply) != 1 or reply[0]["role"] != "assistant":
+                given = f"{len(reply)} turns" if len(reply) != 1 else f"one {reply[0]['role']} turn"
                 raise OasstInputError(path, n, f"`{name}` must be one assistant message ([{{\"role\": "
-                                               f"\"assistant\", \"content\": ...}}]), not {len(reply)} turns")
+                                               f"\"assistant\", \"content\": ...}}]), not {given}")
+            if not reply[0]["content"].strip():
+                raise OasstInputError(path, n, f"`{name}` content is empty: a reply with no text to prefer or not")
+        if replies[0][0]["content"].strip() == replies[1][0]["content"].strip():
+            same.append(where)
+            continue
         pairs.append(PairRow(prompt, replies[0][0], replies[1][0], where))
+    if same:
+        from oasst_train.report import warn
+
+        warn(f"{path}: {len(same)} pair(s) whose chosen and rejected replies are the same text were skipped: "
+             f"neither can be preferred (first: {same[0]})")
     return pairs
 
 

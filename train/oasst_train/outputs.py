@@ -34,7 +34,7 @@ def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
     from oasst_tools.files import check_out_folder
 
     out = Path(cfg.out)
-    check_apart(out, [("--data", cfg.data), ("--model", cfg.model)])
+    check_apart(out, [("--data", cfg.data), ("--model", cfg.model), ("--init-adapter", cfg.init_adapter)])
     if resume:
         if out.exists() and not out.is_dir():
             raise OasstError(f"--out {out} is a file, not a folder")
