@@ -38,6 +38,16 @@ class Message:
     # Where the record was read from, for error messages; not part of the data.
     line: int | None = field(default=None, compare=False, repr=False)
 
+    def __hash__(self) -> int:
+        """By id: the generated hash would hash the label and emoji dicts (TypeError); equal messages share an id."""
+        return hash(self.message_id)
+
+    def __repr__(self) -> str:
+        """The fields, with replies as their count: the generated repr recursed through the whole subtree (a deep
+        tree's repr raised RecursionError where every walk over it works)."""
+        return (f"Message(message_id={self.message_id!r}, role={self.role!r}, text={self.text[:60]!r}, "
+                f"rank={self.rank!r}, lang={self.lang!r}, replies=<{len(self.replies)}>)")
+
 
 @dataclass(frozen=True, slots=True)
 class Tree:

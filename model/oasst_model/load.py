@@ -164,14 +164,19 @@ def _check_adapter_loaded(model: Any, folder: Path) -> None:
     from safetensors import safe_open
 
     weights = folder / "adapter_model.safetensors"
-    needed = get_peft_model_state_dict(model)
+    with warnings.catch_warnings():
+        # save_embedding_layers="auto" looks the base up (a warning when it cannot) and may add the embeddings; an
+        # adapter needs its LoRA weights, and may also hold embeddings (a resized vocabulary), which peft loads.
+        warnings.simplefilter("ignore", UserWarning)
+        needed = get_peft_model_state_dict(model, save_embedding_layers=False)
+        known = needed.keys() | get_peft_model_state_dict(model, save_embedding_layers=True).keys()
     with safe_open(str(weights), framework="pt") as f:
         held = set(f.keys())
     missing = [key for key in needed if key not in held]
     if missing:
         raise OasstError(f"{weights}: {len(missing)} of the {len(needed)} weights the layers in adapter_config.json "
                          f"need are not in the file (first: {missing[0]}): those layers would act untrained")
-    extra = sorted(held - set(needed))
+    extra = sorted(held - known)
     if extra:
         sys.stderr.write(f"warning: {weights}: {len(extra)} tensor(s) match no adapted layer and are ignored "
                          f"(first: {extra[0]})\n")

@@ -86,3 +86,15 @@ def test_oasst_build_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False False"
     assert "--top-rank" in out.stdout
+
+
+def test_a_message_hashes_by_id_and_a_deep_chain_has_a_short_repr() -> None:
+    """The generated hash hashed the label dicts (TypeError); the generated repr recursed through the subtree."""
+    from oasst_tools.schema import Message
+
+    message = Message("leaf", "assistant", "y", labels={"quality": 0.5})
+    for i in range(20_000):
+        message = Message(f"m{i}", "prompter" if i % 2 == 0 else "assistant", "x", replies=(message,))
+    assert len({message, message}) == 1 and hash(message) == hash("m19999")
+    assert repr(message) == ("Message(message_id='m19999', role='assistant', text='x', rank=None, lang=None, "
+                             "replies=<1>)")

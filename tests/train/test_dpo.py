@@ -378,3 +378,20 @@ def test_dpo_from_sft_kill_9_then_resume_reaches_the_same_losses_as_an_uninterru
         assert got[step][0] == pytest.approx(loss, abs=1e-4), step
         assert got[step][1] == pytest.approx(margin, abs=1e-3), step
     assert summary["reward_accuracy_first"] == 0.0  # step 1: the policy is the SFT model, its own reference
+
+
+def test_an_init_adapter_naming_another_base_is_one_warning_and_the_new_adapter_names_the_real_one(
+        pairs: Path, stories_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """peft compared vocabularies against the named model at every save (its UserWarning on the terminal, the
+    embeddings saved for nothing)."""
+    import shutil
+
+    adapter = tmp_path / "sft"
+    shutil.copytree(stories_run, adapter, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    other = str(REPO.parent / "shared" / "models" / "falcon-7b-tokenizer")
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": other}))
+    trainer, _, cfg = dpo_trainer(pairs, tmp_path / "out", init_adapter=str(adapter), batch_size=4)
+    assert trainer.model.peft_config["default"].base_model_name_or_path == cfg.model
+    assert (f"warning: --init-adapter {adapter} names {other} as its base; its weights fit {cfg.model}, which DPO "
+            "trains on and the new adapter names") in capsys.readouterr().err

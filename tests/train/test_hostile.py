@@ -496,9 +496,9 @@ def test_disk_full_while_saving_a_checkpoint_leaves_no_output(oasst, data: Path,
 
 
 def _oasst_process(*args: object, cwd: Path, file_size_limit: int | None = None, timeout: float = 120,
-                   code: str | None = None, close_stdin: bool = False) -> Ran:
+                   code: str | None = None, close_stdin: bool = False, close_stdout: bool = False) -> Ran:
     """`python -m oasst_tools ARGS` (or `python -c CODE`) in a fresh interpreter, as a user's terminal runs it
-    (`close_stdin`: with file descriptor 0 closed, as `<&-` starts it)."""
+    (`close_stdin`, `close_stdout`: with file descriptor 0 or 1 closed, as `<&-` and `>&-` start it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
 
     def limit() -> None:  # Python ignores SIGXFSZ, so the limit surfaces as OSError(EFBIG)
@@ -506,6 +506,8 @@ def _oasst_process(*args: object, cwd: Path, file_size_limit: int | None = None,
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
         if close_stdin:
             os.close(0)
+        if close_stdout:
+            os.close(1)
 
     command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "oasst_tools"]
     done = subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
@@ -519,6 +521,14 @@ def test_chat_with_stdin_closed_is_one_line_before_the_model_loads(tmp_path: Pat
     ran = _oasst_process("chat", "adapter", cwd=tmp_path, close_stdin=True)
     assert assert_refused(ran) == ("error: stdin is closed: chat reads your turns from it (pipe them in, or use "
                                    "oasst generate)")
+
+
+def test_generate_with_stdout_closed_is_one_line_not_a_lost_reply(tmp_path: Path) -> None:
+    """It exited 0 with the reply written nowhere."""
+    fake_adapter(tmp_path / "adapter")
+    ran = _oasst_process("generate", "adapter", "--prompt", "hi", cwd=tmp_path, close_stdout=True)
+    assert assert_refused(ran) == ("error: stdout is closed: generate writes the reply there (redirect it to a file "
+                                   "instead)")
 
 
 @pytest.mark.slow

@@ -284,6 +284,10 @@ def generate(adapter: Path, prompt: str, format_: str | None, max_new_tokens: in
     \b
         oasst generate runs/stories --prompt "Tell me a story about a cat."
     """
+    import sys
+
+    if sys.stdout is None:  # started with file descriptor 1 closed (`>&-`): the reply would be lost, exit 0
+        raise OasstError("stdout is closed: generate writes the reply there (redirect it to a file instead)")
     _quiet_libraries(verbose)
     from oasst_train.generate import Chatbot
 
@@ -313,6 +317,8 @@ def chat(adapter: Path, format_: str | None, max_new_tokens: int, temperature: f
 
     if sys.stdin is None:  # started with file descriptor 0 closed (`<&-`): Python has no stdin to read turns from
         raise OasstError("stdin is closed: chat reads your turns from it (pipe them in, or use oasst generate)")
+    if sys.stdout is None:  # `>&-`: every reply would be lost
+        raise OasstError("stdout is closed: chat writes its replies there (redirect it to a file instead)")
     _quiet_libraries(verbose)
     from oasst_train.generate import Chatbot
 

@@ -22,6 +22,7 @@ and counted. Longer pairs are cut (their replies then end without EOS), as trl's
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,20 @@ def adopt_init_adapter(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     return (dataclasses.replace(cfg, **values),
             f"reference: the SFT adapter {folder}, frozen (DPO trains on from it: LoRA r {values['lora_r']}, alpha "
             f"{values['lora_alpha']}, {len(targets)} target modules)")
+
+
+def _record_base(peft_config: Any, cfg: TrainConfig) -> None:
+    """The DPO adapter names the base it trains on: an --init-adapter recording another model would carry that name
+    on, and peft's save compares vocabularies against it (a warning per save, embeddings saved for nothing)."""
+    named = peft_config.base_model_name_or_path
+    if not named or named == cfg.model or (os.path.exists(named) and os.path.realpath(named) == os.path.realpath(
+            cfg.model)):
+        return
+    from oasst_train.report import warn
+
+    warn(f"--init-adapter {cfg.init_adapter} names {named} as its base; its weights fit {cfg.model}, which DPO trains "
+         "on and the new adapter names")
+    peft_config.base_model_name_or_path = cfg.model
 
 
 def _shown(value: Any) -> str:
@@ -252,6 +267,7 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, data: Data, *, fresh: bo
     if cfg.init_adapter:
         model = load_adapter(model, cfg.init_adapter, is_trainable=True)  # the trainable `default` adapter
         targets = sorted(model.peft_config["default"].target_modules)
+        _record_base(model.peft_config["default"], cfg)
         # trl 1.16 rounds a quantized model's trainable LoRA weights to bf16 (QLoRA's habit); outside bf16 the policy
         # starts from the SFT weights exactly, as its reference does.
         start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
