@@ -17,6 +17,17 @@ from oasst_tools.schema import Tree
 SHOW_DEPTH = 16
 
 
+def _tree_of_message(source: str, message_id: str) -> str | None:
+    """The id of the tree holding message `message_id` (an id given where a tree id was asked), or None; reads
+    `source` again, so a pipe (read once already) finds nothing."""
+    from oasst_tools.walk import iter_messages
+
+    for tree in _trees(source):
+        if any(m.message_id == message_id for m in iter_messages(tree.prompt)):
+            return tree.message_tree_id
+    return None
+
+
 def _trees(source: str) -> Iterator[Tree]:
     """The trees of `source` as `build` reads them: an interleaved flat file is read again, grouped in memory (the
     trees of the first pass were not the one looked for, or the caller would have stopped)."""
@@ -105,7 +116,9 @@ def show(source: str, tree_id: str, width: int) -> None:
 
     tree = next((t for t in _trees(source) if t.message_tree_id == tree_id), None)
     if tree is None:
-        raise OasstError(f"{source}: no tree with message_tree_id {tree_id}")
+        holder = _tree_of_message(source, tree_id)
+        hint = f" ({tree_id} is a message of tree {holder}: show that tree)" if holder else ""
+        raise OasstError(f"{source}: no tree with message_tree_id {tree_id}{hint}")
     pruned = prune(tree.prompt, Selection())
     best = {m.message_id for m in best_thread(pruned)} if pruned is not None else set()
 

@@ -203,6 +203,11 @@ def test_show_draws_one_tree_with_ranks_and_flags(run):
         assert expected in result.stdout
     missing = run("show", FLAT, "nope")
     assert (missing.exit_code, missing.stderr) == (1, f"error: {FLAT}: no tree with message_tree_id nope\n")
+    reply = next(r for r in read_jsonl(FLAT) if r["parent_id"] is not None)  # a message id given for a tree id
+    wrong = run("show", FLAT, reply["message_id"])
+    assert (wrong.exit_code, wrong.stderr) == (1, f"error: {FLAT}: no tree with message_tree_id {reply['message_id']} "
+                                                  f"({reply['message_id']} is a message of tree "
+                                                  f"{reply['message_tree_id']}: show that tree)\n")
 
 
 def test_corrupt_gzip_fails_with_one_line_whichever_inflater_runs(run, tmp_path: Path):
