@@ -155,6 +155,15 @@ def unknown_keys_error(path: Path, unknown: list[str], known: Any, command: str)
                       "ones)")
 
 
+def same_path(a: Any, b: Any) -> bool:
+    """Whether two recorded paths name the same thing (one may be relative, one absolute, one through a link)."""
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
 def build_split(folder: Path, split: str) -> Path | None:
     """The file of one split of an `oasst build` output folder: `SPLIT.jsonl`, or `SPLIT.parquet` (--format
     parquet); None when the folder has neither. One error line when a split's name is not a file, or both are

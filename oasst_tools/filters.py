@@ -15,9 +15,9 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import count, repeat
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from oasst_tools.errors import OasstError, OasstInputError
+from oasst_tools.errors import OasstError, OasstInputError, shown
 from oasst_tools.records import FLAG_REASON, NUMBER_TYPES, normalize_labels
 from oasst_tools.read import subtree_records
 from oasst_tools.schema import Message, Tree
@@ -58,7 +58,7 @@ class Selection:
             raise OasstError(f"Selection: {problem}")
 
 
-MODES: tuple[str, ...] = ("top-rank", "all-threads", "top-k")
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 def _selection_problem(sel: Selection) -> str | None:
@@ -75,12 +75,12 @@ def _selection_problem(sel: Selection) -> str | None:
         value = getattr(sel, name)
         if isinstance(value, (str, bytes)) or not isinstance(value, Collection) or not all(
                 isinstance(item, str) for item in value):
-            return f"{name} must be a set of strings (e.g. frozenset({{'en'}})), not {value!r}"[:200]
+            return f"{name} must be a set of strings (e.g. frozenset({{'en'}})), not {shown(value)}"
     for name in ("label_max", "label_min"):
         value = getattr(sel, name)
         if not isinstance(value, Mapping) or not all(
                 isinstance(k, str) and type(v) in (int, float) for k, v in value.items()):
-            return f"{name} must map label names to numbers, not {value!r}"[:200]
+            return f"{name} must map label names to numbers, not {shown(value)}"
     for name in ("lang_exact", "drop_synthetic", "end_with_assistant"):
         if not isinstance(getattr(sel, name), bool):
             return f"{name} must be True or False, not {getattr(sel, name)!r}"

@@ -140,8 +140,8 @@ def _loads_again(raw: bytes, exc: Exception) -> Any:
         raw.decode("utf-8")
     except UnicodeDecodeError as bad:
         column = len(raw[:bad.start].decode("utf-8", "replace")) + 1  # in characters, as an editor counts
-        raise NotJSONLines(f"not UTF-8 text: byte 0x{raw[bad.start]:02x} at column {column} ({first_bytes_hint(raw) or 'convert the file, e.g. iconv -f latin1 -t utf-8'})"
-                           ) from None
+        fix = first_bytes_hint(raw) or "convert the file, e.g. iconv -f latin1 -t utf-8"
+        raise NotJSONLines(f"not UTF-8 text: byte 0x{raw[bad.start]:02x} at column {column} ({fix})") from None
     if raw.lstrip().startswith(b"["):
         raise NotJSONLines("a JSON array, not JSON Lines (one object per line; convert with jq -c '.[]')")
     try:

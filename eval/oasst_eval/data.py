@@ -102,7 +102,7 @@ def _check_hellaswag_row(row: dict[str, Any]) -> str | None:
         return f"`label` must be the index of the right ending (0-{len(endings) - 1}), not {shown(row.get('label'))}"
     for key, wanted in HELLASWAG_EXTRA.items():
         value = row.get(key)
-        if value is not None and not (type(value) is wanted):
+        if value is not None and type(value) is not wanted:
             return f"`{key}` must be {'an integer' if wanted is int else 'a string'}, not {kind(value)}"
     return None
 

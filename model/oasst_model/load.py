@@ -163,26 +163,29 @@ def _check_adapter_loaded(model: Any, folder: Path) -> None:
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
+    def adapter_state(embeddings: bool) -> dict[str, Any]:
+        with warnings.catch_warnings():  # save_embedding_layers="auto" would look the named base up, and warn
+            warnings.simplefilter("ignore", UserWarning)
+            return get_peft_model_state_dict(model, save_embedding_layers=embeddings)
+
     weights = folder / "adapter_model.safetensors"
-    with warnings.catch_warnings():
-        # save_embedding_layers="auto" looks the base up (a warning when it cannot) and may add the embeddings; an
-        # adapter needs its LoRA weights, and may also hold embeddings (a resized vocabulary), which peft loads.
-        warnings.simplefilter("ignore", UserWarning)
-        needed = get_peft_model_state_dict(model, save_embedding_layers=False)
-        known = needed.keys() | get_peft_model_state_dict(model, save_embedding_layers=True).keys()
+    needed = adapter_state(False)
     with safe_open(str(weights), framework="pt") as f:
         held = set(f.keys())
     missing = [key for key in needed if key not in held]
     if missing:
         raise OasstError(f"{weights}: {len(missing)} of the {len(needed)} weights the layers in adapter_config.json "
                          f"need are not in the file (first: {missing[0]}): those layers would act untrained")
-    extra = sorted(held - known)
+    extra = held - needed.keys()
+    if extra:  # an adapter may also hold embeddings (a resized vocabulary), which peft loads: asked for only then
+        extra -= adapter_state(True).keys()
     if extra:
         sys.stderr.write(f"warning: {weights}: {len(extra)} tensor(s) match no adapted layer and are ignored "
-                         f"(first: {extra[0]})\n")
+                         f"(first: {min(extra)})\n")
     bad = next((key for key, value in needed.items() if not bool(torch.isfinite(value).all())), None)
     if bad is not None:
-        raise OasstError(f"{weights}: {bad} holds NaN or infinite values (a run that diverged?): the adapter is unusable")
+        raise OasstError(f"{weights}: {bad} holds NaN or infinite values (a run that diverged?): the adapter is "
+                         "unusable")
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
@@ -395,11 +398,9 @@ def _unquantized_linears(model: Any) -> list[str]:
 def adapter_mismatch(folder: Any, trained_on: Any, base: Any) -> str:
     """The start of the error for an adapter whose weights do not fit a base model (named as the adapter names its
     base, or not)."""
-    import os
+    from oasst_tools.files import same_path
 
-    same = str(trained_on) == str(base) or (
-        os.path.exists(str(trained_on)) and os.path.realpath(str(trained_on)) == os.path.realpath(str(base)))
-    if same:  # one model, perhaps named by another path
+    if same_path(str(trained_on), str(base)):  # one model, perhaps named by another path
         return f"adapter {folder} does not fit {base}, the model it names as its base (changed since it was trained?)"
     return f"adapter {folder} was trained on {trained_on}, not on {base}"
 

@@ -22,7 +22,6 @@ and counted. Longer pairs are cut (their replies then end without EOS), as trl's
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,9 +88,10 @@ def adopt_init_adapter(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
 def _record_base(peft_config: Any, cfg: TrainConfig) -> None:
     """The DPO adapter names the base it trains on: an --init-adapter recording another model would carry that name
     on, and peft's save compares vocabularies against it (a warning per save, embeddings saved for nothing)."""
+    from oasst_tools.files import same_path
+
     named = peft_config.base_model_name_or_path
-    if not named or named == cfg.model or (os.path.exists(named) and os.path.realpath(named) == os.path.realpath(
-            cfg.model)):
+    if not named or same_path(named, cfg.model):
         return
     from oasst_train.report import warn
 

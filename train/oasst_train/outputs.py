@@ -213,18 +213,9 @@ def write_data_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:
     _write_text(out / DATA_NAME, json.dumps(fingerprint, indent=2) + "\n", "the run's data fingerprint")
 
 
-def _same_path(a: Any, b: Any) -> bool:
-    """Whether two recorded path settings name the same thing (one may be relative, one absolute)."""
-    if a == b:
-        return True
-    if not (isinstance(a, str) and isinstance(b, str) and a and b):
-        return False
-    return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
-
-
 def _check_same_run(cfg: TrainConfig, out: Path) -> None:
     """Refuse a --resume whose config would change the data order or the optimizer's meaning."""
-    from oasst_tools.files import read_yaml_mapping
+    from oasst_tools.files import read_yaml_mapping, same_path
 
     saved_file = out / CONFIG_NAME
     if not saved_file.is_file():
@@ -238,7 +229,7 @@ def _check_same_run(cfg: TrainConfig, out: Path) -> None:
     moved = ("target_modules", "out") + (("data",) if (out / DATA_NAME).is_file() else ())
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
                if k in saved and k not in RESUMABLE_CHANGES and k not in moved
-               and now[k] != AUTO and saved[k] != now[k] and not (k in LOCAL_PATHS and _same_path(saved[k], now[k]))]
+               and now[k] != AUTO and saved[k] != now[k] and not (k in LOCAL_PATHS and same_path(saved[k], now[k]))]
     if cfg.target_modules and sorted(saved.get("target_modules", [])) != sorted(cfg.target_modules):
         changed.append(f"target_modules {saved.get('target_modules')!r} -> {list(cfg.target_modules)!r}")
     if changed:
