@@ -338,6 +338,44 @@ def check_safetensors(path: Path, what: str) -> None:
         raise OasstError(f"{path}: {problem}")
 
 
+def saved_dataset_problem(folder: Path) -> OasstError | None:
+    """The first file of a `datasets.save_to_disk` folder that `load_from_disk` would choke on (bad JSON, a split
+    or data file it lists that is missing), as one error naming it; None when its bookkeeping holds. Called once
+    `load_from_disk` failed: the library's own message names neither the file nor the line."""
+    def json_object(path: Path) -> tuple[dict[str, Any] | None, OasstError | None]:
+        try:
+            return read_json_object(path, "dataset file"), None
+        except OasstError as exc:
+            return None, exc
+
+    splits: list[Path] = [folder]
+    if (folder / "dataset_dict.json").exists():
+        index, error = json_object(folder / "dataset_dict.json")
+        if error is not None:
+            return error
+        names = index.get("splits") if index is not None else None
+        if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
+            return OasstError(f"{folder / 'dataset_dict.json'}: its \"splits\" is not a list of split names")
+        splits = [folder / name for name in names]
+    for split in splits:
+        if not split.is_dir():
+            return OasstError(f"{folder}: split folder {split.name} is missing")
+        for name in ("dataset_info.json", "state.json"):
+            if not (split / name).exists():
+                return missing_file(split / name, "dataset file")
+            saved, error = json_object(split / name)
+            if error is not None:
+                return error
+        files = saved.get("_data_files") if saved is not None else None
+        if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(f.get("filename"), str)
+                                                         for f in files)):
+            return OasstError(f"{split / 'state.json'}: its \"_data_files\" is not a list of data files")
+        for entry in files:
+            if not (split / entry["filename"]).is_file():
+                return OasstError(f"{split / 'state.json'}: lists data file {entry['filename']}, which is missing")
+    return None
+
+
 def check_out_folder(out: Path, flag: str) -> bool:
     """Refuse, before anything heavy runs, an output folder that cannot be made or written; returns whether it
     exists already. Writability is tried (a hidden folder made and removed), since root ignores permissions

@@ -145,6 +145,11 @@ def _read_datasets(source: str, shape: Shape, on_error: OnError, report: ReadRep
     except Exception as exc:  # network, auth and format errors all end here; the user needs one line
         if shape == "hub":
             raise OasstError(_hub_advice(source, _short(exc))) from None
+        from oasst_tools.files import saved_dataset_problem
+
+        problem = saved_dataset_problem(Path(source))
+        if problem is not None:
+            raise problem from None
         raise OasstInputError(source, None, f"cannot load dataset ({_short(exc)})", reason="bad_dataset") from None
     if isinstance(loaded, dict):
         splits = list(loaded.items())

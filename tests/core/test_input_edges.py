@@ -261,3 +261,36 @@ def test_an_output_name_near_the_file_system_limit_builds(run, tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert (tmp_path / name / "train.jsonl").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temp folder left beside it
+
+
+@pytest.mark.parametrize(("damage", "expected"), [
+    ("state-not-json", "{folder}/validation/state.json:2: not valid JSON (Expecting value)"),
+    ("state-no-files", '{folder}/validation/state.json: its "_data_files" is not a list of data files'),
+    ("arrow-missing", "{folder}/validation/state.json: lists data file data-00000-of-00001.arrow, which is missing"),
+    ("split-missing", "{folder}: split folder validation is missing"),
+    ("index-not-json", "{folder}/dataset_dict.json:1: not valid JSON (Expecting ',' delimiter)"),
+])
+def test_a_damaged_save_to_disk_folder_names_the_file_that_is_wrong(run, tmp_path: Path, damage: str,
+                                                                     expected: str) -> None:
+    # datasets says "Expecting value: line 2 column 1" or "'_data_files'" and names no file.
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "disk"
+    datasets.DatasetDict(validation=datasets.Dataset.from_list(read_jsonl(FLAT)[:50])).save_to_disk(str(folder))
+    split = folder / "validation"
+    if damage == "state-not-json":
+        (split / "state.json").write_text('{"_data_files": [\n')
+    elif damage == "state-no-files":
+        (split / "state.json").write_text('{"_split": "validation"}')
+    elif damage == "arrow-missing":
+        (split / "data-00000-of-00001.arrow").unlink()
+    elif damage == "split-missing":
+        for path in split.iterdir():
+            path.unlink()
+        split.rmdir()
+    else:
+        (folder / "dataset_dict.json").write_text('{"splits": ["validation"]')
+    before = snapshot(folder)
+    result = run("build", "--input", str(folder), "--out", "out")
+    assert assert_refused(result, names=str(folder)) == "error: " + expected.format(folder=folder)
+    assert_unchanged(before, folder)
+    assert not (tmp_path / "out").exists()

@@ -140,3 +140,13 @@ def test_a_tokenizer_that_appends_eos_itself_gets_no_second_one(stories: Path, t
     assert (ids, mask) == (want_ids, want_mask)  # same tokens, same loss mask, EOS learned only after a reply
     row = build_dataset(appending, [text], assistant_only=True)[0][0]
     assert (row["input_ids"], row["assistant_masks"]) == (want_ids, want_mask)
+
+
+def test_a_damaged_datasets_folder_names_its_file_and_line(oasst, stories: Path, tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    Dataset.from_dict({"messages": [CONVERSATION]}).save_to_disk(tmp_path / "ds")
+    (tmp_path / "ds" / "state.json").write_text('{"_data_files": [\n')  # datasets: "Expecting value: line 2 ..."
+    result = oasst("train", "--model", stories, "--data", tmp_path / "ds", "--out", tmp_path / "out", "--no-4bit")
+    assert error_line(result) == f"error: {tmp_path / 'ds' / 'state.json'}:2: not valid JSON (Expecting value)"
+    assert not (tmp_path / "out").exists()

@@ -256,6 +256,7 @@ BAD_CONFIGS = {
     "set-twice-through-a-merge": (b"lora_r: 8\n<<: {lora_r: 4}\n", "cfg.yaml:2: lora_r is set twice (first at line 1); "
                                                                   "keep one"),
     "epochs-inf": (b"epochs: .inf\n", "cfg.yaml:1: epochs must be a finite number, not inf"),
+    "epochs-overflow": (b"epochs: 1.0e+300\n", "cfg.yaml:1: epochs must be at most 2,147,483,647, not 1e+300"),
     "weight-decay-negative": (b"weight_decay: -0.1\n", "cfg.yaml:1: weight_decay must not be negative, not -0.1"),
     "warmup-steps-negative": (b"\nwarmup_steps: -5\n", "cfg.yaml:2: warmup_steps must not be negative, not -5"),
     "max-steps-inf": (b"max_steps: .inf\n", "cfg.yaml:1: max_steps must be a whole number, not inf"),

@@ -286,6 +286,8 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: 
         raise fail("max_steps", f"max_steps must be -1 (use epochs) or at least 1, not {cfg.max_steps}")
     if cfg.max_steps == -1 and cfg.epochs <= 0:
         raise fail("epochs", f"epochs must be positive, not {cfg.epochs}")
+    if cfg.epochs > INT_LIMIT:  # the steps it comes to would outrun every counter and progress bar downstream
+        raise fail("epochs", f"epochs must be at most {INT_LIMIT:,}, not {cfg.epochs}")
     if not 0 <= cfg.lora_dropout < 1:
         raise fail("lora_dropout", f"lora_dropout must be in [0, 1), not {cfg.lora_dropout}")
     if cfg.learning_rate <= 0:

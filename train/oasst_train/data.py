@@ -21,7 +21,7 @@ from oasst_tools.conversation import Encoded, Format, check_messages, encode, en
 from oasst_tools.conversation import guanaco_prompt  # noqa: F401 - merge.py's check prompt imports it from here
 from oasst_tools.errors import OasstError, OasstInputError
 from oasst_tools.errors import kind as _kind
-from oasst_tools.files import split_rows
+from oasst_tools.files import saved_dataset_problem, split_rows
 
 
 # The columns of a preference-pair row (`oasst build --pairs`, trl's preference format): method dpo reads them.
@@ -245,9 +245,14 @@ def _read_datasets(data: str) -> dict[str, list[Example]]:
     except FileNotFoundError:
         if from_hub:
             raise OasstError(f"cannot load dataset {data} from the Hugging Face Hub: not found") from None
-        raise OasstError(f"dataset folder {data} has no train.jsonl and is not a `datasets` folder") from None
+        problem = saved_dataset_problem(path) if any(path.glob("*.json")) else None
+        raise problem or OasstError(f"dataset folder {data} has no train.jsonl and is not a `datasets` "
+                                    "folder") from None
     except Exception as exc:  # datasets raises many unrelated types for "cannot find/load this"
         detail = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        problem = None if from_hub else saved_dataset_problem(path)
+        if problem is not None:
+            raise problem from None
         if from_hub and not hub_reachable():
             raise OasstError(f"cannot load dataset {data} from the Hugging Face Hub ({offline_reason()}) and it is "
                              "not in the local cache; pass --data PATH with an `oasst build` folder") from None
