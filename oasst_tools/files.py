@@ -373,6 +373,27 @@ def saved_dataset_problem(folder: Path) -> OasstError | None:
         for entry in files:
             if not (split / entry["filename"]).is_file():
                 return OasstError(f"{split / 'state.json'}: lists data file {entry['filename']}, which is missing")
+            problem = _arrow_stream_problem(split / entry["filename"])
+            if problem is not None:
+                return OasstError(f"{split / entry['filename']}: {problem}")
+    return None
+
+
+def _arrow_stream_problem(path: Path) -> str | None:
+    """Why the Arrow stream `path` (a save_to_disk data file) cannot be read to its end, or None (also when pyarrow,
+    which only `datasets` brings, is not installed: then the library's own message stands)."""
+    try:
+        import pyarrow.ipc
+    except ImportError:
+        return None
+    try:
+        with pyarrow.ipc.open_stream(str(path)) as reader:
+            for _ in reader:
+                pass
+    except OSError as exc:
+        return f"cannot read it ({describe_os_error(exc)})" if exc.errno else f"not a complete Arrow file ({exc})"
+    except Exception as exc:  # pyarrow's ArrowInvalid and kin: a truncated or foreign file
+        return f"not a complete Arrow file ({str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__})"
     return None
 
 
