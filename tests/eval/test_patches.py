@@ -112,6 +112,28 @@ def test_shared_context_off_or_changed_scores_the_same(oasst, stories: Path, ada
             assert changed[label]["hellaswag"][metric] == shared[label]["hellaswag"][metric]
 
 
+def test_a_changed_hellaswag_process_docs_runs_uncached_with_the_same_scores(oasst, stories: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from lm_eval.tasks.hellaswag import utils
+
+    calls: list[int] = []
+    original = utils.process_docs
+    monkeypatch.setattr(utils, "process_docs", lambda dataset: calls.append(1) or original(dataset))
+    _, cached = _eval(oasst, tmp_path / "cached", "--model", stories)
+    assert cached["settings"]["patches"]["lm_eval_hellaswag_docs_cache"]["state"] == "active"
+    cached_calls = len(calls)  # once per dataset the task reads
+
+    calls.clear()
+    _changed(monkeypatch, "lm_eval_hellaswag_docs_cache", "process_docs takes another argument")
+    result, uncached = _eval(oasst, tmp_path / "uncached", "--model", stories)
+    (warned,) = _warnings(result)
+    assert "lm_eval_hellaswag_docs_cache is off: lm-eval" in warned and "takes another argument" in warned
+    assert uncached["settings"]["patches"]["lm_eval_hellaswag_docs_cache"]["state"] == "fallback"
+    assert len(calls) > cached_calls  # lm-eval's own path: processed at every read of the documents
+    for metric in ("acc", "acc_norm"):
+        assert uncached["base"]["hellaswag"][metric] == cached["base"]["hellaswag"][metric]
+
+
 def test_cudnn_attention_is_off_while_scoring_unless_asked(oasst, stories: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """cuDNN attention is switched off around scoring by default (cuDNN plans every new batch shape), on with

@@ -65,6 +65,13 @@ def test_written_config_round_trips(tmp_path: Path) -> None:
     assert resolve_config(saved, {}) == cfg
 
 
+def test_pad_to_multiple_of_may_equal_max_length() -> None:
+    # One past it is refused (tests/train/test_hostile.py); at it, every batch is padded to max_length, which holds.
+    cfg = resolve_config(RECIPES / "tiny-cpu.yaml", {"data": "d", "out": "o", "max_length": 256,
+                                                     "pad_to_multiple_of": 256})
+    assert (cfg.max_length, cfg.pad_to_multiple_of) == (256, 256)
+
+
 def test_help_lists_commands_without_importing_torch() -> None:
     code = ("import sys; from oasst_tools.cli import main\n"
             "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"

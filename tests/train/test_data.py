@@ -150,3 +150,24 @@ def test_a_damaged_datasets_folder_names_its_file_and_line(oasst, stories: Path,
     result = oasst("train", "--model", stories, "--data", tmp_path / "ds", "--out", tmp_path / "out", "--no-4bit")
     assert error_line(result) == f"error: {tmp_path / 'ds' / 'state.json'}:2: not valid JSON (Expecting value)"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_shipped_with_pad_equal_to_eos_gets_another_pad(stories: Path, tmp_path: Path) -> None:
+    # SmolLM2-Instruct and many chat models ship pad = EOS: a collator masking padding would hide every EOS.
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from oasst_model.load import load_tokenizer
+
+    model = tmp_path / "stories-pad-eos"
+    shutil.copytree(stories, model)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        settings = json.loads((model / name).read_text())
+        settings["pad_token"] = settings["eos_token"]
+        (model / name).write_text(json.dumps(settings))
+    assert AutoTokenizer.from_pretrained(model).pad_token == "</s>"  # as shipped
+    tokenizer = load_tokenizer(str(model))
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.pad_token == "<unk>"
+    ids, mask = tokenize_text(tokenizer, render_messages(CONVERSATION), assistant_only=True)
+    assert ids[-1] == tokenizer.eos_token_id and mask[-1] == 1  # the final EOS is learned

@@ -197,6 +197,14 @@ def test_resume_refuses_other_training_rows(oasst: Any, stories_run: Path, stori
         f"error: --resume: the data differs from the run in {out} ({len(lines)} -> 40 train rows); resume with the "
         "data it started with, or start a new run in another --out")
     assert_unchanged(before, tmp_path)
+    # As many rows, one of them edited: the count alone would let it through.
+    assert "ChatGPT" in lines[0]  # in its text and its messages alike
+    (data / "train.jsonl").write_text("".join([lines[0].replace("ChatGPT", "ChatGTP")] + lines[1:]))
+    before = snapshot(tmp_path)
+    assert error_line(oasst(*args, "--data", data)) == (
+        f"error: --resume: the data differs from the run in {out} (the same number of rows, other contents); resume "
+        "with the data it started with, or start a new run in another --out")
+    assert_unchanged(before, tmp_path)
     # The same rows read from another place (a copy of the folder) resume.
     (data / "train.jsonl").write_text("".join(lines))
     assert json.loads((out / "data_fingerprint.json").read_text())["train_rows"] == len(lines)

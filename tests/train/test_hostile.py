@@ -269,6 +269,8 @@ BAD_CONFIGS = {
                                                   "in YAML)"),
     "pad-past-max-length": (b"max_length: 256\npad_to_multiple_of: 2147483647\n", "cfg.yaml:2: pad_to_multiple_of "
                             "must be at most max_length (256), not 2147483647"),
+    "pad-one-past-max-length": (b"max_length: 256\npad_to_multiple_of: 257\n", "cfg.yaml:2: pad_to_multiple_of "
+                                "must be at most max_length (256), not 257"),
     # 20,000 items, and a list of aliases whose full repr would never end: the value is shown cut short.
     "a-huge-list": (b"lora_r: [" + b",".join([b"xxxxxxxxxx"] * 20000) + b"]\n",
                     "cfg.yaml:1: lora_r must be a whole number, not ['xxxxxxxxxx', 'xxxxxxxxxx', 'xxxxxxxxxx', "
