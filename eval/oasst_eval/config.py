@@ -83,9 +83,12 @@ class EvalConfig:
     # Output
     out: str = _f("out/eval", "Folder for results_<label>.json, eval_summary.json and eval.png.", "out/eval")
 
+    # Not a setting: the keys whose value came from the --config file (no flag replaced it), for provenance.
+    from_config: tuple[str, ...] = field(default=(), metadata={"help": "", "shown": None, "internal": True})
+
     def as_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values (written to eval_summary.json)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     def load_options(self) -> dict[str, Any]:
@@ -121,7 +124,7 @@ def load_config_file(path: Path, origins: dict[str, str] | None = None) -> dict[
     from oasst_tools.files import read_yaml_mapping, unknown_keys_error
 
     raw, where = read_yaml_mapping(path)
-    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    known = {f.name for f in dataclasses.fields(EvalConfig) if not f.metadata.get("internal")}
     unknown = sorted(set(raw) - known - set(RENAMED))
     if unknown:
         raise unknown_keys_error(path, unknown, known, "eval")
@@ -188,7 +191,8 @@ def resolve_config(file: Path | None, flags: dict[str, Any], notes: list[str] | 
     where: dict[str, str] = {}
     from_file = load_config_file(file, where) if file is not None else {}
     cfg = dataclasses.replace(cfg, **from_file)
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None},
+                              from_config=tuple(k for k in from_file if flags.get(k) is None))
     if notes is not None:
         notes.extend(override_lines(from_file, where, flags))
     if not cfg.model and not cfg.adapter:

@@ -97,13 +97,14 @@ def pick_batch_size(batch_size: str, device: str) -> str | int:
 def model_spec(cfg: EvalConfig) -> ModelSpec:
     """How the base (+ adapter) loads: the adapter's record (train_config.yaml) with the loading flags given on top,
     or, without an adapter, the flags alone (a base model alone loads unquantized unless --load-in-4bit)."""
-    from oasst_model.spec import ModelSpec
+    from oasst_model.spec import FROM_CONFIG, ModelSpec
 
     options = cfg.load_options()
     options["model"] = options["model"] or None  # "" is "not given": the adapter names its base
+    origins = {name: FROM_CONFIG for name in cfg.from_config}
     if cfg.adapter:
-        return ModelSpec.from_adapter(cfg.adapter, **options)
-    return ModelSpec.from_options(options, load_in_4bit=False)
+        return ModelSpec.from_adapter(cfg.adapter, origins=origins, **options)
+    return ModelSpec.from_options(options, load_in_4bit=False, origins=origins)
 
 
 def scored_format(cfg: EvalConfig) -> str:

@@ -59,6 +59,7 @@ LOAD_FIELDS = tuple(OPTIONS)
 BOOL_FIELDS = tuple(name for name, o in OPTIONS.items() if isinstance(o.default, bool))
 # Where a value came from, as eval_summary.json and the results table say it.
 FROM_RECORD, FROM_ADAPTER_CONFIG, FROM_FLAG, FROM_DEFAULT = "adapter record", "adapter_config.json", "flag", "default"
+FROM_CONFIG = "config"  # a --config YAML file
 
 
 def option_field(name: str, default: Any = dataclasses.MISSING) -> Any:
@@ -87,9 +88,11 @@ class ModelSpec:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
-    def from_adapter(cls, adapter: str | Path, **overrides: Any) -> ModelSpec:
+    def from_adapter(cls, adapter: str | Path, *, origins: Mapping[str, str] | None = None,
+                     **overrides: Any) -> ModelSpec:
         """The spec training recorded in `adapter` (train_config.yaml; else adapter_config.json's base model, not
-        quantized), with `overrides` (loading options; None = not given) on top.
+        quantized), with `overrides` (loading options; None = not given) on top; `origins` says where an override
+        came from when not from a flag (FROM_CONFIG).
 
         The adapter is checked (config and weights) before anything else; a damaged record is one error line
         naming the file and line.
@@ -121,7 +124,8 @@ class ModelSpec:
             values["load_in_4bit"], sources["load_in_4bit"] = False, FROM_DEFAULT
         for name, value in overrides.items():
             if value is not None:
-                values[name], sources[name] = check_value(name, value, flag(name)), FROM_FLAG
+                values[name] = check_value(name, value, flag(name))
+                sources[name] = (origins or {}).get(name, FROM_FLAG)
         if not values.get("model"):
             raise OasstError(f"{folder} does not name its base model; pass --model")
         tokenizer = str(folder) if (folder / "tokenizer_config.json").is_file() else None
@@ -130,13 +134,16 @@ class ModelSpec:
         return cls(**values, adapter=str(folder), tokenizer=tokenizer, sources=sources)
 
     @classmethod
-    def from_options(cls, values: Mapping[str, Any], *, adapter: str | None = None, **defaults: Any) -> ModelSpec:
-        """A spec from loading options given as flags (None = not given); `defaults` replace OPTIONS' defaults."""
+    def from_options(cls, values: Mapping[str, Any], *, adapter: str | None = None,
+                     origins: Mapping[str, str] | None = None, **defaults: Any) -> ModelSpec:
+        """A spec from loading options given as flags (None = not given; `origins` names another source, e.g.
+        FROM_CONFIG); `defaults` replace OPTIONS' defaults."""
         chosen: dict[str, Any] = {}
         sources: dict[str, str] = {}
         for name in LOAD_FIELDS:
             if values.get(name) is not None:
-                chosen[name], sources[name] = check_value(name, values[name], flag(name)), FROM_FLAG
+                chosen[name] = check_value(name, values[name], flag(name))
+                sources[name] = (origins or {}).get(name, FROM_FLAG)
             else:
                 chosen[name] = defaults.get(name, OPTIONS[name].default)
                 sources[name] = FROM_DEFAULT

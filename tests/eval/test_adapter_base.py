@@ -84,6 +84,14 @@ def test_a_flag_overrides_the_record_and_says_so(qlora_adapter: Path) -> None:
     assert summary["settings"]["base_loaded"]["load_in_4bit"] == {"value": False, "from": "flag"}
     assert summary["settings"]["adapter_merged"] is True  # unquantized: merged into the weights in memory
     assert "not quantized (flag)" in result.stdout
+    # The same setting from a --config file says so (it said "flag"); a flag on top of the file is the flag's.
+    config = Path("plain") / "eval.yaml"
+    config.write_text("load_in_4bit: false\nmerge_adapter: true\ncompute_dtype: float32\n")
+    result, summary = _eval("config", "--adapter", qlora_adapter, "--config", config, "--compute-dtype", "float32")
+    assert summary["settings"]["base_loaded"]["load_in_4bit"] == {"value": False, "from": "config"}
+    assert summary["settings"]["base_loaded"]["compute_dtype"] == {"value": "float32", "from": "flag"}
+    assert summary["settings"]["base_loaded"]["quant_type"]["from"] == "adapter record"
+    assert "not quantized (config)" in result.stdout and "from_config" not in summary["settings"]
 
 
 @pytest.fixture

@@ -171,3 +171,14 @@ def test_a_tokenizer_shipped_with_pad_equal_to_eos_gets_another_pad(stories: Pat
     assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.pad_token == "<unk>"
     ids, mask = tokenize_text(tokenizer, render_messages(CONVERSATION), assistant_only=True)
     assert ids[-1] == tokenizer.eos_token_id and mask[-1] == 1  # the final EOS is learned
+
+
+def test_a_datasets_folder_valid_split_is_held_out_as_test(tmp_path: Path) -> None:
+    # oasst build's split words: validation and valid are held-out rows, as in file names.
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_dict({"messages": [CONVERSATION] * 3}),
+                 "valid": Dataset.from_dict({"messages": [CONVERSATION[:2]]})}).save_to_disk(tmp_path / "ds")
+    rows = read_rows(str(tmp_path / "ds"))
+    assert (len(rows["train"]), len(rows["test"])) == (3, 1)
+    assert rows["test"][0].where == f"dataset {tmp_path / 'ds'}[valid] row 0"

@@ -262,7 +262,8 @@ def _read_datasets(data: str) -> dict[str, list[Example]]:
     if not isinstance(loaded, datasets.DatasetDict):
         raise OasstError(f"dataset {data} is not a table of rows (got {type(loaded).__name__})")
     splits: dict[str, list[Example]] = {}
-    for split, name in (("train", "train"), ("test", "test"), ("test", "validation")):
+    # The split words of oasst build (oasst_tools.rawtree._SPLIT_WORDS): validation and valid are held out as test.
+    for split, name in (("train", "train"), ("test", "test"), ("test", "validation"), ("test", "valid")):
         if name not in loaded or split in splits:
             continue
         table = loaded[name]
