@@ -6,20 +6,15 @@ Standard library only: the CLI builds its options from these fields before anyth
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from oasst_model.attention import CUDNN_ATTENTION_HELP
-from oasst_model.spec import INT_LIMIT, LOAD_FIELDS, as_bool, as_path, check_value, option_field
+from oasst_model.spec import (INT_LIMIT, LOAD_FIELDS, RENAMED_KEYS, as_bool, as_path, check_value, option_field,
+                               take_renamed_keys)
 from oasst_tools.conversation import FORMATS
 from oasst_tools.errors import OasstError, shown, whole_number
-
-# eval's `dtype` setting was renamed to train's `compute_dtype`; the old YAML key is read, with a warning, until the
-# next release.
-RENAMED = {"dtype": "compute_dtype"}
-
 
 def _f(default: Any, help: str, shown: str | None = None) -> Any:  # noqa: A002 - mirrors dataclasses.field
     """A dataclass field whose help text (and `shown`, the default as `--help` writes it) its option reuses."""
@@ -125,17 +120,10 @@ def load_config_file(path: Path, origins: dict[str, str] | None = None) -> dict[
 
     raw, where = read_yaml_mapping(path)
     known = {f.name for f in dataclasses.fields(EvalConfig) if not f.metadata.get("internal")}
-    unknown = sorted(set(raw) - known - set(RENAMED))
+    unknown = sorted(set(raw) - known - set(RENAMED_KEYS))
     if unknown:
         raise unknown_keys_error(path, unknown, known, "eval")
-    for old, new in RENAMED.items():
-        if old in raw:
-            if new in raw:
-                raise OasstError(f"{where[old]}: `{old}` is the old name of `{new}`, which is set too; keep `{new}`")
-            sys.stderr.write(f"warning: {where[old]}: `{old}` is now `{new}`; rename it (the old name is read "
-                             "until the next release)\n")
-            raw[new] = raw.pop(old)
-            where[new] = where[old]
+    take_renamed_keys(raw, where)
     if origins is not None:
         origins.update(where)
     return {key: parse_tasks(value, where[key]) if key == "tasks" else coerce(key, value, where[key])

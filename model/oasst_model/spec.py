@@ -163,6 +163,26 @@ class ModelSpec:
                 for name in ("model", "load_in_4bit", "quant_type", "double_quant", "compute_dtype")}
 
 
+# Config keys renamed in a release: the old key is read, with a warning, until the next one (`dtype` was eval's
+# name for what every command calls compute_dtype; the hidden --dtype flag is its flag).
+RENAMED_KEYS = {"dtype": "compute_dtype"}
+
+
+def take_renamed_keys(raw: dict[str, Any], where: dict[str, str]) -> None:
+    """Rename old config keys in `raw` (and their `PATH:LINE` in `where`) to their new names, one warning each;
+    one error line when the new name is set too."""
+    import sys
+
+    for old, new in RENAMED_KEYS.items():
+        if old in raw:
+            if new in raw:
+                raise OasstError(f"{where[old]}: `{old}` is the old name of `{new}`, which is set too; keep `{new}`")
+            sys.stderr.write(f"warning: {where[old]}: `{old}` is now `{new}`; rename it (the old name is read "
+                             "until the next release)\n")
+            raw[new] = raw.pop(old)
+            where[new] = where[old]
+
+
 def flag(name: str) -> str:
     """The command-line flag of a setting: `--load-in-4bit` for load_in_4bit."""
     return f"--{name.replace('_', '-')}"

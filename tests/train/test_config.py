@@ -11,6 +11,7 @@ import yaml
 from tests.train.conftest import RECIPES, error_line
 
 from oasst_train.config import TrainConfig, resolve_config
+from oasst_tools.errors import OasstError
 
 
 def test_flags_override_recipe_which_overrides_defaults(tmp_path: Path) -> None:
@@ -114,3 +115,16 @@ def test_a_flag_that_replaces_a_recipe_value_says_so_once(oasst, tmp_path: Path)
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines()[0] == f"--lora-r 4 overrides {recipe}:3 (lora_r: 8)"
     assert "overrides" not in result.stdout
+
+
+def test_the_old_dtype_key_reads_as_compute_dtype_in_train_as_in_eval(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # One rename table (oasst_model.spec.RENAMED_KEYS) for every command's config file; train refused `dtype`.
+    (tmp_path / "t.yaml").write_text("model: m\ndata: d\nout: o\ndtype: float32\n")
+    cfg = resolve_config(tmp_path / "t.yaml", {})
+    assert cfg.compute_dtype == "float32"
+    assert capsys.readouterr().err == (f"warning: {tmp_path / 't.yaml'}:4: `dtype` is now `compute_dtype`; rename it "
+                                       "(the old name is read until the next release)\n")
+    (tmp_path / "t.yaml").write_text("model: m\ndata: d\nout: o\ndtype: float32\ncompute_dtype: bfloat16\n")
+    with pytest.raises(OasstError, match=r"t.yaml:4: `dtype` is the old name of `compute_dtype`, which is set too"):
+        resolve_config(tmp_path / "t.yaml", {})

@@ -206,11 +206,11 @@ def _train_failure(exc: BaseException, out: Path, existed: bool) -> OasstError |
 @click.option("--dtype", "alias__compute_dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
               default=None, hidden=True)
 @click.option("--tolerance", type=NonNegative(infinite=True), default=None, cls=Option,
-              show_default="bf16 tolerance x logit scale",
+              show_default="0.001 x the largest |logit|, at least 0.001",
               help="Max allowed |merged - (base + adapter)| logit difference; inf: no check.")
 @verbose_option
 def merge(adapter: Path, out: Path, tolerance: float | None, verbose: bool, **flags: Any) -> None:
-    """Merge a LoRA adapter into a 16-bit copy of its base model, and check the merged logits.
+    """Merge a LoRA adapter into a copy of its base model (in --compute-dtype), and check the merged logits.
 
     The base is dequantized exactly as it was during training (when trained in 4-bit), so the merged model is
     the one the adapter learned against. Loading options left out are read from the adapter's train_config.yaml.

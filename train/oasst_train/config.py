@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from oasst_model.attention import CUDNN_ATTENTION_HELP
-from oasst_model.spec import AUTO, INT_LIMIT, DeviceProfile, as_bool, as_path, auto_compute_dtype, flag, option_field
+from oasst_model.spec import (AUTO, INT_LIMIT, RENAMED_KEYS, DeviceProfile, as_bool, as_path, auto_compute_dtype, flag,
+                               option_field, take_renamed_keys)
 from oasst_tools.conversation import ASSISTANT, HUMAN
 from oasst_tools.errors import OasstError, shown
 
@@ -155,9 +156,10 @@ def load_yaml(path: Path, origins: dict[str, str] | None = None) -> dict[str, An
     from oasst_tools.files import read_yaml_mapping, unknown_keys_error
 
     raw, where = read_yaml_mapping(path)
-    unknown = sorted(k for k in raw if k not in FIELDS)
+    unknown = sorted(k for k in raw if k not in FIELDS and k not in RENAMED_KEYS)
     if unknown:
         raise unknown_keys_error(path, unknown, FIELDS, "train")
+    take_renamed_keys(raw, where)
     if origins is not None:
         origins.update(where)
     return {k: coerce(k, v, where[k]) for k, v in raw.items()}

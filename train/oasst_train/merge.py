@@ -1,10 +1,10 @@
-"""`oasst merge`: fold a LoRA adapter into a 16-bit base model, checked against base + adapter.
+"""`oasst merge`: fold a LoRA adapter into a copy of its base model (16- or 32-bit: the run's compute dtype, or
+--compute-dtype), checked against base + adapter.
 
     result = merge_adapter(Path("runs/stories"), Path("runs/stories-merged"))
 
 An adapter trained on a 4-bit base learned to correct the *dequantized* 4-bit weights, not the original ones,
-so the merge starts from those: each Linear4bit is dequantized into the 16-bit copy before the LoRA update is
-added. The merged logits are then compared with the 4-bit base + adapter on a Guanaco prompt.
+so the merge starts from those: each Linear4bit is dequantized into the copy before the LoRA update is added. The merged logits are then compared with the 4-bit base + adapter on a Guanaco prompt.
 """
 
 from __future__ import annotations
