@@ -89,6 +89,22 @@ def test_generate_streams_an_answer_in_the_guanaco_format(oasst, greeter: Path) 
     # The reason and the count must be what plain greedy decoding of the same model says, found independently:
     # the first EOS or the first completed `### Human:` in transformers' own 100 tokens, else the budget.
     assert stop == "[stopped: {}, {} tokens]".format(*_expected_stop(greeter, "Please greet Lisa.", 100))
+    # `--adapter DIR`, as `oasst eval` takes it, is the same command; the positional and the flag agreeing too.
+    for spelled in (("--adapter", greeter), (greeter, "--adapter", greeter)):
+        again = oasst("generate", *spelled, "--prompt", "Please greet Lisa.", "--max-new-tokens", 100)
+        assert (again.exit_code, again.stdout, again.stderr.splitlines()[-1]) == (0, result.stdout, stop)
+
+
+@pytest.mark.parametrize("command", ["merge", "generate", "chat"])
+def test_the_adapter_is_given_once_as_argument_or_flag(oasst, command: str, tmp_path: Path) -> None:
+    extra = {"merge": ("--out", tmp_path / "m"), "generate": ("--prompt", "hi"), "chat": ()}[command]
+    missing = oasst(command, *extra)
+    assert missing.exit_code == 2 and "Error: Missing argument 'ADAPTER' (or --adapter DIR)" in missing.output
+    both = oasst(command, tmp_path / "a", "--adapter", tmp_path / "b", *extra)
+    assert both.exit_code == 2
+    assert f"Error: two adapters given: {tmp_path / 'a'} and --adapter {tmp_path / 'b'}; give one" in both.output
+    flag = oasst(command, "--adapter", tmp_path / "nope", *extra)
+    assert error_line(flag) == f"error: adapter folder {tmp_path / 'nope'} does not exist"
 
 
 def _expected_stop(adapter: Path, prompt: str, budget: int) -> tuple[str, int]:

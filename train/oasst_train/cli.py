@@ -196,8 +196,27 @@ def _train_failure(exc: BaseException, out: Path, existed: bool) -> OasstError |
     return OasstError(said + resume)
 
 
+def _adapter_argument(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The adapter folder of merge, generate and chat: `ADAPTER`, or `--adapter DIR` as `oasst eval` takes it."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args: Any, adapter: Path | None, adapter_flag: Path | None, **kwargs: Any) -> Any:
+        from oasst_tools.files import same_path
+
+        if adapter is None and adapter_flag is None:
+            raise click.UsageError("Missing argument 'ADAPTER' (or --adapter DIR): the folder `oasst train` wrote")
+        if adapter is not None and adapter_flag is not None and not same_path(adapter, adapter_flag):
+            raise click.UsageError(f"two adapters given: {adapter} and --adapter {adapter_flag}; give one")
+        return fn(*args, adapter=adapter if adapter is not None else adapter_flag, **kwargs)
+
+    run = click.option("--adapter", "adapter_flag", type=click.Path(path_type=Path), default=None,
+                       help="The adapter folder, as `oasst eval --adapter` takes it (instead of ADAPTER).")(run)
+    return click.argument("adapter", type=click.Path(path_type=Path), required=False)(run)
+
+
 @click.command()
-@click.argument("adapter", type=click.Path(path_type=Path))
+@_adapter_argument
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the merged model.")
 @load_options(inference=True, skip=("compute_dtype",))
 @click.option("--compute-dtype", "compute_dtype", cls=Option, type=click.Choice(["auto", "bfloat16", "float16",
@@ -266,7 +285,7 @@ def _sampling_options(*, stop: str, temperature: float) -> Callable[[Callable[..
 
 
 @click.command()
-@click.argument("adapter", type=click.Path(path_type=Path))
+@_adapter_argument
 @click.option("--prompt", required=True, help="The human turn; wrapped as `### Human: PROMPT### Assistant:` in the "
                                               "Guanaco format, by the chat template otherwise.")
 @_format_option
@@ -297,7 +316,7 @@ def generate(adapter: Path, prompt: str, format_: str | None, max_new_tokens: in
 
 
 @click.command()
-@click.argument("adapter", type=click.Path(path_type=Path))
+@_adapter_argument
 @_format_option
 @load_options(inference=True)
 @_sampling_options(stop="Stop each reply after this many new tokens.", temperature=0.7)
