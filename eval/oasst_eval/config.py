@@ -44,7 +44,7 @@ class EvalConfig:
     data_dir: str | None = _f(None, "Folder with one sub-folder of split files per task, e.g. "
                                     "DIR/hellaswag/validation.jsonl[.gz].", "$OASST_EVAL_DATA, else the fixture subset")
     data: str | None = _f(None, "Output folder of `oasst build` (its test.jsonl) for the guanaco_test task, or of "
-                                "`oasst build --pairs` for guanaco_pairs.")
+                                "`oasst build --pairs` for guanaco_pairs.", "$OASST_EVAL_GUANACO")
     format: str | None = _f(None, "Conversation format guanaco_test and guanaco_pairs score: guanaco or chat-template "
                                   "(the tokenizer's); auto: chat-template when the tokenizer has one.",
                             "as the adapter was trained, else guanaco")
