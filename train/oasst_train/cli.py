@@ -210,7 +210,8 @@ def _adapter_argument(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.UsageError(f"two adapters given: {adapter} and --adapter {adapter_flag}; give one")
         return fn(*args, adapter=adapter if adapter is not None else adapter_flag, **kwargs)
 
-    run = click.option("--adapter", "adapter_flag", type=click.Path(path_type=Path), default=None,
+    run = click.option("--adapter", "adapter_flag", type=click.Path(path_type=Path), default=None, metavar="DIR",
+                       cls=Option, show_default="ADAPTER",
                        help="The adapter folder, as `oasst eval --adapter` takes it (instead of ADAPTER).")(run)
     return click.argument("adapter", type=click.Path(path_type=Path), required=False)(run)
 
