@@ -340,43 +340,49 @@ def check_safetensors(path: Path, what: str) -> None:
 
 def saved_dataset_problem(folder: Path) -> OasstError | None:
     """The first file of a `datasets.save_to_disk` folder that `load_from_disk` would choke on (bad JSON, a split
-    or data file it lists that is missing), as one error naming it; None when its bookkeeping holds. Called once
-    `load_from_disk` failed: the library's own message names neither the file nor the line."""
-    def json_object(path: Path) -> tuple[dict[str, Any] | None, OasstError | None]:
-        try:
-            return read_json_object(path, "dataset file"), None
-        except OasstError as exc:
-            return None, exc
+    or data file it lists that is missing, a truncated Arrow file), as one error naming it; None when its
+    bookkeeping holds or `folder` holds none of a save_to_disk folder's files. Called once `load_from_disk` failed:
+    the library's own message names neither the file nor the line."""
+    from oasst_tools.sources import DATASETS_FILES
 
-    splits: list[Path] = [folder]
+    if not any((folder / name).exists() for name in DATASETS_FILES):
+        return None
+    try:
+        _check_saved_dataset(folder)
+    except OasstError as exc:
+        return exc
+    return None
+
+
+def _check_saved_dataset(folder: Path) -> None:
+    """Raise `saved_dataset_problem`'s error for `folder`."""
+    splits = [folder]
     if (folder / "dataset_dict.json").exists():
-        index, error = json_object(folder / "dataset_dict.json")
-        if error is not None:
-            return error
-        names = index.get("splits") if index is not None else None
+        names = read_json_object(folder / "dataset_dict.json", "dataset file").get("splits")
         if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
-            return OasstError(f"{folder / 'dataset_dict.json'}: its \"splits\" is not a list of split names")
+            raise OasstError(f"{folder / 'dataset_dict.json'}: its \"splits\" is not a list of split names")
         splits = [folder / name for name in names]
     for split in splits:
         if not split.is_dir():
-            return OasstError(f"{folder}: split folder {split.name} is missing")
-        for name in ("dataset_info.json", "state.json"):
-            if not (split / name).exists():
-                return missing_file(split / name, "dataset file")
-            saved, error = json_object(split / name)
-            if error is not None:
-                return error
-        files = saved.get("_data_files") if saved is not None else None
+            raise OasstError(f"{folder}: split folder {split.name} is missing")
+        _saved_json(split / "dataset_info.json")
+        files = _saved_json(split / "state.json").get("_data_files")
         if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(f.get("filename"), str)
-                                                         for f in files)):
-            return OasstError(f"{split / 'state.json'}: its \"_data_files\" is not a list of data files")
+                                                for f in files)):
+            raise OasstError(f"{split / 'state.json'}: its \"_data_files\" is not a list of data files")
         for entry in files:
             if not (split / entry["filename"]).is_file():
-                return OasstError(f"{split / 'state.json'}: lists data file {entry['filename']}, which is missing")
+                raise OasstError(f"{split / 'state.json'}: lists data file {entry['filename']}, which is missing")
             problem = _arrow_stream_problem(split / entry["filename"])
             if problem is not None:
-                return OasstError(f"{split / entry['filename']}: {problem}")
-    return None
+                raise OasstError(f"{split / entry['filename']}: {problem}")
+
+
+def _saved_json(path: Path) -> dict[str, Any]:
+    """The JSON object of one bookkeeping file of a save_to_disk folder, or its error."""
+    if not path.exists():
+        raise missing_file(path, "dataset file")
+    return read_json_object(path, "dataset file")
 
 
 def _arrow_stream_problem(path: Path) -> str | None:

@@ -23,7 +23,6 @@ holds `RawTree` and `ReadReport` (re-exported here, as are the names the tests a
 from __future__ import annotations
 
 import os
-
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any

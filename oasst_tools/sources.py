@@ -30,7 +30,8 @@ from oasst_tools.lines import Source, peek_lines
 
 Shape = Literal["flat", "nested", "parquet", "disk", "hub"]
 
-_DATASETS_FILES = ("dataset_dict.json", "dataset_info.json", "state.json")
+# A `datasets.save_to_disk` folder holds at least one of these (files.saved_dataset_problem checks them).
+DATASETS_FILES = ("dataset_dict.json", "dataset_info.json", "state.json")
 _SNIFF_RECORDS = 5  # lines tried for a parseable first record before the name decides
 _PARQUET_MAGIC = b"PAR1"
 
@@ -71,7 +72,7 @@ def check_input(source: str | Path) -> InputInfo:
         raise os_input_error(exc, name) from None
     real = os.path.realpath(name)
     if stat.S_ISDIR(info.st_mode):
-        if not any(os.path.exists(os.path.join(name, f)) for f in _DATASETS_FILES):
+        if not any(os.path.exists(os.path.join(name, f)) for f in DATASETS_FILES):
             raise OasstInputError(name, None, "is a folder but not a `datasets.save_to_disk` folder",
                                   reason="bad_path")
         return InputInfo(name, "folder", (info.st_dev, info.st_ino), True, real)

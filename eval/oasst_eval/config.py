@@ -83,12 +83,16 @@ class EvalConfig:
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values (written to eval_summary.json)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+        values = {name: getattr(self, name) for name in SETTINGS}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     def load_options(self) -> dict[str, Any]:
         """The loading options as given (None: not given)."""
         return {name: getattr(self, name) for name in LOAD_FIELDS}
+
+
+# The settings (flags, YAML keys, eval_summary.json fields): every field but the internal ones.
+SETTINGS = tuple(f.name for f in dataclasses.fields(EvalConfig) if not f.metadata.get("internal"))
 
 
 def help_for(name: str) -> str:
@@ -119,7 +123,7 @@ def load_config_file(path: Path, origins: dict[str, str] | None = None) -> dict[
     from oasst_tools.files import read_yaml_mapping, unknown_keys_error
 
     raw, where = read_yaml_mapping(path)
-    known = {f.name for f in dataclasses.fields(EvalConfig) if not f.metadata.get("internal")}
+    known = set(SETTINGS)
     unknown = sorted(set(raw) - known - set(RENAMED_KEYS))
     if unknown:
         raise unknown_keys_error(path, unknown, known, "eval")

@@ -245,9 +245,8 @@ def _read_datasets(data: str) -> dict[str, list[Example]]:
     except FileNotFoundError:
         if from_hub:
             raise OasstError(f"cannot load dataset {data} from the Hugging Face Hub: not found") from None
-        problem = saved_dataset_problem(path) if any(path.glob("*.json")) else None
-        raise problem or OasstError(f"dataset folder {data} has no train.jsonl and is not a `datasets` "
-                                    "folder") from None
+        raise saved_dataset_problem(path) or OasstError(f"dataset folder {data} has no train.jsonl and is not a "
+                                                        "`datasets` folder") from None
     except Exception as exc:  # datasets raises many unrelated types for "cannot find/load this"
         detail = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
         problem = None if from_hub else saved_dataset_problem(path)

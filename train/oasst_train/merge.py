@@ -4,7 +4,8 @@
     result = merge_adapter(Path("runs/stories"), Path("runs/stories-merged"))
 
 An adapter trained on a 4-bit base learned to correct the *dequantized* 4-bit weights, not the original ones,
-so the merge starts from those: each Linear4bit is dequantized into the copy before the LoRA update is added. The merged logits are then compared with the 4-bit base + adapter on a Guanaco prompt.
+so the merge starts from those: each Linear4bit is dequantized into the copy before the LoRA update is added.
+The merged logits are then compared with the 4-bit base + adapter on a Guanaco prompt.
 """
 
 from __future__ import annotations
