@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from oasst_tools.card import dataset_card
 from oasst_tools.conversation import ASSISTANT, HUMAN
@@ -26,6 +26,7 @@ from oasst_tools.output import (check_out, clean_stale, parents_made, publish, s
 from oasst_tools.pairs import PROMPT_OUTCOMES, PairMode, pair_row, preference_pairs
 from oasst_tools.read import OnError, Progress, ReadReport, iter_raw_trees
 from oasst_tools.schema import Tree
+from oasst_tools.settings import build_command, build_settings
 from oasst_tools.sources import InputInfo, check_input
 from oasst_tools.walk import Thread
 
@@ -46,7 +47,8 @@ except ImportError:  # pragma: no cover - orjson is a core dependency
 
 
 DEFAULT_HUB_ID = "OpenAssistant/oasst1"
-Format = Literal["jsonl", "parquet"]
+FileFormat = Literal["jsonl", "parquet"]
+FILE_FORMATS: tuple[str, ...] = get_args(FileFormat)
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class BuildConfig:
     test_size: float | None = field(default=None, metadata={"help": "Fraction of trees for a test split "
                                     "(by a hash of message_tree_id), instead of the input's own splits."})
     seed: int = field(default=0, metadata={"help": "Seed of the tree hash used by --test-size."})
-    format: Format = field(default="jsonl", metadata={"help": "Output file format."})
+    file_format: FileFormat = field(default="jsonl", metadata={"help": "Output file format."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
     on_error: OnError = field(default="fail", metadata={"help": "fail: stop at the first bad record; "
                               "skip: skip bad records and trees, counting them by reason."})
@@ -281,7 +283,8 @@ def build_dataset(cfg: BuildConfig, progress: Progress | None = None) -> BuildRe
                         raise
                     continue  # an interleaved flat input discovered late: start again, grouped in memory
                 report.seconds = time.perf_counter() - started
-                _write_json(tmp / "build_report.json", report.to_dict())
+                _write_json(tmp / "build_report.json",
+                            {**report.to_dict(), "settings": build_settings(cfg), "command": build_command(cfg)})
                 (tmp / "README.md").write_text(dataset_card(cfg, report), encoding="utf-8",
                                                errors="backslashreplace")
                 publish(tmp, out, cfg.overwrite, done=disarm)
@@ -295,7 +298,7 @@ def build_dataset(cfg: BuildConfig, progress: Progress | None = None) -> BuildRe
 
 
 def _write(cfg: BuildConfig, report: BuildReport, folder: Path, progress: Progress | None, buffered: bool) -> None:
-    if cfg.format == "jsonl":
+    if cfg.file_format == "jsonl":
         handles: dict[str, Any] = {}
         try:
             for split, row in iter_rows(cfg, report, progress, buffered):

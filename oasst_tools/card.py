@@ -1,5 +1,5 @@
 """The dataset card (`README.md`) of an `oasst build` output: YAML header with data_files, source, selection,
-filters, columns, counts and license, for threads or preference pairs.
+the command that rebuilds it, columns, counts and license, for threads or preference pairs.
 
 Standard library only.
 """
@@ -7,10 +7,10 @@ Standard library only.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from oasst_tools.pairs import PROMPT_OUTCOMES
+from oasst_tools.settings import build_command
 
 if TYPE_CHECKING:
     from oasst_tools.build import BuildConfig, BuildReport
@@ -18,12 +18,9 @@ if TYPE_CHECKING:
 
 def dataset_card(cfg: BuildConfig, report: BuildReport) -> str:
     """A Hugging Face dataset card: YAML header with data_files, source, filters, counts, license."""
-    ext = cfg.format
+    ext = cfg.file_format
     splits = sorted(report.rows, key=lambda s: (s != "train", s))
     files = "\n".join(f"  - split: {s}\n    path: {s}.{ext}" for s in splits)
-    sel = cfg.selection
-    filters = {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in asdict(sel).items()
-               if cfg.pairs is None or k not in _THREAD_ONLY}
     counts = "\n".join(
         f"| {split} | {lang} | {n} |" for split in splits for lang, n in sorted(report.rows_by_lang[split].items())
     )
@@ -42,7 +39,7 @@ configs:
 Built from: {", ".join(f"`{i}`" for i in cfg.inputs)} (OpenAssistant Conversations, Apache-2.0).
 {selection}
 
-Filters: `{filters}`
+Built with: `{build_command(cfg)}`
 Splits: {"hash of message_tree_id, test_size=" + str(cfg.test_size) + ", seed=" + str(cfg.seed)
          if cfg.test_size is not None else "the input's own splits (validation -> test), else all train"}.
 
@@ -83,8 +80,6 @@ def _fingerprint(cfg: BuildConfig, report: BuildReport) -> str:
     return hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()[:16]
 
 
-# Selection fields that shape threads, not pairs: left out of a pair build's card.
-_THREAD_ONLY = frozenset({"mode", "top_k", "end_with_assistant", "min_turns", "max_turns"})
 _PAIR_MODE_TEXT = {"best": "the best with each of the others", "adjacent": "each with the next one",
                    "all": "every two"}
 

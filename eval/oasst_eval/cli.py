@@ -32,7 +32,7 @@ def _option(name: str, **kwargs: Any) -> Callable[[F], F]:
 @_option("compare_base", kind=bool)
 @_option("num_fewshot", kind=click.IntRange(min=0, max=INT_LIMIT))
 @_option("limit", kind=click.IntRange(min=1, max=INT_LIMIT))
-@_option("batch_size")
+@_option("batch_size", metavar="INTEGER|AUTO")
 @_option("max_batch_size", kind=click.IntRange(min=1, max=INT_LIMIT))
 @_option("max_batch_tokens", kind=click.IntRange(min=1, max=INT_LIMIT))
 @_option("shared_context", kind=bool)

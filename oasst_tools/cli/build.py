@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from oasst_tools.build import BuildConfig, BuildReport, NoRowsError, build_dataset, parse_label_limits
+from oasst_tools.build import FILE_FORMATS, BuildConfig, BuildReport, NoRowsError, build_dataset, parse_label_limits
 from oasst_tools.errors import printable
 from oasst_tools.filters import Selection
 from oasst_tools.output import Interrupted
@@ -82,8 +82,11 @@ def _help(cls: type, name: str) -> str:
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               callback=_fraction, help=_help(BuildConfig, "test_size"))
 @click.option("--seed", type=int, default=0, show_default=True, help=_help(BuildConfig, "seed"))
-@click.option("--format", "format_", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
-              help=_help(BuildConfig, "format"))
+@click.option("--file-format", type=click.Choice(FILE_FORMATS), default="jsonl",
+              show_default=True, help=_help(BuildConfig, "file_format"))
+# The old name of --file-format, read with a warning: train, eval, generate and chat's --format is the conversation
+# format, and one name must not mean two settings.
+@click.option("--format", "old_format", type=click.Choice(FILE_FORMATS), default=None, hidden=True)
 @click.option("--overwrite", is_flag=True, help=_help(BuildConfig, "overwrite"))
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help=_help(BuildConfig, "on_error"))
@@ -91,7 +94,8 @@ def _help(cls: type, name: str) -> str:
 def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact: bool, top_rank: bool,
           all_threads: bool, top_k: int | None, pairs: str | None, tree_states: frozenset[str],
           label_max: tuple[str, ...], label_min: tuple[str, ...], no_synthetic: bool, end_with_assistant: bool,
-          min_turns: int, max_turns: int | None, test_size: float | None, seed: int, format_: str, overwrite: bool,
+          min_turns: int, max_turns: int | None, test_size: float | None, seed: int, file_format: str,
+          old_format: str | None, overwrite: bool,
           on_error: str, quiet: bool) -> None:
     """Build a Guanaco-style dataset from OpenAssistant conversation trees.
 
@@ -129,7 +133,7 @@ def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact:
         max_turns=max_turns,
     )
     cfg = replace(BuildConfig(), out=out, selection=selection, pairs=pairs, test_size=test_size, seed=seed,
-                  format=format_, overwrite=overwrite, on_error=on_error)  # type: ignore[arg-type]
+                  file_format=_file_format(file_format, old_format), overwrite=overwrite, on_error=on_error)  # type: ignore[arg-type]
     if inputs:
         cfg = replace(cfg, inputs=tuple(inputs))
     try:
@@ -144,6 +148,19 @@ def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact:
     _warn(report, cfg)
     if not quiet:
         show_summary(report, cfg.out)
+
+
+def _file_format(file_format: str, old_format: str | None) -> str:
+    """--file-format, or the old --format with a warning; both, naming different formats, is a usage error."""
+    if old_format is None:
+        return file_format
+    given = click.get_current_context().get_parameter_source("file_format") != click.core.ParameterSource.DEFAULT
+    if given and file_format != old_format:
+        raise click.UsageError(f"--file-format {file_format} and --format {old_format} disagree: --format is the old "
+                               "name of --file-format, give one")
+    click.echo("warning: oasst build --format is now --file-format (--format is the conversation format of train, "
+               "eval, generate and chat); the old name still works", err=True)
+    return old_format
 
 
 def _check_pairs(chosen: list[str], end_with_assistant: bool, min_turns: int, max_turns: int | None) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import click
 
@@ -37,8 +38,37 @@ def _trees(source: str) -> Iterator[Tree]:
         yield from read_trees(source, buffered=True)
 
 
+def _input_argument(then: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The export of stats and show: `INPUT`, or `--input PATH` as `oasst build` takes it. `then` names a required
+    argument after INPUT (show's TREE_ID): with `--input`, the one argument given is that one."""
+    import functools
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run(*args: Any, source: str | None, input_flag: str | None, **kwargs: Any) -> Any:
+            from oasst_tools.files import same_path
+
+            if then is not None and input_flag is not None and kwargs[then] is None:
+                source, kwargs[then] = None, source  # `show --input X TREE_ID`: click gave TREE_ID to INPUT
+            if source is None and input_flag is None:
+                raise click.UsageError("Missing argument 'INPUT' (or --input PATH): an OASST export")
+            if source is not None and input_flag is not None and not same_path(source, input_flag):
+                raise click.UsageError(f"two inputs given: {source} and --input {input_flag}; give one")
+            if then is not None and kwargs[then] is None:
+                raise click.UsageError(f"Missing argument '{then.upper()}'")
+            return fn(*args, source=source if source is not None else input_flag, **kwargs)
+
+        run = click.option("--input", "input_flag", default=None, metavar="PATH",
+                           help="The export, as `oasst build --input` takes it (instead of INPUT).")(run)
+        if then is not None:
+            run = click.argument(then, required=False, metavar=then.upper())(run)
+        return click.argument("source", metavar="INPUT", required=False)(run)
+
+    return decorate
+
+
 @click.command()
-@click.argument("source", metavar="INPUT")
+@_input_argument()
 @click.option("--json", "json_", is_flag=True, help="Print the counts as JSON instead of tables.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="fail: stop at the first bad record; skip: count what can be read.")
@@ -97,8 +127,7 @@ def stats(source: str, json_: bool, on_error: str) -> None:
 
 
 @click.command()
-@click.argument("source", metavar="INPUT")
-@click.argument("tree_id")
+@_input_argument(then="tree_id")
 @click.option("--width", type=click.IntRange(min=1), default=70, show_default=True,
               help="Characters of each message text shown.")
 def show(source: str, tree_id: str, width: int) -> None:

@@ -74,7 +74,7 @@ def test_a_validation_split_in_the_input_becomes_test(run, tmp_path: Path):
 def test_parquet_output(run, tmp_path: Path):
     import datasets
 
-    result = run("build", "--input", NESTED, "--format", "parquet", "--out", "out", "-q")
+    result = run("build", "--input", NESTED, "--file-format", "parquet", "--out", "out", "-q")
     assert result.exit_code == 0
     ds = datasets.load_dataset(str(tmp_path / "out"))
     assert ds["train"].num_rows == 20 and ds["train"][0]["messages"][0]["role"] == "user"
@@ -210,6 +210,22 @@ def test_show_draws_one_tree_with_ranks_and_flags(run):
                                                   f"{reply['message_tree_id']}: show that tree)\n")
 
 
+def test_stats_and_show_take_the_input_as_build_does(run):
+    """`--input PATH` (build's name) or INPUT; two different inputs, or none, are usage errors."""
+    tree = "5c6a0593-e4ab-41e8-a23d-8244294fc12a"
+    assert run("stats", "--input", FLAT, "--json").stdout == run("stats", FLAT, "--json").stdout != ""
+    assert run("stats", FLAT, "--input", str(FLAT), "--json").exit_code == 0  # the same file twice: fine
+    drawn = run("show", FLAT, tree).stdout
+    assert tree in drawn
+    assert run("show", "--input", FLAT, tree).stdout == run("show", tree, "--input", FLAT).stdout == drawn
+    for args, said in ((("stats", "--input", FLAT, NESTED), "two inputs given"),
+                       (("stats",), "Missing argument 'INPUT' (or --input PATH)"),
+                       (("show", "--input", FLAT), "Missing argument 'TREE_ID'"),
+                       (("show", FLAT, tree, "--input", NESTED), "two inputs given")):
+        result = run(*args)
+        assert result.exit_code == 2 and said in result.stderr, args
+
+
 def test_corrupt_gzip_fails_with_one_line_whichever_inflater_runs(run, tmp_path: Path):
     """isal (when installed) and zlib word the cause differently; the line, file and exit code are ours."""
     import gzip
@@ -222,3 +238,49 @@ def test_corrupt_gzip_fails_with_one_line_whichever_inflater_runs(run, tmp_path:
     assert result.exit_code == 1
     assert result.stderr.startswith(f"error: {path}:4: gzip data is corrupt (") and result.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ("--all-threads", "--lang", "en", "--label-max", "toxicity=0.3", "--label-min", "quality=0.1", "--min-turns", "3",
+     "--max-turns", "4", "--end-with-assistant", "--no-synthetic", "--test-size", "0.25", "--seed", "7",
+     "--file-format", "parquet"),
+    ("--top-k", "2", "--lang-exact", "--lang", "en,de", "--tree-state", "any", "--label-max", "toxicity=0.25"),
+    ("--pairs", "adjacent", "--lang", "en", "--test-size", "0.3", "--on-error", "skip"),
+])
+def test_the_recorded_command_rebuilds_the_same_dataset(run, tmp_path: Path, flags: tuple[str, ...]):
+    import shlex
+
+    from oasst_tools.cli import build as build_cli
+
+    assert run("build", "--input", FLAT, *flags, "--out", "a", "-q").exit_code == 0
+    first = json.loads((tmp_path / "a" / "build_report.json").read_text())
+    # Settings are named as the flags are: `--label-max` is label_max, never Selection's internal names.
+    flag_names = {opt.lstrip("-").replace("-", "_") for param in build_cli.build.params for opt in param.opts}
+    assert set(first["settings"]) <= flag_names
+    assert f"Built with: `{first['command']}`" in (tmp_path / "a" / "README.md").read_text()
+    args = shlex.split(first["command"])
+    assert args[:2] == ["oasst", "build"] and args[args.index("--out") + 1] == "a"
+    args[args.index("--out") + 1] = "b"
+    again = run(*args[1:], "-q")
+    assert again.exit_code == 0, again.output
+    second = json.loads((tmp_path / "b" / "build_report.json").read_text())
+    assert {**first["settings"], "out": "b"} == second["settings"]
+    assert first["rows"] == second["rows"] and first["dropped"] == second["dropped"] and first["rows"]
+    written = sorted(p.name for p in (tmp_path / "a").iterdir() if p.suffix in (".jsonl", ".parquet"))
+    assert written == sorted(p.name for p in (tmp_path / "b").iterdir() if p.suffix in (".jsonl", ".parquet"))
+    for name in written:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_format_is_the_old_name_of_file_format(run, tmp_path: Path):
+    old = run("build", "--input", NESTED, "--format", "parquet", "--out", "old", "-q")
+    assert old.exit_code == 0
+    assert "warning: oasst build --format is now --file-format" in old.stderr
+    assert (tmp_path / "old" / "train.parquet").is_file()
+    assert json.loads((tmp_path / "old" / "build_report.json").read_text())["settings"]["file_format"] == "parquet"
+    same = run("build", "--input", NESTED, "--format", "jsonl", "--file-format", "jsonl", "--out", "same", "-q")
+    assert same.exit_code == 0 and (tmp_path / "same" / "train.jsonl").is_file()
+    clash = run("build", "--input", NESTED, "--format", "parquet", "--file-format", "jsonl", "--out", "clash")
+    assert clash.exit_code == 2 and "--file-format jsonl and --format parquet disagree" in clash.stderr
+    assert not (tmp_path / "clash").exists()
+    assert "--file-format" in run("build", "--help").stdout and "--format " not in run("build", "--help").stdout

@@ -62,7 +62,7 @@ def test_parquet_output_types_each_column_from_every_row(run, tmp_path: Path) ->
             prompt["lang"] = "en"
         trees.append({"message_tree_id": f"T{i}", "tree_state": "ready_for_export", "prompt": prompt})
     _write(tmp_path / "mixed.trees.jsonl", trees)
-    result = run("build", "--input", "mixed.trees.jsonl", "--format", "parquet", "--out", "out", "-q")
+    result = run("build", "--input", "mixed.trees.jsonl", "--file-format", "parquet", "--out", "out", "-q")
     assert result.exit_code == 0, result.output
     frame = pl.read_parquet(tmp_path / "out" / "train.parquet")
     assert frame.height == 150 and frame["lang"].null_count() == 120

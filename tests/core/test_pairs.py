@@ -319,7 +319,7 @@ def test_pairs_split_by_tree_open_with_datasets_and_report_counts_per_split(run,
 def test_parquet_pairs_open_with_datasets(run, tmp_path: Path) -> None:
     import datasets
 
-    result = run("build", "--input", FLAT_FULL, "--lang", "en", "--pairs", "adjacent", "--format", "parquet",
+    result = run("build", "--input", FLAT_FULL, "--lang", "en", "--pairs", "adjacent", "--file-format", "parquet",
                  "--out", "out", "-q")
     assert result.exit_code == 0, result.output
     ds = datasets.load_dataset(str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))["train"]

@@ -56,3 +56,17 @@ def test_eval_results_beside_the_adapter_are_shown(tmp_path: Path) -> None:
         "adapter": {"hellaswag": {"acc": 0.3}}})
     assert "| base | hellaswag | acc | 0.2500 |" in card and "| adapter | hellaswag | acc | 0.3000 |" in card
     assert "acc_stderr" not in card
+
+
+def test_card_says_how_the_data_was_built(tmp_path: Path) -> None:
+    import shutil
+
+    report = json.loads((GUANACO / "build_report.json").read_text())
+    assert f"Built with: `{report['command']}`." in _card()
+    # A folder built before builds recorded their command: the card's Filters line, as it was written then.
+    old = tmp_path / "old"
+    shutil.copytree(GUANACO, old)
+    del report["command"], report["settings"]
+    (old / "build_report.json").write_text(json.dumps(report))
+    (old / "README.md").write_text("# card\n\nFilters: `{'mode': 'top-rank', 'langs': ['en']}`\n")
+    assert "Built with: `{'mode': 'top-rank', 'langs': ['en']}`." in _card(data=str(old))

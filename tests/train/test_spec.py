@@ -151,10 +151,14 @@ def test_a_recipe_keeps_its_values_and_prints_no_device_line() -> None:
     from oasst_train.config import resolve_config
     from tests.train.conftest import RECIPES
 
-    recipe = resolve_config(RECIPES / "tiny-cpu.yaml", {"data": "d", "out": "o"})
-    cfg, choice = resolve_auto(recipe, H100)
+    origins: dict[str, str] = {}
+    recipe = resolve_config(RECIPES / "tiny-cpu.yaml", {"data": "d", "out": "o", "batch_size": 3}, origins=origins)
+    cfg, choice = resolve_auto(recipe, H100, origins=origins)
     assert (cfg.precision, cfg.compute_dtype, cfg.gradient_checkpointing) == ("fp32", "float32", False)
-    assert device_line(choice) is None and choice["precision"]["from"] == "set"
+    # eval_summary's words for where a value came from: the recipe is `config`, a flag `flag`.
+    assert device_line(choice) is None and choice["precision"]["from"] == "config"
+    assert choice["batch_size"] == {"value": 3, "from": "flag"}
+    assert resolve_auto(recipe, H100)[1]["precision"]["from"] == "set"  # a library caller's TrainConfig
 
 
 def test_a_resumed_run_keeps_the_values_it_started_with() -> None:
@@ -220,5 +224,6 @@ def test_cpu_run_prints_the_choice_once_and_records_it(oasst, stories: Path, tmp
     assert lines == ["device: cpu -> precision fp32, compute_dtype float32, gradient_checkpointing off"]
     recorded = read_summary(tmp_path / "out")["device_defaults"]
     assert recorded["precision"] == {"value": "fp32", "from": "auto (cpu)"}
+    assert recorded["batch_size"] == {"value": 2, "from": "flag"}
     saved = yaml.safe_load((tmp_path / "out" / "train_config.yaml").read_text(encoding="utf-8"))
     assert (saved["precision"], saved["compute_dtype"], saved["gradient_checkpointing"]) == ("fp32", "float32", False)

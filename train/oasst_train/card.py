@@ -103,9 +103,9 @@ def _data_section(data: str, config: Mapping[str, Any], summary: Mapping[str, An
         if dropped:
             lines.append("Dropped by the selection rules: "
                          + ", ".join(f"{reason} {count:,}" for reason, count in sorted(dropped.items())) + ".")
-        filters = _build_filters(data)
-        if filters:
-            lines.append(f"Selection and filters: {filters}.")
+        how = _build_how(data, report)
+        if how:
+            lines.append(f"Built with: {how}.")
     elif data:
         lines.append(f"`{data}`.")
     else:
@@ -242,8 +242,12 @@ def _build_report(data: str) -> dict[str, Any]:
     return report if isinstance(report, dict) else {}
 
 
-def _build_filters(data: str) -> str:
-    """The `Filters:` line of the data folder's card (what selection and filters built it), or ''."""
+def _build_how(data: str, report: Mapping[str, Any]) -> str:
+    """The `oasst build` command that made the data folder (build_report.json's `command`), else the `Filters:` line
+    of a card written before builds recorded their command, else ''."""
+    command = report.get("command")
+    if isinstance(command, str) and command:
+        return f"`{command}`"
     try:
         card = (Path(data) / "README.md").read_text(encoding="utf-8")
     except (OSError, ValueError):

@@ -122,7 +122,8 @@ def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, ve
     existed = os.path.lexists(out)  # False, not an exception, for a name the system refuses
     try:
         with tensorboard_dir(out / "runs"):
-            summary = run_training(cfg, resume=resume, console=console, progress=not quiet, announce=announce)
+            summary = run_training(cfg, resume=resume, console=console, progress=not quiet, announce=announce,
+                                       origins=origins)
     except BaseException as exc:
         failure = _train_failure(exc, out, existed)
         if failure is None:

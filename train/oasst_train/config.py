@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from oasst_model.attention import CUDNN_ATTENTION_HELP
-from oasst_model.spec import (AUTO, INT_LIMIT, RENAMED_KEYS, DeviceProfile, as_bool, as_path, auto_compute_dtype, flag,
-                               option_field, take_renamed_keys)
+from oasst_model.spec import (AUTO, FROM_CONFIG, FROM_FLAG, INT_LIMIT, RENAMED_KEYS, DeviceProfile, as_bool, as_path,
+                               auto_compute_dtype, flag, option_field, take_renamed_keys)
 from oasst_tools.conversation import ASSISTANT, HUMAN
 from oasst_tools.errors import OasstError, shown
 
@@ -324,9 +324,11 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None, required: 
                          "use precision bf16, or compute_dtype float16")
 
 
-def resolve_auto(cfg: TrainConfig, profile: DeviceProfile,
-                 saved: dict[str, Any] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
-    """`cfg` with every `auto` field made concrete, and the choice as train_summary.json records it.
+def resolve_auto(cfg: TrainConfig, profile: DeviceProfile, saved: dict[str, Any] | None = None,
+                 origins: Mapping[str, str] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """`cfg` with every `auto` field made concrete, and the choice as train_summary.json records it: `from` is
+    `flag` or `config` for a value the user gave (`origins`, as resolve_config fills it), `set` for one a library
+    caller put in `cfg`, `resumed run` or `auto (DEVICE)`.
 
     A resumed run keeps the values it started with (`saved`, its train_config.yaml). Otherwise precision and
     compute_dtype follow each other when one is set, and the device when neither is: fp32 on CPU (bf16 matmuls are
@@ -334,7 +336,8 @@ def resolve_auto(cfg: TrainConfig, profile: DeviceProfile,
     not. Gradient checkpointing is on for GPUs (memory) and off for CPUs (nothing to save, a third more work).
     """
     values: dict[str, Any] = {}
-    origin: dict[str, str] = {name: "set" for name in AUTO_FIELDS if getattr(cfg, name) != AUTO}
+    origin: dict[str, str] = {name: _given_from((origins or {}).get(name)) for name in AUTO_FIELDS
+                              if getattr(cfg, name) != AUTO}
     for name in AUTO_FIELDS:
         if getattr(cfg, name) == AUTO and saved is not None and saved.get(name) not in (None, AUTO):
             values[name] = coerce(name, saved[name], f"the resumed run's {name}")
@@ -369,6 +372,13 @@ def resolve_auto(cfg: TrainConfig, profile: DeviceProfile,
     # fp16's loss scaling needs fp32 master weights: the trainer keeps the trainable LoRA weights in fp32.
     choice["lora_weights_fp32"] = precision != "bf16"
     return resolved, choice
+
+
+def _given_from(where: str | None) -> str:
+    """eval_summary's words for where a given value came from: a flag (`--batch-size`), the recipe (`r.yaml:7`)."""
+    if where is None:
+        return "set"
+    return FROM_FLAG if where.startswith("--") else FROM_CONFIG
 
 
 def device_line(choice: dict[str, Any]) -> str | None:

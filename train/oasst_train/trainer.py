@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +98,8 @@ class Built:
 
 
 def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None, progress: bool = True,
-                 announce: Callable[[TrainConfig, list[str]], None] | None = None) -> dict:
+                 announce: Callable[[TrainConfig, list[str]], None] | None = None,
+                 origins: Mapping[str, str] | None = None) -> dict:
     """Train a LoRA adapter as `cfg` says; returns the summary also written to `out/train_summary.json`.
 
     The stages: cheap checks, the `auto` settings and the format resolved, `build_data` (tokenizer only),
@@ -134,7 +135,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
                  + (f" (eval_steps {cfg.eval_steps} is ignored)" if cfg.eval_steps else ""))
     if checkpoint is not None:
         check_same_data(out, fingerprint)
-    cfg, device_choice = resolve_device_defaults(cfg, resuming=checkpoint is not None)
+    cfg, device_choice = resolve_device_defaults(cfg, resuming=checkpoint is not None, origins=origins)
 
     from oasst_model import patches
     from oasst_model.attention import cudnn_sdpa
@@ -189,14 +190,16 @@ def _on_cuda(model: Any) -> bool:
     return any(p.is_cuda for p in model.parameters())
 
 
-def resolve_device_defaults(cfg: TrainConfig, *, resuming: bool = False) -> tuple[TrainConfig, dict[str, Any]]:
+def resolve_device_defaults(cfg: TrainConfig, *, resuming: bool = False, origins: Mapping[str, str] | None = None
+                            ) -> tuple[TrainConfig, dict[str, Any]]:
     """`cfg` with its `auto` settings decided, once, for this process's device (a resumed run keeps the values in
-    its train_config.yaml), checked again, and the choice as train_summary.json records it."""
+    its train_config.yaml), checked again, and the choice as train_summary.json records it (`origins`: where each
+    given setting was set, as resolve_config fills it)."""
     from oasst_model.spec import device_profile
     from oasst_train.config import resolve_auto, validate
 
     saved = saved_config(Path(cfg.out)) if resuming else None
-    resolved, choice = resolve_auto(cfg, device_profile(), saved)
+    resolved, choice = resolve_auto(cfg, device_profile(), saved, origins)
     validate(resolved)
     return resolved, choice
 
