@@ -95,8 +95,7 @@ def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact:
           all_threads: bool, top_k: int | None, pairs: str | None, tree_states: frozenset[str],
           label_max: tuple[str, ...], label_min: tuple[str, ...], no_synthetic: bool, end_with_assistant: bool,
           min_turns: int, max_turns: int | None, test_size: float | None, seed: int, file_format: str,
-          old_format: str | None, overwrite: bool,
-          on_error: str, quiet: bool) -> None:
+          old_format: str | None, overwrite: bool, on_error: str, quiet: bool) -> None:
     """Build a Guanaco-style dataset from OpenAssistant conversation trees.
 
     \b
@@ -133,7 +132,8 @@ def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact:
         max_turns=max_turns,
     )
     cfg = replace(BuildConfig(), out=out, selection=selection, pairs=pairs, test_size=test_size, seed=seed,
-                  file_format=_file_format(file_format, old_format), overwrite=overwrite, on_error=on_error)  # type: ignore[arg-type]
+                  file_format=_file_format(file_format, old_format), overwrite=overwrite,  # type: ignore[arg-type]
+                  on_error=on_error)
     if inputs:
         cfg = replace(cfg, inputs=tuple(inputs))
     try:
