@@ -5,6 +5,7 @@
 #   smollm2  bench/eval_hellaswag_smollm2.py on the GGUF joined from the parts gathered so far, ARGS
 #   packed   bench/packed_attention.py ARGS (varlen kernel vs block mask vs padded batch, against fp32; seconds)
 #   lora     bench/lora_gemm.py ARGS (a 4-bit LoRA linear's paths per Falcon-7B shape, fwd + bwd; ~2 min)
+#   dropout  bench/dropout_cost.py ARGS (what LoRA dropout costs per Falcon-7B layer, compiled, fwd + bwd; ~1 min)
 # Every phase first makes what it needs and a cold machine lacks: the carried wheels (.whl, .whl-lmeval, see
 # ../shared/docs/gpu.md) unpacked once into $SITE, the random Falcon-7B (eval_falcon_speed.py prepare, ~2 min).
 # The SmolLM2 GGUF (98 MB) cannot travel in one call (64 MiB): carry one of bench/data/smollm2-3/gguf.part-NN per
@@ -15,11 +16,11 @@
 # Results go to $OUT (the device's fetched folder) when set, else bench/results; eval and smollm2 files carry the
 # time (each is one machine's runs: a second call the same day must not replace the first), train's calls append.
 set -euo pipefail
-phase=${1:?phase: eval, train, smollm2, packed or lora}
+phase=${1:?phase: eval, train, smollm2, packed, lora or dropout}
 shift
 case $phase in
-    eval|train|smollm2|packed|lora) ;;
-    *) echo "unknown phase $phase (eval, train, smollm2, packed or lora)" >&2; exit 2 ;;  # before minutes of set-up
+    eval|train|smollm2|packed|lora|dropout) ;;
+    *) echo "unknown phase $phase (eval, train, smollm2, packed, lora or dropout)" >&2; exit 2 ;;  # before minutes of set-up
 esac
 SITE=${SITE:-/root/site}
 RESULTS=${OUT:-bench/results}
@@ -45,6 +46,7 @@ case $phase in
     train) python3 bench/train_throughput.py --results "$RESULTS/train_throughput-$DAY.json" "$@" ;;
     packed) python3 bench/packed_attention.py --results "$RESULTS/packed_attention-$STAMP.json" "$@" ;;
     lora) python3 bench/lora_gemm.py --results "$RESULTS/lora_gemm-$STAMP.json" "$@" ;;
+    dropout) python3 bench/dropout_cost.py --results "$RESULTS/dropout_cost-$STAMP.json" "$@" ;;
     smollm2) python3 bench/eval_hellaswag_smollm2.py --gguf /root/smol/SmolLM2-135M-Instruct.Q4_1.gguf \
                  --out "$RESULTS/eval_hellaswag_smollm2-$STAMP.json" "$@" ;;
 esac
