@@ -40,6 +40,30 @@ def machine() -> dict[str, object]:
     return info
 
 
+def median_ms(torch: Any, once: Callable[[], None], repeats: int, cuda: bool, warmup: int = 3) -> float:
+    """Median milliseconds of `once()` after `warmup` calls: CUDA events on a GPU (the device's own timeline),
+    the host clock on a CPU."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        once()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            once()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            once()
+            times.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(times)
+
+
 def add_trainer_callback(make: Callable[[], Any]) -> None:
     """Give every trainer `oasst train` builds in this process the callback `make()` returns (instrumentation)."""
     import oasst_train.trainer as trainer_module

@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from _common import machine, versions  # noqa: E402 - bench/ is not a package
+from _common import machine, median_ms, versions  # noqa: E402 - bench/ is not a package
 
 HIDDEN, FFN, LAYERS, P = 4544, 18176, 32, 0.1
 THRESHOLD = round(P * 2**15)  # 3277 of 32768
@@ -82,22 +80,7 @@ def timed(torch: Any, fn: Any, args: tuple, repeats: int, cuda: bool) -> float:
         for a in args:
             a.grad = None
 
-    for _ in range(3):
-        once()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            once()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            once()
-            times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
+    return median_ms(torch, once, repeats, cuda)
 
 
 def check(torch: Any, fn: Any, args: tuple) -> dict[str, float]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "model"))
-from _common import machine, versions  # noqa: E402 - bench/ is not a package
+from _common import machine, median_ms, versions  # noqa: E402 - bench/ is not a package
 from oasst_model.lora_fused import dequantize_4bit_ops  # noqa: E402
 
 SHAPES = {"query_key_value": (4672, 4544), "dense": (4544, 4544), "dense_h_to_4h": (18176, 4544),
@@ -101,8 +100,6 @@ def make_paths(torch: Any) -> dict[str, Any]:
 
 def timed(torch: Any, fn: Any, args: tuple, repeats: int, cuda: bool) -> float:
     """Median milliseconds of forward + backward of `fn(*args)` (warm)."""
-    import time
-
     x, a, b = args[0], args[3], args[4]
 
     def once() -> None:
@@ -110,22 +107,7 @@ def timed(torch: Any, fn: Any, args: tuple, repeats: int, cuda: bool) -> float:
         y.backward(torch.ones_like(y))
         x.grad = a.grad = b.grad = None
 
-    for _ in range(3):
-        once()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            once()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            once()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return median_ms(torch, once, repeats, cuda)
 
 
 def check(torch: Any, paths: dict[str, Any], args: tuple, compiled: dict[str, Any]) -> dict[str, float]:
