@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from oasst_tools.cli.params import argument_or_option
 from oasst_tools.errors import NotContiguousError, OasstError, printable
 from oasst_tools.read import read_trees
 from oasst_tools.schema import Tree
@@ -39,32 +40,9 @@ def _trees(source: str) -> Iterator[Tree]:
 
 
 def _input_argument(then: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The export of stats and show: `INPUT`, or `--input PATH` as `oasst build` takes it. `then` names a required
-    argument after INPUT (show's TREE_ID): with `--input`, the one argument given is that one."""
-    import functools
-
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def run(*args: Any, source: str | None, input_flag: str | None, **kwargs: Any) -> Any:
-            from oasst_tools.files import same_path
-
-            if then is not None and input_flag is not None and kwargs[then] is None:
-                source, kwargs[then] = None, source  # `show --input X TREE_ID`: click gave TREE_ID to INPUT
-            if source is None and input_flag is None:
-                raise click.UsageError("Missing argument 'INPUT' (or --input PATH): an OASST export")
-            if source is not None and input_flag is not None and not same_path(source, input_flag):
-                raise click.UsageError(f"two inputs given: {source} and --input {input_flag}; give one")
-            if then is not None and kwargs[then] is None:
-                raise click.UsageError(f"Missing argument '{then.upper()}'")
-            return fn(*args, source=source if source is not None else input_flag, **kwargs)
-
-        run = click.option("--input", "input_flag", default=None, metavar="PATH",
-                           help="The export, as `oasst build --input` takes it (instead of INPUT).")(run)
-        if then is not None:
-            run = click.argument(then, required=False, metavar=then.upper())(run)
-        return click.argument("source", metavar="INPUT", required=False)(run)
-
-    return decorate
+    """The export of stats and show: `INPUT`, or `--input PATH` as `oasst build` takes it."""
+    return argument_or_option("input", "PATH", "an OASST export", dest="source", then=then,
+                              help="The export, as `oasst build --input` takes it (instead of INPUT).")
 
 
 @click.command()

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from oasst_model.flags import NON_NEGATIVE, NonNegative, Option, load_options, take_aliases, verbose_option
+from oasst_tools.cli.params import argument_or_option
 from oasst_tools.errors import OasstError
 from oasst_train.config import FIELDS, TrainConfig, field_choices, field_type
 
@@ -199,22 +200,9 @@ def _train_failure(exc: BaseException, out: Path, existed: bool) -> OasstError |
 
 def _adapter_argument(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The adapter folder of merge, generate and chat: `ADAPTER`, or `--adapter DIR` as `oasst eval` takes it."""
-    import functools
-
-    @functools.wraps(fn)
-    def run(*args: Any, adapter: Path | None, adapter_flag: Path | None, **kwargs: Any) -> Any:
-        from oasst_tools.files import same_path
-
-        if adapter is None and adapter_flag is None:
-            raise click.UsageError("Missing argument 'ADAPTER' (or --adapter DIR): the folder `oasst train` wrote")
-        if adapter is not None and adapter_flag is not None and not same_path(adapter, adapter_flag):
-            raise click.UsageError(f"two adapters given: {adapter} and --adapter {adapter_flag}; give one")
-        return fn(*args, adapter=adapter if adapter is not None else adapter_flag, **kwargs)
-
-    run = click.option("--adapter", "adapter_flag", type=click.Path(path_type=Path), default=None, metavar="DIR",
-                       cls=Option, show_default="ADAPTER",
-                       help="The adapter folder, as `oasst eval --adapter` takes it (instead of ADAPTER).")(run)
-    return click.argument("adapter", type=click.Path(path_type=Path), required=False)(run)
+    return argument_or_option("adapter", "DIR", "the folder `oasst train` wrote", kind=click.Path(path_type=Path),
+                              cls=Option, show_default="ADAPTER",
+                              help="The adapter folder, as `oasst eval --adapter` takes it (instead of ADAPTER).")(fn)
 
 
 @click.command()
