@@ -36,25 +36,23 @@ def build_settings(cfg: BuildConfig) -> dict[str, Any]:
 
 def build_command(cfg: BuildConfig) -> str:
     """The `oasst build` command line (shell-quoted) that makes this build again; defaults are left out."""
+    from oasst_tools.build import BuildConfig  # at call time: build imports this module
+
     settings = build_settings(cfg)
+    # The defaults are BuildConfig's and Selection's own, so a default changed there needs no change here.
+    defaults = build_settings(BuildConfig())
     args = ["oasst", "build"]
     for name in settings.pop("input"):
         args += ["--input", name]
+    out = settings.pop("out")  # required: never left out
     for name, value in settings.items():
         flag = "--" + name.replace("_", "-")
-        if name in ("lang", "tree_state"):
-            if value and value != ["ready_for_export"]:
-                args += [flag, ",".join(value)]
-        elif name in ("label_max", "label_min"):
-            for label, limit in value.items():
-                args += [flag, f"{label}={limit!r}"]
-        elif isinstance(value, bool):
+        if isinstance(value, bool):
             if value:
                 args.append(flag)
-        elif value is not None and value != _DEFAULTS.get(name):
-            args += [flag, str(value)]
-    return shlex.join(args)
-
-
-# Values the command line can leave out: those of `oasst build` with no flag.
-_DEFAULTS: dict[str, object] = {"min_turns": 1, "seed": 0, "file_format": "jsonl", "on_error": "fail"}
+        elif isinstance(value, dict):
+            for label, limit in value.items():
+                args += [flag, f"{label}={limit!r}"]
+        elif value is not None and value != defaults.get(name):
+            args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+    return shlex.join([*args, "--out", out])
