@@ -129,6 +129,12 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     # concat_lora: each 4-bit linear and its LoRA update as one GEMM (bench/lora_gemm.py measures it per layer). On
     # in the fast recipe since 2026-12-06 (fast-concat ran as the recipe plus it before): fast-addmm is that recipe
     # without it; the Colab-class recipe gained nothing from it (8,809 -> 8,814) and leaves it off.
+    # carved_lora_dropout (2026-12-07): LoRA dropout masks from a quarter of the random draws inside compiled layers;
+    # in both recipes since it was measured (colab-carved ran as the Colab-class recipe plus it before), the
+    # -torch-dropout names are the recipes without it.
+    "fast-torch-dropout": (FAST, {"carved_lora_dropout": False}),
+    "colab-carved": (COLAB, {"carved_lora_dropout": True}),
+    "colab-torch-dropout": (COLAB, {"carved_lora_dropout": False}),
     "fast-concat": (FAST, {"concat_lora": True}),
     "fast-addmm": (FAST, {"concat_lora": False}),
     "colab-concat": (COLAB, {"concat_lora": True}),
@@ -306,6 +312,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         "fused_attention_layers": summary.get("fused_attention_layers"),
         "fused_lora_modules": summary.get("fused_lora_modules"),
         "concat_lora_modules": summary.get("concat_lora_modules"),
+        "carved_lora_modules": summary.get("carved_lora_modules"),
         "compiled_graphs": summary.get("compiled_graphs"),
         "compiled_graph_breaks": summary.get("compiled_graph_breaks"),
         "trainable_parameters": summary["trainable_parameters"],

@@ -31,7 +31,7 @@ from oasst_model.targets import (
     _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag,
     _check_lm_eval_loglikelihood, _check_lm_eval_request_bars, _check_lm_eval_templates, _check_lazy_metrics,
     _check_resume_non_blocking,
-    _check_backend_tokenize, _check_collated_boundaries, _check_concat_lora, _check_peft_lora, _check_shared_context,
+    _check_backend_tokenize, _check_carved_dropout, _check_collated_boundaries, _check_concat_lora, _check_peft_lora, _check_shared_context,
     _check_varlen, _falcon_linear_subclass)
 
 # A check returns None when the target is as the patch expects, else what changed (one short phrase).
@@ -127,6 +127,17 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
             "forward and backward",
         fallback="fused_lora's addmm over bitsandbytes' own 4-bit product",
         check=_check_concat_lora,
+    ),
+    Patch(
+        name="carved_lora_dropout",
+        library="torch",
+        target="torch.nn.Dropout as peft's LoRA dropout modules (lora_dropout; not called inside compiled layers: "
+               "reproduced with four 15-bit uniforms to a random word) inside the fused_lora forward",
+        written_for="torch 2.11, 2.13, 2.15; peft 0.21.0, 0.21.2",
+        why="LoRA dropout masks from a quarter of the random draws inside compiled layers (one Philox call per four "
+            "elements instead of one per element)",
+        fallback="peft's dropout module as it is (torch's dropout, one random draw per element)",
+        check=_check_carved_dropout,
     ),
     Patch(
         name="eval_folded_4bit_lora",

@@ -163,6 +163,18 @@ def _check_concat_lora() -> str | None:
     return describe_missing(("Linear4bit.forward", [f"(reads {name})" for name in unread]))
 
 
+def _check_carved_dropout() -> str | None:
+    problem = _check_peft_lora()  # the fused forward it runs inside, which reads the module's lora_dropout
+    if problem:
+        return problem
+    nn, problem = _module_with("torch.nn", ("Dropout",))
+    if problem:
+        return problem
+    # The carving reproduces F.dropout(x, p, training) from the module's own fields; a Dropout with other state
+    # (or none of these) must run as it is.
+    return describe_missing(("torch.nn.Dropout", missing_attrs(nn.Dropout(0.1), ("p", "inplace", "training"))))
+
+
 def _check_bnb_cpu_packing() -> str | None:
     modules = _import("bitsandbytes.nn.modules")
     if modules is None:

@@ -148,6 +148,20 @@ def test_seeded_lora_dropout_does_not_break_the_compiled_graph(oasst: Callable[.
     assert len(losses) == STEPS and all(loss == loss for loss in losses)
 
 
+def test_carved_lora_dropout_traces_whole_and_is_reported(oasst: Callable[..., Any], tiny_falcon: Path,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """carved_lora_dropout inside the compiled layers: traced forward and backward (AOT autograd) without a graph
+    break, every LoRA linear with a dropout counted, the patch active, finite losses."""
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    losses, summary = _run(oasst, tiny_falcon, tmp_path / "carved", "--no-gradient-checkpointing", "--compile-layers",
+                           "--carved-lora-dropout")
+    assert summary["carved_lora_modules"] == 8  # the tiny Falcon's 2 layers x 4 linears
+    assert summary["patches"]["carved_lora_dropout"] == {**summary["patches"]["carved_lora_dropout"],
+                                                         "state": "active", "places": 8}
+    assert summary["compiled_graphs"] > 0 and summary["compiled_graph_breaks"] == 0
+    assert len(losses) == STEPS and all(loss == loss for loss in losses)
+
+
 def test_falcon_layers_compile_without_graph_breaks_as_lengths_change(tiny_falcon: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches of new lengths make the compiled layers symbolic in the length; the fused attention must still trace

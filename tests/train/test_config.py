@@ -92,10 +92,13 @@ def test_a_fused_lora_refinement_without_what_it_refines_is_one_warning_line(
     resolve_config(None, {"model": "m", "data": "d", "out": "o", "concat_lora": True, "load_in_4bit": False})
     resolve_config(None, {"model": "m", "data": "d", "out": "o", "seeded_lora_dropout": True, "fused_lora": False})
     resolve_config(None, {"model": "m", "data": "d", "out": "o", "concat_lora": True, "load_in_4bit": True})
+    resolve_config(None, {"model": "m", "data": "d", "out": "o", "carved_lora_dropout": True})
+    resolve_config(None, {"model": "m", "data": "d", "out": "o", "carved_lora_dropout": True, "compile_layers": True})
     assert capsys.readouterr().err.splitlines() == [
         f"warning: {recipe}:1: concat_lora is ignored without fused_lora and load_in_4bit",
         "warning: --concat-lora: concat_lora is ignored without load_in_4bit",
-        "warning: --seeded-lora-dropout: seeded_lora_dropout is ignored without fused_lora"]
+        "warning: --seeded-lora-dropout: seeded_lora_dropout is ignored without fused_lora",
+        "warning: --carved-lora-dropout: carved_lora_dropout is ignored without compile_layers"]
 
 
 def test_a_flag_that_replaces_a_recipe_value_says_so_once(oasst, tmp_path: Path) -> None:

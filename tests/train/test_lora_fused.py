@@ -385,6 +385,99 @@ def test_seeded_dropout_keeps_1_minus_p_and_is_unbiased() -> None:
     assert ((h.mean(dim=0) - weight @ row).abs() < 5 * (variance / rows).sqrt()).all()
 
 
+def _carved_statistics(x: torch.Tensor, y: torch.Tensor, p: float) -> None:
+    """y is carved dropout of x (no zeros in x): Bernoulli keeps at 1 - round(p 2^15) / 2^15 overall, per field of
+    a random word and jointly for pairs of fields (independent uniforms), kept values x scaled to an unbiased mean."""
+    threshold = lora_fused.carved_threshold(p)
+    q = 1 - threshold / 2**15
+    keep = y != 0
+
+    def near(fraction: float, expected: float, n: int) -> bool:
+        return abs(fraction - expected) < 6 * (expected * (1 - expected) / n) ** 0.5
+
+    assert near(keep.float().mean().item(), q, keep.numel())
+    fields = keep.reshape(-1, 4)  # the four elements one 60-bit word decides
+    for i in range(4):
+        assert near(fields[:, i].float().mean().item(), q, fields.shape[0]), i
+    for i, j in ((0, 1), (1, 2), (2, 3), (0, 3)):
+        assert near((fields[:, i] & fields[:, j]).float().mean().item(), q * q, fields.shape[0]), (i, j)
+    # Neighbouring words too: one word's field 3 and the next word's field 0.
+    assert near((fields[:-1, 3] & fields[1:, 0]).float().mean().item(), q * q, fields.shape[0] - 1)
+    scale = 2**15 / (2**15 - threshold)
+    assert torch.allclose(y[keep], x[keep] * scale, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
+def test_carved_dropout_is_bernoulli_per_element_and_unbiased(compiled: bool) -> None:
+    """carved_lora_dropout's masks: the right keep rate for every one of a word's four fields, no correlation
+    between fields, kept values scaled so the mean is x, gradient = mask x scale; eager and through inductor."""
+    p = 0.1
+    run = torch.compile(lora_fused.carved_dropout, backend="inductor", dynamic=False) if compiled \
+        else lora_fused.carved_dropout
+    x = (torch.rand(2048, 512, generator=torch.Generator().manual_seed(0)) + 0.5).requires_grad_()
+    torch.manual_seed(3)
+    y = run(x, p)
+    _carved_statistics(x.detach(), y.detach(), p)
+    y.backward(torch.ones_like(y))
+    scale = 2**15 / (2**15 - lora_fused.carved_threshold(p))
+    assert torch.equal(x.grad, (y != 0).float() * scale)
+    assert not torch.equal(run(x, p) != 0, y != 0)  # a new mask per call
+    torch.manual_seed(3)
+    assert torch.equal(run(x, p) != 0, y != 0)  # from the generator's stream: seeded runs repeat
+    # Other probabilities: the threshold follows p (0.5: half of each field's range).
+    _carved_statistics(x.detach(), run(x, 0.5).detach(), 0.5)
+    assert lora_fused.carved_threshold(0.1) == 3277 and lora_fused.carved_threshold(0.5) == 2**14
+
+
+def test_carved_dropout_applies_only_to_a_plain_training_dropout_over_fours() -> None:
+    x = torch.ones(3, 8)
+    dropout = torch.nn.Dropout(0.1)
+    assert lora_fused.carved_dropout_applies(dropout, x)
+    assert not lora_fused.carved_dropout_applies(dropout, torch.ones(3, 6))  # 6 is not four fields per word
+    assert not lora_fused.carved_dropout_applies(torch.nn.Dropout(1e-6), x)  # rounds to no dropout: torch's runs
+    assert not lora_fused.carved_dropout_applies(torch.nn.Identity(), x)  # peft's module for p 0
+    assert not lora_fused.carved_dropout_applies(torch.nn.Dropout(0.1, inplace=True), x)
+    dropout.eval()
+    assert not lora_fused.carved_dropout_applies(dropout, x)
+
+
+def test_carved_dropout_runs_inside_compiled_layers_only(tiny_falcon: Path) -> None:
+    """Eager, the fused forward calls peft's dropout module as before (the carving is several kernels there); traced
+    by dynamo, the carving replaces it: every LoRA linear of the tiny Falcon, and the layer still learns."""
+    model = _lora_falcon(tiny_falcon, "4bit")
+    assert fuse_lora_forward(model, carved_dropout=True) == LORA_LINEARS == lora_fused.carved_lora_modules(model)
+    calls = []
+    real = lora_fused.carved_dropout
+
+    def counting(x: torch.Tensor, p: float) -> torch.Tensor:
+        calls.append(x.shape)
+        return real(x, p)
+
+    ids = _ids()
+    lora_fused.carved_dropout = counting
+    try:
+        _loss_and_grads(model, ids, bf16=False)
+        assert calls == []
+        torch._dynamo.reset()
+        layers = model.base_model.model.transformer.h
+        for layer in layers:
+            layer.compile(backend="aot_eager")
+        loss, grads = _loss_and_grads(model, ids, bf16=False)
+    finally:
+        lora_fused.carved_dropout = real
+        torch._dynamo.reset()
+    assert len(calls) >= LORA_LINEARS  # traced once per layer's four linears (and again on a recompile)
+    assert loss == loss and all(g.abs().sum() > 0 for g in grads.values())
+    unfuse_lora_forward(model)
+    assert lora_fused.carved_lora_modules(model) == 0
+
+
+def test_carved_dropout_without_dropout_modules_counts_nothing(tiny_falcon: Path) -> None:
+    model = _lora_falcon(tiny_falcon, "4bit", dropout=0.0)  # peft puts nn.Identity in place of a dropout
+    assert fuse_lora_forward(model, carved_dropout=True) == LORA_LINEARS
+    assert lora_fused.carved_lora_modules(model) == 0
+
+
 def _saved_bytes(model: Any, run: Callable[[], Any]) -> tuple[int, list[torch.Tensor]]:
     """Bytes of the distinct storages autograd keeps for backward during `run()`, parameters left out."""
     params = {t.untyped_storage().data_ptr() for t in model.parameters()}

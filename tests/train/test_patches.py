@@ -162,6 +162,36 @@ def test_a_changed_bitsandbytes_4bit_forward_leaves_concat_lora_to_the_addmm_pat
     assert report["concat_lora"]["state"] == "fallback" and report["fused_lora"]["state"] == "active"
 
 
+def test_a_changed_torch_dropout_leaves_lora_dropout_uncarved(
+        tiny_falcon: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """carved_lora_dropout reproduces nn.Dropout from its p and training fields; a Dropout that keeps its
+    probability elsewhere is called as it is (fused_lora still runs), with one warning line."""
+    from peft import LoraConfig, get_peft_model
+
+    from oasst_model.load import load_model
+    from oasst_model.lora_fused import carved_lora_modules, fuse_lora_forward, fused_lora_modules
+
+    class Dropout(torch.nn.Module):  # a release that renamed the probability
+        def __init__(self, p: float = 0.5) -> None:
+            super().__init__()
+            self.rate = p
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.dropout(x, self.rate, self.training)
+
+    monkeypatch.setattr(torch.nn, "Dropout", Dropout)
+    patches.begin_run()
+    net, _ = load_model(str(tiny_falcon), load_in_4bit=True, compute_dtype="float32")
+    model = get_peft_model(net, LoraConfig(r=4, target_modules=["query_key_value", "dense"], lora_dropout=0.1))
+    assert fuse_lora_forward(model, carved_dropout=True) == 4 == fused_lora_modules(model)
+    assert carved_lora_modules(model) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: patch carved_lora_dropout is off: torch ") == 1
+    assert "torch.nn.Dropout lacks p, inplace" in err
+    report = patches.report()
+    assert report["carved_lora_dropout"]["state"] == "fallback" and report["fused_lora"]["state"] == "active"
+
+
 def test_an_instance_without_the_attributes_read_is_a_changed_target(tiny_falcon: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Attributes set in __init__ are checked on the first instance: a missing one means no patch at all."""

@@ -108,6 +108,9 @@ class TrainConfig:
                                           "compiled layers.")
     concat_lora: bool = _f(False, "With fused_lora, 4-bit bases: base product and LoRA update as one GEMM over "
                                   "[x | lora_A(dropout(x))] and [W | s B], W kept for backward (+2 bytes/weight).")
+    carved_lora_dropout: bool = _f(False, "With fused_lora and compile_layers, LoRA dropout masks inside compiled "
+                                          "layers take four 15-bit uniforms from each random word: a quarter of "
+                                          "the random draws, drop probability within 2^-16 of lora_dropout.")
     compile_layers: bool = _f(False, "torch.compile each decoder layer (one compilation shared by all): fuses the "
                                      "element-wise work between matmuls; the first steps compile.")
     lazy_metrics: bool = _f(False, "Keep trl's per-step metrics on the GPU until logged and count tokens at collate: "
@@ -247,7 +250,8 @@ def warn_ignored(cfg: TrainConfig, origins: dict[str, str]) -> None:
             why = "DPO scores the replies of each pair only" if name == "loss_on" else "it is a DPO setting"
             warn(f"{origins[name]}: {name} is ignored with method {cfg.method} ({why})")
     # Refinements of fused_lora's forward: asked for without it (or without a 4-bit base), they change nothing.
-    needs = {"seeded_lora_dropout": ("fused_lora",), "concat_lora": ("fused_lora", "load_in_4bit")}
+    needs = {"seeded_lora_dropout": ("fused_lora",), "concat_lora": ("fused_lora", "load_in_4bit"),
+             "carved_lora_dropout": ("fused_lora", "compile_layers")}
     for name, requirements in needs.items():
         missing = [r for r in requirements if not getattr(cfg, r)]
         if name in origins and getattr(cfg, name) and missing:

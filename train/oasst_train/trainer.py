@@ -270,7 +270,8 @@ def with_fast_paths(cfg: TrainConfig, trainer: Any, targets: list[str]) -> Built
     from the host (async_inputs); metrics read when logged (lazy_metrics)."""
     from oasst_model.lora_fused import fuse_lora_forward
 
-    fused = (fuse_lora_forward(trainer.model, seeded_dropout=cfg.seeded_lora_dropout, concat=cfg.concat_lora)
+    fused = (fuse_lora_forward(trainer.model, seeded_dropout=cfg.seeded_lora_dropout, concat=cfg.concat_lora,
+                               carved_dropout=cfg.carved_lora_dropout and cfg.compile_layers)
              if cfg.fused_lora else 0)
     compiled = 0
     if cfg.compile_layers:
@@ -335,7 +336,7 @@ def train(cfg: TrainConfig, built: Built, bar: Any, checkpoint: Path | None, *, 
 def summarize(cfg: TrainConfig, prepared: Prepared, built: Built, bar: Any, checkpoint: Path | None) -> dict:
     """What `train_summary.json` records: steps, losses, tokens/s, memory, 4-bit layers, the patches that ran."""
     from oasst_model import patches
-    from oasst_model.lora_fused import concat_lora_modules
+    from oasst_model.lora_fused import carved_lora_modules, concat_lora_modules
     from oasst_model.spec import peak_memory_bytes
     from oasst_train.report import device_name, replica_checksums, versions
 
@@ -350,6 +351,7 @@ def summarize(cfg: TrainConfig, prepared: Prepared, built: Built, bar: Any, chec
                    # True only where it replaced a dropout: fused modules and a dropout to replace (p 0 is Identity).
                    seeded_lora_dropout=bool(built.fused_lora and cfg.seeded_lora_dropout and cfg.lora_dropout > 0),
                    concat_lora_modules=concat_lora_modules(trainer.model),
+                   carved_lora_modules=carved_lora_modules(trainer.model),
                    compiled_layers=built.compiled_layers, **_compile_stats(built))
     summary.update(peak_memory_bytes=peak_memory_bytes(), versions=versions(), device=device_name(),
                    replica_checksums=replica_checksums(trainer.model), patches=patches.report())
