@@ -108,9 +108,8 @@ class TrainConfig:
                                           "compiled layers.")
     concat_lora: bool = _f(False, "With fused_lora, 4-bit bases: base product and LoRA update as one GEMM over "
                                   "[x | lora_A(dropout(x))] and [W | s B], W kept for backward (+2 bytes/weight).")
-    carved_lora_dropout: bool = _f(False, "With fused_lora and compile_layers, LoRA dropout masks inside compiled "
-                                          "layers take four 15-bit uniforms from each random word: a quarter of "
-                                          "the random draws, drop probability within 2^-16 of lora_dropout.")
+    carved_lora_dropout: bool = _f(False, "With fused_lora and compile_layers: LoRA dropout masks from a quarter of "
+                                          "the random draws (drop probability within 2^-16 of lora_dropout).")
     compile_layers: bool = _f(False, "torch.compile each decoder layer (one compilation shared by all): fuses the "
                                      "element-wise work between matmuls; the first steps compile.")
     lazy_metrics: bool = _f(False, "Keep trl's per-step metrics on the GPU until logged and count tokens at collate: "
