@@ -60,8 +60,9 @@ million elements a layer at 10,240 tokens. `carved_dropout` carves four 15-bit u
 (one Philox call per word): a quarter of the calls. An element is kept when its uniform is >= round(p * 2^15) and
 scaled by 2^15 / (2^15 - round(p * 2^15)), so the output's mean is exactly the input's and the drop probability is
 within 2^-16 of p (0.100006 for 0.1). bench/dropout_cost.py, H100, per Falcon-7B layer at 10,240 tokens, forward +
-backward, compiled: 1.46 ms without dropout, 3.29 ms with torch's, 2.65 ms carved (58.5 -> 38.0 ms of dropout per
-32-layer step). Outside compiled layers torch's dropout runs: eager, the carving is several kernels where torch's is
+backward, compiled: 1.38 ms without dropout, 3.21 ms with torch's, 2.59 ms carved (58.8 -> 38.8 ms of dropout per
+32-layer step). Inside a checkpointed layer the recomputation draws the same words: torch.utils.checkpoint restores
+the generators' state before it, as for torch's dropout (a test compares gradients with and without checkpointing). Outside compiled layers torch's dropout runs: eager, the carving is several kernels where torch's is
 one. Where the dropout is not a plain `nn.Dropout` in training mode, or the last dimension is not a multiple of four,
 it runs as it is.
 """

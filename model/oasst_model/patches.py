@@ -31,8 +31,8 @@ from oasst_model.targets import (
     _check_falcon_attention, _check_falcon_linear, _check_lm_eval_env_info, _check_lm_eval_hellaswag,
     _check_lm_eval_loglikelihood, _check_lm_eval_request_bars, _check_lm_eval_templates, _check_lazy_metrics,
     _check_resume_non_blocking,
-    _check_backend_tokenize, _check_carved_dropout, _check_collated_boundaries, _check_concat_lora, _check_peft_lora, _check_shared_context,
-    _check_varlen, _falcon_linear_subclass)
+    _check_backend_tokenize, _check_carved_dropout, _check_collated_boundaries, _check_concat_lora, _check_peft_lora,
+    _check_shared_context, _check_varlen, _falcon_linear_subclass)
 
 # A check returns None when the target is as the patch expects, else what changed (one short phrase).
 Check = Callable[[], "str | None"]

@@ -162,6 +162,24 @@ def test_carved_lora_dropout_traces_whole_and_is_reported(oasst: Callable[..., A
     assert len(losses) == STEPS and all(loss == loss for loss in losses)
 
 
+@pytest.mark.slow
+def test_carved_masks_are_drawn_again_alike_when_checkpointing_recomputes(
+        oasst: Callable[..., Any], tiny_falcon: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Colab-class recipe carves inside checkpointed compiled layers: the recomputation in backward must draw the
+    forward's masks again, or the gradients silently belong to other masks. Same losses and LoRA weights, bit for bit,
+    with and without checkpointing."""
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    flags = ("--compile-layers", "--carved-lora-dropout")
+    plain, _ = _run(oasst, tiny_falcon, tmp_path / "plain", "--no-gradient-checkpointing", *flags)
+    torch._dynamo.reset()
+    recomputed, summary = _run(oasst, tiny_falcon, tmp_path / "checkpointed", "--gradient-checkpointing", *flags)
+    assert summary["carved_lora_modules"] == 8
+    assert len(recomputed) == STEPS and recomputed == plain
+    reference = _lora_weights(tmp_path / "plain")
+    got = _lora_weights(tmp_path / "checkpointed")
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+
+
 def test_falcon_layers_compile_without_graph_breaks_as_lengths_change(tiny_falcon: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches of new lengths make the compiled layers symbolic in the length; the fused attention must still trace
