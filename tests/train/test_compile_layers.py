@@ -149,13 +149,16 @@ def test_seeded_lora_dropout_does_not_break_the_compiled_graph(oasst: Callable[.
 
 
 @pytest.mark.slow
-def test_carved_masks_are_drawn_again_alike_when_checkpointing_recomputes(oasst: Callable[..., Any],
-                                                                         tiny_falcon: Path, tmp_path: Path) -> None:
-    """carved_lora_dropout inside compiled layers, through inductor's generated code: traced whole (no graph break),
-    every LoRA linear with a dropout counted, the patch active. The Colab-class recipe carves inside checkpointed
-    compiled layers, so the recomputation in backward must draw the forward's masks again (inductor's random ops take
-    their seeds from the generator checkpointing restores), or the gradients silently belong to other masks: same
-    losses and LoRA weights, bit for bit, with and without checkpointing."""
+def test_carved_masks_are_drawn_again_alike_when_checkpointing_recomputes(
+        oasst: Callable[..., Any], tiny_falcon: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """carved_lora_dropout inside compiled layers: traced whole (no graph break), every LoRA linear with a dropout
+    counted, the patch active. The Colab-class recipe carves inside checkpointed compiled layers, so the recomputation
+    in backward must draw the forward's masks again, or the gradients silently belong to other masks: same losses and
+    LoRA weights, bit for bit, with and without checkpointing (a generator that checkpointing does not restore fails
+    this). Through the traced graph (AOT autograd), not inductor's code: on torch 2.15 inductor draws other forward
+    masks under checkpointing than without it, for torch's own dropout as for this one (a CPU probe, 2026-12-07), so
+    the two runs differ there whatever the dropout; on torch 2.13 they agree bit for bit through inductor too."""
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
     flags = ("--compile-layers", "--carved-lora-dropout")
     plain, summary = _run(oasst, tiny_falcon, tmp_path / "plain", "--no-gradient-checkpointing", *flags)
     assert summary["carved_lora_modules"] == 8  # the tiny Falcon's 2 layers x 4 linears
