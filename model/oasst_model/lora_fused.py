@@ -62,9 +62,10 @@ scaled by 2^15 / (2^15 - round(p * 2^15)), so the output's mean is exactly the i
 within 2^-16 of p (0.100006 for 0.1). bench/dropout_cost.py, H100, per Falcon-7B layer at 10,240 tokens, forward +
 backward, compiled: 1.38 ms without dropout, 3.21 ms with torch's, 2.59 ms carved (58.8 -> 38.8 ms of dropout per
 32-layer step). Inside a checkpointed layer the recomputation draws the same words: torch.utils.checkpoint restores
-the generators' state before it, as for torch's dropout (a test compares gradients with and without checkpointing). Outside compiled layers torch's dropout runs: eager, the carving is several kernels where torch's is
-one. Where the dropout is not a plain `nn.Dropout` in training mode, or the last dimension is not a multiple of four,
-it runs as it is.
+the generators' state before it, as for torch's dropout (a test compares losses and weights with and without
+checkpointing through the traced graph). Outside compiled layers torch's dropout runs: eager, the carving is several
+kernels where torch's is one. Where the dropout is not a plain `nn.Dropout` in training mode, or the last dimension
+is not a multiple of four, it runs as it is.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def fuse_lora_forward(model: Any, *, seeded_dropout: bool = False, concat: bool 
     four_bit = [m for m in todo if kinds[type(m)] == "4bit"]
     concat = bool(concat and four_bit and patches.applies("concat_lora"))
     carved_on = bool(carved_dropout and patches.applies("carved_lora_dropout"))
-    carved = {m for m in todo if _dropout_p(m) > 0} if carved_on else set()
+    carved = {m for m in todo if any(map(_carvable, m.lora_dropout.values()))} if carved_on else set()
     for module in todo:
         module._oasst_lora_original = module.forward
         module._oasst_lora_kind = kinds[type(module)]
@@ -142,14 +143,6 @@ def concat_lora_modules(model: Any) -> int:
 def carved_lora_modules(model: Any) -> int:
     """Number of LoRA modules of `model` whose dropout is carved inside compiled layers (`carved_dropout=True`)."""
     return sum(1 for m in model.modules() if getattr(m, "_oasst_carved_dropout", False))
-
-
-def _dropout_p(module: Any) -> float:
-    """The largest dropout probability of a LoRA module's plain `nn.Dropout`s (0: none to carve)."""
-    import torch
-
-    dropouts = getattr(module, "lora_dropout", None) or {}
-    return max((d.p for d in dropouts.values() if type(d) is torch.nn.Dropout), default=0.0)
 
 
 def _lora_kinds() -> dict[type, str]:
@@ -205,11 +198,11 @@ def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         x = self._cast_input_dtype(x, lora_a.weight.dtype)
     dropout = self.lora_dropout[name]
     # Inside a compiled layer the seeded Function would break the graph (a Generator made per call, a seed read
-    # back with .item()): peft's dropout runs there, which inductor fuses with its neighbours.
-    seeded = self._oasst_seeded_dropout and not torch.compiler.is_compiling()
-    if seeded and _seeded_dropout_applies(dropout, lora_a, x):
+    # back with .item()): peft's dropout (or the carved one) runs there, which inductor fuses with its neighbours.
+    compiling = torch.compiler.is_compiling()
+    if self._oasst_seeded_dropout and not compiling and _seeded_dropout_applies(dropout, lora_a, x):
         h = _seeded_dropout_linear().apply(x, lora_a.weight, dropout.p, _draw_seed())
-    elif self._oasst_carved_dropout and torch.compiler.is_compiling() and carved_dropout_applies(dropout, x):
+    elif self._oasst_carved_dropout and compiling and carved_dropout_applies(dropout, x):
         h = lora_a(carved_dropout(x, dropout.p))
     else:
         h = lora_a(dropout(x))
@@ -249,15 +242,18 @@ def carved_threshold(p: float) -> int:
     return round(p * 2**CARVE_BITS)
 
 
-def carved_dropout_applies(dropout: Any, x: Any) -> bool:
-    """Whether `dropout(x)` is torch's dropout in training, over a last dimension the carving splits in fours."""
+def _carvable(dropout: Any) -> bool:
+    """Whether `dropout` is a plain `nn.Dropout` (no hooks, not in place) whose p is neither 0 nor 1 at 15 bits."""
     import torch
 
-    if type(dropout) is not torch.nn.Dropout or not dropout.training or dropout.inplace:
+    if type(dropout) is not torch.nn.Dropout or dropout.inplace or dropout._forward_hooks or dropout._forward_pre_hooks:
         return False
-    if dropout._forward_hooks or dropout._forward_pre_hooks:
-        return False
-    return 0 < carved_threshold(dropout.p) < 2**CARVE_BITS and x.dim() > 0 and x.shape[-1] % CARVE_FIELDS == 0
+    return 0 < carved_threshold(dropout.p) < 2**CARVE_BITS
+
+
+def carved_dropout_applies(dropout: Any, x: Any) -> bool:
+    """Whether `dropout(x)` is torch's dropout in training, over a last dimension the carving splits in fours."""
+    return _carvable(dropout) and dropout.training and x.dim() > 0 and x.shape[-1] % CARVE_FIELDS == 0
 
 
 def carved_dropout(x: Any, p: float) -> Any:
