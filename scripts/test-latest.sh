@@ -36,5 +36,4 @@ from oasst_model import patches
 for name, problem in patches.check_all().items():
     print(f"patch {name:<30} {'ok' if problem is None else 'CHANGED: ' + problem}")
 PYEOF
-n=$(nproc 2>/dev/null || echo 2)  # workers as in scripts/test.sh
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "${OASST_TEST_WORKERS:-$((n < 4 ? n : 4))}" "$@"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n logical --maxprocesses 4 "$@"  # workers as scripts/test.sh

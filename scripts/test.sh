@@ -5,6 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # One worker per core, up to 4: the suite is mostly single-threaded Python (13 -> 9 min on 2 cores).
-# OASST_TEST_WORKERS=0 runs it in this process (pdb, -s); a later -n in the arguments wins too.
-n=$(nproc 2>/dev/null || echo 2)
-exec .venv/bin/python -m pytest -q -n "${OASST_TEST_WORKERS:-$((n < 4 ? n : 4))}" "$@"
+# PYTEST_XDIST_AUTO_NUM_WORKERS=0 (xdist's own) runs it in this process, as --pdb does; a later -n wins too.
+exec .venv/bin/python -m pytest -q -n logical --maxprocesses 4 "$@"
