@@ -28,7 +28,7 @@ from typing import Any, Literal
 from oasst_tools.conversation import chat_messages
 from oasst_tools.filters import Selection, surviving_root
 from oasst_tools.schema import Message, Tree
-from oasst_tools.walk import Thread, iter_threads, rank_key
+from oasst_tools.walk import Thread, iter_messages, iter_threads, rank_key
 
 PairMode = Literal["best", "adjacent", "all"]
 PAIR_MODES: tuple[str, ...] = ("best", "adjacent", "all")
@@ -68,10 +68,13 @@ def preference_pairs(tree: Tree, sel: Selection, mode: PairMode, dropped: Counte
     if root is None:
         return []
     pairs: list[Pair] = []
-    for path in iter_threads(root):
+    if prompts is not None:
+        few = sum(m.role == "prompter" and _ranked_count(m) < 2 for m in iter_messages(root))
+        if few:  # a Counter key only where something counted, as for the other outcomes
+            prompts["fewer_than_two_ranked"] += few
+    # Only prompts that can give pairs get their path built: a path per message is quadratic on a deep chain.
+    for path in iter_threads(root, where=lambda m: m.role == "prompter" and _ranked_count(m) >= 2):
         prompt = path[-1]
-        if prompt.role != "prompter":
-            continue
         ranked_found = ranked_pairs(prompt.replies, mode)
         found = []
         for chosen, rejected in ranked_found:
@@ -82,10 +85,13 @@ def preference_pairs(tree: Tree, sel: Selection, mode: PairMode, dropped: Counte
                 dropped[f"pair:{why}"] += 1
         pairs.extend(Pair(path, chosen, rejected) for chosen, rejected in found)
         if prompts is not None:
-            ranked = sum(r.rank is not None for r in prompt.replies)
-            prompts["paired" if found else "unusable_replies_only" if ranked_found else
-                    "fewer_than_two_ranked" if ranked < 2 else "equal_ranks_only"] += 1
+            prompts["paired" if found else "unusable_replies_only" if ranked_found else "equal_ranks_only"] += 1
     return pairs
+
+
+def _ranked_count(message: Message) -> int:
+    """How many replies of `message` carry a rank."""
+    return sum(r.rank is not None for r in message.replies)
 
 
 def unusable_pair(chosen: str, rejected: str) -> str | None:

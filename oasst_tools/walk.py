@@ -6,7 +6,7 @@ Stacks instead of recursion: real trees are shallow, but generated or hostile on
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from oasst_tools.schema import Message
 
@@ -38,18 +38,38 @@ def iter_messages(root: Message) -> Iterator[Message]:
         stack.extend(reversed(message.replies))
 
 
-def iter_threads(root: Message) -> Iterator[Thread]:
-    """Every root-to-node path, depth first, parents before children."""
-    stack: list[Thread] = [(root,)]
+def _paths(root: Message, children: Callable[[Message], Sequence[Message]],
+           keep: Callable[[Message, Sequence[Message]], bool]) -> Iterator[Thread]:
+    """Root-to-node paths, depth first, of the nodes `keep(node, its children)` accepts.
+
+    One shared path, cut back to each node's depth, so a chain of n messages costs O(n) plus what is yielded, not
+    the O(n^2) of a new tuple per node.
+    """
+    path: list[Message] = []
+    stack: list[tuple[Message, int]] = [(root, 0)]
     while stack:
-        path = stack.pop()
-        yield path
-        stack.extend(path + (child,) for child in reversed(path[-1].replies))
+        message, at = stack.pop()
+        del path[at:]
+        path.append(message)
+        below = children(message)
+        if keep(message, below):
+            yield tuple(path)
+        stack.extend((child, at + 1) for child in reversed(below))
+
+
+def _replies(message: Message) -> Sequence[Message]:
+    """The replies of `message` in input order."""
+    return message.replies
+
+
+def iter_threads(root: Message, where: Callable[[Message], bool] | None = None) -> Iterator[Thread]:
+    """Every root-to-node path, depth first, parents before children; with `where`, only paths to nodes it accepts."""
+    return _paths(root, _replies, (lambda message, _: True) if where is None else (lambda message, _: where(message)))
 
 
 def leaf_threads(root: Message) -> Iterator[Thread]:
     """Every root-to-leaf path, depth first."""
-    return (path for path in iter_threads(root) if not path[-1].replies)
+    return _paths(root, _replies, lambda _, below: not below)
 
 
 def best_thread(root: Message) -> Thread:
@@ -64,13 +84,7 @@ def top_k_threads(root: Message, k: int) -> Iterator[Thread]:
     """Root-to-leaf threads that take one of the `k` best-ranked replies at every step (k=1: `best_thread`)."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    stack: list[Thread] = [(root,)]
-    while stack:
-        path = stack.pop()
-        children = ranked_replies(path[-1])[:k]
-        if not children:
-            yield path
-        stack.extend(path + (child,) for child in reversed(children))
+    return _paths(root, lambda message: ranked_replies(message)[:k], lambda _, below: not below)
 
 
 def depth(root: Message) -> int:

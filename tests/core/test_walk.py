@@ -98,3 +98,81 @@ def test_a_message_hashes_by_id_and_a_deep_chain_has_a_short_repr() -> None:
     assert len({message, message}) == 1 and hash(message) == hash("m19999")
     assert repr(message) == ("Message(message_id='m19999', role='assistant', text='x', rank=None, lang=None, "
                              "replies=<1>)")
+
+
+def _reference_paths(root: Message, children, keep) -> list[tuple[str, ...]]:
+    """Recursive reference walk: a new tuple per node (fine on the small random trees below)."""
+    out: list[tuple[str, ...]] = []
+
+    def visit(message: Message, path: tuple[str, ...]) -> None:
+        path = (*path, message.message_id)
+        below = children(message)
+        if keep(message, below):
+            out.append(path)
+        for child in below:
+            visit(child, path)
+
+    visit(root, ())
+    return out
+
+
+def _random_tree(seed: int) -> Message:
+    import random
+
+    rng = random.Random(seed)
+    counter = iter(range(10**6))
+
+    def grow(role: str, level: int) -> Message:
+        n = rng.choice([0, 1, 1, 2, 3]) if level < 6 else 0
+        other = "assistant" if role == "prompter" else "prompter"
+        replies = tuple(grow(other, level + 1) for _ in range(n))
+        rank = rng.choice([None, 0, 1, 2]) if role == "assistant" else None
+        return msg(f"m{next(counter)}", role, *replies, rank=rank, date=f"2023-0{rng.randint(1, 9)}")
+
+    return grow("prompter", 0)
+
+
+def test_every_walk_yields_what_a_new_tuple_per_node_walk_yields_on_random_trees() -> None:
+    """The walks share one path list cut back per depth: each yielded thread must still be its own, complete path,
+    in the same depth-first order as the plain recursive walk, for all nodes, leaves, top-k and a `where` filter."""
+    from oasst_tools.walk import ranked_replies
+
+    for seed in range(40):
+        root = _random_tree(seed)
+
+        def ids(threads) -> list[tuple[str, ...]]:
+            return [tuple(m.message_id for m in t) for t in threads]
+
+        assert ids(iter_threads(root)) == _reference_paths(root, lambda m: m.replies, lambda m, b: True)
+        assert ids(leaf_threads(root)) == _reference_paths(root, lambda m: m.replies, lambda m, b: not b)
+        prompters = _reference_paths(root, lambda m: m.replies, lambda m, b: m.role == "prompter")
+        assert ids(iter_threads(root, where=lambda m: m.role == "prompter")) == prompters
+        for k in (1, 2, 3):
+            assert ids(top_k_threads(root, k)) == _reference_paths(
+                root, lambda m, k=k: ranked_replies(m)[:k], lambda m, b: not b)
+        assert ids(top_k_threads(root, 1)) == ids([best_thread(root)])
+
+
+def test_threads_of_a_200k_deep_chain_take_linear_time() -> None:
+    """A new path tuple per node made --all-threads, --top-k and --pairs quadratic in depth (a 200,000-message chain
+    ran for minutes); linear they take about a second. Run in a child process so a regression fails, not hangs."""
+    code = (
+        "from oasst_tools.schema import Message, Tree\n"
+        "from oasst_tools.walk import leaf_threads, top_k_threads, iter_threads\n"
+        "from oasst_tools.filters import Selection\n"
+        "from oasst_tools.pairs import preference_pairs\n"
+        "from collections import Counter\n"
+        "node = Message('leaf', 'assistant', 'x', rank=0)\n"
+        "for i in range(200_000):\n"
+        "    node = Message(f'n{i}', 'prompter' if i % 2 == 0 else 'assistant', 'x', rank=0, replies=(node,))\n"
+        "assert [len(t) for t in leaf_threads(node)] == [200_001]\n"
+        "assert [len(t) for t in top_k_threads(node, 2)] == [200_001]\n"
+        "assert sum(1 for _ in iter_threads(node, where=lambda m: not m.replies)) == 1\n"
+        "prompts = Counter()\n"
+        "tree = Tree('t', node, tree_state='ready_for_export')\n"
+        "assert preference_pairs(tree, Selection(langs=frozenset()), 'all', prompts=prompts) == []\n"
+        "print(dict(prompts))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "{'fewer_than_two_ranked': 100000}"
