@@ -28,7 +28,7 @@ from typing import Any, Literal
 from oasst_tools.conversation import chat_messages
 from oasst_tools.filters import Selection, surviving_root
 from oasst_tools.schema import Message, Tree
-from oasst_tools.walk import Thread, iter_messages, iter_threads, rank_key
+from oasst_tools.walk import Thread, iter_messages, parent_map, path_to, rank_key
 
 PairMode = Literal["best", "adjacent", "all"]
 PAIR_MODES: tuple[str, ...] = ("best", "adjacent", "all")
@@ -68,13 +68,15 @@ def preference_pairs(tree: Tree, sel: Selection, mode: PairMode, dropped: Counte
     if root is None:
         return []
     pairs: list[Pair] = []
-    if prompts is not None:
-        few = sum(m.role == "prompter" and _ranked_count(m) < 2 for m in iter_messages(root))
-        if few:  # a Counter key only where something counted, as for the other outcomes
-            prompts["fewer_than_two_ranked"] += few
-    # Only prompts that can give pairs get their path built: a path per message is quadratic on a deep chain.
-    for path in iter_threads(root, where=lambda m: m.role == "prompter" and _ranked_count(m) >= 2):
-        prompt = path[-1]
+    # Only prompts that give pairs get their path built: a path per message is quadratic on a deep chain.
+    parents = parent_map(root)
+    for prompt in iter_messages(root):
+        if prompt.role != "prompter":
+            continue
+        if sum(r.rank is not None for r in prompt.replies) < 2:
+            if prompts is not None:
+                prompts["fewer_than_two_ranked"] += 1
+            continue
         ranked_found = ranked_pairs(prompt.replies, mode)
         found = []
         for chosen, rejected in ranked_found:
@@ -83,15 +85,12 @@ def preference_pairs(tree: Tree, sel: Selection, mode: PairMode, dropped: Counte
                 found.append((chosen, rejected))
             elif dropped is not None:
                 dropped[f"pair:{why}"] += 1
-        pairs.extend(Pair(path, chosen, rejected) for chosen, rejected in found)
+        if found:
+            path = path_to(prompt, parents)
+            pairs.extend(Pair(path, chosen, rejected) for chosen, rejected in found)
         if prompts is not None:
             prompts["paired" if found else "unusable_replies_only" if ranked_found else "equal_ranks_only"] += 1
     return pairs
-
-
-def _ranked_count(message: Message) -> int:
-    """How many replies of `message` carry a rank."""
-    return sum(r.rank is not None for r in message.replies)
 
 
 def unusable_pair(chosen: str, rejected: str) -> str | None:

@@ -62,9 +62,22 @@ def _replies(message: Message) -> Sequence[Message]:
     return message.replies
 
 
-def iter_threads(root: Message, where: Callable[[Message], bool] | None = None) -> Iterator[Thread]:
-    """Every root-to-node path, depth first, parents before children; with `where`, only paths to nodes it accepts."""
-    return _paths(root, _replies, (lambda message, _: True) if where is None else (lambda message, _: where(message)))
+def iter_threads(root: Message) -> Iterator[Thread]:
+    """Every root-to-node path, depth first, parents before children."""
+    return _paths(root, _replies, lambda _, __: True)
+
+
+def path_to(message: Message, parents: dict[int, Message]) -> Thread:
+    """The root-to-`message` path, through `parents` (`parent_map`): one message's path without walking them all."""
+    path = [message]
+    while id(path[-1]) in parents:
+        path.append(parents[id(path[-1])])
+    return tuple(reversed(path))
+
+
+def parent_map(root: Message) -> dict[int, Message]:
+    """Each message's parent, keyed by the `id()` of the message object (ids in hostile input need not be unique)."""
+    return {id(child): message for message in iter_messages(root) for child in message.replies}
 
 
 def leaf_threads(root: Message) -> Iterator[Thread]:

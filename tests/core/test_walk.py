@@ -134,8 +134,9 @@ def _random_tree(seed: int) -> Message:
 
 def test_every_walk_yields_what_a_new_tuple_per_node_walk_yields_on_random_trees() -> None:
     """The walks share one path list cut back per depth: each yielded thread must still be its own, complete path,
-    in the same depth-first order as the plain recursive walk, for all nodes, leaves, top-k and a `where` filter."""
-    from oasst_tools.walk import ranked_replies
+    in the same depth-first order as the plain recursive walk, for all nodes, leaves and top-k; `path_to` through
+    `parent_map` gives the same path as the walk."""
+    from oasst_tools.walk import parent_map, path_to, ranked_replies
 
     for seed in range(40):
         root = _random_tree(seed)
@@ -145,8 +146,8 @@ def test_every_walk_yields_what_a_new_tuple_per_node_walk_yields_on_random_trees
 
         assert ids(iter_threads(root)) == _reference_paths(root, lambda m: m.replies, lambda m, b: True)
         assert ids(leaf_threads(root)) == _reference_paths(root, lambda m: m.replies, lambda m, b: not b)
-        prompters = _reference_paths(root, lambda m: m.replies, lambda m, b: m.role == "prompter")
-        assert ids(iter_threads(root, where=lambda m: m.role == "prompter")) == prompters
+        parents = parent_map(root)
+        assert ids(path_to(path[-1], parents) for path in iter_threads(root)) == ids(iter_threads(root))
         for k in (1, 2, 3):
             assert ids(top_k_threads(root, k)) == _reference_paths(
                 root, lambda m, k=k: ranked_replies(m)[:k], lambda m, b: not b)
@@ -158,7 +159,7 @@ def test_threads_of_a_200k_deep_chain_take_linear_time() -> None:
     ran for minutes); linear they take about a second. Run in a child process so a regression fails, not hangs."""
     code = (
         "from oasst_tools.schema import Message, Tree\n"
-        "from oasst_tools.walk import leaf_threads, top_k_threads, iter_threads\n"
+        "from oasst_tools.walk import leaf_threads, top_k_threads, parent_map, path_to\n"
         "from oasst_tools.filters import Selection\n"
         "from oasst_tools.pairs import preference_pairs\n"
         "from collections import Counter\n"
@@ -167,7 +168,7 @@ def test_threads_of_a_200k_deep_chain_take_linear_time() -> None:
         "    node = Message(f'n{i}', 'prompter' if i % 2 == 0 else 'assistant', 'x', rank=0, replies=(node,))\n"
         "assert [len(t) for t in leaf_threads(node)] == [200_001]\n"
         "assert [len(t) for t in top_k_threads(node, 2)] == [200_001]\n"
-        "assert sum(1 for _ in iter_threads(node, where=lambda m: not m.replies)) == 1\n"
+        "assert len(path_to(next(iter(leaf_threads(node)))[-1], parent_map(node))) == 200_001\n"
         "prompts = Counter()\n"
         "tree = Tree('t', node, tree_state='ready_for_export')\n"
         "assert preference_pairs(tree, Selection(langs=frozenset()), 'all', prompts=prompts) == []\n"
