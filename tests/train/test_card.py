@@ -70,3 +70,32 @@ def test_card_says_how_the_data_was_built(tmp_path: Path) -> None:
     (old / "build_report.json").write_text(json.dumps(report))
     (old / "README.md").write_text("# card\n\nFilters: `{'mode': 'top-rank', 'langs': ['en']}`\n")
     assert "Built with: `{'mode': 'top-rank', 'langs': ['en']}`." in _card(data=str(old))
+
+
+def test_a_hand_edited_build_report_leaves_out_its_bad_fields_and_never_fails_the_card(tmp_path: Path) -> None:
+    """The card is written after training and at every checkpoint: a build_report.json with fields of the wrong
+    shape (or not JSON, or nested past the parser's limit) must give a card that leaves them out, not an error
+    that loses the finished run."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(GUANACO, data)
+    report = json.loads((data / "build_report.json").read_text())
+    good = dict(report)
+    for bad in ({"trees_read": "many"}, {"rows": [1, 2]}, {"rows_by_lang": {"train": ["en"]}},
+                {"dropped": {"spam": "43"}}, {"inputs": "one.jsonl"}, {"messages_read": True}, {"command": 7}):
+        (data / "build_report.json").write_text(json.dumps(good | bad))
+        card = _card(data=str(data))
+        (key,) = bad
+        assert "## Data" in card and "## Results" in card, key
+        if key == "trees_read":
+            assert f"? trees, {report['messages_read']:,} messages read; rows train 171, test 17" in card
+        if key == "rows":
+            assert "; rows ?;" in card
+        if key == "dropped":
+            assert "Dropped by the selection rules" not in card
+        if key == "inputs":
+            assert f"built by `oasst build` from ?: {report['trees_read']:,} trees" in card
+    for text in ('{"rows": ' * 100_000 + "1" + "}" * 100_000, "not json", "[1, 2]"):
+        (data / "build_report.json").write_text(text)
+        assert f"`{data}`." in _card(data=str(data))

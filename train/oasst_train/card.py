@@ -12,7 +12,7 @@ folder's build_report.json and README.md, an eval_summary.json beside the adapte
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +96,10 @@ def _data_section(data: str, config: Mapping[str, Any], summary: Mapping[str, An
     if report:
         rows = ", ".join(f"{split} {count:,}" for split, count in report.get("rows", {}).items())
         langs = {lang for by in report.get("rows_by_lang", {}).values() for lang in by}
-        lines.append(f"`{data}`, built by `oasst build` from {', '.join(f'`{i}`' for i in report.get('inputs', []))}: "
-                     f"{report.get('trees_read', '?'):,} trees, {report.get('messages_read', '?'):,} messages "
-                     f"read; rows {rows}; languages {', '.join(sorted(langs)) or '?'}.")
+        inputs = ", ".join(f"`{i}`" for i in report.get("inputs", [])) or "?"
+        lines.append(f"`{data}`, built by `oasst build` from {inputs}: "
+                     f"{_number(report.get('trees_read', '?'))} trees, {_number(report.get('messages_read', '?'))} "
+                     f"messages read; rows {rows or '?'}; languages {', '.join(sorted(langs)) or '?'}.")
         dropped = report.get("dropped") or {}
         if dropped:
             lines.append("Dropped by the selection rules: "
@@ -230,16 +231,41 @@ def _license_section(base: str) -> str:
             f"model `{base}` keeps its own license.\n")
 
 
+def _is_count(value: Any) -> bool:
+    """A JSON integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_counts(value: Any) -> bool:
+    """A JSON object of integers."""
+    return isinstance(value, dict) and all(_is_count(v) for v in value.values())
+
+
+# build_report.json fields the card shows, with the shape each must have; a field of another shape is left out.
+_REPORT_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "inputs": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+    "command": lambda v: isinstance(v, str),
+    "trees_read": _is_count,
+    "messages_read": _is_count,
+    "rows": _is_counts,
+    "dropped": _is_counts,
+    "rows_by_lang": lambda v: isinstance(v, dict) and all(_is_counts(by) for by in v.values()),
+}
+
+
 def _build_report(data: str) -> dict[str, Any]:
-    """The data folder's build_report.json, or {} when it is not an `oasst build` output."""
+    """The shown fields of the data folder's build_report.json that have their shape, or {} when it is not an
+    `oasst build` output. The card is made after training: a hand-edited report must not cost the run."""
     if not data:
         return {}
     path = Path(data) / "build_report.json"
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
-    return report if isinstance(report, dict) else {}
+    if not isinstance(report, dict):
+        return {}
+    return {key: value for key, value in report.items() if key in _REPORT_FIELDS and _REPORT_FIELDS[key](value)}
 
 
 def _build_how(data: str, report: Mapping[str, Any]) -> str:
