@@ -75,6 +75,15 @@ def read_json_object(path: Path, what: str = "file") -> dict[str, Any]:
     return value
 
 
+def optional_json(path: Path) -> Any:
+    """The JSON value in `path`, or None when it is missing, unreadable, not UTF-8, not JSON or nested past the
+    parser's limit: for side files whose absence the caller already handles (records, markers, earlier results)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
 def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> tuple[dict[str, Any], dict[str, str]]:
     """The mapping of settings in a YAML file and `PATH:LINE` of each key (for messages about its value), or one
     error line: missing, unreadable, not UTF-8, not YAML (`hint` says what to do then), not a mapping of names."""

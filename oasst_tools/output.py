@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from oasst_tools.errors import OasstError, describe_os_error, whole_number
+from oasst_tools.files import optional_json
 from oasst_tools.sources import InputInfo
 
 MARKER = ".oasst-build"
@@ -224,10 +225,8 @@ def _alive(pid: int) -> bool:
 
 def _this_host(folder: Path) -> bool:
     """False when the marker names another host (a shared file system): its pid means nothing here."""
-    try:
-        host = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("host")
-    except (OSError, ValueError, AttributeError):
-        return True
+    marker = optional_json(folder / MARKER)
+    host = marker.get("host") if isinstance(marker, dict) else None
     return not host or not hasattr(os, "uname") or host == os.uname().nodename
 
 

@@ -166,7 +166,7 @@ def _read_datasets(source: str, shape: Shape, on_error: OnError, report: ReadRep
 def input_splits(source: str | Path) -> set[str]:
     """The splits an input announces before it is read: a file's or folder's name, a save_to_disk DatasetDict's
     split names, the split a saved Dataset was loaded as; a hub id announces its own (OASST1: train, validation)."""
-    import json
+    from oasst_tools.files import optional_json
 
     info = check_input(source)
     if info.kind == "hub":
@@ -174,19 +174,15 @@ def input_splits(source: str | Path) -> set[str]:
     folder = Path(info.name)
     if info.kind == "folder" and (folder / "dataset_dict.json").is_file():
         # A DatasetDict's own split names decide, whatever its folder is called (`oasst1-train` holds both).
-        try:
-            names = json.loads((folder / "dataset_dict.json").read_text()).get("splits")
-        except (OSError, ValueError, AttributeError):  # unreadable: the reader says so, with the file's name
-            names = None
+        record = optional_json(folder / "dataset_dict.json")  # unreadable: the reader says so, with the file's name
+        names = record.get("splits") if isinstance(record, dict) else None
         if isinstance(names, list):
             return {split_of(n) or n for n in names if isinstance(n, str) and n}
         return set()
     named = {split_of(info.name)} - {None}
     if info.kind == "folder" and not named:  # one split saved alone: the split it was loaded as
-        try:
-            loaded_as = json.loads((folder / "state.json").read_text()).get("_split")
-        except (OSError, ValueError, AttributeError):
-            loaded_as = None
+        state = optional_json(folder / "state.json")
+        loaded_as = state.get("_split") if isinstance(state, dict) else None
         if isinstance(loaded_as, str) and loaded_as:
             named = {split_of(loaded_as) or loaded_as}
     return named  # type: ignore[return-value]

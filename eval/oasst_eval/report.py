@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from oasst_tools.files import optional_json
+
 PACKAGES = ("oasst-tools", "lm_eval", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes", "gguf")
 
 
@@ -201,10 +203,7 @@ def write_outputs(out: Path, runs: Sequence[Any], doc: dict[str, Any]) -> dict[s
 def _earlier_labels(out: Path) -> list[str] | None:
     """The labels (base, adapter) whose results an earlier `oasst eval` wrote into `out`, from its eval_summary.json;
     None when there is none (or it cannot be read)."""
-    try:
-        doc = json.loads((out / "eval_summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    doc = optional_json(out / "eval_summary.json")
     if not isinstance(doc, dict):
         return None
     return [label for label in ("base", "adapter") if isinstance(doc.get(label), dict)]

@@ -271,6 +271,9 @@ def test_an_output_name_near_the_file_system_limit_builds(run, tmp_path: Path) -
     ("arrow-truncated", "{folder}/validation/data-00000-of-00001.arrow: not a complete Arrow file (Expected to be "
                         "able to read"),
     ("index-not-json", "{folder}/dataset_dict.json:1: not valid JSON (Expecting ',' delimiter)"),
+    # Past the parser's recursion limit: the split-name probe read it before the reader did (a RecursionError).
+    ("index-too-deep", "{folder}/dataset_dict.json: JSON nested too deeply"),
+    ("state-too-deep", "{folder}/validation/state.json: JSON nested too deeply"),
 ])
 def test_a_damaged_save_to_disk_folder_names_the_file_that_is_wrong(run, tmp_path: Path, damage: str,
                                                                      expected: str) -> None:
@@ -292,10 +295,26 @@ def test_a_damaged_save_to_disk_folder_names_the_file_that_is_wrong(run, tmp_pat
         for path in split.iterdir():
             path.unlink()
         split.rmdir()
+    elif damage.endswith("too-deep"):
+        deep = '{"splits": ' * 100_000 + "1" + "}" * 100_000
+        (folder / "dataset_dict.json" if damage.startswith("index") else split / "state.json").write_text(deep)
     else:
         (folder / "dataset_dict.json").write_text('{"splits": ["validation"]')
     before = snapshot(folder)
     result = run("build", "--input", str(folder), "--out", "out")
     assert assert_refused(result, names=str(folder)).startswith("error: " + expected.format(folder=folder))
+    assert_unchanged(before, folder)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_saved_alone_with_a_too_deep_state_json_names_it(run, tmp_path: Path) -> None:
+    """A lone `Dataset.save_to_disk` folder: the split it was loaded as is probed from state.json first."""
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "disk"
+    datasets.Dataset.from_list(read_jsonl(FLAT)[:50]).save_to_disk(str(folder))
+    (folder / "state.json").write_text('{"_split": ' * 100_000 + "1" + "}" * 100_000)
+    before = snapshot(folder)
+    result = run("build", "--input", str(folder), "--out", "out")
+    assert assert_refused(result, names=str(folder)).startswith(f"error: {folder}/state.json: JSON nested too deeply")
     assert_unchanged(before, folder)
     assert not (tmp_path / "out").exists()

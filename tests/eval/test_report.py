@@ -84,3 +84,18 @@ def test_a_second_run_into_the_same_folder_leaves_none_of_the_first_runs_files(t
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval.png", "eval_summary.json",
                                                                    "results_base.json", "results_mine.json"]
     assert all((p.stat().st_mode & 0o777) == 0o644 for p in (tmp_path / "out").glob("*.json") if p.name != "results_mine.json")
+
+
+@pytest.mark.parametrize("earlier", [b'{"base": ' * 100_000 + b"{}" + b"}" * 100_000, b"{not json", b"[1]",
+                                     b"\xff\xfe{"], ids=["nested-past-the-parser", "not-json", "not-an-object", "not-utf8"])
+def test_an_unreadable_earlier_summary_in_the_folder_is_replaced_not_an_error(tmp_path: Path,
+                                                                               earlier: bytes) -> None:
+    """The earlier eval_summary.json is only read to clear that run's files: one nested past json's recursion
+    limit (a RecursionError, once a 'bug' line after scoring) or damaged otherwise is replaced by this run's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval_summary.json").write_bytes(earlier)
+    runs = [_run("base", [1, 0, 0, 1], [(-40.0, 10)])]
+    written = report.write_outputs(out, runs, report.summary(runs, {"seconds": {"base": 1.0}}))
+    assert sorted(p.name for p in out.iterdir()) == ["eval.png", "eval_summary.json", "results_base.json"]
+    assert '"base"' in written["summary"].read_text()

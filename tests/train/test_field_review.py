@@ -320,3 +320,20 @@ def test_only_local_folders_and_gguf_files_are_recorded_absolute(tmp_path: Path,
     assert absolute("tiny.gguf") == str(tmp_path / "tiny.gguf")
     assert absolute("gpt2") == "gpt2"  # transformers loads the hub model here: so must eval
     assert (absolute("owner/name"), absolute("")) == ("owner/name", "")
+
+
+@pytest.mark.parametrize("record", [b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, b"{cut", b"[]", b"\xff"],
+                         ids=["nested-past-the-parser", "not-json", "not-an-object", "not-utf8"])
+def test_an_unreadable_data_fingerprint_is_not_compared_and_a_differing_one_refuses(tmp_path: Path,
+                                                                                   record: bytes) -> None:
+    """--resume compares the run's data_fingerprint.json with the data: one nested past json's recursion limit
+    (once a RecursionError 'bug' line) or damaged otherwise cannot be compared, as a run from before the record."""
+    from oasst_tools.errors import OasstError
+    from oasst_train.outputs import check_same_data
+
+    fingerprint = {"train_rows": 3, "sha256": "ab"}
+    (tmp_path / "data_fingerprint.json").write_bytes(record)
+    check_same_data(tmp_path, fingerprint)
+    (tmp_path / "data_fingerprint.json").write_text(json.dumps({"train_rows": 4, "sha256": "ab"}))
+    with pytest.raises(OasstError, match=r"4 -> 3 train rows"):
+        check_same_data(tmp_path, fingerprint)

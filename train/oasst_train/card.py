@@ -258,11 +258,9 @@ def _build_report(data: str) -> dict[str, Any]:
     `oasst build` output. The card is made after training: a hand-edited report must not cost the run."""
     if not data:
         return {}
-    path = Path(data) / "build_report.json"
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return {}
+    from oasst_tools.files import optional_json
+
+    report = optional_json(Path(data) / "build_report.json")
     if not isinstance(report, dict):
         return {}
     return {key: value for key, value in report.items() if key in _REPORT_FIELDS and _REPORT_FIELDS[key](value)}

@@ -52,7 +52,7 @@ def _incomplete_reason(folder: Path) -> str | None:
             return f"{name} is truncated"
     try:
         state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError):
         return "trainer_state.json is truncated"
     if not isinstance(state, dict):
         return "trainer_state.json is not a JSON object"
@@ -60,7 +60,7 @@ def _incomplete_reason(folder: Path) -> str | None:
         return f"trainer_state.json says step {state.get('global_step')}"
     try:
         adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError):
         return "adapter_config.json is not valid JSON"
     if not isinstance(adapter_config, dict):
         return "adapter_config.json is not a JSON object"
@@ -121,7 +121,8 @@ def finished_at(checkpoint: Path, max_steps: int, epochs: float) -> int | None:
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
         done, planned = int(state["global_step"]), int(state.get("max_steps") or 0)
         planned_epochs = float(state.get("num_train_epochs") or 0)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # `require_checkpoint` checked it
+    # `require_checkpoint` checked it
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     if max_steps <= 0 and epochs > planned_epochs:
         return None  # more epochs asked for on resume: transformers trains them

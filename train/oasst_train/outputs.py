@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from oasst_tools.errors import OasstError
+from oasst_tools.files import optional_json
 from oasst_train.checkpoints import CHECKPOINTS, require_checkpoint
 from oasst_train.config import AUTO, TrainConfig, to_dict
 
@@ -195,12 +196,9 @@ def check_same_data(out: Path, fingerprint: dict[str, Any]) -> None:
     path = out / DATA_NAME
     if not path.is_file():
         return
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # unreadable: the run's config check still holds; nothing better to compare against
+    saved = optional_json(path)
     if not isinstance(saved, dict):
-        return
+        return  # unreadable: the run's config check still holds; nothing better to compare against
     if saved != fingerprint:
         what = (f"{saved.get('train_rows')} -> {fingerprint['train_rows']} train rows"
                 if saved.get("train_rows") != fingerprint["train_rows"] else "the same number of rows, other contents")

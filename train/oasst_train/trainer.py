@@ -116,13 +116,14 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     checkpoint = check_out(cfg, resume)
     finished = finished_at(checkpoint, cfg.max_steps, cfg.epochs) if checkpoint is not None else None
     if finished is not None and (Path(cfg.out) / SUMMARY_NAME).is_file():
-        import json
-
         import click
+
+        from oasst_tools.files import optional_json
 
         click.echo(f"--resume: {cfg.out} is finished (step {finished} of {finished}); nothing to train (raise "
                    "--max-steps or --epochs to train on)", err=True)
-        return json.loads((Path(cfg.out) / SUMMARY_NAME).read_text(encoding="utf-8"))
+        summary = optional_json(Path(cfg.out) / SUMMARY_NAME)
+        return summary if isinstance(summary, dict) else {}
     check_source(cfg.model)
     rows = dpo.read_pairs(cfg.data, cfg.eval_rows) if is_dpo else read_rows(cfg.data, cfg.eval_rows)
     out = Path(cfg.out)
