@@ -27,7 +27,7 @@ from typing import Any
 from oasst_model.from_gguf import _gguf_in_4bit, _match_gguf_special_tokens
 # check_source and check_model_folder are re-exported: callers import them from here.
 from oasst_model.locate import _resolve_source, check_model_folder, check_source  # noqa: F401
-from oasst_tools.errors import OasstError
+from oasst_tools.errors import OasstError, clipped
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -127,7 +127,9 @@ def load_adapter(model: Any, adapter_dir: str, *, is_trainable: bool = False, ba
         warnings.simplefilter("ignore", UserWarning)
         try:
             wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
-        except TypeError as exc:  # LoraConfig(**adapter_config.json) with a key or value it does not take
+        # LoraConfig(**adapter_config.json) with a key or value it does not take (a value of another shape fails
+        # where peft first uses it: an AttributeError).
+        except (TypeError, AttributeError) as exc:
             raise OasstError(f"{folder / 'adapter_config.json'}: peft cannot read this adapter config "
                              f"({_first_line(exc)})") from None
         except (RuntimeError, ValueError, KeyError) as exc:  # peft's words for an adapter of another base
@@ -213,6 +215,11 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     if dropout is not None and not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
                                     and 0 <= dropout < 1):
         raise OasstError(f"{config_file}: `lora_dropout` must be a number in [0, 1), not {dropout!r}")
+    for key, kinds, what in (("rank_pattern", (int,), "positive integers"), ("alpha_pattern", (int, float), "numbers")):
+        pattern = config.get(key)  # per-layer overrides of r and lora_alpha: {layer name pattern: value}
+        if pattern is not None and not (isinstance(pattern, dict) and all(
+                isinstance(v, kinds) and not isinstance(v, bool) and v > 0 for v in pattern.values())):
+            raise OasstError(f"{config_file}: `{key}` must map layer names to {what}, not {clipped(repr(pattern))}")
     targets = config.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets
                                          and all(isinstance(t, str) for t in targets))):

@@ -648,6 +648,10 @@ ADAPTER_DAMAGE = {
     "config-bad-dropout": (lambda a: (a / "adapter_config.json").write_text(
         '{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"], "lora_dropout": "abc"}'),
         "adapter/adapter_config.json: `lora_dropout` must be a number in [0, 1), not 'abc'"),
+    # peft took the list and failed where it first used it (AttributeError: an "unexpected" line after loading).
+    "config-bad-alpha-pattern": (lambda a: (a / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"], "alpha_pattern": [1]}'),
+        "adapter/adapter_config.json: `alpha_pattern` must map layer names to numbers, not [1]"),
     "weights-truncated": (lambda a: _truncate(a / "adapter_model.safetensors", 100),
                           "adapter/adapter_model.safetensors: truncated safetensors file"),
     "weights-garbage-header": (lambda a: (a / "adapter_model.safetensors").write_bytes(b"PK\x03\x04" * 40),
