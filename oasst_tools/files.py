@@ -347,6 +347,33 @@ def check_safetensors(path: Path, what: str) -> None:
         raise OasstError(f"{path}: {problem}")
 
 
+def load_saved_dataset(folder: Path) -> Any:
+    """`datasets.load_from_disk(folder)`; a split saved with no rows (`_data_files` empty, which load_from_disk
+    cannot read back: an IndexError in datasets 5.2) comes back as an empty Dataset of its recorded features."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(folder))
+    except IndexError:
+        index = optional_json(folder / "dataset_dict.json")
+        names = index.get("splits") if isinstance(index, dict) else None
+        if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
+            return _split_or_empty(folder)
+        return datasets.DatasetDict({name: _split_or_empty(folder / name) for name in names})
+
+
+def _split_or_empty(folder: Path) -> Any:
+    """One saved split: empty (of its features) when it has no data files, else what load_from_disk reads."""
+    import datasets
+
+    state = optional_json(folder / "state.json")
+    if isinstance(state, dict) and state.get("_data_files") == []:
+        features = datasets.DatasetInfo.from_directory(str(folder)).features
+        if features is not None:
+            return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    return datasets.load_from_disk(str(folder))
+
+
 def saved_dataset_problem(folder: Path) -> OasstError | None:
     """The first file of a `datasets.save_to_disk` folder that `load_from_disk` would choke on (bad JSON, a split
     or data file it lists that is missing, a truncated Arrow file), as one error naming it; None when its

@@ -138,7 +138,9 @@ def _read_datasets(source: str, shape: Shape, on_error: OnError, report: ReadRep
         raise OasstError(f"reading {source} needs the `datasets` package: pip install 'oasst-tools[hf]'") from None
     try:
         if shape == "disk":
-            loaded = datasets.load_from_disk(source)
+            from oasst_tools.files import load_saved_dataset
+
+            loaded = load_saved_dataset(Path(source))
         else:
             loaded = datasets.load_dataset(source)
     except Exception as exc:  # network, auth and format errors all end here; the user needs one line
@@ -151,7 +153,9 @@ def _read_datasets(source: str, shape: Shape, on_error: OnError, report: ReadRep
             raise problem from None
         raise OasstInputError(source, None, f"cannot load dataset ({_short(exc)})", reason="bad_dataset") from None
     if isinstance(loaded, dict):
-        splits = list(loaded.items())
+        # An empty split beside others holds nothing to lose (the build warns when an output split is empty); only
+        # a dataset with no rows at all is an empty input.
+        splits = [(name, table) for name, table in loaded.items() if len(table)] or list(loaded.items())[:1]
     else:  # one split saved alone: its folder's name or the split it was loaded as says which
         splits = [(split_of(source) or getattr(loaded, "split", None), loaded)]
     for split, table in splits:

@@ -16,7 +16,7 @@ from oasst_tools.errors import printable
 from oasst_tools.filters import Selection
 from oasst_tools.output import Interrupted
 from oasst_tools.pairs import PAIR_MODES
-from oasst_tools.read import Progress, ReadReport
+from oasst_tools.read import Progress, ReadReport, input_splits
 from oasst_tools.sources import input_size
 
 
@@ -214,6 +214,32 @@ def _warn(report: BuildReport, cfg: BuildConfig) -> None:
     for name in report.labels_not_found:
         flag = "--label-max" if name in sel.label_max else "--label-min"
         _warning(f"{flag} {name}: no message of the input has this label, so this filter dropped nothing (a typo?)")
+    for line in empty_split_warnings(report, cfg):
+        _warning(line)
+
+
+def empty_split_warnings(report: BuildReport, cfg: BuildConfig) -> list[str]:
+    """A line for each output split the build was asked for that came out empty (and so has no file): train
+    always, test with --test-size or when the inputs carry a validation or test split."""
+    made = {split for split, count in report.rows.items() if count}
+    if not made:
+        return []  # nothing selected: the build's own error says why
+    if cfg.test_size is None and len(set().union(*(input_splits(source) for source in cfg.inputs))) < 2:
+        return []  # one input split and no --test-size: everything goes to train, as asked
+    lines = []
+    for split in ("train", "test"):
+        if split in made:
+            continue
+        if cfg.test_size is not None:
+            why = (f"--test-size {cfg.test_size} put "
+                   f"{'every selected tree' if split == 'train' else 'none of the selected trees'} in test")
+            need = "oasst train needs it" if split == "train" else "a larger --test-size makes one"
+        else:
+            why = f"the input's {'train' if split == 'train' else 'validation and test'} split(s) gave no " + (
+                "pairs" if cfg.pairs is not None else "rows")
+            need = "oasst train needs it" if split == "train" else "--test-size makes one"
+        lines.append(f"{why}: no {split} split is written ({split}.{cfg.file_format}; {need})")
+    return lines
 
 
 def warn_read(read: ReadReport) -> None:

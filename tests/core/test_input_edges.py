@@ -318,3 +318,47 @@ def test_a_dataset_saved_alone_with_a_too_deep_state_json_names_it(run, tmp_path
     assert assert_refused(result, names=str(folder)).startswith(f"error: {folder}/state.json: JSON nested too deeply")
     assert_unchanged(before, folder)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_split_of_a_saved_dataset_dict_is_read_as_empty_and_the_missing_test_split_is_a_warning(
+        run, tmp_path: Path) -> None:
+    """datasets 5.2 saves a split with no rows but cannot load it back (an IndexError: 'cannot load dataset (list
+    index out of range)'); the train split is built, and the test split the input promised is said to be empty."""
+    datasets = pytest.importorskip("datasets")
+    from oasst_tools.files import load_saved_dataset
+
+    rows = datasets.Dataset.from_list(read_jsonl(FLAT))
+    folder = tmp_path / "disk"
+    datasets.DatasetDict(train=rows, validation=rows.select([])).save_to_disk(str(folder))
+    loaded = load_saved_dataset(folder)
+    assert (len(loaded["train"]), len(loaded["validation"])) == (len(rows), 0)
+    assert loaded["validation"].features == rows.features
+    before = snapshot(folder)
+    result = run("build", "--input", str(folder), "--out", "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[-1] == ("warning: the input's validation and test split(s) gave no rows: no "
+                                              "test split is written (test.jsonl; --test-size makes one)")
+    assert {"train.jsonl", "test.jsonl"} & {p.name for p in (tmp_path / "out").iterdir()} == {"train.jsonl"}
+    assert_unchanged(before, folder)
+    # A dataset with no rows at all is an empty input, saved alone or as a dict of empty splits.
+    rows.select([]).save_to_disk(str(tmp_path / "empty"))
+    datasets.DatasetDict(train=rows.select([])).save_to_disk(str(tmp_path / "empty-dict"))
+    for name, label in (("empty", "empty"), ("empty-dict", "empty-dict[train]")):
+        result = run("build", "--input", str(tmp_path / name), "--out", "out2")
+        assert assert_refused(result, names=name) == f"error: {tmp_path / label}: input has no messages"
+
+
+@pytest.mark.parametrize(("test_size", "expected"), [
+    ("0.9999999999", "--test-size 0.9999999999 put every selected tree in test: no train split is written "
+                     "(train.jsonl; oasst train needs it)"),
+    ("1e-9", "--test-size 1e-09 put none of the selected trees in test: no test split is written (test.jsonl; a "
+             "larger --test-size makes one)"),
+])
+def test_a_test_size_that_empties_a_split_says_so(run, tmp_path: Path, test_size: str, expected: str) -> None:
+    """Both splits were asked for; the build still writes what it selected (exit 0), and says which is missing."""
+    result = run("build", "--input", str(FLAT), "--out", "out", "--test-size", test_size, "-q")
+    assert result.exit_code == 0, result.output
+    assert f"warning: {expected}" in result.stderr.splitlines()
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert ("train.jsonl" in files, "test.jsonl" in files) == ((False, True) if test_size.startswith("0.9") else
+                                                               (True, False))

@@ -182,3 +182,14 @@ def test_a_datasets_folder_valid_split_is_held_out_as_test(tmp_path: Path) -> No
     rows = read_rows(str(tmp_path / "ds"))
     assert (len(rows["train"]), len(rows["test"])) == (3, 1)
     assert rows["test"][0].where == f"dataset {tmp_path / 'ds'}[valid] row 0"
+
+
+def test_a_datasets_folder_with_an_empty_test_split_trains_on_its_train_split(tmp_path: Path) -> None:
+    """datasets 5.2 saves an empty split it cannot load back (IndexError: 'cannot load dataset ds: list index out
+    of range'); it is read as what it is, no held-out rows."""
+    from datasets import Dataset, DatasetDict
+
+    full = Dataset.from_dict({"messages": [CONVERSATION] * 3})
+    DatasetDict({"train": full, "test": full.select([])}).save_to_disk(tmp_path / "ds")
+    rows = read_rows(str(tmp_path / "ds"))
+    assert (len(rows["train"]), len(rows.get("test", []))) == (3, 0)

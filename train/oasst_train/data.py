@@ -21,7 +21,7 @@ from oasst_tools.conversation import Encoded, Format, check_messages, encode, en
 from oasst_tools.conversation import guanaco_prompt  # noqa: F401 - merge.py's check prompt imports it from here
 from oasst_tools.errors import OasstError, OasstInputError
 from oasst_tools.errors import kind as _kind
-from oasst_tools.files import saved_dataset_problem, split_rows
+from oasst_tools.files import load_saved_dataset, saved_dataset_problem, split_rows
 
 
 # The columns of a preference-pair row (`oasst build --pairs`, trl's preference format): method dpo reads them.
@@ -239,7 +239,7 @@ def _read_datasets(data: str) -> dict[str, list[Example]]:
     import datasets
 
     try:
-        loaded = datasets.load_from_disk(str(path)) if not from_hub else datasets.load_dataset(data)
+        loaded = load_saved_dataset(path) if not from_hub else datasets.load_dataset(data)
     except OasstError:
         raise
     except FileNotFoundError:
