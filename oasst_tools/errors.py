@@ -111,6 +111,9 @@ OTHER_FORMATS = (
     (b"BZh", "a bzip2-compressed file: decompress it first (bunzip2); of compressed files only gzip is read"),
     (b"\xff\xfe", "UTF-16 text, by its byte-order mark: convert it, e.g. iconv -f utf-16 -t utf-8"),
     (b"\xfe\xff", "UTF-16 text, by its byte-order mark: convert it, e.g. iconv -f utf-16 -t utf-8"),
+    # Met only after one gzip layer was taken off (a plain gzip file is read by its magic bytes): compressed twice.
+    (b"\x1f\x8b", "gzip data inside the gzip data: it was compressed twice; decompress it once (zcat) and read that"),
+    (b"PAR1", "a Parquet file: decompress it if compressed, and name it .parquet"),
 )
 
 

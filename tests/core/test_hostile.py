@@ -314,6 +314,20 @@ CASES["an xz file"] = _other_format(
     "compressed files only gzip is read)")
 
 
+def _in_gzip(inner: Callable[[bytes], bytes], expected: str) -> Setup:
+    """The flat fixture made into `inner`, then gzipped: what is inside once one gzip layer is off is named."""
+    def setup(tmp: Path):
+        (tmp / "in.jsonl.gz").write_bytes(gzip.compress(inner(FLAT.read_bytes())))
+        return ["build", "--input", "in.jsonl.gz", "--out", "out"], expected, 1
+    return setup
+
+
+CASES["gzip inside gzip"] = _in_gzip(gzip.compress, "in.jsonl.gz:1: not UTF-8 text: byte 0x8b at column 2 (gzip "
+                                     "data inside the gzip data: it was compressed twice; decompress it once (zcat)")
+CASES["parquet inside gzip"] = _in_gzip(
+    lambda raw: b"PAR1" + b"\x15\x04\xfe" + raw, "(a Parquet file: decompress it if compressed, and name it .parquet)")
+
+
 def _bad_label(value: object, flag: str) -> Setup:
     def setup(tmp: Path):
         rows = read_jsonl(FLAT)
