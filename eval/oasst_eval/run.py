@@ -139,6 +139,7 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print,
     spec = model_spec(cfg)  # the adapter (config, weights, record) is checked first
     adapter_config = check_adapter(cfg.adapter) if cfg.adapter else None
     metadata = check_local_data(cfg.tasks, cfg.data_dir, cfg.data, cfg.num_fewshot)
+    spec.check_model()  # an adapter's recorded base that moved is named with the file that records it
     name, gguf_file = split_model(spec.model)
     if any(task in FORMAT_TASKS for task in cfg.tasks):
         metadata["tokenizer"] = name

@@ -157,6 +157,20 @@ class ModelSpec:
         sources["compute_dtype"] = f"auto ({profile.kind})"
         return dataclasses.replace(self, compute_dtype=auto_compute_dtype(profile), sources=sources)
 
+    def check_model(self) -> None:
+        """`locate.check_source(self.model)`; when an adapter's record or adapter_config.json named the model, the
+        error line names that file too (the user typed no model: a moved base is found there)."""
+        from oasst_model.locate import check_source
+
+        try:
+            check_source(self.model)
+        except OasstError as exc:
+            source = self.sources.get("model")
+            if self.adapter is None or source not in (FROM_RECORD, FROM_ADAPTER_CONFIG):
+                raise
+            record = Path(self.adapter) / (RECORD_NAME if source == FROM_RECORD else "adapter_config.json")
+            raise OasstError(f"{record}: {exc}; pass --model to load another base") from None
+
     def describe(self) -> dict[str, dict[str, Any]]:
         """How the base is loaded, each value with where it came from (eval_summary.json's `base_loaded`)."""
         return {name: {"value": getattr(self, name), "from": self.sources.get(name, FROM_DEFAULT)}

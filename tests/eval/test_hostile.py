@@ -318,6 +318,24 @@ def test_damaged_adapter_is_one_error_before_the_model_loads(oasst, tmp_path: Pa
     assert_unchanged(before, tmp_path)
 
 
+@pytest.mark.parametrize("record", ["train_config.yaml", "adapter_config.json"])
+def test_an_adapter_whose_recorded_base_moved_names_the_file_that_records_it(oasst, tmp_path: Path,
+                                                                             record: str) -> None:
+    """No --model: the base comes from the adapter's train_config.yaml, else its adapter_config.json; a base that
+    is gone is said with that file, where the user finds (and fixes) the path."""
+    adapter = _adapter(tmp_path / "adapter")
+    if record == "train_config.yaml":
+        (adapter / record).write_text("model: moved-base\nload_in_4bit: false\n")
+    else:
+        config = json.loads((adapter / record).read_text())
+        (adapter / record).write_text(json.dumps(config | {"base_model_name_or_path": "moved-base"}))
+    before = snapshot(tmp_path)
+    line = assert_refused(oasst("eval", "--adapter", "adapter", "--tasks", "hellaswag"), names="adapter")
+    assert line == (f"error: adapter/{record}: model folder moved-base does not exist (a hub model id has the form "
+                    "owner/name); pass --model to load another base")
+    assert_unchanged(before, tmp_path)
+
+
 MODEL_DAMAGE = {
     "config-not-json": (lambda m: (m / "config.json").write_text("{,}"), "model/config.json:1: not valid JSON"),
     "weights-truncated": (lambda m: _cut(m / "model.safetensors", 10_000),

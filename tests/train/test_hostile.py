@@ -661,7 +661,8 @@ ADAPTER_DAMAGE = {
     "train-config-a-list": (lambda a: (a / "train_config.yaml").write_text("- model\n"),
                             "adapter/train_config.yaml: expected a mapping of settings, got a list"),
     "base-model-gone": (lambda a: (a / "train_config.yaml").write_text("model: gone-model\n"),
-                        "model folder gone-model does not exist (a hub model id has the form owner/name)"),
+                        "adapter/train_config.yaml: model folder gone-model does not exist (a hub model id has the "
+                        "form owner/name); pass --model to load another base"),
 }
 ADAPTER_COMMANDS = {
     "generate": ("generate", "adapter", "--prompt", "hi"),

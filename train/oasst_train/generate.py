@@ -33,10 +33,8 @@ class Reply:
 def base_settings(adapter: Path, **flags: Any) -> ModelSpec:
     """How the adapter's base model is loaded: what training recorded (train_config.yaml), with the loading flags
     that were given (None = not given) on top. Every file is checked before torch takes its seconds to import."""
-    from oasst_model.load import check_source
-
     spec = ModelSpec.from_adapter(adapter, **flags)
-    check_source(spec.model)  # a missing or damaged base is one line too
+    spec.check_model()  # a missing or damaged base is one line too
     return spec
 
 
