@@ -98,7 +98,7 @@ class ModelSpec:
         naming the file and line.
         """
         from oasst_model.load import read_adapter_config
-        from oasst_tools.files import read_yaml_mapping
+        from oasst_tools.files import read_json_object, read_yaml_mapping
 
         unknown = sorted(set(overrides) - set(LOAD_FIELDS))
         if unknown:
@@ -128,7 +128,12 @@ class ModelSpec:
                 sources[name] = (origins or {}).get(name, FROM_FLAG)
         if not values.get("model"):
             raise OasstError(f"{folder} does not name its base model; pass --model")
-        tokenizer = str(folder) if (folder / "tokenizer_config.json").is_file() else None
+        tokenizer = None
+        if (folder / "tokenizer_config.json").is_file():
+            tokenizer = str(folder)
+            for name in ("tokenizer_config.json", "tokenizer.json"):  # damaged: named now, not after the model loads
+                if (folder / name).is_file():
+                    read_json_object(folder / name, "tokenizer file")
         for name in LOAD_FIELDS:
             sources.setdefault(name, FROM_DEFAULT)
         return cls(**values, adapter=str(folder), tokenizer=tokenizer, sources=sources)

@@ -656,6 +656,9 @@ ADAPTER_DAMAGE = {
                           "adapter/adapter_model.safetensors: truncated safetensors file"),
     "weights-garbage-header": (lambda a: (a / "adapter_model.safetensors").write_bytes(b"PK\x03\x04" * 40),
                                "adapter/adapter_model.safetensors: not a safetensors file"),
+    # The tokenizer saved beside the adapter failed to load only after the model had (and named no file).
+    "tokenizer-not-json": (lambda a: (a / "tokenizer_config.json").write_text('{"pad_token": '),
+                           "adapter/tokenizer_config.json:1: not valid JSON"),
     "train-config-invalid-utf8": (lambda a: (a / "train_config.yaml").write_bytes(b"model: \xfe\n"),
                                   "adapter/train_config.yaml:1: not valid UTF-8 text (byte 0xfe at column 8)"),
     "train-config-a-list": (lambda a: (a / "train_config.yaml").write_text("- model\n"),
@@ -804,4 +807,10 @@ def test_target_modules_that_match_no_layer_are_named_with_the_layers_there_are(
     line = assert_refused(_train(oasst, "--data", "data", "--out", "out", "--target-modules", "nope,q_proj"))
     assert line == (f"error: --target-modules nope: {STORIES} has no layer of that name (its linear layers: "
                     "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)")
+    assert_unchanged(before, tmp_path)
+    # From a recipe: its file and line, under the YAML key's name (the flag was not typed).
+    (tmp_path / "recipe.yaml").write_text("max_steps: 1\ntarget_modules: [q_proj, nope]\n")
+    before = snapshot(tmp_path)
+    line = assert_refused(_train(oasst, "--config", "recipe.yaml", "--data", "data", "--out", "out"))
+    assert line.startswith(f"error: recipe.yaml:2: target_modules nope: {STORIES} has no layer of that name")
     assert_unchanged(before, tmp_path)

@@ -33,14 +33,16 @@ if TYPE_CHECKING:
 PACKING_MIN_TRANSFORMERS = "5.24.0"
 
 
-def check_targets(model: Any, targets: list[str]) -> None:
-    """Refuse --target-modules names that match no layer of `model` (peft would fail deep inside the trainer)."""
+def check_targets(model: Any, targets: list[str], where: str | None = None) -> None:
+    """Refuse target_modules names that match no layer of `model` (peft would fail deep inside the trainer);
+    `where` is the config file line they came from (else the flag is named)."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
     unknown = [t for t in targets if t not in names]
     if unknown:
         from oasst_model.load import lora_target_modules, model_name
 
-        raise OasstError(f"--target-modules {','.join(unknown)}: {model_name(model)} has no layer of that name "
+        said = f"{where}: target_modules" if where and not where.startswith("--") else "--target-modules"
+        raise OasstError(f"{said} {','.join(unknown)}: {model_name(model)} has no layer of that name "
                          f"(its linear layers: {', '.join(lora_target_modules(model))})")
 
 
@@ -156,6 +158,8 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
         for line in dpo.report_lines(data.report) if is_dpo else report_lines(data.report):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
     prepared = prepare_model(cfg)
+    if cfg.target_modules and not cfg.init_adapter:  # here, where the config line that names them is known
+        check_targets(prepared.model, list(cfg.target_modules), (origins or {}).get("target_modules"))
     if "paged" in cfg.optim and not _on_cuda(prepared.model):
         warn(f"optim {cfg.optim}: paged optimizers need a CUDA GPU; bitsandbytes runs it unpaged here (the same "
              "updates)")
