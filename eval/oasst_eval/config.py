@@ -193,6 +193,9 @@ def resolve_config(file: Path | None, flags: dict[str, Any], notes: list[str] | 
     for name in ("model", *PATH_FIELDS):
         if "\0" in (getattr(cfg, name) or ""):
             raise OasstError(f"--{name.replace('_', '-')} contains a NUL character")
+    if not cfg.out.strip():  # Path("") is the current folder: the results would land among the user's files
+        origin = "--out" if flags.get("out") is not None else where.get("out", "--out")
+        raise OasstError(f"{origin}: out is empty: give a folder")
     if cfg.compare_base and not cfg.adapter:
         raise OasstError("--compare-base needs --adapter: it compares the base model with base + adapter")
     if cfg.batch_size not in ("default", "auto") and not 0 < (whole_number(cfg.batch_size) or 0) <= INT_LIMIT:

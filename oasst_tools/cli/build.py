@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from oasst_tools.build import FILE_FORMATS, BuildConfig, BuildReport, NoRowsError, build_dataset, parse_label_limits
+from oasst_tools.cli.params import FolderPath
 from oasst_tools.errors import printable
 from oasst_tools.filters import Selection
 from oasst_tools.output import Interrupted
@@ -58,7 +59,7 @@ def _help(cls: type, name: str) -> str:
 @click.option("--input", "inputs", multiple=True, metavar="PATH_OR_HUB_ID", help=_help(BuildConfig, "inputs")
               + " Flat (.jsonl, .jsonl.gz, .parquet, save_to_disk folder) or nested (.trees.jsonl[.gz]); "
               "default: OpenAssistant/oasst1 from the hub.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help=_help(BuildConfig, "out"))
+@click.option("--out", type=FolderPath(), required=True, help=_help(BuildConfig, "out"))
 @click.option("--lang", "langs", multiple=True, metavar="CODES", callback=_langs, help="Comma-separated languages "
               "of the root prompt to keep, e.g. en,de (default: all). 'pt' also matches 'pt-BR'.")
 @click.option("--lang-exact", is_flag=True, help=_help(Selection, "lang_exact"))

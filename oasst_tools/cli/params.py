@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -42,3 +43,17 @@ def argument_or_option(name: str, flag_metavar: str, what: str, help: str, *, de
         return click.argument(dest, type=kind, metavar=upper, required=False)(run)
 
     return decorate
+
+
+class FolderPath(click.Path):
+    """A folder to write as a `pathlib.Path`; an empty value (`--out ""`, an unset shell variable) is a usage error,
+    not the current folder that `Path("")` is."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """Refuse an empty or blank value, then convert as click.Path does."""
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty: give a folder", param, ctx)
+        return super().convert(value, param, ctx)

@@ -154,6 +154,12 @@ def _(tmp: Path):
     return ["build", "--input", "in.jsonl", "--out", ".", "--overwrite"], "--out .", 1
 
 
+@case("out is empty")
+def _(tmp: Path):
+    _input(tmp)  # Path("") is "." : an unset shell variable once read as "the current folder"
+    return ["build", "--input", "in.jsonl", "--out", "", "--overwrite"], "Invalid value for '--out': is empty", 2
+
+
 @case("out is the current folder spelled from above")
 def _(tmp: Path):
     _input(tmp)

@@ -30,6 +30,13 @@ def test_missing_model_folder_fails_before_anything_loads(oasst) -> None:
     assert line == "error: model folder m does not exist (a hub model id has the form owner/name)"
 
 
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(oasst, tmp_path: Path) -> None:
+    assert _only_error_line(oasst("eval", "--model", "m", "--out", " ")) == "error: --out: out is empty: give a folder"
+    (tmp_path / "e.yaml").write_text('model: m\nout: ""\n')
+    line = _only_error_line(oasst("eval", "--config", tmp_path / "e.yaml"))
+    assert line == f"error: {tmp_path / 'e.yaml'}:2: out is empty: give a folder"
+
+
 def test_missing_adapter_folder(oasst) -> None:
     line = _only_error_line(oasst("eval", "--model", "m", "--adapter", "no-such-adapter"))
     assert line == "error: adapter folder no-such-adapter does not exist"

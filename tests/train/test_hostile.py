@@ -695,7 +695,8 @@ def test_damaged_adapter_is_one_error_before_the_model_loads(oasst, tmp_path: Pa
     (("chat", "a", "--temperature", "inf"), "Invalid value for '--temperature': 'inf' is not a finite number >= 0"),
     (("merge", "a", "--out", "m", "--tolerance", "-1"), "Invalid value for '--tolerance': '-1' is not a number >= 0"),
     (("merge", "a", "--out", "m", "--tolerance", "nan"), "Invalid value for '--tolerance': 'nan' is not a number >= 0"),
-], ids=["seed-past-32-bit", "temperature-nan", "temperature-inf", "tolerance-negative", "tolerance-nan"])
+    (("merge", "a", "--out", ""), "Invalid value for '--out': is empty: give a folder"),
+], ids=["seed-past-32-bit", "temperature-nan", "temperature-inf", "tolerance-negative", "tolerance-nan", "out-empty"])
 def test_sampling_and_merge_flags_out_of_range_are_usage_errors(oasst, tmp_path: Path, args: tuple[str, ...],
                                                                 expected: str) -> None:
     """NaN passed FloatRange(min=0) (greedy output, silently); a bad tolerance failed after the whole merge."""

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from oasst_model.flags import NON_NEGATIVE, NonNegative, Option, load_options, take_aliases, verbose_option
-from oasst_tools.cli.params import argument_or_option
+from oasst_tools.cli.params import FolderPath, argument_or_option
 from oasst_tools.errors import OasstError
 from oasst_train.config import FIELDS, TrainConfig, field_choices, field_type
 
@@ -207,7 +207,7 @@ def _adapter_argument(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.command()
 @_adapter_argument
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the merged model.")
+@click.option("--out", type=FolderPath(), required=True, help="Folder for the merged model.")
 @load_options(inference=True, skip=("compute_dtype",))
 @click.option("--compute-dtype", "compute_dtype", cls=Option, type=click.Choice(["auto", "bfloat16", "float16",
               "float32"]), default=None, show_default="as trained, else auto",
