@@ -149,6 +149,9 @@ def _peft_mismatch(folder: Path, adapter_config: dict[str, Any], base: str, exc:
                      r"torch\.Size\(\[([\d, ]*)\]\)", message)
     if size:
         why = f"{size.group(1)} is [{size.group(2)}] in the adapter but [{size.group(3)}] in the model"
+    elif isinstance(exc, KeyError) and exc.args:  # peft looked up a tensor or module by a name (modules_to_save)
+        why = (f"peft found no {exc.args[0]!r} in the adapter's weights or the model (adapter_config.json's "
+               "modules_to_save or target_modules name it)")
     else:
         why = (message.strip().splitlines()[0] if message.strip() else "its weights do not load")[:300]
     trained_on = adapter_config.get("base_model_name_or_path") or "an unnamed model"

@@ -337,3 +337,18 @@ def test_an_unreadable_data_fingerprint_is_not_compared_and_a_differing_one_refu
     (tmp_path / "data_fingerprint.json").write_text(json.dumps({"train_rows": 4, "sha256": "ab"}))
     with pytest.raises(OasstError, match=r"4 -> 3 train rows"):
         check_same_data(tmp_path, fingerprint)
+
+
+def test_an_adapter_config_naming_modules_to_save_it_lacks_is_one_line(oasst: Any, stories_run: Path,
+                                                                        tmp_path: Path) -> None:
+    """peft raises a bare KeyError ('base_model.model.lm_head.weight') for a modules_to_save whose weights the
+    file lacks: the line says which adapter, which base, what is missing and which setting names it."""
+    out = _copy_run(stories_run, tmp_path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps(config | {"modules_to_save": ["lm_head"]}))
+    before = snapshot(tmp_path)
+    line = error_line(oasst("generate", out, "--prompt", "hi", "--max-new-tokens", "2"))
+    assert line.startswith(f"error: adapter {out} does not fit ") and line.endswith(
+        "peft found no 'base_model.model.lm_head.weight' in the adapter's weights or the model (adapter_config.json's "
+        "modules_to_save or target_modules name it)"), line
+    assert_unchanged(before, tmp_path)
