@@ -83,8 +83,16 @@ def test_verbose_lets_library_warnings_and_bars_through(demo: dict[str, Any]) ->
     quiet = _oasst("generate", adapter, "--prompt", "Hi", "--max-new-tokens", 2)
     assert quiet.stderr == "[stopped: max_new_tokens, 2 tokens]\n"
     verbose = _oasst("generate", adapter, "--prompt", "Hi", "--max-new-tokens", 2, "-v")
-    assert "FutureWarning: `is_gradient_checkpointing` is deprecated" in verbose.stderr
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    # peft before 0.22 reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning the quiet run
+    # hides); peft 0.22 reads it under its new name and warns nothing here. The bar shows on every release.
+    if Version(version("peft")) < Version("0.22"):
+        assert "FutureWarning: `is_gradient_checkpointing` is deprecated" in verbose.stderr
     assert "Loading weights" in verbose.stderr
+    assert set(quiet.stderr.splitlines()) <= set(verbose.stderr.splitlines())
     assert verbose.stdout == quiet.stdout  # the same answer: -v changes what is printed, nothing else
 
 
