@@ -112,7 +112,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         name="fused_lora",
         library="peft",
         target="peft.tuners.lora.layer.Linear.forward and peft.tuners.lora.bnb.Linear4bit.forward (per instance)",
-        written_for="peft 0.21.0, 0.21.2",
+        written_for="peft 0.21.0, 0.21.2, 0.22.0",
         why="the LoRA update added inside one addmm instead of a clone, a scale and an add over the layer output",
         fallback="peft's own LoRA forward",
         check=_check_peft_lora,
@@ -122,7 +122,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         library="bitsandbytes",
         target="bitsandbytes.nn.Linear4bit.forward (not called: reproduced for LoRA layers over it, with "
                "bitsandbytes.functional.dequantize_4bit) inside the fused_lora forward",
-        written_for="bitsandbytes 0.50.2, peft 0.21.0, 0.21.2",
+        written_for="bitsandbytes 0.50.2, peft 0.21.0, 0.21.2, 0.22.0",
         why="a 4-bit linear and its LoRA update as one GEMM over [x | lora_A(dropout(x))] and [dequant(W) | s B], "
             "forward and backward",
         fallback="fused_lora's addmm over bitsandbytes' own 4-bit product",
@@ -133,7 +133,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         library="torch",
         target="torch.nn.Dropout as peft's LoRA dropout modules (lora_dropout; not called inside compiled layers: "
                "reproduced with four 15-bit uniforms to a random word) inside the fused_lora forward",
-        written_for="torch 2.11, 2.13, 2.15; peft 0.21.0, 0.21.2",
+        written_for="torch 2.11, 2.13, 2.15; peft 0.21.0, 0.21.2, 0.22.0",
         why="LoRA dropout masks from a quarter of the random draws inside compiled layers (one Philox call per four "
             "elements instead of one per element)",
         fallback="peft's dropout module as it is (torch's dropout, one random draw per element)",
@@ -144,7 +144,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         library="peft",
         target="peft.tuners.lora.bnb.Linear4bit.forward (per instance, during oasst eval) with "
                "bitsandbytes.functional.dequantize_4bit",
-        written_for="peft 0.21.2, bitsandbytes 0.50.2",
+        written_for="peft 0.21.2, 0.22.0, bitsandbytes 0.50.2",
         why="a LoRA adapter over a 4-bit base scored as one product per layer (adapter folded into dequant(W))",
         fallback="peft's own LoRA forward over the 4-bit layer",
         check=_check_bnb_fold,
