@@ -88,6 +88,8 @@ class BuildReport:
     # With --pairs: the mode, and per split the surviving prompter messages by `pairs.PROMPT_OUTCOMES`.
     pairs: PairMode | None = None
     prompts: dict[str, Counter[str]] = field(default_factory=dict)
+    # Whether the inputs' own splits decide the output's (they carry more than one, and no --test-size is given).
+    splits_from_input: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (`pairs` and `prompts` only for a build of preference pairs; `rows` are its pairs)."""
@@ -184,6 +186,7 @@ def iter_rows(
 
     # Input splits are kept only when the inputs carry more than one (train + validation, as OASST1 does).
     input_splits = len(set().union(*(announced(src) for src in cfg.inputs))) > 1
+    report.splits_from_input = input_splits and cfg.test_size is None
     sel = cfg.selection
     fast = sel.mode == "top-rank" and cfg.pairs is None
     # The labels of --label-max/--label-min: their values are checked on every message, and a name no message

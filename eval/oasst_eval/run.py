@@ -44,11 +44,8 @@ class ModelRun:
 
 
 def split_model(model: str) -> tuple[str, str | None]:
-    """`dir/x.gguf` -> (`dir`, `x.gguf`); anything else is passed through unchanged. Either way the model is
-    checked first (missing, damaged config or weights, a hub id while offline), before anything heavy loads."""
-    from oasst_model.load import check_source
-
-    check_source(model)
+    """`dir/x.gguf` -> (`dir`, `x.gguf`); anything else is passed through unchanged (`ModelSpec.check_model` checked
+    the model before)."""
     if model.endswith(".gguf"):
         path = Path(model)
         return str(path.parent), path.name
@@ -139,7 +136,9 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] = print,
     spec = model_spec(cfg)  # the adapter (config, weights, record) is checked first
     adapter_config = check_adapter(cfg.adapter) if cfg.adapter else None
     metadata = check_local_data(cfg.tasks, cfg.data_dir, cfg.data, cfg.num_fewshot)
-    spec.check_model()  # an adapter's recorded base that moved is named with the file that records it
+    # Missing, damaged config or weights, a hub id while offline: before anything heavy loads (a base an adapter
+    # records is named with the file that records it).
+    spec.check_model()
     name, gguf_file = split_model(spec.model)
     if any(task in FORMAT_TASKS for task in cfg.tasks):
         metadata["tokenizer"] = name

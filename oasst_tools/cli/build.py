@@ -17,7 +17,7 @@ from oasst_tools.errors import printable
 from oasst_tools.filters import Selection
 from oasst_tools.output import Interrupted
 from oasst_tools.pairs import PAIR_MODES
-from oasst_tools.read import Progress, ReadReport, input_splits
+from oasst_tools.read import Progress, ReadReport
 from oasst_tools.sources import input_size
 
 
@@ -225,7 +225,7 @@ def empty_split_warnings(report: BuildReport, cfg: BuildConfig) -> list[str]:
     made = {split for split, count in report.rows.items() if count}
     if not made:
         return []  # nothing selected: the build's own error says why
-    if cfg.test_size is None and len(set().union(*(input_splits(source) for source in cfg.inputs))) < 2:
+    if cfg.test_size is None and not report.splits_from_input:
         return []  # one input split and no --test-size: everything goes to train, as asked
     lines = []
     for split in ("train", "test"):

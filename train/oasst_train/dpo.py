@@ -261,7 +261,7 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, data: Data, *, fresh: bo
 
     from oasst_model.load import load_adapter, lora_target_modules
     from oasst_train.arguments import trainer_config
-    from oasst_train.trainer import check_targets, finish_trainer, lora_config, with_fast_paths
+    from oasst_train.trainer import finish_trainer, lora_config, with_fast_paths
 
     model, peft_config, start = prepared.model, None, {}
     if cfg.init_adapter:
@@ -272,8 +272,7 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, data: Data, *, fresh: bo
         # starts from the SFT weights exactly, as its reference does.
         start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     else:
-        targets = list(cfg.target_modules) or lora_target_modules(model)
-        check_targets(model, targets)
+        targets = list(cfg.target_modules) or lora_target_modules(model)  # given ones: checked by run_training
         peft_config = lora_config(cfg, targets)
     args = trainer_config(DPOConfig, cfg, has_eval=data.eval is not None, fresh=fresh, beta=cfg.beta,
                           loss_type=[cfg.loss_type], max_length=cfg.max_length)

@@ -158,7 +158,9 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
         for line in dpo.report_lines(data.report) if is_dpo else report_lines(data.report):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
     prepared = prepare_model(cfg)
-    if cfg.target_modules and not cfg.init_adapter:  # here, where the config line that names them is known
+    # Given target modules, SFT and DPO alike (DPO from an --init-adapter takes the adapter's): checked here, once,
+    # where the config line that names them is known.
+    if cfg.target_modules and not cfg.init_adapter:
         check_targets(prepared.model, list(cfg.target_modules), (origins or {}).get("target_modules"))
     if "paged" in cfg.optim and not _on_cuda(prepared.model):
         warn(f"optim {cfg.optim}: paged optimizers need a CUDA GPU; bitsandbytes runs it unpaged here (the same "
@@ -262,8 +264,7 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, data: Data, *, fresh: bo
     """The SFTTrainer with LoRA on the configured (or every linear) layer, and the LoRA modules' fused forward."""
     from oasst_model.load import lora_target_modules
 
-    targets = list(cfg.target_modules) or lora_target_modules(prepared.model)
-    check_targets(prepared.model, targets)
+    targets = list(cfg.target_modules) or lora_target_modules(prepared.model)  # given ones: checked by run_training
     trainer = _build_trainer(cfg, prepared.model, prepared.tokenizer, data.train, data.eval, targets, fresh=fresh)
     # SFTTrainer wraps the model in LoRA (get_peft_model from peft_config): the LoRA modules exist only from here on.
     return with_fast_paths(cfg, trainer, targets)
