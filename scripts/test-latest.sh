@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite on the newest releases of the libraries whose internals oasst-tools patches (transformers, peft,
-# trl, bitsandbytes, accelerate, lm-eval, tokenizers; datasets too), in a separate environment (.venv-latest), as
-# `pip install oasst-tools[train,eval]` resolves them for a user. Not part of CI, which stays on constraints.txt.
+# trl, bitsandbytes, accelerate, lm-eval, tokenizers; datasets too, and the core's polars, click, rich and orjson),
+# in a separate environment (.venv-latest), as `pip install oasst-tools[train,eval]` resolves them for a user.
+# Not part of CI, which stays on constraints.txt.
 # torch stays pinned to the CPU wheel of constraints.txt (an open range pulls a multi-GB CUDA build), unless
 # OASST_LATEST_TORCH=1: then the newest torch too, in .venv-latest-torch (~7 GB; on the project machines pip's own
 # config caps torch at 2.14.1: PIP_CONFIG_FILE=/dev/null lifts it for the one command).
@@ -19,7 +20,7 @@ quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip
 if [ "$LATEST_TORCH" = 1 ]; then : > "$VENV/torch-pin.txt"; torch=torch; else
     grep '^torch==' constraints.txt > "$VENV/torch-pin.txt"; torch=; fi
 quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$VENV/torch-pin.txt" -U -e '.[train,eval,dev]' \
-    transformers peft trl bitsandbytes accelerate lm-eval datasets tokenizers $torch
+    transformers peft trl bitsandbytes accelerate lm-eval datasets tokenizers polars click rich orjson $torch
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$VENV/bin/python" - <<'PYEOF' 2> >(grep -v "kernels" >&2)
 """Print the installed versions beside the pins, and each patch's check on them."""
@@ -29,7 +30,8 @@ from pathlib import Path
 
 pins = dict(re.findall(r"^([\w-]+)==(\S+)", Path("constraints.txt").read_text(), re.M))
 print(f"{'library':<14}{'pinned':>10}{'installed':>12}")
-for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "lm-eval", "datasets", "tokenizers"):
+for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "lm-eval", "datasets", "tokenizers",
+             "polars", "click", "rich", "orjson"):
     print(f"{name:<14}{pins.get(name, '-'):>10}{md.version(name):>12}")
 from oasst_model import patches
 
