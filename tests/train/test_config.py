@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from tests.train.conftest import RECIPES, error_line
+from tests.train.conftest import RECIPES, REPO, error_line
 
 from oasst_train.config import TrainConfig, resolve_config
 from oasst_tools.errors import OasstError
@@ -82,6 +83,30 @@ def test_help_lists_commands_without_importing_torch() -> None:
     assert "--no-load-in-4bit" in out and "--resume" in out and "--max-steps" in out
     assert "--no-4bit" not in out and "--lr " not in out  # the former spellings still work, hidden
     assert out.strip().endswith("HEAVY []")
+
+
+@pytest.mark.parametrize(("recipe", "args", "named"), [
+    ("tiny-cpu", ("--data", "data/nosuch"), "data/nosuch"),
+    ("tiny-cpu", ("--data", "owner/not-cached"), "owner/not-cached"),
+    ("tiny-cpu", ("--model", "owner/not-cached"), "owner/not-cached"),
+    ("tiny-cpu", ("--data", "data/nosuch", "--dry-run"), "data/nosuch"),
+    ("tiny-cpu-dpo", ("--data", "data/nosuch"), "data/nosuch")])
+def test_a_missing_path_or_uncached_hub_id_fails_before_torch_loads(tmp_path: Path, recipe: str,
+                                                                    args: tuple[str, ...], named: str) -> None:
+    """The README's promise: a typo'd path or an id that is not cached is one line within 2 s, so nothing heavy may
+    load before those checks (an optimizer-name check that imported transformers first made it 10 s)."""
+    argv = ["train", "--config", str(RECIPES / f"{recipe}.yaml"), "--data", "fixtures/guanaco-en", *args,
+            "--out", str(tmp_path / "out")]
+    code = ("import sys; from oasst_tools.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit as exc:\n    print('EXIT', exc.code)\n"
+            "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.stdout.split() == ["EXIT", "1", "HEAVY", "[]"], proc.stdout + proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("error: ") and named in last and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_fused_lora_refinement_without_what_it_refines_is_one_warning_line(

@@ -114,10 +114,7 @@ def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, ve
             console.print(line, markup=False, highlight=False)
 
     _quiet_libraries(verbose)
-    from oasst_train.arguments import check_trainer_names
     from oasst_train.trainer import run_training
-
-    check_trainer_names(cfg, origins)
 
     out = Path(cfg.out)
     existed = os.path.lexists(out)  # False, not an exception, for a name the system refuses
@@ -166,12 +163,9 @@ def _dry_run(config_file: Path | None, resume: bool, flags: dict[str, Any]) -> N
         from oasst_train.report import warn
 
         warn("--resume does nothing with --dry-run")
-    from oasst_train.arguments import check_trainer_names
-
-    check_trainer_names(cfg, origins)
     from oasst_train.preview import dry_run
 
-    dry_run(cfg, Console())
+    dry_run(cfg, Console(), origins)
 
 
 def _train_failure(exc: BaseException, out: Path, existed: bool) -> OasstError | None:

@@ -22,7 +22,7 @@ and counted. Longer pairs are cut (their replies then end without EOS), as trl's
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -337,17 +337,19 @@ def plot(log_history: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def dry_run(cfg: TrainConfig, console: Any) -> dict[str, Any]:
+def dry_run(cfg: TrainConfig, console: Any, origins: Mapping[str, str] | None = None) -> dict[str, Any]:
     """`--dry-run` for method dpo: pairs read, tokenizer loaded, format resolved, pairs counted; prints the report
     and the first pair as the model reads it (prompt dim, chosen green, rejected red). Returns the report."""
     from rich.text import Text
 
     from oasst_model.load import check_source, load_tokenizer
+    from oasst_train.arguments import check_trainer_names
     from oasst_train.preview import run_format
 
     cfg, reference = adopt_init_adapter(cfg)
     check_source(cfg.model)
     rows = read_pairs(cfg.data, cfg.eval_rows)
+    check_trainer_names(cfg, origins)  # imports transformers: after the checks that do not need it
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     cfg, line = run_format(cfg, tokenizer)
     data = build_pairs(cfg, tokenizer, rows)

@@ -9,7 +9,7 @@ prints the report and one example whose trained tokens are bold green and masked
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from oasst_tools.errors import OasstError
@@ -104,21 +104,23 @@ def pick_example(tokenizer: Any, rows: Sequence[Any], cfg: TrainConfig) -> tuple
     return first
 
 
-def dry_run(cfg: TrainConfig, console: Any) -> dict[str, Any]:
+def dry_run(cfg: TrainConfig, console: Any, origins: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Everything a run does before loading the model: rows read, tokenizer loaded, format resolved, rows encoded
     and counted; prints the format, the data report and one example on `console`. Returns the report."""
     from rich.text import Text
 
     from oasst_model.load import check_source, load_tokenizer
+    from oasst_train.arguments import check_trainer_names
     from oasst_train.data import read_rows
     from oasst_train.trainer import build_data
 
     if cfg.method == "dpo":
         from oasst_train.dpo import dry_run as dry_run_pairs
 
-        return dry_run_pairs(cfg, console)
+        return dry_run_pairs(cfg, console, origins)
     check_source(cfg.model)
     rows = read_rows(cfg.data, cfg.eval_rows)
+    check_trainer_names(cfg, origins)  # imports transformers: after the checks that do not need it
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     cfg, line = run_format(cfg, tokenizer)
     data = build_data(cfg, tokenizer, rows)

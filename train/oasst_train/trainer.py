@@ -110,6 +110,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     the resolved config then, so that a bad input is the only line of output); the data report goes to `console`."""
     from oasst_model.load import check_source
     from oasst_train import dpo
+    from oasst_train.arguments import check_trainer_names
     from oasst_train.data import read_rows
 
     # Cheap checks first: a typo should not cost the ten seconds of importing torch and transformers.
@@ -139,6 +140,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     if checkpoint is not None:
         check_same_data(out, fingerprint)
     cfg, device_choice = resolve_device_defaults(cfg, resuming=checkpoint is not None, origins=origins)
+    check_trainer_names(cfg, origins)  # imports transformers (and torch): after the checks that need neither
 
     from oasst_model import patches
     from oasst_model.attention import cudnn_sdpa
