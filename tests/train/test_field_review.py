@@ -352,3 +352,25 @@ def test_an_adapter_config_naming_modules_to_save_it_lacks_is_one_line(oasst: An
         "peft found no 'base_model.model.lm_head.weight' in the adapter's weights or the model (adapter_config.json's "
         "modules_to_save or target_modules name it)"), line
     assert_unchanged(before, tmp_path)
+
+
+def test_a_runs_own_train_config_reruns_as_its_header_says(oasst: Any, stories_run: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command in train_config.yaml's first line (and the card) runs as written, with no warnings about settings
+    the file records at their defaults (beta and loss_type of an SFT run), and resolves to the same config."""
+    import yaml
+
+    from oasst_train.card import RERUN
+
+    header = (stories_run / "train_config.yaml").read_text(encoding="utf-8").splitlines()[0]
+    assert header.endswith(f"rerun with: {RERUN}") and RERUN in (stories_run / "README.md").read_text()
+    monkeypatch.chdir(stories_run)
+    argv = [tmp_path / "again" if word == "NEW_OUT" else word for word in RERUN.split()[2:]]
+    result = oasst("train", *argv, "--max-steps", 2, "-q")  # 2 steps: the config is the point, not the training
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == "", result.stderr  # -q keeps warnings: none here
+    first, again = (yaml.safe_load((run / "train_config.yaml").read_text(encoding="utf-8"))
+                    for run in (stories_run, tmp_path / "again"))
+    assert again.pop("out") == str(tmp_path / "again") and first.pop("out") == str(stories_run)
+    assert (again.pop("max_steps"), first.pop("max_steps")) == (2, STORIES_STEPS)
+    assert again == first

@@ -18,6 +18,9 @@ from typing import Any
 
 from oasst_tools.conversation import ASSISTANT, HUMAN, guanaco_prompt
 
+# How a run's train_config.yaml reruns (its `out:` is the run's own folder, which a new run may not write into).
+RERUN = "oasst train --config train_config.yaml --out NEW_OUT"
+
 FORMAT_WORDS = {"guanaco": f"Guanaco (`{HUMAN}...{ASSISTANT}...`)", "chat-template": "the tokenizer's chat template"}
 USAGE_PROMPT = "Write a haiku about the sea."
 # train_summary.json keys shown in the results table, in order, with their labels.
@@ -145,7 +148,7 @@ def _training_section(config: Mapping[str, Any]) -> str:
              f"step, learning rate {config.get('learning_rate')} "
              f"({config.get('lr_scheduler')}), {config.get('optim')}, precision {config.get('precision')}.",
              *_method_lines(config),
-             "", "The resolved configuration (`train_config.yaml`, rerun with `oasst train --config train_config.yaml`):",
+             "", f"The resolved configuration (`train_config.yaml`, rerun with `{RERUN}`):",
              "", "```yaml", yaml.safe_dump(dict(config), sort_keys=False).rstrip(), "```"]
     return "\n".join(lines) + "\n"
 

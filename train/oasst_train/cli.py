@@ -75,11 +75,12 @@ def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, ve
         oasst train --model ../shared/models/stories260K --data fixtures/guanaco-en --no-load-in-4bit \\
                     --max-steps 60 --out runs/stories
         accelerate launch --config_file train/recipes/accelerate-2gpu.yaml -m oasst_tools train \\
-                    --config train/recipes/falcon-7b-guanaco.yaml --out runs/falcon
+                    --config train/recipes/falcon-7b-guanaco.yaml --data data/guanaco --out runs/falcon
 
     Writes the adapter (safetensors), tokenizer, model card (README.md), train_config.yaml, train_summary.json and
-    loss.png (and dpo.png: reward accuracy and margin) to --out, and resumable checkpoints (each with its card) to --out/checkpoints. SIGTERM or Ctrl-C saves
-    a checkpoint at the end of the current step and exits 1; the same command with --resume continues from it.
+    loss.png (and dpo.png: reward accuracy and margin) to --out, and resumable checkpoints (each with its card) to
+    --out/checkpoints. SIGTERM or Ctrl-C saves a checkpoint at the end of the current step and exits 1; the same
+    command with --resume continues from it.
     --report-to tensorboard writes its event files to --out/runs (tensorboard --logdir runs/tiny/runs).
     """
     from rich.console import Console

@@ -240,12 +240,14 @@ def resolve_config(config_file: Path | None, overrides: dict[str, Any], required
 
 
 def warn_ignored(cfg: TrainConfig, origins: dict[str, str]) -> None:
-    """One warning line per setting given (in the recipe or as a flag) that the chosen method does not use."""
+    """One warning line per setting given (in the recipe or as a flag) that the chosen method does not use, unless
+    it is given at its default (a run's own train_config.yaml records every setting, and reruns without a word)."""
     from oasst_train.report import warn
 
     unused = ("beta", "loss_type") if cfg.method == "sft" else ("loss_on",)
+    defaults = TrainConfig()
     for name in unused:
-        if name in origins:
+        if name in origins and getattr(cfg, name) != getattr(defaults, name):
             why = "DPO scores the replies of each pair only" if name == "loss_on" else "it is a DPO setting"
             warn(f"{origins[name]}: {name} is ignored with method {cfg.method} ({why})")
     # Refinements of fused_lora's forward: asked for without it (or without a 4-bit base), they change nothing.

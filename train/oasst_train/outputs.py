@@ -18,6 +18,7 @@ from typing import Any
 
 from oasst_tools.errors import OasstError
 from oasst_tools.files import optional_json
+from oasst_train.card import RERUN
 from oasst_train.checkpoints import CHECKPOINTS, require_checkpoint
 from oasst_train.config import AUTO, TrainConfig, to_dict
 
@@ -143,7 +144,7 @@ def write_config(cfg: TrainConfig, path: Path, targets: list[str]) -> None:
     values = to_dict(dataclasses.replace(cfg, target_modules=tuple(targets)))
     for key in LOCAL_PATHS:
         values[key] = absolute(values[key])
-    _write_text(path, "# resolved by oasst train; rerun with: oasst train --config " + path.name + "\n"
+    _write_text(path, f"# resolved by oasst train; rerun with: {RERUN}\n"
                 + yaml.safe_dump(values, sort_keys=False), "the run's config")
 
 
