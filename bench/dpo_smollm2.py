@@ -174,11 +174,11 @@ def main() -> None:
         "data": {"sft_train_rows": sft_rows, "pairs_train": pair_rows, "pairs_test": test_pairs,
                  "pairs_build_report": json.loads((args.pairs / "build_report.json").read_text(encoding="utf-8"))},
         "accuracy": accuracy,
-        "sft": {k: sft.get(k) for k in ("global_step", "eval_loss_first", "eval_loss", "real_tokens_per_second",
+        "sft": {k: sft.get(k) for k in ("global_step", "eval_loss_first", "eval_loss_last", "real_tokens_per_second",
                                         "peak_memory_bytes", "linear4bit_layers", "format", "train_seconds")},
         "dpo": {k: v for k, v in dpo.items() if k.startswith(("reward_", "logps_")) or k in (
             "global_step", "real_tokens_per_second", "peak_memory_bytes", "linear4bit_layers", "format",
-            "train_seconds", "method", "beta", "loss_type", "init_adapter", "eval_loss_first", "eval_loss")},
+            "train_seconds", "method", "beta", "loss_type", "init_adapter", "eval_loss_first", "eval_loss_last")},
         "peak_memory_reserved_bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None,
         "wall_seconds": time.perf_counter() - started,
     }

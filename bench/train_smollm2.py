@@ -214,7 +214,7 @@ def main() -> None:
     history = summary.pop("log_history")
     eval_curve = [[e["step"], round(e["eval_loss"], 4)] for e in history if "eval_loss" in e]
     train_curve = [[e["step"], round(e["loss"], 4)] for e in history if "loss" in e]
-    before, after = summary["eval_loss_first"], summary["eval_loss"]
+    before, after = summary["eval_loss_first"], summary["eval_loss_last"]
     result = {
         "benchmark": "QLoRA (NF4) on SmolLM2-135M-Instruct, Guanaco rows (--top-rank) of the English OASST1 "
                      "validation trees; held-out loss = mean loss per assistant token of the test split "

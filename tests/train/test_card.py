@@ -13,7 +13,7 @@ from tests.train.conftest import GUANACO
 
 def _card(**config: object) -> str:
     summary = {"global_step": 60, "tokens_seen": 123456, "train_loss_first": 5.25, "train_loss_last": 3.5,
-               "eval_loss_first": 4.7, "eval_loss": 3.2, "linear4bit_layers": 35, "trainable_parameters": 92480,
+               "eval_loss_first": 4.7, "eval_loss_last": 3.2, "linear4bit_layers": 35, "trainable_parameters": 92480,
                "device": "cpu (x86_64, 2 threads)"}
     base = {"model": "/models/stories260K", "data": str(GUANACO), "load_in_4bit": True, "quant_type": "nf4",
             "double_quant": True, "compute_dtype": "float32", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,

@@ -126,6 +126,25 @@ def test_resuming_a_finished_run_trains_nothing(oasst: Any, stories_run: Path, s
     assert_unchanged(before, tmp_path)
 
 
+def test_resuming_a_finished_run_shows_an_older_or_edited_summary(oasst: Any, stories_run: Path, stories: Path,
+                                                                   tmp_path: Path) -> None:
+    """The results table of a finished run is read back from its train_summary.json: one written before
+    `eval_loss_last` was named so (`eval_loss`), with a count edited to a float and a field removed, still shows."""
+    out = _copy_run(stories_run, tmp_path)
+    summary = read_summary(out)
+    summary["eval_loss"] = summary.pop("eval_loss_last")
+    summary["global_step"] = 2.5
+    del summary["peak_memory_bytes"]
+    (out / "train_summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    result = oasst("train", "--config", RECIPES / "tiny-cpu.yaml", "--model", stories, "--data", GUANACO,
+                   "--out", out, "--max-steps", STORIES_STEPS, "--save-steps", 30, "--resume")
+    assert result.exit_code == 0, result.output
+    table = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.stdout.splitlines()
+             if line.count("│") == 3}
+    assert table["eval loss first -> last"] == f"{summary['eval_loss_first']:.4f} -> {summary['eval_loss']:.4f}"
+    assert (table["steps"], table["peak memory"]) == ("-", "-")
+
+
 def test_a_run_stopped_while_saving_its_outputs_resumes_to_them_without_a_step(
         oasst: Any, stories_run: Path, stories: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors.torch import load_file
@@ -248,7 +267,7 @@ def test_an_empty_test_split_is_said_not_silently_skipped(oasst: Any, stories: P
     assert result.exit_code == 0, result.output
     assert (f"warning: --data {data}: its test split has no rows, so nothing is evaluated (eval_steps 1 is "
             "ignored)") in result.stderr
-    assert read_summary(tmp_path / "o")["eval_loss"] is None
+    assert read_summary(tmp_path / "o")["eval_loss_last"] is None
     # bitsandbytes' warning per parameter becomes one line of ours (its own is filtered: see the next test).
     assert ("warning: optim paged_adamw_32bit: paged optimizers need a CUDA GPU; bitsandbytes runs it unpaged here "
             "(the same updates)") in result.stderr

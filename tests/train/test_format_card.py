@@ -39,7 +39,7 @@ def guanaco_run(chatml_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def test_the_format_a_run_was_told_is_printed_once_and_recorded(guanaco_run: Run) -> None:
     lines = guanaco_run.stderr.splitlines()
-    assert [line for line in lines if line.startswith("format: ")] == ["format: guanaco (set)"]
+    assert [line for line in lines if line.startswith("format: ")] == ["format: guanaco (flag)"]
     saved = yaml.safe_load((guanaco_run.out / "train_config.yaml").read_text(encoding="utf-8"))
     summary = read_summary(guanaco_run.out)
     assert saved["format"] == summary["format"] == "guanaco"
@@ -78,6 +78,11 @@ def test_a_resumed_run_takes_the_recorded_format_and_older_runs_were_guanaco(cha
     assert (resumed.format, line) == ("guanaco", "format: guanaco (resumed run)")
     # A train_config.yaml without `format` was written when Guanaco was the only format.
     assert run_format(cfg, tokenizer, saved={})[0].format == "guanaco"
+    # A given format says where it came from, in the words of device_defaults and eval's base_loaded.
+    told = dataclasses.replace(cfg, format="guanaco")
+    assert run_format(told, tokenizer, origins={"format": "r.yaml:3"})[1] == "format: guanaco (config)"
+    assert run_format(told, tokenizer, origins={"format": "--format"})[1] == "format: guanaco (flag)"
+    assert run_format(told, tokenizer)[1] == "format: guanaco (set)"  # a library caller's TrainConfig
 
 
 def test_the_adapter_and_every_checkpoint_carry_a_model_card(guanaco_run: Run, chatml_model: Path) -> None:
@@ -113,7 +118,7 @@ def test_the_adapter_and_every_checkpoint_carry_a_model_card(guanaco_run: Run, c
         assert yaml.safe_load((folder / "train_config.yaml").read_text(encoding="utf-8"))["format"] == "guanaco"
     final = (out / "README.md").read_text(encoding="utf-8")
     assert f"| train loss, last logged | {summary['train_loss_last']:,.4f} |" in final
-    assert f"| held-out loss after training | {summary['eval_loss']:,.4f} |" in final
+    assert f"| held-out loss after training | {summary['eval_loss_last']:,.4f} |" in final
 
 
 def _contexts(monkeypatch: pytest.MonkeyPatch) -> list[str]:

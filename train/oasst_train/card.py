@@ -27,7 +27,7 @@ USAGE_PROMPT = "Write a haiku about the sea."
 RESULT_ROWS = (
     ("global_step", "optimizer steps"), ("tokens_seen", "tokens seen (real, not padding)"),
     ("train_loss_first", "train loss, first logged"), ("train_loss_last", "train loss, last logged"),
-    ("eval_loss_first", "held-out loss before training"), ("eval_loss", "held-out loss after training"),
+    ("eval_loss_first", "held-out loss before training"), ("eval_loss_last", "held-out loss after training"),
     ("reward_accuracy_first", "DPO reward accuracy, first logged"),
     ("reward_accuracy_last", "DPO reward accuracy, last logged"),
     ("reward_margin_first", "DPO reward margin, first logged"),
@@ -65,7 +65,7 @@ def progress_summary(log_history: list[dict[str, Any]], global_step: int, tokens
     held_out = [v for _, v in losses(log_history, "eval_loss")]
     return {"global_step": global_step, "tokens_seen": int(tokens_seen),
             "train_loss_first": train[0] if train else None, "train_loss_last": train[-1] if train else None,
-            "eval_loss_first": held_out[0] if held_out else None, "eval_loss": held_out[-1] if held_out else None}
+            "eval_loss_first": held_out[0] if held_out else None, "eval_loss_last": held_out[-1] if held_out else None}
 
 
 def _front_matter(base: str, data: str, method: str) -> str:

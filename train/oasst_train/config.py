@@ -341,7 +341,7 @@ def resolve_auto(cfg: TrainConfig, profile: DeviceProfile, saved: dict[str, Any]
     not. Gradient checkpointing is on for GPUs (memory) and off for CPUs (nothing to save, a third more work).
     """
     values: dict[str, Any] = {}
-    origin: dict[str, str] = {name: _given_from((origins or {}).get(name)) for name in AUTO_FIELDS
+    origin: dict[str, str] = {name: given_from((origins or {}).get(name)) for name in AUTO_FIELDS
                               if getattr(cfg, name) != AUTO}
     for name in AUTO_FIELDS:
         if getattr(cfg, name) == AUTO and saved is not None and saved.get(name) not in (None, AUTO):
@@ -379,7 +379,7 @@ def resolve_auto(cfg: TrainConfig, profile: DeviceProfile, saved: dict[str, Any]
     return resolved, choice
 
 
-def _given_from(where: str | None) -> str:
+def given_from(where: str | None) -> str:
     """eval_summary's words for where a given value came from: a flag (`--batch-size`), the recipe (`r.yaml:7`)."""
     if where is None:
         return "set"

@@ -351,7 +351,7 @@ def dry_run(cfg: TrainConfig, console: Any, origins: Mapping[str, str] | None = 
     rows = read_pairs(cfg.data, cfg.eval_rows)
     check_trainer_names(cfg, origins)  # imports transformers: after the checks that do not need it
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    cfg, line = run_format(cfg, tokenizer)
+    cfg, line = run_format(cfg, tokenizer, origins=origins)
     data = build_pairs(cfg, tokenizer, rows)
     for text in [line, reference, *report_lines(data.report)]:
         console.print(text, markup=False, highlight=False, soft_wrap=True)

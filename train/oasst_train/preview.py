@@ -13,16 +13,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from oasst_tools.errors import OasstError
-from oasst_train.config import AUTO, TrainConfig
+from oasst_train.config import AUTO, TrainConfig, given_from
 
 TRAINED_STYLE, MASKED_STYLE = "bold green", "dim"
 # Rows looked at for an example that fits in max_length (its end, and how it is trained, then shows).
 EXAMPLE_SCAN = 200
 
 
-def run_format(cfg: TrainConfig, tokenizer: Any, saved: dict[str, Any] | None = None) -> tuple[TrainConfig, str]:
+def run_format(cfg: TrainConfig, tokenizer: Any, saved: dict[str, Any] | None = None,
+               origins: Mapping[str, str] | None = None) -> tuple[TrainConfig, str]:
     """`cfg` with its format resolved for `tokenizer` (a resumed run keeps the one in `saved`, its
-    train_config.yaml), and the line that says which and why."""
+    train_config.yaml), and the line that says which and why (a given format: where from, in `origins`' words)."""
     from oasst_tools.conversation import has_chat_template, resolve_format
 
     if saved is not None:
@@ -36,7 +37,7 @@ def run_format(cfg: TrainConfig, tokenizer: Any, saved: dict[str, Any] | None = 
         fmt = resolve_format(AUTO, tokenizer)
         why = f"auto: the tokenizer {'has a' if has_chat_template(tokenizer) else 'has no'} chat template"
     else:
-        fmt, why = resolve_format(cfg.format, tokenizer), "set"
+        fmt, why = resolve_format(cfg.format, tokenizer), given_from((origins or {}).get("format"))
         if cfg.method == "dpo" and cfg.init_adapter:
             from oasst_model.spec import recorded_format
 
@@ -122,7 +123,7 @@ def dry_run(cfg: TrainConfig, console: Any, origins: Mapping[str, str] | None = 
     rows = read_rows(cfg.data, cfg.eval_rows)
     check_trainer_names(cfg, origins)  # imports transformers: after the checks that do not need it
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    cfg, line = run_format(cfg, tokenizer)
+    cfg, line = run_format(cfg, tokenizer, origins=origins)
     data = build_data(cfg, tokenizer, rows)
     # soft_wrap: lines and the example as they are, for the terminal to wrap (figures stay whole in a log).
     for text in [line, *report_lines(data.report)]:

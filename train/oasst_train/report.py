@@ -116,30 +116,36 @@ def summary_table(summary: dict[str, Any], title: str) -> Any:
     from rich.table import Table
 
     def num(value: Any, fmt: str) -> str:
-        return format(value, fmt) if isinstance(value, (int, float)) else "-"
+        try:
+            return format(value, fmt) if isinstance(value, (int, float)) else "-"
+        except ValueError:  # a float where a count belongs (",d"), in a summary read back from disk
+            return "-"
 
     from rich.markup import escape
 
     table = Table(title=escape(title), show_header=True, header_style="bold")
     table.add_column("what")
     table.add_column("value", justify="right")
+    # .get throughout: a finished run's summary read back from disk may be older (eval_loss_last was eval_loss)
+    # or hand-edited; the table shows "-" for what it lacks.
+    get = summary.get
+    peak = get("peak_memory_bytes")
     rows = [
-        ("steps", num(summary["global_step"], ",d")),
-        ("train loss first -> last", f"{num(summary['train_loss_first'], '.4f')} -> "
-                                     f"{num(summary['train_loss_last'], '.4f')}"),
-        ("eval loss first -> last", f"{num(summary['eval_loss_first'], '.4f')} -> "
-                                    f"{num(summary['eval_loss'], '.4f')}"),
-        *([("reward accuracy first -> last", f"{num(summary.get('reward_accuracy_first'), '.3f')} -> "
-                                             f"{num(summary.get('reward_accuracy_last'), '.3f')}"),
-           ("reward margin first -> last", f"{num(summary.get('reward_margin_first'), '.4f')} -> "
-                                           f"{num(summary.get('reward_margin_last'), '.4f')}")]
-          if summary.get("method") == "dpo" else []),
-        ("real tokens/s", num(summary["real_tokens_per_second"], ",.0f")),
-        ("tokens seen", num(summary["tokens_seen"], ",d")),
-        ("4-bit layers", num(summary["linear4bit_layers"], ",d")),
-        ("trainable parameters", num(summary["trainable_parameters"], ",d")),
-        ("peak memory", f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB"),
-        ("device", summary["device"]),
+        ("steps", num(get("global_step"), ",d")),
+        ("train loss first -> last", f"{num(get('train_loss_first'), '.4f')} -> {num(get('train_loss_last'), '.4f')}"),
+        ("eval loss first -> last", f"{num(get('eval_loss_first'), '.4f')} -> "
+                                    f"{num(get('eval_loss_last', get('eval_loss')), '.4f')}"),
+        *([("reward accuracy first -> last", f"{num(get('reward_accuracy_first'), '.3f')} -> "
+                                             f"{num(get('reward_accuracy_last'), '.3f')}"),
+           ("reward margin first -> last", f"{num(get('reward_margin_first'), '.4f')} -> "
+                                           f"{num(get('reward_margin_last'), '.4f')}")]
+          if get("method") == "dpo" else []),
+        ("real tokens/s", num(get("real_tokens_per_second"), ",.0f")),
+        ("tokens seen", num(get("tokens_seen"), ",d")),
+        ("4-bit layers", num(get("linear4bit_layers"), ",d")),
+        ("trainable parameters", num(get("trainable_parameters"), ",d")),
+        ("peak memory", f"{peak / 2**30:.2f} GiB" if isinstance(peak, (int, float)) else "-"),
+        ("device", str(get("device", "-"))),
     ]
     for what, value in rows:
         table.add_row(what, escape(value))  # the device name comes from the system, the title from the user

@@ -152,7 +152,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     # The tokenizer alone decides the format and encodes the rows: a template that fails, or data with nothing to
     # learn, is one line before the weights load.
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    cfg, format_line = run_format(cfg, tokenizer, saved_config(out) if checkpoint is not None else None)
+    cfg, format_line = run_format(cfg, tokenizer, saved_config(out) if checkpoint is not None else None, origins)
     if announce is not None:
         announce(cfg, [line for line in (device_line(device_choice), format_line, reference_line) if line])
     data = dpo.build_pairs(cfg, tokenizer, rows) if is_dpo else build_data(cfg, tokenizer, rows)
@@ -435,7 +435,7 @@ def _summary(cfg: TrainConfig, trainer: Any, bar: Any, linear4bit: int, load_sec
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
         "eval_loss_first": eval_losses[0] if eval_losses else None,
-        "eval_loss": eval_losses[-1] if eval_losses else None,
+        "eval_loss_last": eval_losses[-1] if eval_losses else None,
         "linear4bit_layers": linear4bit,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "target_modules": sorted(trainer.model.peft_config["default"].target_modules),
