@@ -17,25 +17,13 @@ from typing import Any, TypeVar
 import click
 
 from oasst_model.spec import LOAD_FIELDS, OPTIONS, flag
+from oasst_tools.cli.params import Option
 
 F = TypeVar("F", bound=Callable[..., Any])
 ALIAS_PREFIX = "alias__"
 # What an inference command (eval, merge, generate, chat) does for a loading option the user leaves out.
 AS_TRAINED = {"model": "the adapter's base", "load_in_4bit": "as trained, else off",
               "compute_dtype": "as trained, else auto"}
-
-
-class Option(click.Option):
-    """A click option whose descriptive default (`show_default="auto"`) reads `[default: auto]`, not click's
-    `[default: (auto)]`."""
-
-    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
-        """Click's help line, with the parentheses around a descriptive default dropped."""
-        record = super().get_help_record(ctx)
-        if record is None or not isinstance(self.show_default, str):
-            return record
-        names, text = record
-        return names, text.replace(f"default: ({self.show_default})", f"default: {self.show_default}")
 
 
 def shown(default: Any) -> str | None:

@@ -10,6 +10,19 @@ from typing import Any
 import click
 
 
+class Option(click.Option):
+    """A click option whose descriptive default (`show_default="auto"`) reads `[default: auto]`, not click's
+    `[default: (auto)]`; every command's options use it, the core's and the plug-ins'."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        """Click's help line, with the parentheses around a descriptive default dropped."""
+        record = super().get_help_record(ctx)
+        if record is None or not isinstance(self.show_default, str):
+            return record
+        names, text = record
+        return names, text.replace(f"default: ({self.show_default})", f"default: {self.show_default}")
+
+
 def argument_or_option(name: str, flag_metavar: str, what: str, help: str, *, dest: str | None = None,  # noqa: A002
                        then: str | None = None, kind: Any = None,
                        **option_extra: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -284,3 +284,31 @@ def test_format_is_the_old_name_of_file_format(run, tmp_path: Path):
     assert clash.exit_code == 2 and "--file-format jsonl and --format parquet disagree" in clash.stderr
     assert not (tmp_path / "clash").exists()
     assert "--file-format" in run("build", "--help").stdout and "--format " not in run("build", "--help").stdout
+
+
+# Core options with nothing to show as a default: where the help text itself says what happens without them (the
+# input's hub default, every language, the thread mode that is the default) or there is no value (no label limit,
+# no turn limit, no test split unless the inputs carry one).
+CORE_NO_DEFAULT = {"inputs", "source_flag", "langs", "top_rank", "all_threads", "top_k", "pairs", "label_max", "label_min",
+                   "max_turns", "test_size"}
+
+
+def test_core_help_shows_the_default_of_every_option_that_has_one() -> None:
+    """As train's and eval's --help do (tests/train/test_vocabulary.py): an on/off flag reads `[default: off]`."""
+    import click
+
+    from oasst_tools.cli.build import build
+    from oasst_tools.cli.inspect import show, stats
+
+    for name, command in (("build", build), ("stats", stats), ("show", show)):
+        ctx = click.Context(command, info_name=name)
+        missing = []
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.hidden or param.name == "help":
+                continue
+            record = param.get_help_record(ctx)
+            assert record is not None
+            if "[default: " not in record[1] and "[required]" not in record[1] and param.name not in CORE_NO_DEFAULT:
+                missing.append(record[0])
+            assert "default: (" not in record[1], record  # click's parentheses around a word are dropped
+        assert missing == [], f"oasst {name} --help shows no default for {missing}"
