@@ -418,24 +418,18 @@ def finish_trainer(trainer: Any, cfg: TrainConfig) -> None:
 
 def _summary(cfg: TrainConfig, trainer: Any, bar: Any, linear4bit: int, load_seconds: float,
              checkpoint: Path | None) -> dict[str, Any]:
-    """The figures `train_summary.json` records."""
-    from oasst_train.report import losses
+    """The figures `train_summary.json` records: a checkpoint card's (`card.progress_summary`: steps, tokens, first
+    and last losses), and the run's own."""
+    from oasst_train.card import progress_summary
 
     history = trainer.state.log_history
-    train_losses = [v for _, v in losses(history, "loss")]
-    eval_losses = [v for _, v in losses(history, "eval_loss")]
     world = trainer.args.world_size
     return {
-        "global_step": trainer.state.global_step,
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
         # num_input_tokens_seen is already summed over processes by transformers: no factor of world size.
+        **progress_summary(history, trainer.state.global_step, trainer.state.num_input_tokens_seen),
         "real_tokens_per_second": bar.tokens_per_second,
         "train_seconds": bar.train_seconds,
         "load_seconds": load_seconds,
-        "train_loss_first": train_losses[0] if train_losses else None,
-        "train_loss_last": train_losses[-1] if train_losses else None,
-        "eval_loss_first": eval_losses[0] if eval_losses else None,
-        "eval_loss_last": eval_losses[-1] if eval_losses else None,
         "linear4bit_layers": linear4bit,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "target_modules": sorted(trainer.model.peft_config["default"].target_modules),
