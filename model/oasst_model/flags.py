@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from oasst_model.spec import LOAD_FIELDS, OPTIONS, flag
-from oasst_tools.cli.params import Option
+from oasst_tools.cli.params import Option, switch
 
 F = TypeVar("F", bound=Callable[..., Any])
 ALIAS_PREFIX = "alias__"
@@ -132,5 +132,5 @@ def take_aliases(flags: dict[str, Any]) -> dict[str, Any]:
 
 def verbose_option(fn: F) -> F:
     """`-v/--verbose`, the same flag on every command that loads a model (oasst_model.quiet says what it shows)."""
-    return click.option("--verbose", "-v", is_flag=True, cls=Option, show_default="off",
-                        help="Show every library warning, log line and progress bar, and the full settings.")(fn)
+    return switch("--verbose", "-v",
+                  help="Show every library warning, log line and progress bar, and the full settings.")(fn)

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from oasst_tools.build import FILE_FORMATS, BuildConfig, BuildReport, NoRowsError, build_dataset, parse_label_limits
-from oasst_tools.cli.params import FolderPath, Option
+from oasst_tools.cli.params import FolderPath, switch
 from oasst_tools.errors import printable
 from oasst_tools.filters import Selection
 from oasst_tools.output import Interrupted
@@ -62,7 +62,7 @@ def _help(cls: type, name: str) -> str:
 @click.option("--out", type=FolderPath(), required=True, help=_help(BuildConfig, "out"))
 @click.option("--lang", "langs", multiple=True, metavar="CODES", callback=_langs, help="Comma-separated languages "
               "of the root prompt to keep, e.g. en,de (default: all). 'pt' also matches 'pt-BR'.")
-@click.option("--lang-exact", is_flag=True, show_default="off", cls=Option, help=_help(Selection, "lang_exact"))
+@switch("--lang-exact", help=_help(Selection, "lang_exact"))
 @click.option("--top-rank", is_flag=True, help="One thread per tree: the best-ranked reply at every step (Guanaco). "
               "The default.")
 @click.option("--all-threads", is_flag=True, help="Every root-to-leaf thread.")
@@ -75,8 +75,8 @@ def _help(cls: type, name: str) -> str:
               + " E.g. toxicity=0.5. A message without the label passes.")
 @click.option("--label-min", multiple=True, metavar="NAME=X", help=_help(Selection, "label_min")
               + " E.g. quality=0.6.")
-@click.option("--no-synthetic", is_flag=True, show_default="off", cls=Option, help=_help(Selection, "drop_synthetic"))
-@click.option("--end-with-assistant", is_flag=True, show_default="off", cls=Option, help=_help(Selection, "end_with_assistant"))
+@switch("--no-synthetic", help=_help(Selection, "drop_synthetic"))
+@switch("--end-with-assistant", help=_help(Selection, "end_with_assistant"))
 @click.option("--min-turns", type=click.IntRange(min=1), default=1, show_default=True,
               help=_help(Selection, "min_turns"))
 @click.option("--max-turns", type=click.IntRange(min=1), default=None, help=_help(Selection, "max_turns"))
@@ -88,11 +88,10 @@ def _help(cls: type, name: str) -> str:
 # The old name of --file-format, read with a warning: train, eval, generate and chat's --format is the conversation
 # format, and one name must not mean two settings.
 @click.option("--format", "old_format", type=click.Choice(FILE_FORMATS), default=None, hidden=True)
-@click.option("--overwrite", is_flag=True, show_default="off", cls=Option, help=_help(BuildConfig, "overwrite"))
+@switch("--overwrite", help=_help(BuildConfig, "overwrite"))
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help=_help(BuildConfig, "on_error"))
-@click.option("--quiet", "-q", is_flag=True, show_default="off", cls=Option,
-              help="No progress bar and no summary table.")
+@switch("--quiet", "-q", help="No progress bar and no summary table.")
 def build(inputs: tuple[str, ...], out: Path, langs: frozenset[str], lang_exact: bool, top_rank: bool,
           all_threads: bool, top_k: int | None, pairs: str | None, tree_states: frozenset[str],
           label_max: tuple[str, ...], label_min: tuple[str, ...], no_synthetic: bool, end_with_assistant: bool,

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from oasst_tools.cli.params import Option, argument_or_option
+from oasst_tools.cli.params import argument_or_option, switch
 from oasst_tools.errors import NotContiguousError, OasstError, printable
 from oasst_tools.read import read_trees
 from oasst_tools.schema import Tree
@@ -47,8 +47,7 @@ def _input_argument(then: str | None = None) -> Callable[[Callable[..., Any]], C
 
 @click.command()
 @_input_argument()
-@click.option("--json", "json_", is_flag=True, show_default="off", cls=Option,
-              help="Print the counts as JSON instead of tables.")
+@switch("--json", "json_", help="Print the counts as JSON instead of tables.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="fail: stop at the first bad record; skip: count what can be read.")
 def stats(source: str, json_: bool, on_error: str) -> None:

@@ -23,6 +23,11 @@ class Option(click.Option):
         return names, text.replace(f"default: ({self.show_default})", f"default: {self.show_default}")
 
 
+def switch(*decls: str, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:  # noqa: A002
+    """An on/off flag that is off unless given, reading `[default: off]` in --help (every command's switches)."""
+    return click.option(*decls, is_flag=True, show_default="off", cls=Option, help=help)
+
+
 def argument_or_option(name: str, flag_metavar: str, what: str, help: str, *, dest: str | None = None,  # noqa: A002
                        then: str | None = None, kind: Any = None,
                        **option_extra: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

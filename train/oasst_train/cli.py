@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from oasst_model.flags import NON_NEGATIVE, NonNegative, Option, load_options, take_aliases, verbose_option
-from oasst_tools.cli.params import FolderPath, argument_or_option
+from oasst_tools.cli.params import FolderPath, argument_or_option, switch
 from oasst_tools.errors import OasstError
 from oasst_train.config import FIELDS, TrainConfig, field_choices, field_type
 
@@ -54,12 +54,10 @@ def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--model", default=None, metavar="PATH_OR_HUB_ID", help=FIELDS["model"].metadata["help"])
 @click.option("--data", default=None, metavar="PATH_OR_HUB_ID", help=FIELDS["data"].metadata["help"])
 @click.option("--out", default=None, metavar="DIR", help=FIELDS["out"].metadata["help"])
-@click.option("--resume", is_flag=True, cls=Option, show_default="off",
-              help="Continue the run in --out from its last complete checkpoint.")
-@click.option("--quiet", "-q", is_flag=True, cls=Option, show_default="off",
-              help="No progress bar, config or summary table.")
-@click.option("--dry-run", is_flag=True, cls=Option, show_default="off",
-              help="Load the tokenizer only, print the data report and one example with its loss mask; write nothing.")
+@switch("--resume", help="Continue the run in --out from its last complete checkpoint.")
+@switch("--quiet", "-q", help="No progress bar, config or summary table.")
+@switch("--dry-run",
+        help="Load the tokenizer only, print the data report and one example with its loss mask; write nothing.")
 @verbose_option
 @_config_options
 def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, verbose: bool, **flags: Any) -> None:
