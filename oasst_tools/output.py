@@ -10,6 +10,8 @@
   meanwhile (a non-empty folder is never replaced by `rename(2)`), so of two racing builds the second fails; with
   --overwrite the old folder is moved aside only once the new one is complete, and removed after.
 - `signals_as_errors`: SIGINT and SIGTERM raise `Interrupted` in the build, so its `finally` removes the temp folder.
+- `run_lock`: what `oasst train` holds on its --out while it writes there in place (checkpoints, a --resume), so
+  that a second run into the same folder fails at once instead of both writing it.
 
 Standard library only.
 """
@@ -33,6 +35,7 @@ from oasst_tools.files import optional_json
 from oasst_tools.sources import InputInfo
 
 MARKER = ".oasst-build"
+LOCK = ".oasst-lock"
 _TMP, _OLD = ".tmp-", ".old-"
 _STEM_BYTES = 200  # of 255: a dot, the kind, a pid and 8 hex digits follow
 
@@ -166,7 +169,7 @@ def temp_folder(out: Path) -> Path:
     tmp = out.parent / f".{_stem(out)}{_TMP}{os.getpid()}-{os.urandom(4).hex()}"
     os.mkdir(tmp)  # 0o777 minus the umask, where tempfile.mkdtemp would make it 0o700
     marker = {"tool": "oasst-tools", "version": _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "pid": os.getpid(), "host": os.uname().nodename if hasattr(os, "uname") else ""}
+              "pid": os.getpid(), "host": _host()}
     (tmp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
     return tmp
 
@@ -227,7 +230,7 @@ def _this_host(folder: Path) -> bool:
     """False when the marker names another host (a shared file system): its pid means nothing here."""
     marker = optional_json(folder / MARKER)
     host = marker.get("host") if isinstance(marker, dict) else None
-    return not host or not hasattr(os, "uname") or host == os.uname().nodename
+    return not host or not _host() or host == _host()
 
 
 def publish(tmp: Path, out: Path, overwrite: bool, done: Callable[[], None] | None = None) -> None:
@@ -307,6 +310,149 @@ def signals_as_errors() -> Iterator[Callable[[], None]]:
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         if later:
             signal.raise_signal(later[0])
+
+
+@contextmanager
+def run_lock(folder: Path, tool: str, flag: str = "--out") -> Iterator[bool]:
+    """Hold `folder`'s lock file (`LOCK`; the folder is made when missing) for the block, which gets whether this
+    lock made the folder; a second holder fails at once with one line naming the first (pid, host, since when).
+    The lock file is removed at the end, and the folder too when this lock made it and the block left it empty.
+
+    An flock(2): the kernel lets go of it when the process ends, however it ends, so a killed run leaves no stale
+    lock to take over (on NFS, Linux turns it into a lock the server keeps). Where fcntl is missing (Windows), a
+    file made with O_EXCL holds it, taken over when its pid is gone on this host."""
+    made = [parent for parent in (folder, *folder.parents) if not os.path.lexists(parent)]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OasstError(f"{flag} {folder}: cannot be made: {describe_os_error(exc)}") from None
+    path = folder / LOCK
+    try:
+        fd = _lock_fd(path, tool, flag, folder)
+    except BaseException:
+        _remove_made(made)
+        raise
+    try:
+        holder = {"tool": tool, "pid": os.getpid(), "host": _host(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(holder) + "\n").encode())
+        yield bool(made)
+    finally:
+        try:
+            os.unlink(path)  # while still held: a run that locks after this makes a new file
+        except OSError:
+            pass
+        os.close(fd)
+        _remove_made(made)
+
+
+def lock_holder(folder: Path, tool: str, flag: str = "--out") -> OasstError | None:
+    """The error `run_lock` would raise because another process holds `folder`'s lock, or None: a check that
+    fails on what a running run has written so far should name the run instead."""
+    path = folder / LOCK
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        text = os.read(fd, 4096).decode("utf-8", "replace")
+        # This process's own lock (another descriptor) blocks a shared one too: only another process is named.
+        mine = _holder(text).get("pid") == os.getpid() and _holder(text).get("host") == _host()
+        return None if mine else _held(text, tool, flag, folder)
+    finally:
+        os.close(fd)  # also lets go of the shared lock, if it was granted
+    return None
+
+
+def _lock_fd(path: Path, tool: str, flag: str, folder: Path) -> int:
+    """An open descriptor of `path` that holds its lock, or `OasstError` naming the process holding it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return _exclusive_fd(path, tool, flag, folder)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OasstError(f"{flag} {folder}: cannot make its lock file: {describe_os_error(exc)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            text = os.read(fd, 4096).decode("utf-8", "replace")
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise _held(text, tool, flag, folder) from None
+            raise OasstError(f"{flag} {folder}: cannot lock {LOCK}: {describe_os_error(exc)}") from None
+        # The holder that just finished unlinked the file this descriptor opened: lock the one now at `path`.
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        opened = os.fstat(fd)
+        if now is not None and (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
+            return fd
+        os.close(fd)
+
+
+def _exclusive_fd(path: Path, tool: str, flag: str, folder: Path) -> int:
+    """The lock without fcntl: a file only one process can create; a dead holder's file (this host) is replaced."""
+    for _ in range(2):
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                text = ""
+            holder = _holder(text)
+            pid = whole_number(str(holder.get("pid", "")))
+            if pid is None or _alive(pid) or holder.get("host") not in ("", None, _host()):
+                raise _held(text, tool, flag, folder) from None
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        except OSError as exc:
+            raise OasstError(f"{flag} {folder}: cannot make its lock file: {describe_os_error(exc)}") from None
+    raise _held("", tool, flag, folder)
+
+
+def _holder(text: str) -> dict:
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _held(text: str, tool: str, flag: str, folder: Path) -> OasstError:
+    """The one line for a folder another run holds."""
+    holder = _holder(text)
+    where = " ".join(part for part in (f"pid {holder['pid']}" if "pid" in holder else "",
+                                       f"on {holder['host']}" if holder.get("host") else "") if part)
+    who = ", ".join(part for part in (where, f"since {holder['since']}" if "since" in holder else "") if part)
+    name = holder.get("tool") or tool
+    return OasstError(f"{flag} {folder}: another {name} run{f' ({who})' if who else ''} is writing there; wait for "
+                      f"it to end or choose another {flag}")
+
+
+def _host() -> str:
+    return os.uname().nodename if hasattr(os, "uname") else ""
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove the folders a lock made (deepest first) while they are empty."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: the run wrote there, or another process did
+            break
 
 
 def write_error(exc: OSError, out: Path) -> OasstError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import socket
@@ -26,7 +27,7 @@ import pytest
 
 from oasst_tools.errors import describe_os_error
 from tests.hostile import Ran, assert_refused, assert_unchanged, snapshot
-from tests.train.conftest import REPO, STORIES
+from tests.train.conftest import REPO, STORIES, error_line
 
 NO_4BIT = ("--no-load-in-4bit", "--compute-dtype", "float32", "--precision", "fp32")
 GOOD_ROW = {"text": "### Human: Say hi.### Assistant: Hi!"}
@@ -815,3 +816,86 @@ def test_target_modules_that_match_no_layer_are_named_with_the_layers_there_are(
     line = assert_refused(_train(oasst, "--config", "recipe.yaml", "--data", "data", "--out", "out"))
     assert line.startswith(f"error: recipe.yaml:2: target_modules nope: {STORIES} has no layer of that name")
     assert_unchanged(before, tmp_path)
+
+
+# --- two runs into one --out ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_second_run_into_the_out_of_a_running_one_is_refused_and_the_first_ends_intact(data: Path,
+                                                                                          tmp_path: Path) -> None:
+    """Both trained, and the second failed at its end blaming a missing .final.tmp/loss.png."""
+    from oasst_tools.output import LOCK
+
+    args = ["train", "--model", STORIES, *NO_4BIT, "--data", "data", "--out", "out", "-q", "--max-steps", "3"]
+    first = subprocess.Popen([sys.executable, "-m", "oasst_tools", *map(str, args)], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "out" / LOCK).exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.05)
+        second = _oasst_process(*args, cwd=tmp_path)
+    finally:
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    line = assert_refused(second, names="out")
+    assert re.fullmatch(rf"error: --out out: another oasst train run \(pid {first.pid} on [^,]+, since [-0-9: ]+\) is "
+                        r"writing there; wait for it to end or choose another --out", line), line
+    assert second.stderr.strip() == line
+    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["global_step"] == 3
+    assert not (tmp_path / "out" / LOCK).exists()
+    # Now the run is there and finished: the usual refusal, which names no lock.
+    again = _oasst_process(*args, cwd=tmp_path)
+    assert assert_refused(again, names="out") == ("error: out already holds a training run; pass --resume to continue "
+                                                  "it, or choose another --out")
+
+
+def test_a_run_that_ends_while_another_waits_for_the_lock_is_not_overwritten(oasst, data: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--out is checked again once the lock is held: the other run may have finished between the two."""
+    from contextlib import contextmanager
+
+    from oasst_train import trainer
+
+    @contextmanager
+    def other_run_finished_first(cfg: Any) -> Iterator[None]:
+        (Path(cfg.out) / "train_summary.json").write_text("{}\n")
+        yield
+
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(trainer, "out_lock", other_run_finished_first)
+    result = _train(oasst, "--data", "data", "--out", "out", "-q")
+    assert error_line(result) == ("error: out already holds a training run; pass --resume to continue it, or choose "
+                                  "another --out")
+
+
+def test_a_run_refused_by_the_lock_removes_nothing_of_the_run_holding_it(oasst, data: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--out did not exist when this run started and appeared (another run's) before it took the lock: the failed
+    run's clean-up removed a folder it had not made, the other run's, while that one was writing there."""
+    from oasst_train import trainer
+
+    hold = ("import sys; from pathlib import Path; from oasst_tools.output import run_lock\n"
+            "with run_lock(Path('out'), 'oasst train'):\n"
+            "    Path('out/train_config.yaml').write_text('model: x\\n')\n"
+            "    print('held', flush=True); sys.stdin.read()\n")
+    holders: list[subprocess.Popen] = []
+    first_check = trainer.check_out
+
+    def other_run_starts_meanwhile(cfg: Any, resume: bool, quiet: bool = False) -> Any:
+        result = first_check(cfg, resume, quiet)
+        if not holders:
+            env = dict(os.environ, PYTHONPATH=str(REPO))
+            holders.append(subprocess.Popen([sys.executable, "-c", hold], cwd=tmp_path, stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True, env=env))
+            assert holders[0].stdout is not None and holders[0].stdout.readline() == "held\n"
+        return result
+
+    monkeypatch.setattr(trainer, "check_out", other_run_starts_meanwhile)
+    try:
+        result = _train(oasst, "--data", "data", "--out", "out", "-q")
+        assert "another oasst train run (pid " in error_line(result)
+        assert (tmp_path / "out" / "train_config.yaml").read_text() == "model: x\n"
+    finally:
+        holders[0].communicate("", timeout=30)

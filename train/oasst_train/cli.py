@@ -116,13 +116,12 @@ def train(config_file: Path | None, resume: bool, quiet: bool, dry_run: bool, ve
     from oasst_train.trainer import run_training
 
     out = Path(cfg.out)
-    existed = os.path.lexists(out)  # False, not an exception, for a name the system refuses
     try:
         with tensorboard_dir(out / "runs"):
             summary = run_training(cfg, resume=resume, console=console, progress=not quiet, announce=announce,
                                        origins=origins)
     except BaseException as exc:
-        failure = _train_failure(exc, out, existed)
+        failure = _train_failure(exc, out)
         if failure is None:
             raise
         raise failure from None
@@ -167,23 +166,16 @@ def _dry_run(config_file: Path | None, resume: bool, flags: dict[str, Any]) -> N
     dry_run(cfg, Console(), origins)
 
 
-def _train_failure(exc: BaseException, out: Path, existed: bool) -> OasstError | None:
-    """Clean up after a failed run and turn a failed write into one line (None: re-raise `exc` as it is).
-
-    A run that made `out` and fails before its first complete checkpoint leaves nothing behind; one with
-    checkpoints keeps them for --resume.
-    """
-    import shutil
-
+def _train_failure(exc: BaseException, out: Path) -> OasstError | None:
+    """A failed write as one line (None: re-raise `exc` as it is); run_training already removed an `out` it made
+    when no complete checkpoint is there, and says where the checkpoints are kept otherwise."""
     from oasst_train.checkpoints import last_complete_checkpoint
     from oasst_tools.files import write_failure
 
-    kept = last_complete_checkpoint(out) if _is_dir(out) else None
-    if not existed and kept is None and _is_dir(out):
-        shutil.rmtree(out, ignore_errors=True)
     reason = write_failure(exc)
     if reason is None or os.environ.get("OASST_DEBUG", "") not in ("", "0"):
         return None
+    kept = last_complete_checkpoint(out) if _is_dir(out) else None
     filename = getattr(exc, "filename", None)
     # Writers that name no file (safetensors, torch.save, a full disk on an open file) were writing the run.
     said = f"{os.fsdecode(filename)}: {reason}" if filename is not None else f"--out {out}: {reason} (writing the run)"

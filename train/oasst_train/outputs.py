@@ -13,11 +13,13 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from oasst_tools.errors import OasstError
 from oasst_tools.files import optional_json
+from oasst_tools.output import LOCK, run_lock
 from oasst_train.card import RERUN
 from oasst_train.checkpoints import CHECKPOINTS, require_checkpoint
 from oasst_train.config import AUTO, TrainConfig, to_dict
@@ -30,8 +32,22 @@ RESUMABLE_CHANGES = {"max_steps", "epochs", "save_steps", "save_total_limit", "e
                      "report_to", "eval_rows", "async_inputs", "activation_offloading"}
 
 
-def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses to overwrite an earlier run."""
+def check_out(cfg: TrainConfig, resume: bool, quiet: bool = False) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite an earlier run. When --out fails
+    the checks while another run holds its lock, the error names that run (what it wrote so far failed them).
+    `quiet`: no warning about skipped checkpoints (a first check, made again under the lock)."""
+    try:
+        return _check_out(cfg, resume, quiet)
+    except OasstError:
+        from oasst_tools.output import lock_holder
+
+        running = lock_holder(Path(cfg.out), "oasst train")
+        if running is not None:
+            raise running from None
+        raise
+
+
+def _check_out(cfg: TrainConfig, resume: bool, quiet: bool) -> Path | None:
     from oasst_tools.output import check_apart
     from oasst_tools.files import check_out_folder
 
@@ -40,7 +56,7 @@ def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
     if resume:
         if out.exists() and not out.is_dir():
             raise OasstError(f"--out {out} is a file, not a folder")
-        checkpoint = require_checkpoint(out)
+        checkpoint = require_checkpoint(out, (lambda line: None) if quiet else None)
         _check_same_run(cfg, out)
         check_out_folder(out, "--out")  # the run writes new checkpoints and the adapter there
         return checkpoint
@@ -53,7 +69,7 @@ def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
     if started or any((out / name).exists() for name in (SUMMARY_NAME, "adapter_config.json")):
         raise OasstError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     # What a run killed before its first checkpoint leaves (a --config inside --out is refused by the command).
-    leftovers = (CHECKPOINTS, ".final.tmp", CONFIG_NAME, DATA_NAME)
+    leftovers = (CHECKPOINTS, ".final.tmp", CONFIG_NAME, DATA_NAME, LOCK)
     others = sorted(p.name for p in out.iterdir() if p.name not in leftovers)
     if others:
         # The run writes README.md, train_config.yaml, tokenizer files, ... there: a user's files would be replaced.
@@ -61,6 +77,29 @@ def check_out(cfg: TrainConfig, resume: bool) -> Path | None:
         raise OasstError(f"--out {out} is not empty (it holds {shown}); a run writes its adapter, config and card "
                          "there: choose a new or empty folder")
     return None
+
+
+def out_lock(cfg: TrainConfig) -> AbstractContextManager[bool]:
+    """--out's lock for the run (oasst_tools.output.run_lock: gives whether it made --out), taken by rank 0 alone:
+    the ranks of one distributed run share --out (torchrun and accelerate set RANK; a second run's rank 0 fails, and
+    its launcher stops the rest)."""
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        return nullcontext(False)
+    return run_lock(Path(cfg.out), "oasst train")
+
+
+def remove_unstarted(out: Path) -> None:
+    """Remove `out`, made by a run that failed, unless it holds a complete checkpoint (kept for --resume)."""
+    from oasst_train.checkpoints import last_complete_checkpoint
+
+    if out.is_dir() and not out.is_symlink() and last_complete_checkpoint(out) is None:
+        for path in out.iterdir():
+            if path.name == LOCK:
+                continue  # removed as the lock is let go, with `out` itself
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def save_outputs(trainer: Any, tokenizer: Any, cfg: TrainConfig, targets: list[str], summary: dict[str, Any],

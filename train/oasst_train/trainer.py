@@ -24,7 +24,8 @@ from oasst_train.checkpoints import CHECKPOINTS, finished_at
 from oasst_train.config import TrainConfig, device_line
 from oasst_train.report import warn
 from oasst_train.outputs import (CONFIG_NAME, SUMMARY_NAME, check_out, check_same_data, checkpoint_writer,
-                                 data_fingerprint, save_outputs, saved_config, write_config, write_data_fingerprint)
+                                 data_fingerprint, out_lock, remove_unstarted, save_outputs, saved_config, write_config,
+                                 write_data_fingerprint)
 
 if TYPE_CHECKING:
     from oasst_model.spec import ModelSpec
@@ -108,15 +109,32 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, console: Any = None,
     `prepare_model`, `build_trainer`, `train`, `summarize`, then the outputs. `announce(resolved_cfg, lines)` runs
     once the cheap checks passed, with the lines that say what the device and the tokenizer decided (the CLI prints
     the resolved config then, so that a bad input is the only line of output); the data report goes to `console`."""
+    from oasst_train import dpo
+
+    # Cheap checks first: a typo should not cost the ten seconds of importing torch and transformers.
+    cfg, reference_line = dpo.adopt_init_adapter(cfg)  # before check_out: a --resume compares the adopted values
+    check_out(cfg, resume, quiet=True)
+    with out_lock(cfg) as made_out:
+        try:
+            # Checked again under the lock: a run into the same --out may have ended (or saved) since the first check.
+            return _run_locked(cfg, check_out(cfg, resume), reference_line, console=console, progress=progress,
+                               announce=announce, origins=origins)
+        except BaseException:
+            if made_out:  # under the lock: never a folder another run is writing
+                remove_unstarted(Path(cfg.out))
+            raise
+
+
+def _run_locked(cfg: TrainConfig, checkpoint: Path | None, reference_line: str | None, *, console: Any,
+                progress: bool, announce: Callable[[TrainConfig, list[str]], None] | None,
+                origins: Mapping[str, str] | None) -> dict:
+    """run_training once no other run writes into --out: from the data and the model to the saved outputs."""
     from oasst_model.load import check_source
     from oasst_train import dpo
     from oasst_train.arguments import check_trainer_names
     from oasst_train.data import read_rows
 
-    # Cheap checks first: a typo should not cost the ten seconds of importing torch and transformers.
     is_dpo = cfg.method == "dpo"
-    cfg, reference_line = dpo.adopt_init_adapter(cfg)  # before check_out: a --resume compares the adopted values
-    checkpoint = check_out(cfg, resume)
     finished = finished_at(checkpoint, cfg.max_steps, cfg.epochs) if checkpoint is not None else None
     if finished is not None and (Path(cfg.out) / SUMMARY_NAME).is_file():
         import click

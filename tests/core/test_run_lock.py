@@ -1,0 +1,110 @@
+"""`oasst_tools.output.run_lock`: one run at a time writes into a folder, across real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from oasst_tools.errors import OasstError
+from oasst_tools.output import LOCK, lock_holder, run_lock
+
+ROOT = Path(__file__).resolve().parents[2]
+HOLD = ("import sys; from pathlib import Path; from oasst_tools.output import run_lock\n"
+        "with run_lock(Path(sys.argv[1]), 'oasst train'):\n"
+        "    print('held', flush=True); sys.stdin.read()\n")
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """A real process holding `folder`'s lock until its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n", proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def _refusal(folder: Path, pid: int) -> str:
+    return (rf"--out {re.escape(str(folder))}: another oasst train run \(pid {pid} on {re.escape(os.uname().nodename)}"
+            rf", since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\) is writing there; wait for it to end or choose another --out")
+
+
+def test_a_second_process_is_refused_at_once_naming_the_first(tmp_path: Path):
+    out = tmp_path / "new" / "out"
+    proc = _holder(out)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(OasstError) as refused:
+            with run_lock(out, "oasst train"):
+                pytest.fail("two holders of one lock")
+        assert time.perf_counter() - started < 1  # refused, not waiting
+        assert re.fullmatch(_refusal(out, proc.pid), str(refused.value))
+        assert re.fullmatch(_refusal(out, proc.pid), str(lock_holder(out, "oasst train")))
+        assert out.is_dir()  # the refused one removed nothing the holder made
+    finally:
+        proc.communicate("", timeout=30)
+    assert proc.returncode == 0
+    # The holder made new/out and wrote nothing there: all of it is gone with its lock.
+    assert not (tmp_path / "new").exists()
+    assert lock_holder(out, "oasst train") is None
+    with run_lock(out, "oasst train"):
+        assert (out / LOCK).is_file()
+
+
+def test_a_killed_holder_leaves_no_lock_to_wait_for(tmp_path: Path):
+    out = tmp_path / "out"
+    proc = _holder(out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert (out / LOCK).is_file()  # its file stays; its lock went with the process
+    assert lock_holder(out, "oasst train") is None
+    with run_lock(out, "oasst train"):
+        assert lock_holder(out, "oasst train") is None  # this process's own lock is not "another run"
+    assert not (out / LOCK).exists() and out.is_dir()  # made by the killed run, not by this block: kept
+
+
+def test_the_folder_is_made_for_the_block_and_kept_only_when_written(tmp_path: Path):
+    out = tmp_path / "a" / "b"
+    with run_lock(out, "oasst train"):
+        assert out.is_dir()
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(RuntimeError):
+        with run_lock(out, "oasst train"):
+            raise RuntimeError("failed before writing")
+    assert not (tmp_path / "a").exists()
+    with run_lock(out, "oasst train"):
+        (out / "adapter_config.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json"]
+
+
+def test_a_folder_that_cannot_be_made_is_one_line(tmp_path: Path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OasstError, match=r"^--out .*file/out: cannot be made: "):
+        with run_lock(tmp_path / "file" / "out", "oasst train"):
+            pass
+
+
+def test_without_fcntl_a_live_holder_is_refused_and_a_dead_one_replaced(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError, as on Windows
+    out = tmp_path / "out"
+    out.mkdir()
+    alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        host = os.uname().nodename
+        (out / LOCK).write_text(f'{{"tool": "oasst train", "pid": {alive.pid}, "host": "{host}", '
+                                '"since": "2026-12-07 10:00:00"}')
+        with pytest.raises(OasstError, match=rf"another oasst train run \(pid {alive.pid} on "):
+            with run_lock(out, "oasst train"):
+                pass
+    finally:
+        alive.communicate(b"", timeout=30)
+    # Its process is gone now: the file is taken over, and removed at the end.
+    with run_lock(out, "oasst train"):
+        assert f'"pid": {os.getpid()}' in (out / LOCK).read_text()
+    assert not (out / LOCK).exists()
