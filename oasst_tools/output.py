@@ -36,6 +36,7 @@ from oasst_tools.sources import InputInfo
 
 MARKER = ".oasst-build"
 LOCK = ".oasst-lock"
+_BUSY = (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)  # what flock(LOCK_NB) says for a lock another one holds
 _TMP, _OLD = ".tmp-", ".old-"
 _STEM_BYTES = 200  # of 255: a dot, the kind, a pid and 8 hex digits follow
 
@@ -313,14 +314,17 @@ def signals_as_errors() -> Iterator[Callable[[], None]]:
 
 
 @contextmanager
-def run_lock(folder: Path, tool: str, flag: str = "--out") -> Iterator[bool]:
+def run_lock(folder: Path, tool: str, flag: str = "--out",
+             warn: Callable[[str], None] | None = None) -> Iterator[bool]:
     """Hold `folder`'s lock file (`LOCK`; the folder is made when missing) for the block, which gets whether this
     lock made the folder; a second holder fails at once with one line naming the first (pid, host, since when).
     The lock file is removed at the end, and the folder too when this lock made it and the block left it empty.
 
     An flock(2): the kernel lets go of it when the process ends, however it ends, so a killed run leaves no stale
     lock to take over (on NFS, Linux turns it into a lock the server keeps). Where fcntl is missing (Windows), a
-    file made with O_EXCL holds it, taken over when its pid is gone on this host."""
+    file made with O_EXCL holds it, taken over when its pid is gone on this host. A file system that cannot lock
+    (an NFS mount whose lock service is down) gets one warning (`warn`, else on stderr) and the block runs
+    unlocked: refusing every run there would be worse."""
     made = [parent for parent in (folder, *folder.parents) if not os.path.lexists(parent)]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -328,7 +332,7 @@ def run_lock(folder: Path, tool: str, flag: str = "--out") -> Iterator[bool]:
         raise OasstError(f"{flag} {folder}: cannot be made: {describe_os_error(exc)}") from None
     path = folder / LOCK
     try:
-        fd = _lock_fd(path, tool, flag, folder)
+        fd = _lock_fd(path, tool, flag, folder, warn)
     except BaseException:
         _remove_made(made)
         raise
@@ -360,7 +364,9 @@ def lock_holder(folder: Path, tool: str, flag: str = "--out") -> OasstError | No
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in _BUSY:
+            return None  # a file system that cannot lock: nobody holds it
         text = os.read(fd, 4096).decode("utf-8", "replace")
         # This process's own lock (another descriptor) blocks a shared one too: only another process is named.
         mine = _holder(text).get("pid") == os.getpid() and _holder(text).get("host") == _host()
@@ -370,7 +376,7 @@ def lock_holder(folder: Path, tool: str, flag: str = "--out") -> OasstError | No
     return None
 
 
-def _lock_fd(path: Path, tool: str, flag: str, folder: Path) -> int:
+def _lock_fd(path: Path, tool: str, flag: str, folder: Path, warn: Callable[[str], None] | None) -> int:
     """An open descriptor of `path` that holds its lock, or `OasstError` naming the process holding it."""
     try:
         import fcntl
@@ -384,11 +390,17 @@ def _lock_fd(path: Path, tool: str, flag: str, folder: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            text = os.read(fd, 4096).decode("utf-8", "replace")
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            if exc.errno in _BUSY:
+                text = os.read(fd, 4096).decode("utf-8", "replace")
+                os.close(fd)
                 raise _held(text, tool, flag, folder) from None
-            raise OasstError(f"{flag} {folder}: cannot lock {LOCK}: {describe_os_error(exc)}") from None
+            line = (f"{flag} {folder}: cannot lock {LOCK} ({describe_os_error(exc)}); running unlocked: a second "
+                    f"{tool} run into it would not be stopped")
+            if warn is not None:
+                warn(line)
+            else:
+                print(f"warning: {line}", file=sys.stderr)
+            return fd
         # The holder that just finished unlinked the file this descriptor opened: lock the one now at `path`.
         try:
             now = os.stat(path)

@@ -108,3 +108,19 @@ def test_without_fcntl_a_live_holder_is_refused_and_a_dead_one_replaced(tmp_path
     with run_lock(out, "oasst train"):
         assert f'"pid": {os.getpid()}' in (out / LOCK).read_text()
     assert not (out / LOCK).exists()
+
+
+def test_a_file_system_that_cannot_lock_warns_once_and_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    said: list[str] = []
+    with run_lock(tmp_path / "out", "oasst train", warn=said.append) as made:
+        assert made and lock_holder(tmp_path / "out", "oasst train") is None
+    assert said == [f"--out {tmp_path / 'out'}: cannot lock .oasst-lock (no locks available); running unlocked: a "
+                    "second oasst train run into it would not be stopped"]
+    assert not (tmp_path / "out").exists()

@@ -49,6 +49,35 @@ def test_merge_refuses_a_non_empty_out_and_leaves_it_alone(oasst, stories_run: P
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow
+def test_merge_keeps_a_users_folder_named_like_its_temp_and_never_replaces_a_filled_out(
+        oasst, stories_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It saved into `OUT.tmp` (removing whatever was there first) and renamed that over --out."""
+    from oasst_train import merge
+
+    (tmp_path / "merged.tmp").mkdir()
+    (tmp_path / "merged.tmp" / "notes.txt").write_text("mine")
+    (tmp_path / "merged").mkdir()  # empty: replaced
+    assert oasst("merge", stories_run, "--out", tmp_path / "merged").exit_code == 0
+    assert (tmp_path / "merged.tmp" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "merged" / ".oasst-build").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.tmp"]
+
+    made = merge.temp_folder
+
+    def another_program_fills_out(out: Path) -> Path:
+        (out / "theirs.txt").write_text("theirs")
+        return made(out)
+
+    monkeypatch.setattr(merge, "temp_folder", another_program_fills_out)
+    (tmp_path / "second").mkdir()
+    result = oasst("merge", stories_run, "--out", tmp_path / "second")
+    assert error_line(result) == (f"error: --out {tmp_path / 'second'}: written by another program while this merge "
+                                  "ran; nothing replaced (choose another --out)")
+    assert [p.name for p in (tmp_path / "second").iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.tmp", "second"]  # no temp folder left
+
+
 def test_generate_with_a_missing_adapter_is_one_clear_error(oasst, tmp_path: Path) -> None:
     result = oasst("generate", tmp_path / "nope", "--prompt", "hi")
     assert error_line(result) == f"error: adapter folder {tmp_path / 'nope'} does not exist"

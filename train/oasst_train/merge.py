@@ -10,6 +10,7 @@ The merged logits are then compared with the 4-bit base + adapter on a Guanaco p
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 from oasst_model.spec import check_value
 from oasst_tools.errors import OasstError
+from oasst_tools.files import write_failure
+from oasst_tools.output import MARKER, clean_stale, parents_made, temp_folder
 from oasst_train.data import guanaco_prompt
 
 CHECK_PROMPT = guanaco_prompt("Write two sentences about a friendly dog and explain why dogs wag their tails.")
@@ -76,25 +79,37 @@ def merge_adapter(adapter: Path, out: Path, *, compute_dtype: str | None = None,
 
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(tmp, out)
-    except BaseException as exc:
-        # A full disk or a file-size limit mid-save: no half-written model is left behind.
-        shutil.rmtree(tmp, ignore_errors=True)
-        from oasst_tools.files import write_failure
-
-        reason = write_failure(exc)
-        if reason is None:
-            raise
-        raise OasstError(f"--out {out}: {reason} (writing the merged model)") from None
+    _publish(merged, tokenizer, out)
     return {"dtype": dtype, "parameters": sum(p.numel() for p in merged.parameters()), "max_logit_diff": diff,
             "tolerance": tolerance, "max_logit_diff_saved": rounded, "from_4bit": spec.load_in_4bit}
+
+
+def _publish(merged: Any, tokenizer: Any, out: Path) -> None:
+    """Save into a folder of this process's own beside `out` (`.{out}.tmp-{pid}-{random}`, as oasst build does:
+    a fixed `out.tmp` name deleted a user's folder of that name), then rename it into place: an empty `out` is
+    replaced, one that another program filled meanwhile is not. A failed save leaves nothing behind."""
+    with parents_made(out):
+        clean_stale(out)  # what merges that were killed left
+        tmp: Path | None = None
+        try:
+            tmp = temp_folder(out)  # its marker lets clean_stale tell it from a user's folder
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / MARKER).unlink()  # a merged model is no build output: `oasst build --overwrite` must not replace it
+            try:
+                os.rename(tmp, out)  # rename(2) replaces an empty folder, never a non-empty one
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                raise OasstError(f"--out {out}: written by another program while this merge ran; nothing replaced "
+                                 "(choose another --out)") from None
+        except BaseException as exc:
+            if tmp is not None:  # a full disk or a file-size limit mid-save: no half-written model is left
+                shutil.rmtree(tmp, ignore_errors=True)
+            reason = write_failure(exc)
+            if reason is None:
+                raise
+            raise OasstError(f"--out {out}: {reason} (writing the merged model)") from None
 
 
 def _copy_dequantized(quantized: Any, plain: Any) -> None:

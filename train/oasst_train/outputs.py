@@ -85,7 +85,9 @@ def out_lock(cfg: TrainConfig) -> AbstractContextManager[bool]:
     its launcher stops the rest)."""
     if os.environ.get("RANK", "0").strip() not in ("", "0"):
         return nullcontext(False)
-    return run_lock(Path(cfg.out), "oasst train")
+    from oasst_train.report import warn
+
+    return run_lock(Path(cfg.out), "oasst train", warn=warn)
 
 
 def remove_unstarted(out: Path) -> None:
