@@ -238,7 +238,7 @@ def publish(tmp: Path, out: Path, overwrite: bool, done: Callable[[], None] | No
     """Move the finished `tmp` to `out`; an old `out` (a build output: checked again now) is removed only once the
     new one is in place. Fails, replacing nothing, when --out appeared or changed since the build began. `done` is
     called once the output is in place, before SIGINT and SIGTERM are let through again."""
-    with _signals_held():
+    with signals_held():
         try:
             if not os.path.lexists(out):
                 os.rename(tmp, out)  # rename(2) never replaces a non-empty folder: a racing build's output stays
@@ -270,17 +270,25 @@ def publish(tmp: Path, out: Path, overwrite: bool, done: Callable[[], None] | No
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait (blocked, not lost) while the renames run: both or none happen."""
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None or threading.current_thread() is not threading.main_thread():
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (recorded, not lost) while the block's renames run, so all or none happen; the first
+    is delivered to the previous handler at the end.
+
+    Python-level handlers, not a signal mask: a mask holds the signal off the main thread only, and the kernel then
+    hands it to any other thread (torch's, a reader's), whose delivery raised KeyboardInterrupt mid-block."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught: list[int] = []
+    previous = {number: signal.signal(number, lambda signum, frame: caught.append(signum))
+                for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        mask(signal.SIG_SETMASK, before)
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 @contextmanager

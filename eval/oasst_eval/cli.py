@@ -44,6 +44,7 @@ def _option(name: str, **kwargs: Any) -> Callable[[F], F]:
 @_option("data", metavar="DIR")
 @_option("format", choices=FORMATS)
 @_option("out", metavar="DIR")
+@_option("overwrite", kind=bool)
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="YAML file with any of these settings (flags win over it).")
 @verbose_option
@@ -64,10 +65,10 @@ def eval_command(config_file: Path | None, tasks: str | None, verbose: bool, **f
     """
     from rich.console import Console
 
-    from oasst_eval.report import show, summary, write_outputs
+    from oasst_eval.report import check_earlier, show, summary, write_outputs
     from oasst_eval.run import evaluate
     from oasst_model.quiet import for_command
-    from oasst_tools.output import check_apart
+    from oasst_tools.output import check_apart, run_lock
     from oasst_tools.files import check_out_folder
 
     console = Console(stderr=True)
@@ -80,12 +81,17 @@ def eval_command(config_file: Path | None, tasks: str | None, verbose: bool, **f
     # input, fails now.
     check_apart(cfg.out, [("--adapter", cfg.adapter), ("--model", cfg.model), ("--data", cfg.data),
                           ("--data-dir", cfg.data_dir)])
-    check_out_folder(Path(cfg.out), "--out")
+    out_folder = Path(cfg.out)
+    check_out_folder(out_folder, "--out")
+    check_earlier(out_folder, cfg.overwrite)
     for_command(verbose, long_text=_long_text)
-    runs, settings = evaluate(cfg, log=lambda msg: console.print(msg, soft_wrap=True, highlight=False, markup=False),
-                              verbose=verbose)
-    doc = summary(runs, settings)
-    written = write_outputs(Path(cfg.out), runs, doc)
+    # Held from before scoring to the last rename: two evals into one --out would delete each other's files.
+    with run_lock(out_folder, "oasst eval"):
+        check_earlier(out_folder, cfg.overwrite)  # again: one may have ended since
+        runs, settings = evaluate(cfg, log=lambda msg: console.print(msg, soft_wrap=True, highlight=False,
+                                                                     markup=False), verbose=verbose)
+        doc = summary(runs, settings)
+        written = write_outputs(out_folder, runs, doc)
     out = Console()
     if not out.is_terminal:
         # Piped or captured output would wrap the table at 80 columns; a log file has room.

@@ -77,6 +77,8 @@ class EvalConfig:
 
     # Output
     out: str = _f("out/eval", "Folder for results_<label>.json, eval_summary.json and eval.png.", "out/eval")
+    overwrite: bool = _f(False, "Replace the results of an earlier eval in --out (without it, such an --out is "
+                                "refused before scoring).", "off")
 
     # Not a setting: the keys whose value came from the --config file (no flag replaced it), for provenance.
     from_config: tuple[str, ...] = field(default=(), metadata={"help": "", "shown": None, "internal": True})
@@ -136,7 +138,7 @@ def load_config_file(path: Path, origins: dict[str, str] | None = None) -> dict[
 
 # Settings that are whole numbers, and their smallest allowed value; None is allowed where the default is None.
 INTEGERS = {"num_fewshot": 0, "limit": 1, "max_batch_size": 1, "max_batch_tokens": 1}
-BOOLEANS = ("compare_base", "merge_adapter", "shared_context", "cudnn_attention")
+BOOLEANS = ("compare_base", "merge_adapter", "shared_context", "cudnn_attention", "overwrite")
 TEXTS = ("adapter", "data_dir", "data", "device", "out", "batch_size", "format")
 # Settings that name files or folders (a leading `~` is expanded); `model` is a load setting, checked with train's.
 PATH_FIELDS = ("adapter", "data_dir", "data", "out")

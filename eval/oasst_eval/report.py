@@ -140,64 +140,85 @@ def summary(runs: Sequence[Any], settings: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write next to the target, then rename: a reader never sees half a file."""
+def write_temp(path: Path, data: bytes) -> Path:
+    """`data` in a new file beside `path` (`.NAME.PID-RANDOM.tmp`), for a rename into place; returns its path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # open(..., "xb"), not mkstemp: the file gets the umask's mode (mkstemp's 0600 made results unreadable to others).
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
+    tmp = _temp_beside(path)
     try:
         with open(tmp, "xb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def _temp_beside(path: Path) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
 
 
 def write_outputs(out: Path, runs: Sequence[Any], doc: dict[str, Any]) -> dict[str, Path]:
-    """lm-eval's results JSON per label, eval_summary.json and eval.png; returns what was written."""
+    """lm-eval's results JSON per label, eval_summary.json and eval.png, put in place together; returns what was
+    written. Each is written beside its name first and the renames run with SIGINT and SIGTERM held, so a failed
+    write or a signal leaves the folder as it was, never one run's results beside another's summary."""
     from lm_eval.utils import handle_non_serializable
 
     from oasst_tools.errors import OasstError, describe_os_error
+    from oasst_tools.output import signals_held
 
     made_out = not out.exists()
     earlier = _earlier_labels(out)
-    written: dict[str, Path] = {}
-    new: list[Path] = []  # files this call created, removed again when a later write fails
+    contents = {f"results_{run.label}": (out / f"results_{run.label}.json", json.dumps(
+        run.results, indent=2, default=handle_non_serializable, ensure_ascii=False).encode()) for run in runs}
+    contents["summary"] = (out / "eval_summary.json", json.dumps(doc, indent=2, default=str).encode())
+    temps: dict[str, tuple[Path, Path]] = {}  # key -> (temp file, its name once in place)
+    path = out
     try:
-        for run in runs:
-            path = out / f"results_{run.label}.json"
-            text = json.dumps(run.results, indent=2, default=handle_non_serializable, ensure_ascii=False)
-            new += [] if path.exists() else [path]
-            write_atomic(path, text.encode())
-            written[f"results_{run.label}"] = path
-        path = out / "eval_summary.json"
-        new += [] if path.exists() else [path]
-        write_atomic(path, json.dumps(doc, indent=2, default=str).encode())
-        written["summary"] = path
+        for key, (path, data) in contents.items():
+            temps[key] = (write_temp(path, data), path)
         path = out / "eval.png"
-        new += [] if path.exists() else [path]
-        chart = plot(doc, path)
+        chart = plot(doc, _temp_beside(path))
         if chart is not None:
-            written["chart"] = chart
-    except OSError as exc:
-        for made in new:
-            made.unlink(missing_ok=True)
+            temps["chart"] = (chart, path)
+        with signals_held():
+            for tmp, path in temps.values():
+                os.replace(tmp, path)
+            # An earlier eval's files this run did not write (its adapter's results, a chart) would read as this
+            # run's. Only what that eval_summary.json says it wrote: a shared folder's other files stay.
+            stale = [out / f"results_{label}.json" for label in earlier or () if f"results_{label}" not in temps]
+            stale += [] if "chart" in temps or earlier is None else [out / "eval.png"]
+            for old in stale:
+                with contextlib.suppress(OSError):
+                    old.unlink(missing_ok=True)
+    except BaseException as exc:
+        for tmp, _ in temps.values():
+            tmp.unlink(missing_ok=True)
         if made_out:
             with contextlib.suppress(OSError):
                 out.rmdir()
+        if not isinstance(exc, OSError):
+            raise
         where = os.fsdecode(exc.filename) if exc.filename is not None else str(path)
+        if Path(where).name.startswith(".") and Path(where).name.endswith(".tmp"):
+            where = str(path)  # the temp file: name the file the user will look for
         raise OasstError(f"cannot write {where}: {describe_os_error(exc)} (the scores are lost; nothing was "
                          "left half-written)") from None
-    # An earlier eval's files this run did not write (its adapter's results, a chart) would read as this run's.
-    # Only what that eval_summary.json says it wrote: a shared folder's other files stay.
-    if earlier is not None:
-        stale = [out / f"results_{label}.json" for label in earlier if f"results_{label}" not in written]
-        stale += [] if "chart" in written else [out / "eval.png"]
-        for path in stale:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-    return written
+    return {key: path for key, (_, path) in temps.items()}
+
+
+def check_earlier(out: Path, overwrite: bool) -> None:
+    """Refuse, before scoring, an `out` holding an earlier eval's results unless `overwrite` (they would be
+    replaced: hours of scoring, say). Other files in `out` are never touched, so a shared folder is fine."""
+    if overwrite or not out.is_dir():
+        return
+    from oasst_tools.errors import OasstError
+
+    names = sorted(p.name for p in out.glob("*.json") if p.name == "eval_summary.json"
+                   or (p.name.startswith("results_") and p.stem[len("results_"):] in ("base", "adapter")))
+    if names:
+        raise OasstError(f"--out {out} holds an earlier eval ({', '.join(names)}); pass --overwrite to replace it, or "
+                         "choose another --out")
 
 
 def _earlier_labels(out: Path) -> list[str] | None:
@@ -295,14 +316,11 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(f"{task}\n{metric}", fontsize=9)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
-    # savefig picks the format from the suffix, so the temporary name keeps .png at the end.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        fig.savefig(path, dpi=110, format="png")  # format given: `path` may be a temp name without .png
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise
     finally:
         plt.close(fig)

@@ -1181,6 +1181,29 @@ def test_a_signal_once_the_output_is_in_place_goes_to_the_previous_handler_and_k
         signal.signal(signal.SIGTERM, before)
 
 
+def test_a_signal_during_the_renames_waits_for_them_with_other_threads_running():
+    """A signal mask held SIGINT off the main thread only: the kernel gave it to another thread, and Python raised
+    KeyboardInterrupt in the main thread mid-renames anyway."""
+    from oasst_tools.output import signals_held
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)  # as torch's or a reader's thread would be
+    other.start()
+    done: list[int] = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                for step in range(3):
+                    if step == 1:
+                        os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.05)  # where the handler would have raised
+                    done.append(step)
+        assert done == [0, 1, 2]
+    finally:
+        stop.set()
+        other.join()
+
+
 def test_trees_with_a_null_prompt_are_counted_and_said_not_lost_silently(run, tmp_path: Path):
     lines = gzip.decompress(NESTED.read_bytes()).splitlines()
     deleted = [json.dumps({"message_tree_id": f"gone-{i}", "tree_state": "ready_for_export", "prompt": None}).encode()

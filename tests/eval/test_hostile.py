@@ -510,14 +510,14 @@ def test_disk_full_after_scoring_leaves_no_half_written_results(oasst, tmp_path:
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from oasst_eval import report
 
-    real = report.write_atomic
+    real = report.write_temp
 
-    def fills_up(path: Path, data: bytes) -> None:
+    def fills_up(path: Path, data: bytes) -> Path:
         if path.name == "eval_summary.json":  # the second file: the first one was written and must go again
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(path, data)
+        return real(path, data)
 
-    monkeypatch.setattr(report, "write_atomic", fills_up)
+    monkeypatch.setattr(report, "write_temp", fills_up)
     before = snapshot(tmp_path)
     result = oasst("eval", "--model", STORIES, "--tasks", "hellaswag", "--limit", 2, "--out", "out")
     line = assert_refused(result, names="out/eval_summary.json")
@@ -588,3 +588,96 @@ def test_a_device_torch_cannot_run_on_is_one_line_before_the_model_loads(oasst, 
     assert assert_refused(result, names=device) == f"error: {expected}"
     assert result.stderr.count("\n") == 1  # nothing loaded, nothing printed before it
     assert_unchanged(before, tmp_path)
+
+
+# --- an --out that holds an earlier eval, or that another eval is writing ------------------------------------------
+
+def _earlier_eval(out: Path) -> None:
+    out.mkdir()
+    (out / "results_adapter.json").write_text('{"adapter": "hours of scoring"}')
+    (out / "eval_summary.json").write_text('{"adapter": {}}')
+    (out / "notes.txt").write_text("mine")
+
+
+def test_an_out_with_an_earlier_eval_is_refused_before_scoring(oasst, tmp_path: Path) -> None:
+    """It was replaced without a word: the adapter's results deleted by a base-only eval into the default --out."""
+    _earlier_eval(tmp_path / "out")
+    before = snapshot(tmp_path)
+    started = time.perf_counter()
+    line = assert_refused(oasst("eval", "--model", STORIES, "--out", "out"), names="out")
+    assert line == ("error: --out out holds an earlier eval (eval_summary.json, results_adapter.json); pass "
+                    "--overwrite to replace it, or choose another --out")
+    assert time.perf_counter() - started < 5  # before any model loads
+    assert_unchanged(before, tmp_path)
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_the_earlier_eval_and_keeps_other_files(oasst, tmp_path: Path) -> None:
+    _earlier_eval(tmp_path / "out")
+    result = oasst("eval", "--model", STORIES, "--tasks", "hellaswag", "--limit", 2, "--out", "out", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval.png", "eval_summary.json", "notes.txt",
+                                                                   "results_base.json"]
+    assert json.loads((tmp_path / "out" / "eval_summary.json").read_text())["settings"]["overwrite"] is True
+
+
+def test_an_eval_into_the_out_another_eval_is_writing_is_refused_naming_it(oasst, tmp_path: Path) -> None:
+    hold = ("import sys; from pathlib import Path; from oasst_tools.output import run_lock\n"
+            "with run_lock(Path('out'), 'oasst eval'):\n"
+            "    print('held', flush=True); sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=tmp_path, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        before = snapshot(tmp_path)
+        line = assert_refused(oasst("eval", "--model", STORIES, "--out", "out"), names="out")
+        assert line.startswith(f"error: --out out: another oasst eval run (pid {holder.pid} on ")
+        assert line.endswith(") is writing there; wait for it to end or choose another --out")
+        assert_unchanged(before, tmp_path)
+    finally:
+        holder.communicate("", timeout=30)
+    assert not (tmp_path / "out").exists()  # the holder made it and wrote nothing
+
+
+def test_a_signal_while_the_outputs_are_written_leaves_one_whole_run(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The results went in one by one: Ctrl-C between two left this run's results_base.json beside the earlier
+    run's eval_summary.json and results_adapter.json, reading as one run. Before the renames, the earlier eval
+    stays whole; during them the signal waits, and the new run is whole."""
+    import signal
+
+    from oasst_eval import report
+    from tests.eval.test_report import _run
+
+    out = tmp_path / "out"
+    _earlier_eval(out)
+    before = snapshot(tmp_path)
+    runs = [_run("base", [1, 0, 0, 1], [(-40.0, 10)])]
+    doc = report.summary(runs, {"seconds": {"base": 1.0}})
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "plot", interrupted)  # the chart is drawn after every results file is written
+        with pytest.raises(KeyboardInterrupt):
+            report.write_outputs(out, runs, doc)
+    assert_unchanged(before, tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["eval_summary.json", "notes.txt", "results_adapter.json"]
+
+    real = os.replace
+    renamed: list[str] = []
+
+    def signal_after_the_first(src: Any, dst: Any) -> None:
+        real(src, dst)
+        renamed.append(os.path.basename(dst))
+        if len(renamed) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", signal_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_outputs(out, runs, doc)
+    assert renamed == ["results_base.json", "eval_summary.json", "eval.png"]  # all three, then the signal
+    assert sorted(p.name for p in out.iterdir()) == ["eval.png", "eval_summary.json", "notes.txt",
+                                                     "results_base.json"]
+    assert json.loads((out / "eval_summary.json").read_text())["base"]
