@@ -724,10 +724,14 @@ def test_adapter_path_that_is_not_an_adapter_folder(oasst, tmp_path: Path, adapt
     ("notes.txt/merged", "--out notes.txt/merged cannot be created: notes.txt is a file, not a folder"),
     ("adapter/merged", "--out adapter/merged lies inside the input adapter adapter; choose another --out"),
     ("notes.txt", "--out notes.txt already exists and is not empty; choose another folder"),
-], ids=["component-is-a-file", "inside-the-adapter", "out-is-a-file"])
+    # The merge ran to its end, then the rename failed on the link and the merged model was deleted.
+    ("link", "--out link is a symbolic link; pass the folder itself or another --out"),
+], ids=["component-is-a-file", "inside-the-adapter", "out-is-a-file", "out-is-a-symlink"])
 def test_merge_out_that_cannot_be_written(oasst, tmp_path: Path, out: str, expected: str) -> None:
     fake_adapter(tmp_path / "adapter")
     (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to("empty")
     before = snapshot(tmp_path)
     line = assert_refused(oasst("merge", "adapter", "--out", out), names=out)
     assert line == f"error: {expected}"

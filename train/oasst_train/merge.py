@@ -38,6 +38,8 @@ def merge_adapter(adapter: Path, out: Path, *, compute_dtype: str | None = None,
     from oasst_tools.files import check_out_folder
     from oasst_train.generate import base_settings
 
+    if out.is_symlink():  # the rename at the end would fail on it, after the whole merge
+        raise OasstError(f"--out {out} is a symbolic link; pass the folder itself or another --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OasstError(f"--out {out} already exists and is not empty; choose another folder")
     spec = base_settings(adapter, **flags)
