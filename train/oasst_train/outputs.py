@@ -158,16 +158,12 @@ def checkpoint_writer(cfg: TrainConfig, targets: list[str],
 
 
 def _write_card(folder: Path, summary: dict[str, Any], cfg: TrainConfig, targets: list[str], name: str) -> None:
-    """The model card (card.model_card) as `folder`/README.md."""
-    from oasst_tools.files import write_error
+    """The model card (card.model_card) as `folder`/README.md (a checkpoint's, rewritten at every save: a kill
+    mid-write must not leave half a card)."""
     from oasst_train.card import model_card
 
     config = to_dict(dataclasses.replace(cfg, target_modules=tuple(targets)))
-    path = folder / "README.md"
-    try:
-        path.write_text(model_card(summary, config, out_name=name), encoding="utf-8")
-    except OSError as exc:
-        raise write_error(exc, path, "the model card") from None
+    _write_text(folder / "README.md", model_card(summary, config, out_name=name), "the model card")
 
 
 def saved_config(out: Path) -> dict[str, Any]:
