@@ -177,25 +177,33 @@ def temp_folder(out: Path) -> Path:
 
 def clean_stale(out: Path) -> list[Path]:
     """Remove the temp and set-aside folders of `out` left by builds that were killed (their process is gone, on
-    this host); returns them. A set-aside old output with no --out in its place is put back instead."""
+    this host); returns them. A set-aside old output with no --out in its place, whose build was killed between
+    its two renames (its temp folder is still there), is put back instead."""
     parent = out.parent
     try:
         names = os.listdir(parent)
     except OSError:
         return []
+
+    def kind_and_pid(entry: str) -> tuple[str | None, str]:
+        kind = next((k for k in (_TMP, _OLD) if entry.startswith(f".{_stem(out)}{k}")), None)
+        return kind, entry[len(_stem(out)) + 1 + len(kind or ""):].partition("-")[0]
+
+    # A build killed while it removed the set-aside old output (after its new one was in place) has no temp folder
+    # left: that half-removed old output must not come back if --out was deleted since.
+    unpublished = {pid for kind, pid in map(kind_and_pid, names) if kind == _TMP}
     cleaned = []
     for entry in sorted(names):
-        kind = next((k for k in (_TMP, _OLD) if entry.startswith(f".{_stem(out)}{k}")), None)
+        kind, pid = kind_and_pid(entry)
         if kind is None:
             continue
         path = parent / entry
-        pid = entry[len(_stem(out)) + 1 + len(kind):].partition("-")[0]
         number = whole_number(pid)
         if number is None or _alive(number) or not (is_build_output(path) or _empty(path)):
             continue
         if not _this_host(path):
             continue
-        if kind == _OLD and not os.path.lexists(out):
+        if kind == _OLD and pid in unpublished and not os.path.lexists(out):
             try:
                 os.rename(path, out)  # killed between its two renames: the old output comes back
                 cleaned.append(path)

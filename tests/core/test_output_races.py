@@ -1,4 +1,5 @@
-"""`oasst_tools.output.run_lock`: one run at a time writes into a folder, across real processes."""
+"""Output folders across real processes: `run_lock` (one run at a time writes into a folder) and `clean_stale`
+(what killed builds left)."""
 
 from __future__ import annotations
 
@@ -124,3 +125,35 @@ def test_a_file_system_that_cannot_lock_warns_once_and_runs(tmp_path: Path, monk
     assert said == [f"--out {tmp_path / 'out'}: cannot lock .oasst-lock (no locks available); running unlocked: a "
                     "second oasst train run into it would not be stopped"]
     assert not (tmp_path / "out").exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _left_by_a_killed_build(folder: Path, pid: int, files: dict[str, str]) -> None:
+    folder.mkdir()
+    (folder / ".oasst-build").write_text(f'{{"tool": "oasst-tools", "pid": {pid}, "host": "{os.uname().nodename}"}}')
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+@pytest.mark.parametrize("killed", ["between-the-renames", "removing-the-old-output"])
+def test_a_set_aside_output_comes_back_only_when_the_new_one_never_went_in(tmp_path: Path, killed: str):
+    """`build --overwrite` killed (-9) while it removed the old output, then --out deleted by hand: the next build
+    put the half-removed old output back as --out."""
+    from oasst_tools.output import clean_stale
+
+    pid = _dead_pid()
+    _left_by_a_killed_build(tmp_path / f".out.old-{pid}-0a0b0c0d", pid, {"train.jsonl": "old rows\n"})
+    if killed == "between-the-renames":  # the new output was still in its temp folder
+        _left_by_a_killed_build(tmp_path / f".out.tmp-{pid}-01020304", pid, {"train.jsonl": "new rows\n"})
+    cleaned = clean_stale(tmp_path / "out")
+    assert len(cleaned) == (2 if killed == "between-the-renames" else 1)
+    if killed == "between-the-renames":
+        assert (tmp_path / "out" / "train.jsonl").read_text() == "old rows\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    else:
+        assert list(tmp_path.iterdir()) == []
