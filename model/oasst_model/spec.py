@@ -27,6 +27,8 @@ AUTO = "auto"
 DTYPES = ("bfloat16", "float16", "float32")
 # What `oasst train` writes beside the adapter: the resolved TrainConfig, which records how the base was loaded.
 RECORD_NAME = "train_config.yaml"
+# Where a run keeps its checkpoints (`OUT/checkpoints/checkpoint-N`), each with its own copy of RECORD_NAME.
+CHECKPOINTS = "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,11 @@ class ModelSpec:
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
         record = folder / RECORD_NAME
+        run_record = folder.parent.parent / RECORD_NAME
+        if not record.exists() and folder.parent.name == CHECKPOINTS and run_record.is_file():
+            # A checkpoint whose run was killed after transformers saved it and before its copy of the record was
+            # written: the run's own record says the same.
+            record = run_record
         if record.exists():
             saved, where = read_yaml_mapping(record, "training config", hint=" (it records how the base model was "
                                              "loaded; restore it, or delete it and pass --model)")

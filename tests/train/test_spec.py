@@ -53,6 +53,22 @@ def test_flags_win_over_the_record_and_say_so(tmp_path: Path) -> None:
     assert spec.tokenizer == str(adapter)  # the pad token training chose
 
 
+def test_a_checkpoint_killed_before_its_record_was_copied_loads_as_its_run_did(tmp_path: Path) -> None:
+    """transformers saves the checkpoint, then oasst train copies the record into it: killed in between, eval and
+    merge of `checkpoints/checkpoint-N` loaded the base unquantized (adapter_config.json's base, defaults)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.yaml").write_text("model: base-dir\nload_in_4bit: true\ncompute_dtype: float32\n")
+    checkpoint = _adapter(tmp_path / "run" / "checkpoints" / "checkpoint-20", base="owner/base")
+    spec = ModelSpec.from_adapter(checkpoint)
+    assert (spec.model, spec.load_in_4bit, spec.compute_dtype) == ("base-dir", True, "float32")
+    assert spec.describe()["load_in_4bit"] == {"value": True, "from": "adapter record"}
+    # Its own copy, when there, is the one read; a folder that is no checkpoint does not look two levels up.
+    (checkpoint / "train_config.yaml").write_text("model: base-dir\nload_in_4bit: false\n")
+    assert ModelSpec.from_adapter(checkpoint).load_in_4bit is False
+    other = _adapter(tmp_path / "run" / "elsewhere" / "adapter", base="owner/base")
+    assert ModelSpec.from_adapter(other).load_in_4bit is False
+
+
 def test_without_a_record_the_base_is_named_by_adapter_config_and_not_quantized(tmp_path: Path) -> None:
     spec = ModelSpec.from_adapter(_adapter(tmp_path / "a", base="owner/base"))
     assert (spec.model, spec.load_in_4bit, spec.compute_dtype) == ("owner/base", False, "auto")

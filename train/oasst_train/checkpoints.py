@@ -14,10 +14,9 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from oasst_model.spec import CHECKPOINTS  # noqa: F401 - defined beside the record each checkpoint holds a copy of
 from oasst_tools.errors import OasstError
 from oasst_train import report
-
-CHECKPOINTS = "checkpoints"
 # Everything Trainer.train(resume_from_checkpoint=...) reads back to continue exactly where it stopped.
 REQUIRED = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 TORCH_FILES = ("optimizer.pt", "scheduler.pt")
