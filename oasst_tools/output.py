@@ -18,11 +18,13 @@ Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
@@ -226,6 +228,8 @@ def _empty(folder: Path) -> bool:
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if os.name == "nt":
+        return _alive_on_windows(pid)
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):  # OverflowError: a number no process id reaches
@@ -233,6 +237,21 @@ def _alive(pid: int) -> bool:
     except OSError:  # EPERM: it exists, as another user
         return True
     return True
+
+
+def _alive_on_windows(pid: int) -> bool:
+    """Whether process `pid` runs; os.kill(pid, 0) is no probe on Windows (signal 0 is CTRL_C_EVENT)."""
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # type: ignore[attr-defined]  # ERROR_ACCESS_DENIED: it exists
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def _this_host(folder: Path) -> bool:
@@ -337,45 +356,62 @@ def run_lock(folder: Path, tool: str, flag: str = "--out",
     The lock file is removed at the end, and the folder too when this lock made it and the block left it empty.
 
     An flock(2): the kernel lets go of it when the process ends, however it ends, so a killed run leaves no stale
-    lock to take over (on NFS, Linux turns it into a lock the server keeps). Where fcntl is missing (Windows), a
-    file made with O_EXCL holds it, taken over when its pid is gone on this host. A file system that cannot lock
-    (an NFS mount whose lock service is down) gets one warning (`warn`, else on stderr) and the block runs
-    unlocked: refusing every run there would be worse."""
+    lock to take over (on NFS, Linux turns it into a lock the server keeps); a child forked meanwhile closes its
+    copy, so it cannot keep the lock past its parent. Where fcntl is missing (Windows), a file made with O_EXCL holds
+    it, taken over when its pid is gone on this host. A file system that cannot lock (an NFS mount whose lock
+    service is down) gets one warning (`warn`, else on stderr) and the block runs unlocked: refusing every run there
+    would be worse."""
     made = [parent for parent in (folder, *folder.parents) if not os.path.lexists(parent)]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OasstError(f"{flag} {folder}: cannot be made: {describe_os_error(exc)}") from None
-    path = folder / LOCK
-    try:
-        fd = _lock_fd(path, tool, flag, folder, warn)
+        fd, flocked = _lock_fd(folder, tool, flag, warn)
     except BaseException:
         _remove_made(made)
         raise
+    path = folder / LOCK
     try:
         holder = {"tool": tool, "pid": os.getpid(), "host": _host(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps(holder) + "\n").encode())
+        with contextlib.suppress(OSError):  # a read-only lock file (another user's, left by a killed run): unsaid
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(holder) + "\n").encode())
         yield bool(made)
     finally:
-        try:
-            os.unlink(path)  # while still held: a run that locks after this makes a new file
-        except OSError:
-            pass
-        os.close(fd)
+        _HELD.discard(fd)
+        if flocked:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # while still held: a run that locks after this makes a new file
+            os.close(fd)
+        else:
+            os.close(fd)  # Windows removes no open file
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         _remove_made(made)
+
+
+# The descriptors run_lock holds: a forked child (a DataLoader worker, say) closes its copies, or the lock, which
+# belongs to the open file both share, would outlive a parent killed before the child.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def lock_holder(folder: Path, tool: str, flag: str = "--out") -> OasstError | None:
     """The error `run_lock` would raise because another process holds `folder`'s lock, or None: a check that
     fails on what a running run has written so far should name the run instead."""
-    path = folder / LOCK
     try:
         import fcntl
     except ImportError:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(folder / LOCK, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return None
     try:
@@ -392,17 +428,49 @@ def lock_holder(folder: Path, tool: str, flag: str = "--out") -> OasstError | No
     return None
 
 
-def _lock_fd(path: Path, tool: str, flag: str, folder: Path, warn: Callable[[str], None] | None) -> int:
-    """An open descriptor of `path` that holds its lock, or `OasstError` naming the process holding it."""
+def _open_lock(folder: Path, flag: str, exclusive: bool = False) -> int:
+    """`folder`'s lock file opened (made when missing, and `folder` with it), never through a symbolic link: a
+    planted `.oasst-lock -> somefile` would have had that file overwritten with the holder's line."""
+    path = folder / LOCK
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(5):  # a run that made `folder` may remove it (empty) between our mkdir and our open
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OasstError(f"{flag} {folder}: cannot be made: {describe_os_error(exc)}") from None
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | nofollow | (os.O_EXCL if exclusive else 0), 0o644)
+            except PermissionError:
+                if exclusive:
+                    raise
+                fd = os.open(path, os.O_RDONLY | nofollow)  # another user's file: flock needs no write access
+        except FileNotFoundError:
+            continue
+        except FileExistsError:
+            raise  # the O_EXCL lock's holder: _exclusive_fd reads it
+        except OSError as exc:
+            if exc.errno == errno.ELOOP or os.path.islink(path):
+                raise OasstError(f"{flag} {folder}: {LOCK} is a symbolic link, not the lock file a run makes; "
+                                 "remove it") from None
+            raise OasstError(f"{flag} {folder}: cannot make its lock file: {describe_os_error(exc)}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OasstError(f"{flag} {folder}: {LOCK} is not a file; remove it")
+        return fd
+    raise OasstError(f"{flag} {folder}: removed again and again while its lock file was made; try again")
+
+
+def _lock_fd(folder: Path, tool: str, flag: str, warn: Callable[[str], None] | None) -> tuple[int, bool]:
+    """An open descriptor of `folder`'s lock file that holds its lock, and whether flock holds it (False: the file
+    itself does), or `OasstError` naming the process holding it."""
     try:
         import fcntl
     except ImportError:  # Windows
-        return _exclusive_fd(path, tool, flag, folder)
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise OasstError(f"{flag} {folder}: cannot make its lock file: {describe_os_error(exc)}") from None
+        return _exclusive_fd(folder, tool, flag), False
+    path = folder / LOCK
+    for _ in range(100):  # each turn: a holder ended between our open and our lock
+        fd = _open_lock(folder, flag)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -416,23 +484,27 @@ def _lock_fd(path: Path, tool: str, flag: str, folder: Path, warn: Callable[[str
                 warn(line)
             else:
                 print(f"warning: {line}", file=sys.stderr)
-            return fd
+            return fd, True
         # The holder that just finished unlinked the file this descriptor opened: lock the one now at `path`.
         try:
-            now = os.stat(path)
+            now = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
             now = None
         opened = os.fstat(fd)
         if now is not None and (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
-            return fd
+            _HELD.add(fd)
+            return fd, True
         os.close(fd)
+    raise OasstError(f"{flag} {folder}: its lock file was replaced again and again while this run took it; try again")
 
 
-def _exclusive_fd(path: Path, tool: str, flag: str, folder: Path) -> int:
-    """The lock without fcntl: a file only one process can create; a dead holder's file (this host) is replaced."""
+def _exclusive_fd(folder: Path, tool: str, flag: str) -> int:
+    """The lock without fcntl: a file only one process can create; a dead holder's file (this host) is moved
+    aside, not removed: of two runs taking it over, only one's rename finds it."""
+    path = folder / LOCK
     for _ in range(2):
         try:
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            return _open_lock(folder, flag, exclusive=True)
         except FileExistsError:
             try:
                 text = path.read_text(encoding="utf-8", errors="replace")
@@ -442,11 +514,14 @@ def _exclusive_fd(path: Path, tool: str, flag: str, folder: Path) -> int:
             pid = whole_number(str(holder.get("pid", "")))
             if pid is None or _alive(pid) or holder.get("host") not in ("", None, _host()):
                 raise _held(text, tool, flag, folder) from None
+            aside = folder / f"{LOCK}.{os.getpid()}-{os.urandom(4).hex()}"
             try:
-                os.unlink(path)
+                os.rename(path, aside)
             except OSError:
-                pass
-        except OSError as exc:
+                continue  # another run took it over first: its new file is refused next
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+        except PermissionError as exc:
             raise OasstError(f"{flag} {folder}: cannot make its lock file: {describe_os_error(exc)}") from None
     raise _held("", tool, flag, folder)
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from importlib import metadata as importlib_metadata
@@ -178,7 +179,7 @@ def write_outputs(out: Path, runs: Sequence[Any], doc: dict[str, Any]) -> dict[s
         for key, (path, data) in contents.items():
             temps[key] = (write_temp(path, data), path)
         path = out / "eval.png"
-        chart = plot(doc, _temp_beside(path))
+        chart = _chart(doc, _temp_beside(path))
         if chart is not None:
             temps["chart"] = (chart, path)
         with signals_held():
@@ -205,6 +206,21 @@ def write_outputs(out: Path, runs: Sequence[Any], doc: dict[str, Any]) -> dict[s
         raise OasstError(f"cannot write {where}: {describe_os_error(exc)} (the scores are lost; nothing was "
                          "left half-written)") from None
     return {key: path for key, (_, path) in temps.items()}
+
+
+def _chart(doc: dict[str, Any], tmp: Path) -> Path | None:
+    """`plot` into `tmp`; a chart that cannot be drawn (a matplotlib error) is one warning, not the scores lost
+    with it. A failed write (OSError) stays an error: the results files would fail the same way."""
+    try:
+        return plot(doc, tmp)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any drawing failure: the numbers matter more than the picture
+        tmp.unlink(missing_ok=True)
+        first = (str(exc).splitlines() or [""])[0]
+        sys.stderr.write(f"warning: eval.png not written ({type(exc).__name__}: {first}); the results are written "
+                         "without it\n")
+        return None
 
 
 def check_earlier(out: Path, overwrite: bool) -> None:

@@ -157,3 +157,44 @@ def test_a_set_aside_output_comes_back_only_when_the_new_one_never_went_in(tmp_p
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     else:
         assert list(tmp_path.iterdir()) == []
+
+
+def test_a_planted_symlink_lock_file_is_refused_and_its_target_untouched(tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "precious.txt").write_text("mine")
+    (out / LOCK).symlink_to(tmp_path / "precious.txt")
+    with pytest.raises(OasstError, match=rf"^--out {re.escape(str(out))}: \.oasst-lock is a symbolic link, not the "
+                                         r"lock file a run makes; remove it$"):
+        with run_lock(out, "oasst train"):
+            pass
+    assert (tmp_path / "precious.txt").read_text() == "mine"
+    assert (out / LOCK).is_symlink()
+
+
+FORKS = ("import os, sys, time; from pathlib import Path; from oasst_tools.output import run_lock\n"
+         "with run_lock(Path(sys.argv[1]), 'oasst train'):\n"
+         "    child = os.fork()\n"
+         "    if child == 0:\n"
+         "        time.sleep(60); os._exit(0)\n"
+         "    print(child, flush=True); sys.stdin.read()\n")
+
+
+def test_a_child_forked_under_the_lock_does_not_keep_it_past_its_parent(tmp_path: Path):
+    """flock belongs to the open file, which fork shares: a DataLoader worker outliving its killed parent held
+    the lock, and every new run was refused naming the dead parent."""
+    out = tmp_path / "out"
+    parent = subprocess.Popen([sys.executable, "-c", FORKS, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        assert lock_holder(out, "oasst train") is not None
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+        os.kill(child, 0)  # the child still runs
+        assert lock_holder(out, "oasst train") is None
+        with run_lock(out, "oasst train"):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)

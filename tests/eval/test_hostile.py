@@ -681,3 +681,22 @@ def test_a_signal_while_the_outputs_are_written_leaves_one_whole_run(tmp_path: P
     assert sorted(p.name for p in out.iterdir()) == ["eval.png", "eval_summary.json", "notes.txt",
                                                      "results_base.json"]
     assert json.loads((out / "eval_summary.json").read_text())["base"]
+
+
+def test_a_chart_that_cannot_be_drawn_is_a_warning_and_the_scores_are_kept(tmp_path: Path, capsys: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawn after the results were in temp files: a matplotlib error threw every score away."""
+    from oasst_eval import report
+    from tests.eval.test_report import _run
+
+    def cannot_draw(doc: Any, path: Path) -> Path:
+        path.write_bytes(b"half a png")
+        raise ValueError("Axis limits cannot be NaN or Inf\nmore detail")
+
+    monkeypatch.setattr(report, "plot", cannot_draw)
+    runs = [_run("base", [1, 0, 0, 1], [(-40.0, 10)])]
+    written = report.write_outputs(tmp_path / "out", runs, report.summary(runs, {"seconds": {"base": 1.0}}))
+    assert sorted(written) == ["results_base", "summary"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval_summary.json", "results_base.json"]
+    assert capsys.readouterr().err == ("warning: eval.png not written (ValueError: Axis limits cannot be NaN or Inf); "
+                                       "the results are written without it\n")

@@ -903,3 +903,21 @@ def test_a_run_refused_by_the_lock_removes_nothing_of_the_run_holding_it(oasst, 
         assert (tmp_path / "out" / "train_config.yaml").read_text() == "model: x\n"
     finally:
         holders[0].communicate("", timeout=30)
+
+
+@pytest.mark.parametrize("variable", ["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"])
+def test_only_rank_0_takes_the_out_lock_whichever_launcher_set_the_rank(tmp_path: Path, variable: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under mpirun (no RANK until accelerate sets it) every rank took the lock, and all but one failed."""
+    from oasst_train.config import TrainConfig
+    from oasst_train.outputs import RANK_VARIABLES, out_lock
+
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cfg = TrainConfig(model="m", data="d", out=str(tmp_path / "out"))
+    monkeypatch.setenv(variable, "1")
+    with out_lock(cfg) as made:
+        assert made is False and not (tmp_path / "out").exists()
+    monkeypatch.setenv(variable, "0")
+    with out_lock(cfg) as made:
+        assert made is True and (tmp_path / "out" / ".oasst-lock").is_file()

@@ -79,11 +79,15 @@ def _check_out(cfg: TrainConfig, resume: bool, quiet: bool) -> Path | None:
     return None
 
 
+# Where a launcher puts this process's rank: torchrun and accelerate launch, then the MPI launchers accelerate reads.
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
 def out_lock(cfg: TrainConfig) -> AbstractContextManager[bool]:
     """--out's lock for the run (oasst_tools.output.run_lock: gives whether it made --out), taken by rank 0 alone:
-    the ranks of one distributed run share --out (torchrun and accelerate set RANK; a second run's rank 0 fails, and
-    its launcher stops the rest)."""
-    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+    the ranks of one distributed run share --out (a second run's rank 0 fails, and its launcher stops the rest)."""
+    rank = next((os.environ[name].strip() for name in RANK_VARIABLES if os.environ.get(name, "").strip()), "0")
+    if rank != "0":
         return nullcontext(False)
     from oasst_train.report import warn
 
