@@ -176,8 +176,8 @@ FORKS = ("import os, sys, time; from pathlib import Path; from oasst_tools.outpu
          "with run_lock(Path(sys.argv[1]), 'oasst train'):\n"
          "    child = os.fork()\n"
          "    if child == 0:\n"
-         "        time.sleep(60); os._exit(0)\n"
-         "    print(child, flush=True); sys.stdin.read()\n")
+         "        os.write(1, b'child runs\\n'); time.sleep(60); os._exit(0)\n"
+         "    os.write(1, b'%d\\n' % child); sys.stdin.read()\n")  # one write each: lines never interleave
 
 
 def test_a_child_forked_under_the_lock_does_not_keep_it_past_its_parent(tmp_path: Path):
@@ -187,7 +187,10 @@ def test_a_child_forked_under_the_lock_does_not_keep_it_past_its_parent(tmp_path
     parent = subprocess.Popen([sys.executable, "-c", FORKS, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert parent.stdout is not None
-    child = int(parent.stdout.readline())
+    # Both lines, in either order: the child's comes once the fork's after-in-child hooks have run.
+    lines = sorted(parent.stdout.readline().strip() for _ in range(2))
+    assert lines[1] == "child runs", lines
+    child = int(lines[0])
     try:
         assert lock_holder(out, "oasst train") is not None
         parent.send_signal(signal.SIGKILL)
