@@ -40,6 +40,9 @@ MARKER = ".oasst-build"
 LOCK = ".oasst-lock"
 _BUSY = (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)  # what flock(LOCK_NB) says for a lock another one holds
 _TMP, _OLD = ".tmp-", ".old-"
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what a user (Ctrl-C) or a scheduler (kill) stops a run with
+# What rename(2) of a folder says when its target is there and not an empty folder: the output another program made.
+RENAME_BLOCKED = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
 _STEM_BYTES = 200  # of 255: a dot, the kind, a pid and 8 hex digits follow
 
 
@@ -147,11 +150,7 @@ def parents_made(out: Path) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        for folder in made:  # deepest first
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (another process wrote there) or gone: leave it
-                break
+        _remove_made(made)
         raise
 
 
@@ -273,7 +272,7 @@ def publish(tmp: Path, out: Path, overwrite: bool, done: Callable[[], None] | No
                     done()
                 return
         except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            if exc.errno not in RENAME_BLOCKED:
                 raise
         if not overwrite:
             raise OasstError(f"{out}: written by another build (or program) while this one ran; nothing replaced "
@@ -297,25 +296,32 @@ def publish(tmp: Path, out: Path, overwrite: bool, done: Callable[[], None] | No
 
 
 @contextmanager
+def _handled(handler: Callable[[int, list[int]], None]) -> Iterator[list[int]]:
+    """SIGINT and SIGTERM go to `handler(signum, later)` during the block (main thread only: Python runs handlers
+    there); the first signal it put in `later` is delivered to the previous handler at the end."""
+    later: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield later
+        return
+    previous = {number: signal.signal(number, lambda signum, frame: handler(signum, later)) for number in _SIGNALS}
+    try:
+        yield later
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old if old is not None else signal.SIG_DFL)
+        if later:
+            signal.raise_signal(later[0])
+
+
+@contextmanager
 def signals_held() -> Iterator[None]:
     """SIGINT and SIGTERM wait (recorded, not lost) while the block's renames run, so all or none happen; the first
     is delivered to the previous handler at the end.
 
     Python-level handlers, not a signal mask: a mask holds the signal off the main thread only, and the kernel then
     hands it to any other thread (torch's, a reader's), whose delivery raised KeyboardInterrupt mid-block."""
-    if threading.current_thread() is not threading.main_thread():
+    with _handled(lambda signum, later: later.append(signum)):
         yield
-        return
-    caught: list[int] = []
-    previous = {number: signal.signal(number, lambda signum, frame: caught.append(signum))
-                for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
-        if caught:
-            signal.raise_signal(caught[0])
 
 
 @contextmanager
@@ -323,29 +329,18 @@ def signals_as_errors() -> Iterator[Callable[[], None]]:
     """While the build runs, SIGINT and SIGTERM raise `Interrupted` (so `finally` blocks remove the temp folder);
     a second signal during that clean-up is ignored. Yields `disarm`, called once the output is in place: a signal
     after it is held and delivered to the previous handler at the end (the output stays: it is complete)."""
-    later: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
-        return
-    signals = (signal.SIGINT, signal.SIGTERM)
     armed = [True]
 
-    def interrupt(signum: int, frame: object) -> None:
+    def interrupt(signum: int, later: list[int]) -> None:
         if not armed[0]:
             later.append(signum)
             return
-        for number in signals:
+        for number in _SIGNALS:
             signal.signal(number, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    previous = {number: signal.signal(number, interrupt) for number in signals}
-    try:
+    with _handled(interrupt):
         yield lambda: armed.__setitem__(0, False)
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
-        if later:
-            signal.raise_signal(later[0])
 
 
 @contextmanager
@@ -421,7 +416,8 @@ def lock_holder(folder: Path, tool: str, flag: str = "--out") -> OasstError | No
             return None  # a file system that cannot lock: nobody holds it
         text = os.read(fd, 4096).decode("utf-8", "replace")
         # This process's own lock (another descriptor) blocks a shared one too: only another process is named.
-        mine = _holder(text).get("pid") == os.getpid() and _holder(text).get("host") == _host()
+        holder = _holder(text)
+        mine = holder.get("pid") == os.getpid() and holder.get("host") == _host()
         return None if mine else _held(text, tool, flag, folder)
     finally:
         os.close(fd)  # also lets go of the shared lock, if it was granted
@@ -550,11 +546,11 @@ def _host() -> str:
 
 
 def _remove_made(made: list[Path]) -> None:
-    """Remove the folders a lock made (deepest first) while they are empty."""
+    """Remove the folders a block made (`made`: deepest first) while they are empty."""
     for folder in made:
         try:
             folder.rmdir()
-        except OSError:  # not empty: the run wrote there, or another process did
+        except OSError:  # not empty (the block or another process wrote there) or gone: leave it
             break
 
 

@@ -85,6 +85,9 @@ def per_item(samples: Iterable[dict[str, Any]], metric: str) -> list[Any]:
 
 # Per-token metrics whose difference is in loss units; perplexities only get the model columns.
 DIFFERENCE_OK = {"token_loss", "bits_per_byte"}
+# The models an eval scores, in the order they are shown; each one's lm-eval results go to results_<label>.json.
+LABELS = ("base", "adapter")
+SUMMARY_NAME = "eval_summary.json"
 
 
 def differences(runs: Sequence[Any]) -> dict[str, dict[str, dict[str, float | None]]]:
@@ -172,7 +175,7 @@ def write_outputs(out: Path, runs: Sequence[Any], doc: dict[str, Any]) -> dict[s
     earlier = _earlier_labels(out)
     contents = {f"results_{run.label}": (out / f"results_{run.label}.json", json.dumps(
         run.results, indent=2, default=handle_non_serializable, ensure_ascii=False).encode()) for run in runs}
-    contents["summary"] = (out / "eval_summary.json", json.dumps(doc, indent=2, default=str).encode())
+    contents["summary"] = (out / SUMMARY_NAME, json.dumps(doc, indent=2, default=str).encode())
     temps: dict[str, tuple[Path, Path]] = {}  # key -> (temp file, its name once in place)
     path = out
     try:
@@ -230,8 +233,8 @@ def check_earlier(out: Path, overwrite: bool) -> None:
         return
     from oasst_tools.errors import OasstError
 
-    names = sorted(p.name for p in out.glob("*.json") if p.name == "eval_summary.json"
-                   or (p.name.startswith("results_") and p.stem[len("results_"):] in ("base", "adapter")))
+    names = sorted(name for name in (SUMMARY_NAME, *(f"results_{label}.json" for label in LABELS))
+                   if os.path.lexists(out / name))
     if names:
         raise OasstError(f"--out {out} holds an earlier eval ({', '.join(names)}); pass --overwrite to replace it, or "
                          "choose another --out")
@@ -240,10 +243,10 @@ def check_earlier(out: Path, overwrite: bool) -> None:
 def _earlier_labels(out: Path) -> list[str] | None:
     """The labels (base, adapter) whose results an earlier `oasst eval` wrote into `out`, from its eval_summary.json;
     None when there is none (or it cannot be read)."""
-    doc = optional_json(out / "eval_summary.json")
+    doc = optional_json(out / SUMMARY_NAME)
     if not isinstance(doc, dict):
         return None
-    return [label for label in ("base", "adapter") if isinstance(doc.get(label), dict)]
+    return [label for label in LABELS if isinstance(doc.get(label), dict)]
 
 
 def _fmt(value: Any, stderr: Any = None, signed: bool = False) -> str:
@@ -273,7 +276,7 @@ def loaded_as(base_loaded: dict[str, dict[str, Any]]) -> str:
 
 def table(doc: dict[str, Any]) -> Table:
     """Tasks × metrics, one column per model label, plus adapter - base when both were scored."""
-    labels = [k for k in ("base", "adapter") if k in doc]
+    labels = [k for k in LABELS if k in doc]
     diffs = doc.get("difference", {})
     out = Table(title="oasst eval", title_justify="left")
     out.add_column("task")
@@ -320,7 +323,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    labels = [k for k in ("base", "adapter") if k in doc]
+    labels = [k for k in LABELS if k in doc]
     panels = [(task, m) for task, metrics in doc[labels[0]].items() for m in metrics
               if not m.endswith("_stderr") and m != "n" and "perplexity" not in m]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(2.6 * max(len(panels), 1) + 1, 3.2), squeeze=False)

@@ -10,7 +10,6 @@ The merged logits are then compared with the 4-bit base + adapter on a Guanaco p
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 from oasst_model.spec import check_value
 from oasst_tools.errors import OasstError
 from oasst_tools.files import write_failure
-from oasst_tools.output import MARKER, clean_stale, parents_made, temp_folder
+from oasst_tools.output import MARKER, RENAME_BLOCKED, clean_stale, parents_made, temp_folder
 from oasst_train.data import guanaco_prompt
 
 CHECK_PROMPT = guanaco_prompt("Write two sentences about a friendly dog and explain why dogs wag their tails.")
@@ -101,7 +100,7 @@ def _publish(merged: Any, tokenizer: Any, out: Path) -> None:
             try:
                 os.rename(tmp, out)  # rename(2) replaces an empty folder, never a non-empty one
             except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                if exc.errno not in RENAME_BLOCKED:
                     raise
                 raise OasstError(f"--out {out}: written by another program while this merge ran; nothing replaced "
                                  "(choose another --out)") from None
